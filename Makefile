@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh machine with Python 3.11+ and make:
+#   make demo   - a real batch end to end (local Prefect server, local apixo emulator, local storage)
+#   make test   - install the locked environment, lint, type-check and run the test suite
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: install lint format test test-fast demo bench clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
+
+# Rebuilt only when the lock or the project metadata changes; `uv sync --frozen` installs exactly the lock.
+$(VENV)/.installed: uv.lock pyproject.toml | $(UV)
+	$(UV) sync --frozen --python $(PYTHON)
+	@touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -x -q -m "not slow"
+
+demo: install
+	$(BIN)/python -m hailuo_batch.demo
+
+bench: install
+	$(BIN)/python bench/bench_batch.py --items 100
+	$(BIN)/python bench/bench_batch.py --items 1000
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache demo-output
