@@ -1,0 +1,337 @@
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import s3fs
+from PIL import Image
+
+from hailuo_batch import images
+from hailuo_batch.images import (
+    ImageFetchError,
+    ImageInfo,
+    check_image_rules,
+    inspect_image,
+    sniff_image,
+)
+from hailuo_batch.netguard import check_url_allowed
+from hailuo_batch.settings import Settings
+
+MakeImage = Callable[..., Path]
+
+MB = 1024 * 1024
+
+
+def settings(**overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "allow_private_networks": True,
+        "fetch_timeout_s": 2.0,
+        "connect_timeout_s": 2.0,
+        "max_image_bytes": 20 * MB,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def image_bytes(width: int, height: int, fmt: str = "JPEG", **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 120, 200)).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+# --- rules ----------------------------------------------------------------------------------
+
+
+def rules(w: int, h: int, fmt: str = "jpeg", size: int | None = 1000) -> list[str]:
+    return check_image_rules(ImageInfo(fmt, w, h, size), max_bytes=20 * MB)
+
+
+def test_a_good_image_breaks_no_rule() -> None:
+    assert rules(1280, 720) == []
+    assert rules(720, 1280, "png") == []
+
+
+@pytest.mark.parametrize(
+    ("w", "h", "ok"),
+    [
+        (400, 1000, False),  # exactly 2:5
+        (401, 1000, True),
+        (1000, 400, False),  # exactly 5:2
+        (1000, 401, True),
+        (2500, 1000, False),
+        (2499, 1000, True),
+    ],
+)
+def test_aspect_ratio_is_strictly_between_2_5_and_5_2(w: int, h: int, ok: bool) -> None:
+    problems = rules(w, h)
+    assert (problems == []) is ok
+    if not ok:
+        assert problems == [
+            f"aspect ratio {w}x{h} ({w / h:.3f}) must be strictly between 2:5 (0.4) and 5:2 (2.5)"
+        ]
+
+
+@pytest.mark.parametrize(
+    ("w", "h", "ok"), [(451, 300, False), (451, 301, True), (300, 451, False), (301, 451, True)]
+)
+def test_short_side_must_exceed_300(w: int, h: int, ok: bool) -> None:
+    problems = rules(w, h)
+    assert (problems == []) is ok
+    if not ok:
+        assert problems == ["short side 300 px is too small: it must be more than 300 px"]
+
+
+def test_size_limit_is_inclusive() -> None:
+    assert check_image_rules(ImageInfo("png", 800, 800, 5000), max_bytes=5000) == []
+    [problem] = check_image_rules(ImageInfo("png", 800, 800, 5001), max_bytes=5000)
+    assert "5001 bytes" in problem
+    assert "5000 bytes" in problem
+
+
+@pytest.mark.parametrize("fmt", ["webp", "gif", "bmp", "tiff"])
+def test_other_formats_are_refused(fmt: str) -> None:
+    assert rules(800, 800, fmt) == [f"format {fmt} is not accepted (JPEG or PNG only)"]
+
+
+def test_several_violations_are_all_reported() -> None:
+    problems = check_image_rules(ImageInfo("webp", 1000, 300, 30 * MB), max_bytes=20 * MB)
+    assert len(problems) == 4
+
+
+def test_unreadable_dimensions_are_a_violation() -> None:
+    [problem] = rules(0, 0)
+    assert "cannot read the image dimensions" in problem
+
+
+# --- sniffing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name"), [("JPEG", "jpeg"), ("PNG", "png"), ("WEBP", "webp"), ("GIF", "gif")]
+)
+def test_sniff_reads_format_and_dimensions_from_content(fmt: str, name: str) -> None:
+    info = sniff_image(image_bytes(640, 360, fmt))
+    assert info.format == name
+    if name in ("jpeg", "png"):
+        assert (info.width, info.height) == (640, 360)
+    assert info.size_bytes is None
+
+
+def test_sniff_only_needs_the_header() -> None:
+    data = image_bytes(1920, 1080, "PNG")
+    assert sniff_image(data[:64]) == ImageInfo("png", 1920, 1080)
+
+
+def test_sniff_of_non_image_bytes_is_unknown() -> None:
+    info = sniff_image(b"<html><body>not an image</body></html>")
+    assert info.format == "unknown"
+    assert check_image_rules(info, max_bytes=MB) == ["not a recognisable image (JPEG or PNG only)"]
+
+
+# --- local files and file:// ----------------------------------------------------------------
+
+
+def test_local_file_is_judged_by_content_not_name(make_image: MakeImage) -> None:
+    path = make_image(800, 600, "WEBP", name="disguised.jpg")
+    info = inspect_image(str(path), settings=settings())
+    assert info.format == "webp"
+    assert info.size_bytes == path.stat().st_size
+
+
+def test_file_url_and_plain_path_agree(make_image: MakeImage) -> None:
+    path = make_image(1024, 768, "PNG")
+    expected = ImageInfo("png", 1024, 768, path.stat().st_size)
+    assert inspect_image(str(path), settings=settings()) == expected
+    assert inspect_image(path.as_uri(), settings=settings()) == expected
+
+
+def test_jpeg_with_sof_behind_a_large_header_block(make_image: MakeImage) -> None:
+    # A 200 KB ICC profile is split into many APP2 segments: SOF sits beyond the first 64 KiB.
+    path = make_image(900, 700, "JPEG", icc_profile=b"\0" * 200_000)
+    info = inspect_image(str(path), settings=settings())
+    assert (info.format, info.width, info.height) == ("jpeg", 900, 700)
+
+
+def test_huge_file_is_not_read_fully(tmp_path: Path) -> None:
+    path = tmp_path / "huge.jpg"
+    path.write_bytes(image_bytes(1280, 720))
+    with path.open("r+b") as f:
+        f.truncate(1024 * MB)  # sparse: 1 GiB on paper
+    info = inspect_image(str(path), settings=settings())
+    assert info == ImageInfo("jpeg", 1280, 720, 1024 * MB)
+    assert any("over the limit" in p for p in check_image_rules(info, max_bytes=20 * MB))
+
+
+def test_missing_local_file_is_a_fetch_error(tmp_path: Path) -> None:
+    with pytest.raises(ImageFetchError, match="not found"):
+        inspect_image(str(tmp_path / "nope.jpg"), settings=settings())
+
+
+# --- s3 ---------------------------------------------------------------------------------------
+
+
+def test_s3_image_size_and_dimensions(s3_env: str) -> None:
+    data = image_bytes(1280, 720, "PNG")
+    fs = s3fs.S3FileSystem()
+    fs.pipe_file(f"{s3_env}/in/a.png", data)
+    info = inspect_image(f"s3://{s3_env}/in/a.png", settings=settings())
+    assert info == ImageInfo("png", 1280, 720, len(data))
+
+
+def test_missing_s3_object_is_a_fetch_error(s3_env: str) -> None:
+    with pytest.raises(ImageFetchError, match="not found"):
+        inspect_image(f"s3://{s3_env}/in/missing.jpg", settings=settings())
+
+
+# --- http -------------------------------------------------------------------------------------
+
+
+class Handler(BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _head(self, status: int, headers: dict[str, str]) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        route, _, name = parts.path.strip("/").partition("/")
+        query = parse_qs(parts.query)
+        data = self.files.get(name, b"")
+        try:
+            if route == "files" and name in self.files:  # plain, with Content-Length
+                self._head(200, {"Content-Length": str(len(data))})
+                self.wfile.write(data)
+            elif route == "ranged" and name in self.files:  # honours Range
+                end = min(int(self.headers["Range"].split("-")[1]), len(data) - 1)
+                self._head(
+                    206,
+                    {
+                        "Content-Length": str(end + 1),
+                        "Content-Range": f"bytes 0-{end}/{len(data)}",
+                    },
+                )
+                self.wfile.write(data[: end + 1])
+            elif route == "nolength" and name in self.files:  # close-delimited body
+                self._head(200, {"Connection": "close"})
+                self.wfile.write(data)
+                self.close_connection = True
+            elif route == "endless":  # a JPEG header, then zeros forever, no length
+                self._head(200, {"Connection": "close"})
+                self.wfile.write(self.files["photo.jpg"])
+                while True:
+                    self.wfile.write(b"\0" * 65536)
+            elif route == "slow":  # a length, then one byte at a time, forever
+                self._head(200, {"Content-Length": str(50 * MB)})
+                while True:
+                    self.wfile.write(b"\xff")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            elif route == "redirect":
+                self._head(302, {"Location": query["to"][0], "Content-Length": "0"})
+            elif route == "error":
+                self._head(503, {"Content-Length": "0"})
+            else:
+                self._head(404, {"Content-Length": "0"})
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def http_base() -> Iterator[str]:
+    Handler.files = {
+        "photo.jpg": image_bytes(1280, 720),
+        "shot.png": image_bytes(720, 1280, "PNG"),
+        "anim.webp": image_bytes(800, 800, "WEBP"),
+        "big-exif.jpg": image_bytes(900, 700, icc_profile=b"\0" * 200_000),
+    }
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("route", ["files", "ranged", "nolength"])
+def test_http_image_info_with_and_without_length(http_base: str, route: str) -> None:
+    data = Handler.files["big-exif.jpg"]
+    info = inspect_image(f"{http_base}/{route}/big-exif.jpg", settings=settings())
+    assert info == ImageInfo("jpeg", 900, 700, len(data))
+
+
+def test_http_format_by_content(http_base: str) -> None:
+    info = inspect_image(f"{http_base}/files/anim.webp", settings=settings())
+    assert info.format == "webp"
+    assert check_image_rules(info, max_bytes=20 * MB) == [
+        "format webp is not accepted (JPEG or PNG only)"
+    ]
+
+
+def test_endless_body_stops_at_the_size_bound(http_base: str) -> None:
+    info = inspect_image(f"{http_base}/endless/x", settings=settings(max_image_bytes=2 * MB))
+    assert info.format == "jpeg"
+    assert info.size_bytes == 2 * MB + 1
+    assert any("over the limit" in p for p in check_image_rules(info, max_bytes=2 * MB))
+
+
+def test_slow_body_hits_the_total_time_limit(http_base: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError, match="timed out after 1 s"):
+        inspect_image(f"{http_base}/slow/x", settings=settings(fetch_timeout_s=1.0))
+    assert time.monotonic() - started < 10  # it stopped; the body would last ~40 minutes
+
+
+def test_http_status_errors(http_base: str) -> None:
+    with pytest.raises(ImageFetchError, match=r"not found.*HTTP 404"):
+        inspect_image(f"{http_base}/files/missing.jpg", settings=settings())
+    with pytest.raises(ImageFetchError, match="HTTP 503"):
+        inspect_image(f"{http_base}/error/x", settings=settings())
+
+
+def test_redirects_are_followed(http_base: str) -> None:
+    target = f"{http_base}/files/shot.png"
+    info = inspect_image(f"{http_base}/redirect/x?to={target}", settings=settings())
+    assert (info.format, info.width, info.height) == ("png", 720, 1280)
+
+
+def test_loopback_is_refused_unless_allowed(http_base: str) -> None:
+    with pytest.raises(ImageFetchError, match="HAILUO_ALLOW_PRIVATE_NETWORKS=1"):
+        inspect_image(
+            f"{http_base}/files/photo.jpg", settings=settings(allow_private_networks=False)
+        )
+
+
+def test_redirect_to_a_private_address_is_refused(
+    http_base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each hop is checked: the test server stands in for a public host, the hop is not."""
+    checked: list[str] = []
+
+    def guard(url: str, *, allow_private: bool) -> None:
+        checked.append(url)
+        if url.startswith(http_base):
+            return
+        check_url_allowed(url, allow_private=allow_private)
+
+    monkeypatch.setattr(images, "check_url_allowed", guard)
+    metadata = "http://169.254.169.254/latest/meta-data/"
+    with pytest.raises(ImageFetchError, match=r"169\.254\.169\.254"):
+        inspect_image(
+            f"{http_base}/redirect/x?to={metadata}",
+            settings=settings(allow_private_networks=False),
+        )
+    assert checked[-1] == metadata
