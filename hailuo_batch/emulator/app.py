@@ -1,0 +1,346 @@
+"""The emulator's HTTP face: the apixo endpoints, result downloads, /files and /_emulator.
+
+A raw ASGI layer in front of the Starlette routes checks the Bearer key of API calls and applies
+faults, because some faults (a dropped connection, a truncated body) can only be produced below
+the framework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hailuo_batch.emulator.config import EmulatorConfig
+from hailuo_batch.emulator.contract import (
+    MODEL,
+    InvalidRequest,
+    parse_submit,
+    reject_marker,
+)
+from hailuo_batch.emulator.faults import FAULT_KINDS, SCRIPT_ROUTES
+from hailuo_batch.emulator.state import EmulatorState, Refused, format_retry_after
+from hailuo_batch.emulator.video import VideoCache
+from hailuo_batch.emulator.worker import Worker
+
+MESSAGES = {
+    400: "invalid parameters",
+    401: "missing or invalid API key",
+    402: "insufficient balance",
+    403: "content refused",
+    404: "not found",
+    429: "rate limit exceeded",
+    500: "internal server error",
+    503: "model temporarily unavailable",
+}
+
+
+def envelope(
+    code: int,
+    message: str | None = None,
+    data: Any = None,
+    *,
+    status: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The apixo envelope; the HTTP status is the envelope code unless told otherwise."""
+    body = {"code": code, "message": message or MESSAGES.get(code, "error"), "data": data}
+    return JSONResponse(body, status_code=status or code, headers=headers)
+
+
+def classify(method: str, path: str) -> str | None:
+    """The fault route of a request; "api" for other API paths (auth only); None: no checks."""
+    if path.startswith("/api/"):
+        if method == "POST" and path.startswith("/api/v1/generateTask/"):
+            return "submit"
+        if method == "GET" and path.startswith("/api/v1/statusTask/"):
+            return "status"
+        if method == "GET" and path == "/api/v1/apikeys/current-balance":
+            return "balance"
+        return "api"
+    if method == "GET" and path.startswith("/results/"):
+        return "download"
+    return None
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, key = value.decode("latin-1").partition(" ")
+            key = key.strip()
+            if scheme.lower() == "bearer" and key:
+                return key
+    return None
+
+
+async def close_connection(send: Send) -> None:
+    """Close the client's connection without (more of) a response.
+
+    uvicorn hands the app a bound method of its request cycle, whose `transport` we close.
+    Elsewhere, fall back to promising a body that never comes.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is not None:
+        transport.close()
+        for _ in range(3):  # let connection_lost run, so uvicorn sees a disconnected client
+            await asyncio.sleep(0)
+        return
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"64")]}
+    )
+
+
+class FaultAndAuth:
+    """Outermost ASGI layer: API key check, then the fault plan's verdict for the request."""
+
+    def __init__(self, app: ASGIApp, state: EmulatorState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = classify(scope["method"], scope["path"])
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        if route != "download":
+            key = _bearer(scope)
+            expected = self.state.config.api_key
+            if key is None or (
+                expected is not None and not hmac.compare_digest(key.encode(), expected.encode())
+            ):
+                await envelope(401)(scope, receive, send)
+                return
+            key_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+            scope.setdefault("state", {})["key_id"] = key_id
+            if route == "api":
+                await self.app(scope, receive, send)
+                return
+        with self.state.lock:
+            kind = self.state.faults.draw(route)
+            if kind is not None:
+                self.state.stats_data.faults[kind] += 1
+        if kind is None:
+            await self.app(scope, receive, send)
+        else:
+            await self._fault(kind, route, scope, receive, send)
+
+    async def _fault(
+        self, kind: str, route: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        config = self.state.config
+        if kind in ("500", "503", "429"):
+            code = int(kind)
+            headers = (
+                {"Retry-After": format_retry_after(config.scaled(1.0))} if code == 429 else None
+            )
+            await envelope(code, headers=headers)(scope, receive, send)
+        elif kind in ("body500", "body429"):
+            code = int(kind[4:])
+            await envelope(code, status=200)(scope, receive, send)
+        elif kind == "slow":
+            await asyncio.sleep(config.slow_s)
+            await self.app(scope, receive, send)
+        elif kind == "drop_after_create" and route == "submit":
+            await self.app(scope, receive, _closing_send(send))
+        elif kind == "truncate" and route == "download":
+            await self.app(scope, receive, _truncating_send(send))
+        else:  # drop, and the route-specific kinds elsewhere
+            await close_connection(send)
+
+
+def _closing_send(send: Send) -> Send:
+    """A send that closes the connection instead of starting the response."""
+    closed = False
+
+    async def closing(message: Message) -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            await close_connection(send)
+
+    return closing
+
+
+def _truncating_send(send: Send) -> Send:
+    """A send that lets the headers and half the promised body through, then closes."""
+    cut = 1
+    sent = 0
+    closed = False
+
+    async def truncating(message: Message) -> None:
+        nonlocal cut, sent, closed
+        if closed:
+            return
+        if message["type"] == "http.response.start":
+            for name, value in message.get("headers", []):
+                if name.lower() == b"content-length":
+                    cut = max(1, int(value) // 2)
+            await send(message)
+            return
+        body: bytes = message.get("body", b"")
+        if sent + len(body) < cut:
+            sent += len(body)
+            await send(message)
+            return
+        await send({"type": "http.response.body", "body": body[: cut - sent], "more_body": True})
+        closed = True
+        await close_connection(send)
+
+    return truncating
+
+
+class Emulator:
+    """The emulator's state, back end and ASGI app, ready for uvicorn."""
+
+    def __init__(self, config: EmulatorConfig) -> None:
+        self.config = config
+        self.state = EmulatorState(config)
+        self.worker = Worker(
+            self.state, VideoCache(config.resolved_cache_dir(), config.encode_workers)
+        )
+        self.files_root = Path(config.files_dir).resolve() if config.files_dir else None
+        routes = [
+            Route("/api/v1/generateTask/{model}", self.submit, methods=["POST"]),
+            Route("/api/v1/statusTask/{model}", self.status, methods=["GET"]),
+            Route("/api/v1/apikeys/current-balance", self.balance, methods=["GET"]),
+            Route("/api/{rest:path}", self.api_not_found, methods=["GET", "POST", "PUT", "DELETE"]),
+            Route("/results/{task_id}/0.mp4", self.download, methods=["GET"]),
+            Route("/files/{path:path}", self.files, methods=["GET", "HEAD"]),
+            Route("/_emulator/stats", self.get_stats, methods=["GET"]),
+            Route("/_emulator/faults", self.post_faults, methods=["POST", "DELETE"]),
+            Route("/_emulator/balance", self.post_balance, methods=["POST"]),
+            Route("/_emulator/reset", self.post_reset, methods=["POST"]),
+        ]
+        starlette = Starlette(routes=routes, lifespan=self._lifespan)
+        self.asgi: ASGIApp = FaultAndAuth(starlette, self.state)
+
+    @asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        await self.worker.start()
+        try:
+            yield
+        finally:
+            await self.worker.stop()
+
+    # --- the apixo API ------------------------------------------------------------------------
+    async def submit(self, request: Request) -> Response:
+        if request.path_params["model"] != MODEL:
+            return envelope(404, "model not found")
+        try:
+            body = await request.json()
+        except ValueError:
+            return self._refuse(400, "invalid JSON body")
+        try:
+            parsed = parse_submit(body)
+        except InvalidRequest as exc:
+            return self._refuse(400, str(exc))
+        rejected = reject_marker(parsed.prompt)
+        if rejected is not None:
+            retry = format_retry_after(self.config.scaled(1.0)) if rejected == 429 else None
+            return self._refuse(rejected, MESSAGES[rejected], retry)
+        try:
+            task = self.state.create_task(request.state.key_id, parsed)
+        except Refused as exc:
+            headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+            return envelope(exc.code, exc.message, headers=headers)
+        self.worker.submit(task)
+        return envelope(200, "success", {"taskId": task.task_id})
+
+    def _refuse(self, code: int, message: str, retry_after: str | None = None) -> JSONResponse:
+        self.state.count("rejected", str(code))
+        data = {"error": message} if code == 400 else None
+        headers = {"Retry-After": retry_after} if retry_after else None
+        return envelope(code, message, data, headers=headers)
+
+    async def status(self, request: Request) -> Response:
+        if request.path_params["model"] != MODEL:
+            return envelope(404, "model not found")
+        task_id = request.query_params.get("taskId", "").strip()
+        if not task_id:
+            return envelope(400, "taskId is required", {"error": "taskId is required"})
+        data = self.state.read_status(task_id)
+        if data is None:
+            return envelope(404, "task not found")
+        return envelope(200, "success", data)
+
+    async def balance(self, _request: Request) -> Response:
+        return envelope(200, "success", self.state.balance_usd())
+
+    async def api_not_found(self, _request: Request) -> Response:
+        return envelope(404, "not found")
+
+    # --- results and files --------------------------------------------------------------------
+    async def download(self, request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        verdict = self.state.verify(
+            task_id, request.query_params.get("exp", ""), request.query_params.get("sig", "")
+        )
+        if verdict == "bad":
+            return envelope(403, "invalid signature")
+        if verdict == "expired":
+            return envelope(403, "result URL expired")
+        video = self.state.video_for_download(task_id)
+        if video is None or not video.is_file():
+            return envelope(404, "result not found")
+        self.state.count("downloads", task_id)
+        return FileResponse(video, media_type="video/mp4")
+
+    async def files(self, request: Request) -> Response:
+        if self.files_root is None:
+            return envelope(404, "no files directory configured")
+        target = (self.files_root / request.path_params["path"]).resolve()
+        if not target.is_relative_to(self.files_root):
+            return envelope(403, "path outside the files directory")
+        if not target.is_file():
+            return envelope(404, "file not found")
+        return FileResponse(target)
+
+    # --- control ------------------------------------------------------------------------------
+    async def get_stats(self, _request: Request) -> Response:
+        return JSONResponse(self.state.stats())
+
+    async def post_faults(self, request: Request) -> Response:
+        if request.method == "DELETE":
+            with self.state.lock:
+                self.state.faults.clear()
+            return JSONResponse({"ok": True})
+        try:
+            body = await request.json()
+            route, kind = str(body.get("route", "any")), str(body["kind"])
+            count = int(body.get("count", 1))
+            with self.state.lock:
+                self.state.faults.script(route, kind, count)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            detail = f"{exc}; routes {SCRIPT_ROUTES}, kinds {FAULT_KINDS}"
+            return JSONResponse({"ok": False, "error": detail}, status_code=400)
+        return JSONResponse({"ok": True})
+
+    async def post_balance(self, request: Request) -> Response:
+        try:
+            usd = float((await request.json())["usd"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return JSONResponse({"ok": False, "error": str(exc)}, status_code=400)
+        self.state.set_balance(usd)
+        return JSONResponse({"ok": True, "balance_usd": self.state.balance_usd()})
+
+    async def post_reset(self, _request: Request) -> Response:
+        self.state.reset_stats()
+        return JSONResponse({"ok": True})
+
+
+def create_app(config: EmulatorConfig) -> Emulator:
+    """Build an emulator; serve `.asgi` with uvicorn (lifespan on)."""
+    return Emulator(config)

@@ -1,0 +1,74 @@
+"""Which request gets which fault: scripted faults first, then the random `fault_rate` draw.
+
+Routes: `submit`, `status`, `balance`, `download` (result videos), or `any` when scripting.
+
+Kinds:
+- `500`, `503`, `429` (with Retry-After): that HTTP status with the error envelope;
+- `body500`, `body429`: HTTP 200 whose envelope carries code 500 / 429;
+- `drop`: the connection is closed without any response;
+- `slow`: the normal answer after `slow_s` seconds;
+- `drop_after_create`: the request is fully processed (a submit creates and bills its task),
+  then the connection is closed instead of answering;
+- `truncate` (download): headers and part of the body are sent, then the connection is closed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+ROUTES = ("submit", "status", "balance", "download")
+SCRIPT_ROUTES = (*ROUTES, "any")
+FAULT_KINDS = (
+    "500",
+    "503",
+    "429",
+    "body500",
+    "body429",
+    "drop",
+    "slow",
+    "drop_after_create",
+    "truncate",
+)
+
+_RANDOM_KINDS: dict[str, tuple[str, ...]] = {
+    "submit": ("500", "503", "429", "body500", "body429", "drop", "slow", "drop_after_create"),
+    "status": ("500", "503", "429", "body500", "body429", "drop", "slow"),
+    "balance": ("500", "503", "429", "body500", "body429", "drop", "slow"),
+    "download": ("500", "503", "429", "drop", "slow", "truncate"),
+}
+
+
+class FaultPlan:
+    """Scripted fault queues plus a seeded random draw. Not thread-safe: callers hold a lock."""
+
+    def __init__(self, rate: float, rng: random.Random) -> None:
+        self.rate = rate
+        self._rng = rng
+        self._scripted: dict[str, deque[str]] = {r: deque() for r in SCRIPT_ROUTES}
+
+    def script(self, route: str, kind: str, count: int = 1) -> None:
+        """Give the next `count` requests of `route` (or of any route) the fault `kind`."""
+        if route not in SCRIPT_ROUTES:
+            raise ValueError(f"unknown route {route!r}; expected one of {SCRIPT_ROUTES}")
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        self._scripted[route].extend([kind] * count)
+
+    def clear(self) -> None:
+        for queue in self._scripted.values():
+            queue.clear()
+
+    def pending(self) -> dict[str, list[str]]:
+        return {route: list(q) for route, q in self._scripted.items() if q}
+
+    def draw(self, route: str) -> str | None:
+        """The fault for the next request of `route`, or None."""
+        for queue in (self._scripted[route], self._scripted["any"]):
+            if queue:
+                return queue.popleft()
+        if self.rate > 0 and self._rng.random() < self.rate:
+            return self._rng.choice(_RANDOM_KINDS[route])
+        return None

@@ -1,0 +1,142 @@
+"""Running the emulator: in a background thread (`run_emulator`) or in the foreground (`serve`)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+
+from hailuo_batch.emulator.app import Emulator, create_app
+from hailuo_batch.emulator.config import EmulatorConfig
+
+log = logging.getLogger(__name__)
+
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket. proto must be IPPROTO_TCP: asyncio only sets TCP_NODELAY on
+    accepted sockets whose proto says TCP, and without it every answer waits ~40 ms."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _base_url(config: EmulatorConfig, sock: socket.socket) -> str:
+    if config.public_base_url:
+        return config.public_base_url.rstrip("/")
+    host = _WILDCARDS.get(config.host, config.host)
+    port = sock.getsockname()[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _uvicorn_server(emulator: Emulator, log_level: str) -> uvicorn.Server:
+    uconfig = uvicorn.Config(
+        emulator.asgi,
+        lifespan="on",
+        log_level=log_level,
+        access_log=emulator.config.access_log,
+        timeout_graceful_shutdown=2,
+        timeout_keep_alive=30,
+        backlog=2048,
+    )
+    return uvicorn.Server(uconfig)
+
+
+class EmulatorHandle:
+    """A running emulator: its address plus in-process control (also over /_emulator/...)."""
+
+    def __init__(self, emulator: Emulator, base_url: str) -> None:
+        self._emulator = emulator
+        self.base_url = base_url
+        self.config = emulator.config
+
+    def stats(self) -> dict[str, Any]:
+        """Counters; see GET /_emulator/stats."""
+        return self._emulator.state.stats()
+
+    def script_faults(self, route: str, kind: str, count: int = 1) -> None:
+        """Give the next `count` requests of `route` ("submit", "status", "balance",
+        "download" or "any") the fault `kind` (see `hailuo_batch.emulator.faults`)."""
+        state = self._emulator.state
+        with state.lock:
+            state.faults.script(route, kind, count)
+
+    def clear_faults(self) -> None:
+        state = self._emulator.state
+        with state.lock:
+            state.faults.clear()
+
+    def reset_stats(self) -> None:
+        self._emulator.state.reset_stats()
+
+    def set_balance(self, usd: float) -> None:
+        self._emulator.state.set_balance(usd)
+
+    @property
+    def video_encodes(self) -> int:
+        """How many videos this emulator actually encoded (cache misses)."""
+        return self._emulator.worker.cache.encodes
+
+
+@contextmanager
+def run_emulator(config: EmulatorConfig | None = None) -> Iterator[EmulatorHandle]:
+    """Serve the emulator from a background thread until the block exits."""
+    config = config or EmulatorConfig()
+    sock = _bind(config.host, config.port)
+    base_url = _base_url(config, sock)
+    emulator = create_app(config)
+    emulator.state.base_url = base_url
+    server = _uvicorn_server(emulator, "warning")
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="apixo-emulator", daemon=True
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the apixo emulator did not start")
+            time.sleep(0.01)
+        yield EmulatorHandle(emulator, base_url)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def serve(config: EmulatorConfig | None = None) -> None:
+    """Serve the emulator in the foreground until interrupted (Ctrl-C)."""
+    config = config or EmulatorConfig()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    sock = _bind(config.host, config.port)
+    base_url = _base_url(config, sock)
+    emulator = create_app(config)
+    emulator.state.base_url = base_url
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    log.info(
+        "apixo emulator serving at %s (time_scale=%s, fault_rate=%s)",
+        base_url,
+        config.time_scale,
+        config.fault_rate,
+    )
+    try:
+        _uvicorn_server(emulator, "info").run(sockets=[sock])
+    finally:
+        sock.close()

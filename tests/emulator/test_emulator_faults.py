@@ -1,0 +1,143 @@
+"""Each fault kind as a plain HTTP client sees it; scripted and random faults; HTTP control."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+from emulator_helpers import BALANCE, STATUS, SUBMIT, submit, task_body, wait_done
+
+from hailuo_batch.emulator import EmulatorHandle
+
+pytestmark = pytest.mark.timeout(60)
+
+DROPPED = (httpx.RemoteProtocolError, httpx.ReadError)
+
+
+@pytest.mark.parametrize(("kind", "code"), [("500", 500), ("503", 503), ("429", 429)])
+@pytest.mark.parametrize("route", ["submit", "status", "balance"])
+def test_status_code_faults(
+    emu: EmulatorHandle, client: httpx.Client, route: str, kind: str, code: int
+) -> None:
+    task_id = submit(client, task_body(emu.base_url))
+    emu.script_faults(route, kind)
+    resp = _call(client, emu, route, task_id)
+    assert resp.status_code == code
+    assert resp.json()["code"] == code and resp.json()["data"] is None
+    if code == 429:
+        assert float(resp.headers["Retry-After"]) > 0
+    assert _call(client, emu, route, task_id).status_code == 200  # only the next request
+    assert emu.stats()["faults"] == {kind: 1}
+
+
+@pytest.mark.parametrize(("kind", "code"), [("body500", 500), ("body429", 429)])
+def test_body_coded_faults_answer_http_200(
+    emu: EmulatorHandle, client: httpx.Client, kind: str, code: int
+) -> None:
+    emu.script_faults("submit", kind)
+    resp = client.post(SUBMIT, json=task_body(emu.base_url))
+    assert resp.status_code == 200
+    assert resp.json()["code"] == code
+    assert emu.stats()["submissions"] == 0
+
+
+@pytest.mark.parametrize("route", ["submit", "status", "balance"])
+def test_drop_closes_the_connection_without_answer(
+    emu: EmulatorHandle, client: httpx.Client, route: str
+) -> None:
+    task_id = submit(client, task_body(emu.base_url))
+    emu.script_faults(route, "drop")
+    with pytest.raises(DROPPED):
+        _call(client, emu, route, task_id)
+    assert emu.stats()["submissions"] == 1  # a dropped submit created nothing
+    assert _call(client, emu, route, task_id).status_code == 200
+
+
+def test_drop_after_create_bills_a_task_the_client_never_hears_of(
+    emu: EmulatorHandle, client: httpx.Client
+) -> None:
+    emu.script_faults("submit", "drop_after_create")
+    with pytest.raises(DROPPED):
+        client.post(SUBMIT, json=task_body(emu.base_url, prompt="ghost"))
+    stats = emu.stats()
+    assert stats["submissions_by_prompt"] == {"ghost": 1}
+    assert stats["balance_usd"] == pytest.approx(1000 - 0.19)
+    assert stats["faults"] == {"drop_after_create": 1}
+
+
+def test_slow_fault_delays_then_answers(make_emulator: Any) -> None:
+    emu = make_emulator(slow_s=0.5)
+    emu.script_faults("any", "slow")
+    with httpx.Client(base_url=emu.base_url, headers={"Authorization": "Bearer k"}) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            c.get(BALANCE, timeout=0.1)
+        emu.script_faults("balance", "slow")
+        assert c.get(BALANCE, timeout=5).json()["code"] == 200
+    assert emu.stats()["faults"] == {"slow": 2}
+
+
+def test_download_faults(emu: EmulatorHandle, client: httpx.Client) -> None:
+    data = wait_done(client, submit(client, task_body(emu.base_url)))
+    url = json.loads(data["resultJson"])["resultUrls"][0]
+    emu.script_faults("download", "truncate")
+    with pytest.raises(DROPPED):
+        httpx.get(url)
+    emu.script_faults("download", "drop")
+    with pytest.raises(DROPPED):
+        httpx.get(url)
+    emu.script_faults("download", "503")
+    assert httpx.get(url).status_code == 503
+    full = httpx.get(url)
+    assert full.status_code == 200 and len(full.content) == int(full.headers["content-length"])
+
+
+def test_random_faults_follow_the_rate_and_the_seed(make_emulator: Any) -> None:
+    def run() -> tuple[list[str], dict[str, int]]:
+        emu = make_emulator(fault_rate=0.3, seed=42, slow_s=0.01)
+        outcomes = []
+        with httpx.Client(base_url=emu.base_url, headers={"Authorization": "Bearer k"}) as c:
+            for _ in range(60):
+                try:
+                    resp = c.get(BALANCE)
+                    outcomes.append(f"{resp.status_code}/{resp.json()['code']}")
+                except DROPPED:
+                    outcomes.append("dropped")
+        return outcomes, emu.stats()["faults"]
+
+    first, faults = run()
+    again, _ = run()
+    assert first == again  # same seed, same faults
+    assert 5 <= sum(faults.values()) <= 35
+    assert sum(1 for o in first if o != "200/200") == sum(
+        n for kind, n in faults.items() if kind != "slow"
+    )
+
+
+def test_control_endpoints_over_http(emu: EmulatorHandle, client: httpx.Client) -> None:
+    with httpx.Client(base_url=emu.base_url) as ctl:
+        assert ctl.post("/_emulator/faults", json={"route": "balance", "kind": "503"}).json()["ok"]
+        assert ctl.post("/_emulator/faults", json={"route": "x", "kind": "503"}).status_code == 400
+        assert (
+            ctl.post("/_emulator/faults", json={"route": "any", "kind": "boom"}).status_code == 400
+        )
+        assert client.get(BALANCE).status_code == 503
+        assert ctl.post("/_emulator/balance", json={"usd": 0.1}).json()["balance_usd"] == 0.1
+        assert client.post(SUBMIT, json=task_body(emu.base_url)).status_code == 402
+        stats = ctl.get("/_emulator/stats").json()
+        assert stats["faults"] == {"503": 1} and stats["balance_usd"] == 0.1
+        ctl.post("/_emulator/faults", json={"route": "status", "kind": "500", "count": 3})
+        ctl.delete("/_emulator/faults")
+        assert ctl.post("/_emulator/reset").json()["ok"]
+        assert ctl.get("/_emulator/stats").json()["faults"] == {}
+    assert client.get(STATUS, params={"taskId": "task_nope"}).status_code == 404
+
+
+def _call(client: httpx.Client, emu: EmulatorHandle, route: str, task_id: str) -> httpx.Response:
+    if route == "submit":
+        return client.post(SUBMIT, json=task_body(emu.base_url, prompt=f"p{time.monotonic()}"))
+    if route == "status":
+        return client.get(STATUS, params={"taskId": task_id})
+    return client.get(BALANCE)
