@@ -1,0 +1,152 @@
+"""The fate of every manifest row: the results file a rerun can read, and the run summary.
+
+`results.jsonl` holds one `ItemResult` per manifest row (valid or not); `summary.json` holds the
+totals from `summarize`. These files, not Prefect's database, are the source of truth.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from collections.abc import Iterable
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from hailuo_batch.policy import percentile
+
+
+class ItemStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    SKIPPED = "skipped"  # content policy: never resubmitted automatically
+    FAILED = "failed"
+    INVALID = "invalid"  # refused before any money was spent
+    NOT_SUBMITTED = "not_submitted"  # e.g. balance exhausted, run stopped, cost cap reached
+    UNCERTAIN = "uncertain"  # the provider may have accepted it, but no taskId is known
+
+
+class ItemResult(BaseModel):
+    """One line of results.jsonl."""
+
+    model_config = ConfigDict(use_enum_values=True)
+
+    id: str
+    row: int
+    status: ItemStatus
+    task_id: str | None = None
+    fail_code: str | None = None
+    fail_msg: str | None = None
+    attempts: int = 0
+    video: str | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+    cost_usd: float = 0.0
+    cost_time_ms: int | None = None
+    # the item's inputs, so a rerun needs nothing but this file
+    image_url: str | None = None
+    prompt: str | None = None
+    mode: str | None = None
+    duration: int | None = None
+    provider: str | None = None
+    input_hash: str | None = None
+    # where it went wrong, for invalid rows: the field and every rule broken
+    field: str | None = None
+    errors: list[str] = []
+    run_id: str | None = None
+    finished_at: str | None = None
+
+
+def to_jsonl(results: Iterable[ItemResult]) -> str:
+    return "".join(r.model_dump_json() + "\n" for r in results)
+
+
+def from_jsonl(text: str) -> list[ItemResult]:
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append(ItemResult.model_validate_json(line))
+            except ValueError as exc:
+                raise ValueError(f"results line {n} is not a result record: {exc}") from exc
+    return out
+
+
+def summarize(
+    results: list[ItemResult],
+    *,
+    run_id: str,
+    wall_time_s: float,
+    balance_before: float | None = None,
+    balance_after: float | None = None,
+) -> dict[str, Any]:
+    """Totals for summary.json and the markdown artifact."""
+    by_status = Counter(r.status for r in results)
+    by_code = Counter(r.fail_code for r in results if r.fail_code)
+    cost_times = [float(r.cost_time_ms) for r in results if r.cost_time_ms is not None]
+    spent = None
+    if balance_before is not None and balance_after is not None:
+        spent = round(balance_before - balance_after, 4)
+    return {
+        "run_id": run_id,
+        "items": len(results),
+        "by_status": {s.value: by_status[s] for s in ItemStatus},
+        "by_fail_code": dict(sorted(by_code.items())),
+        "estimated_cost_usd": round(sum(r.cost_usd for r in results), 4),
+        "balance_before_usd": balance_before,
+        "balance_after_usd": balance_after,
+        "balance_spent_usd": spent,
+        "cost_time_ms": {
+            "min": min(cost_times) if cost_times else None,
+            "median": statistics.median(cost_times) if cost_times else None,
+            "p95": percentile(cost_times, 95),
+            "max": max(cost_times) if cost_times else None,
+        },
+        "stored_bytes": sum(r.bytes or 0 for r in results),
+        "wall_time_s": round(wall_time_s, 3),
+    }
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:,.2f}{unit}"
+    return f"{v}{unit}"
+
+
+def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
+    """The run's markdown artifact: counts, cost, balance, processing and wall time."""
+    lines = [f"# hailuo-batch run `{summary['run_id']}`", ""]
+    lines += ["| status | items |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in summary["by_status"].items() if v]
+    lines += [f"| **total** | **{summary['items']}** |", ""]
+    if summary["by_fail_code"]:
+        lines += ["| failCode | items |", "|---|---:|"]
+        lines += [f"| `{k}` | {v} |" for k, v in summary["by_fail_code"].items()]
+        lines.append("")
+    ct = {k: (None if v is None else v / 1000) for k, v in summary["cost_time_ms"].items()}
+    lines += [
+        f"- estimated cost: **${summary['estimated_cost_usd']:,.2f}**",
+        f"- balance before / after: {_fmt(summary['balance_before_usd'], ' USD')} / "
+        f"{_fmt(summary['balance_after_usd'], ' USD')} (spent: "
+        f"{_fmt(summary['balance_spent_usd'], ' USD')})",
+        "- provider processing time (costTime) min / median / p95 / max: "
+        f"{_fmt(ct['min'], ' s')} / "
+        f"{_fmt(ct['median'], ' s')} / {_fmt(ct['p95'], ' s')} / {_fmt(ct['max'], ' s')}",
+        f"- wall time: {_fmt(summary['wall_time_s'], ' s')}",
+        f"- stored: {summary['stored_bytes']:,} bytes",
+        f"- results: `{results_url}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def results_as_table(results: list[ItemResult]) -> list[dict[str, Any]]:
+    """Rows for the Prefect table artifact (short columns only)."""
+    cols = ("id", "row", "status", "task_id", "fail_code", "attempts", "video", "bytes", "cost_usd")
+    return [{c: getattr(r, c) for c in cols} for r in results]
+
+
+def dumps(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2, sort_keys=True) + "\n"

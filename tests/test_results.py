@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from hailuo_batch.results import (
+    ItemResult,
+    ItemStatus,
+    from_jsonl,
+    summarize,
+    summary_markdown,
+    to_jsonl,
+)
+
+
+def _r(i, status, **kw):
+    return ItemResult(id=f"i{i}", row=i, status=status, **kw)
+
+
+def test_jsonl_round_trip_keeps_every_field():
+    rs = [
+        _r(
+            1,
+            ItemStatus.SUCCEEDED,
+            task_id="task_1",
+            video="s3://b/videos/i1.mp4",
+            bytes=10,
+            sha256="ab",
+            cost_usd=0.19,
+            cost_time_ms=120000,
+            prompt="p",
+            duration=6,
+        ),
+        _r(2, ItemStatus.INVALID, field="image_url", errors=["short side 300 px"]),
+    ]
+    text = to_jsonl(rs)
+    assert len(text.splitlines()) == 2
+    assert json.loads(text.splitlines()[0])["status"] == "succeeded"
+    assert from_jsonl(text) == rs
+
+
+def test_from_jsonl_names_the_bad_line():
+    with pytest.raises(ValueError, match="results line 2"):
+        from_jsonl('{"id":"a","row":1,"status":"failed"}\n{"nope": 1}\n')
+
+
+def test_summary_counts_cost_and_processing_time():
+    rs = [
+        _r(1, ItemStatus.SUCCEEDED, cost_usd=0.19, cost_time_ms=100_000, bytes=5),
+        _r(2, ItemStatus.SUCCEEDED, cost_usd=0.32, cost_time_ms=140_000, bytes=7),
+        _r(
+            3, ItemStatus.SKIPPED, cost_usd=0.19, fail_code="CONTENT_VIOLATION", cost_time_ms=90_000
+        ),
+        _r(4, ItemStatus.INVALID),
+        _r(5, ItemStatus.NOT_SUBMITTED),
+    ]
+    s = summarize(rs, run_id="r1", wall_time_s=12.3456, balance_before=10.0, balance_after=9.3)
+    assert s["by_status"] == {
+        "succeeded": 2,
+        "skipped": 1,
+        "failed": 0,
+        "invalid": 1,
+        "not_submitted": 1,
+        "uncertain": 0,
+    }
+    assert s["by_fail_code"] == {"CONTENT_VIOLATION": 1}
+    assert s["estimated_cost_usd"] == 0.7
+    assert s["balance_spent_usd"] == 0.7
+    assert s["cost_time_ms"] == {"min": 90_000, "median": 100_000, "p95": 140_000, "max": 140_000}
+    assert s["stored_bytes"] == 12
+    md = summary_markdown(s, results_url="/out/runs/r1/results.jsonl")
+    assert "| succeeded | 2 |" in md and "`CONTENT_VIOLATION`" in md
+    assert "$0.70" in md and "/out/runs/r1/results.jsonl" in md
+    assert "100.00 s" in md  # median costTime shown in seconds
+
+
+def test_summary_without_balance_says_na():
+    s = summarize([], run_id="r", wall_time_s=0)
+    assert s["balance_spent_usd"] is None
+    assert "n/a" in summary_markdown(s, results_url="x")
