@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install lint format test test-fast demo bench clean
+.PHONY: install lint format test test-fast demo demo-stop bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -40,6 +40,9 @@ test-fast: install
 
 demo: install
 	$(BIN)/python -m hailuo_batch.demo
+
+demo-stop: install
+	$(BIN)/python -m hailuo_batch.demo stop
 
 bench: install
 	$(BIN)/python bench/bench_batch.py --items 100

@@ -1,1 +1,277 @@
-def main() -> None: ...
+"""`hailuo-batch`: run batches, validate manifests, and start the local apixo emulator.
+
+Exit codes: 0 success (a run that completed, even with some items skipped or failed);
+1 validation found invalid rows, or the run itself failed; 2 bad usage or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pydantic import ValidationError
+
+EPILOG = """\
+environment:
+  APIXO_API_KEY            apixo API key (required for run)
+  APIXO_BASE_URL           API base URL (default https://api.apixo.ai)
+  HAILUO_POLL_INITIAL_S / HAILUO_POLL_INTERVAL_S / HAILUO_POLL_TIMEOUT_S   polling schedule
+  HAILUO_ALLOW_PRIVATE_NETWORKS=1   allow image URLs on private/loopback addresses
+  AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY   any S3-compatible store
+  see README.md for every setting.
+
+examples:
+  hailuo-batch emulator --time-scale 0.01 --api-key demo
+  hailuo-batch validate manifest.csv
+  hailuo-batch run manifest.csv --output s3://my-bucket/videos --concurrency 20
+"""
+
+
+def _add_item_defaults(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mode",
+        choices=["standard", "pro"],
+        default="standard",
+        help="mode for rows without one (default: standard, 768p, billed per second)",
+    )
+    p.add_argument(
+        "--duration",
+        type=int,
+        choices=[6, 10],
+        default=6,
+        help="clip length in seconds for standard rows without one (default: 6)",
+    )
+    p.add_argument(
+        "--provider",
+        choices=["auto", "value", "official"],
+        default="auto",
+        help="provider routing for rows without one (default: auto)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hailuo-batch",
+        description="Turn a manifest of images and prompts into videos with apixo hailuo-2-3-fast.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "run",
+        help="run a batch: validate, submit, poll, store, report",
+        description="Run the generate-videos flow on MANIFEST and store the videos under --output.",
+    )
+    p.add_argument("manifest", help="CSV, JSONL or JSON manifest: a path or fsspec URL (s3://...)")
+    p.add_argument(
+        "--output",
+        "-o",
+        default=None,
+        help="output path or URL (default: HAILUO_OUTPUT or ./output)",
+    )
+    _add_item_defaults(p)
+    p.add_argument(
+        "--concurrency", type=int, default=10, help="items in flight at once (default: 10)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate and estimate cost; submit nothing"
+    )
+    p.add_argument("--credentials-block", help="name of an ApixoCredentials block")
+    p.add_argument("--storage-block", help="name of an OutputStorage block")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    v = sub.add_parser(
+        "validate",
+        help="check a manifest and its images; submit nothing",
+        description="Print every problem of MANIFEST and the cost estimate. Exit 1 on any bad row.",
+    )
+    v.add_argument("manifest", help="CSV, JSONL or JSON manifest: a path or fsspec URL")
+    _add_item_defaults(v)
+    v.add_argument("--json", action="store_true", help="print a JSON report instead of text")
+
+    e = sub.add_parser(
+        "emulator",
+        help="start the local apixo emulator (for demos, tests, benchmarks)",
+        description="Serve the apixo hailuo-2-3-fast API contract locally.",
+    )
+    e.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    e.add_argument("--port", type=int, default=8787, help="port (default: 8787, 0: any free)")
+    e.add_argument("--api-key", default=None, help="accept only this key (default: any non-empty)")
+    e.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="multiply provider-side times: 0.01 makes a 120 s generation take 1.2 s",
+    )
+    e.add_argument("--concurrency", type=int, default=20, help="tasks in flight per key before 429")
+    e.add_argument(
+        "--fault-rate", type=float, default=0.0, help="probability of an injected fault per call"
+    )
+    e.add_argument("--seed", type=int, default=None, help="random seed for faults and timings")
+    e.add_argument("--balance", type=float, default=1000.0, help="starting balance in USD")
+    e.add_argument("--fps", type=int, default=24, help="frame rate of generated videos")
+    e.add_argument("--files-dir", default=None, help="serve this folder under /files/")
+    return parser
+
+
+def _defaults(args: argparse.Namespace) -> Any:
+    from hailuo_batch.apixo import Mode, Provider
+    from hailuo_batch.manifest import ItemDefaults
+
+    mode = Mode.PRO if args.mode == "pro" else Mode.STANDARD
+    return ItemDefaults(mode=mode, duration=args.duration, provider=Provider(args.provider))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from hailuo_batch.manifest import ManifestError, load_manifest
+    from hailuo_batch.policy import Prices, estimate_cost
+    from hailuo_batch.settings import get_settings
+    from hailuo_batch.validation import preflight
+
+    settings = get_settings()
+    try:
+        manifest = load_manifest(args.manifest, _defaults(args))
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        checks = list(pool.map(lambda i: preflight(i, settings=settings), manifest.items))
+    problems: list[tuple[int, str | None, str | None, str]] = [
+        (e.row, None, e.field, e.reason) for e in manifest.errors
+    ]
+    problems += [(c.item.row, c.item.id, c.field, "; ".join(c.errors)) for c in checks if not c.ok]
+    problems.sort(key=lambda p: p[0])
+    valid = [c.item for c in checks if c.ok]
+    prices = Prices.from_settings(settings)
+    cost = sum(estimate_cost(str(i.mode), i.duration, prices) for i in valid)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "manifest": args.manifest,
+                    "rows": manifest.total_rows,
+                    "valid": len(valid),
+                    "invalid": len(problems),
+                    "estimated_cost_usd": round(cost, 4),
+                    "problems": [
+                        {"row": r, "id": i, "field": f, "reason": m} for r, i, f, m in problems
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        for row, item_id, fld, reason in problems:
+            print(f"row {row} (id {item_id or '-'}), field '{fld}': {reason}")
+        print(
+            f"{args.manifest}: {manifest.total_rows} rows, {len(valid)} valid, "
+            f"{len(problems)} invalid"
+        )
+        print(
+            f"estimated cost of the valid items: ${cost:,.2f} (prices: standard 6 s "
+            f"${prices.standard_6s}, 10 s ${prices.standard_10s}, pro ${prices.pro}; "
+            "set HAILUO_PRICE_* to change)"
+        )
+    return 1 if problems else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from flows.batch import run_generate_videos
+    from hailuo_batch import progress as prog
+
+    defaults = _defaults(args)
+    bar = Progress(
+        TextColumn("[bold]items"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        disable=args.quiet or not sys.stderr.isatty(),
+        transient=False,
+    )
+    bar_task = bar.add_task("", total=None)
+
+    def on_progress(state: prog.ProgressState) -> None:
+        counts = " ".join(f"{k}={v}" for k, v in sorted(state.by_status.items()))
+        bar.update(bar_task, total=state.total, completed=state.done, description=counts)
+
+    prog.add_listener(on_progress)
+    try:
+        with bar:
+            state = run_generate_videos(
+                manifest=args.manifest,
+                output=args.output,
+                mode=defaults.mode,
+                duration=defaults.duration,
+                provider=defaults.provider,
+                concurrency=args.concurrency,
+                dry_run=args.dry_run,
+                credentials_block=args.credentials_block,
+                storage_block=args.storage_block,
+            )
+    finally:
+        prog.remove_listener(on_progress)
+    summary = _summary_of(state)
+    if summary:
+        print(f"run id:   {summary['run_id']}")
+        counts = Counter({k: v for k, v in summary["by_status"].items() if v})
+        print("items:    " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        print(f"results:  {summary.get('results')}")
+        print(f"videos:   {summary.get('output', '').rstrip('/')}/videos/")
+        print(f"estimated cost: ${summary['estimated_cost_usd']:,.2f}")
+    if state.is_completed():
+        return 0
+    print(f"run failed: {state.message}", file=sys.stderr)
+    return 1
+
+
+def _summary_of(state: Any) -> dict[str, Any] | None:
+    try:
+        data = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - a failed run may carry no data; reported by the caller
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from hailuo_batch.emulator import EmulatorConfig, serve
+
+    serve(
+        EmulatorConfig(
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            time_scale=args.time_scale,
+            concurrency=args.concurrency,
+            fault_rate=args.fault_rate,
+            seed=args.seed,
+            balance_usd=args.balance,
+            fps=args.fps,
+            files_dir=args.files_dir,
+        )
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    handlers = {"run": cmd_run, "validate": cmd_validate, "emulator": cmd_emulator}
+    try:
+        code = handlers[args.command](args)
+    except ValidationError as exc:
+        print(f"error: invalid setting: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The batch flow end to end: real Prefect (test harness), real HTTP to the emulator, real files,
+real MP4 bytes, and a real S3 protocol through s3fs against moto."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import av
+import httpx
+import pytest
+import s3fs
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+from flows.batch import run_generate_videos
+from hailuo_batch.apixo import ApixoClient
+from hailuo_batch.results import from_jsonl
+from tests.flows.conftest import API_KEY
+
+
+def generate_videos(**kw):
+    """Run the async flow to completion from a sync test; returns its final state."""
+    kw.pop("return_state", None)
+    return run_generate_videos(**kw)
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    cols = sorted(
+        {k for r in rows for k in r}, key=["id", "image_url", "prompt", "mode", "duration"].index
+    )
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def results_of(summary: dict) -> dict:
+    text = Path(summary["results"]).read_text() if "://" not in summary["results"] else None
+    assert text is not None
+    return {r.id: r for r in from_jsonl(text)}
+
+
+async def artifacts_of(flow_run_id) -> list:
+    async with get_client() as client:
+        return await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
+def served_sha256(base_url: str, task_id: str) -> str:
+    with ApixoClient(API_KEY, base_url) as c:
+        url = c.get_status(task_id).result_urls[0]
+    return hashlib.sha256(httpx.get(url, timeout=30).content).hexdigest()
+
+
+@pytest.fixture
+def mixed_manifest(tmp_path: Path, images_dir: Path, make_image, emulator) -> Path:
+    base = emulator.base_url + "/files"
+
+    def img(name, w, h, fmt="JPEG"):
+        p = make_image(w, h, fmt)
+        (images_dir / name).write_bytes(p.read_bytes())
+        return f"{base}/{name}"
+
+    rows = [
+        {"id": "ok-jpeg", "image_url": img("a.jpg", 640, 360), "prompt": "pan left"},
+        {
+            "id": "ok-png-10s",
+            "image_url": img("b.png", 301, 301, "PNG"),
+            "prompt": "zoom",
+            "duration": "10",
+        },
+        {
+            "id": "ok-pro",
+            "image_url": img("c.jpg", 401, 1000),
+            "prompt": "tilt",
+            "mode": "pro",
+            "duration": "10",
+        },
+        {
+            "id": "flagged",
+            "image_url": img("d.jpg", 640, 360),
+            "prompt": "x [fail:CONTENT_VIOLATION]",
+        },
+        {
+            "id": "flaky",
+            "image_url": img("e.jpg", 640, 360),
+            "prompt": "y [flaky:GENERATION_FAILED]",
+        },
+        {
+            "id": "bad-input",
+            "image_url": img("f.jpg", 640, 360),
+            "prompt": "z [fail:PROMPT_TOO_LONG]",
+        },
+        {"id": "short-side", "image_url": img("g.jpg", 451, 300), "prompt": "refused"},
+        {"id": "too-tall", "image_url": img("h.jpg", 400, 1000), "prompt": "refused"},
+        {"id": "webp", "image_url": img("i.webp", 640, 360, "WEBP"), "prompt": "refused"},
+        {"id": "missing", "image_url": f"{base}/nope.jpg", "prompt": "refused"},
+        {"id": "../escape", "image_url": img("j.jpg", 640, 360), "prompt": "bad id"},
+        {"id": "no-prompt", "image_url": img("k.jpg", 640, 360), "prompt": ""},
+        {"id": "bad-duration", "image_url": img("l.jpg", 640, 360), "prompt": "p", "duration": "7"},
+    ]
+    return write_csv(tmp_path / "manifest.csv", rows)
+
+
+def test_mixed_batch_to_local_output(flow_env, emulator, mixed_manifest, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    out = tmp_path / "out"
+    state = generate_videos(
+        manifest=str(mixed_manifest), output=str(out), concurrency=4, return_state=True
+    )
+    assert state.is_completed(), state.message
+    summary = state.result()
+    res = results_of(summary)
+    assert len(res) == 13  # one line per manifest row, valid or not
+
+    # valid items: stored, with the bytes the provider served and a playable video
+    for item_id in ("ok-jpeg", "ok-png-10s", "ok-pro", "flaky"):
+        r = res[item_id]
+        assert r.status == "succeeded", (item_id, r)
+        video = Path(r.video)
+        assert video == out / "videos" / f"{item_id}.mp4"
+        data = video.read_bytes()
+        assert len(data) == r.bytes and hashlib.sha256(data).hexdigest() == r.sha256
+        assert r.sha256 == served_sha256(emulator.base_url, r.task_id)
+        assert r.cost_time_ms and r.cost_time_ms > 0
+    with av.open(str(out / "videos" / "ok-pro.mp4")) as c:
+        assert c.streams.video[0].height == 1080  # pro is 1080p
+    with av.open(str(out / "videos" / "ok-jpeg.mp4")) as c:
+        assert c.streams.video[0].height == 768
+
+    assert res["flaky"].attempts == 2  # transient failure resubmitted once, then recovered
+    assert res["flagged"].status == "skipped" and res["flagged"].fail_code == "CONTENT_VIOLATION"
+    assert res["bad-input"].status == "failed" and res["bad-input"].fail_code == "PROMPT_TOO_LONG"
+    assert res["bad-input"].attempts == 1
+
+    # invalid before paying: rule named, never submitted
+    assert "short side" in " ".join(res["short-side"].errors).lower()
+    assert "aspect" in " ".join(res["too-tall"].errors).lower()
+    assert "webp" in " ".join(res["webp"].errors).lower()
+    assert res["missing"].status == "invalid" and "404" in res["missing"].fail_msg
+    for r in res.values():
+        if r.id.startswith("row-"):
+            assert r.status == "invalid"
+    row_errors = {r.row: r for r in res.values() if r.id.startswith("row-")}
+    assert set(row_errors) == {11, 12, 13}
+    assert row_errors[11].field == "id" and row_errors[13].field == "duration"
+    assert row_errors[12].field == "prompt"
+
+    stats = emulator.stats()
+    by_prompt = stats["submissions_by_prompt"]
+    assert by_prompt["x [fail:CONTENT_VIOLATION]"] == 1  # skipped, never resubmitted
+    assert by_prompt["y [flaky:GENERATION_FAILED]"] == 2
+    assert by_prompt["pan left"] == 1 and by_prompt["zoom"] == 1 and by_prompt["tilt"] == 1
+    assert "refused" not in by_prompt and "bad id" not in by_prompt
+    assert stats["submissions"] == 7
+
+    s = json.loads((out / "runs" / summary["run_id"] / "summary.json").read_text())
+    assert s["by_status"]["succeeded"] == 4 and s["by_status"]["invalid"] == 7
+    assert s["balance_spent_usd"] == pytest.approx(s["estimated_cost_usd"])
+
+    arts = asyncio.run(artifacts_of(state.state_details.flow_run_id))
+    kinds = {a.type for a in arts}
+    assert {"table", "markdown", "progress"} <= kinds
+    table = next(a for a in arts if a.type == "table")
+    assert len(json.loads(table.data) if isinstance(table.data, str) else table.data) == 13
+    progress = next(a for a in arts if a.type == "progress")
+    assert float(progress.data) == 100.0
+
+    # the key appears nowhere the user or Prefect can see
+    everything = [p.read_text() for p in (out / "runs").rglob("*") if p.is_file()]
+    everything += [json.dumps(a.data) for a in arts]
+    everything += [caplog.text]
+    assert not any(API_KEY in text for text in everything)
+
+
+def test_s3_manifest_and_output_through_moto(flow_env, emulator, s3_env, make_image, images_dir):
+    fs = s3fs.S3FileSystem()
+    good = make_image(800, 600)
+    (images_dir / "good.jpg").write_bytes(good.read_bytes())
+    fs.put(str(make_image(700, 500)), f"{s3_env}/inputs/in-bucket.jpg")
+    lines = [
+        {"id": "http-image", "image_url": f"{emulator.base_url}/files/good.jpg", "prompt": "a"},
+        {"id": "s3-image", "image_url": f"s3://{s3_env}/inputs/in-bucket.jpg", "prompt": "b"},
+    ]
+    fs.pipe(f"{s3_env}/manifests/m.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode())
+    state = generate_videos(
+        manifest=f"s3://{s3_env}/manifests/m.jsonl", output=f"s3://{s3_env}/out", return_state=True
+    )
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["results"] == f"s3://{s3_env}/out/runs/{summary['run_id']}/results.jsonl"
+    res = {r.id: r for r in from_jsonl(fs.cat(summary["results"]).decode())}
+    for item_id in ("http-image", "s3-image"):
+        r = res[item_id]
+        assert r.status == "succeeded", r
+        assert r.video == f"s3://{s3_env}/out/videos/{item_id}.mp4"
+        data = fs.cat(r.video)
+        assert (
+            hashlib.sha256(data).hexdigest()
+            == r.sha256
+            == served_sha256(emulator.base_url, r.task_id)
+        )
+    assert not [k for k in fs.find(f"{s3_env}/out") if ".part" in k]
+
+
+def test_broken_download_leaves_no_partial_object(
+    flow_env, emulator, s3_env, make_image, images_dir, tmp_path
+):
+    (images_dir / "a.jpg").write_bytes(make_image(640, 360).read_bytes())
+    m = write_csv(
+        tmp_path / "m.csv",
+        [{"id": "cut", "image_url": f"{emulator.base_url}/files/a.jpg", "prompt": "cut"}],
+    )
+    emulator.script_faults("download", "truncate", count=10)  # every attempt breaks mid-body
+    state = generate_videos(manifest=str(m), output=f"s3://{s3_env}/out", return_state=True)
+    assert state.is_completed(), state.message
+    fs = s3fs.S3FileSystem()
+    res = {r.id: r for r in from_jsonl(fs.cat(state.result()["results"]).decode())}
+    assert res["cut"].status == "failed" and res["cut"].fail_code == "DOWNLOAD_FAILED"
+    assert not fs.exists(f"{s3_env}/out/videos/cut.mp4")
+    assert not [k for k in fs.find(f"{s3_env}/out") if "videos/" in k]
+
+
+def test_wrong_key_stops_the_run_before_paying(
+    flow_env, emulator, mixed_manifest, tmp_path, monkeypatch
+):
+    from hailuo_batch.settings import get_settings
+
+    monkeypatch.setenv("APIXO_API_KEY", "sk-wrong-key")
+    get_settings.cache_clear()
+    state = generate_videos(
+        manifest=str(mixed_manifest), output=str(tmp_path / "o"), return_state=True
+    )
+    assert state.is_failed()
+    assert "401" in state.message
+    assert emulator.stats()["submissions"] == 0
+    res = results_of(state.result(raise_on_failure=False))
+    assert {r.status for r in res.values()} == {"invalid", "not_submitted"}
+
+
+def test_insufficient_balance_stops_new_submissions(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    emulator.set_balance(0.40)  # room for two 6 s clips at 0.19
+    (images_dir / "a.jpg").write_bytes(make_image(640, 360).read_bytes())
+    rows = [
+        {"id": f"i{n}", "image_url": f"{emulator.base_url}/files/a.jpg", "prompt": f"p{n}"}
+        for n in range(6)
+    ]
+    m = write_csv(tmp_path / "m.csv", rows)
+    state = generate_videos(
+        manifest=str(m), output=str(tmp_path / "o"), concurrency=1, return_state=True
+    )
+    assert state.is_failed() and "402" in state.message
+    res = results_of(state.result(raise_on_failure=False))
+    statuses = sorted(r.status for r in res.values())
+    assert statuses == ["not_submitted"] * 4 + ["succeeded"] * 2
+    assert emulator.stats()["submissions"] == 2
+
+
+def test_dry_run_submits_nothing(flow_env, emulator, mixed_manifest, tmp_path):
+    state = generate_videos(
+        manifest=str(mixed_manifest), output=str(tmp_path / "o"), dry_run=True, return_state=True
+    )
+    assert state.is_completed()
+    summary = state.result()
+    assert summary["by_status"]["not_submitted"] == 6 and summary["by_status"]["invalid"] == 7
+    assert emulator.stats()["submissions"] == 0
+    assert summary["estimated_batch_cost_usd"] == pytest.approx(0.19 * 4 + 0.32 + 0.33)
+
+
+def test_empty_manifest_fails_before_paying(flow_env, emulator, tmp_path):
+    m = tmp_path / "empty.csv"
+    m.write_text("image_url,prompt\n")
+    state = generate_videos(manifest=str(m), output=str(tmp_path / "o"), return_state=True)
+    assert state.is_failed()
+    assert emulator.stats()["submissions"] == 0
