@@ -157,6 +157,8 @@ class FaultAndAuth:
             await self.app(scope, receive, _closing_send(send))
         elif kind == "truncate" and route == "download":
             await self.app(scope, receive, _truncating_send(send))
+        elif kind == "trickle" and route == "download":
+            await self.app(scope, receive, _trickling_send(send, config.slow_s))
         else:  # drop, and the route-specific kinds elsewhere
             await close_connection(send)
 
@@ -172,6 +174,33 @@ def _closing_send(send: Send) -> Send:
             await close_connection(send)
 
     return closing
+
+
+def _trickling_send(send: Send, over_s: float) -> Send:
+    """A send that dribbles the body out in small pieces spread over about `over_s` seconds."""
+    total = 0
+
+    async def trickling(message: Message) -> None:
+        nonlocal total
+        if message["type"] == "http.response.start":
+            for name, value in message.get("headers", []):
+                if name.lower() == b"content-length":
+                    total = int(value)
+            await send(message)
+            return
+        body: bytes = message.get("body", b"")
+        if not body or total <= 0:
+            await send(message)
+            return
+        step = max(1, total // 50)
+        pieces = [body[i : i + step] for i in range(0, len(body), step)]
+        for n, piece in enumerate(pieces):
+            last = n == len(pieces) - 1
+            more = message.get("more_body", False) if last else True
+            await send({"type": "http.response.body", "body": piece, "more_body": more})
+            await asyncio.sleep(over_s * len(piece) / total)
+
+    return trickling
 
 
 def _truncating_send(send: Send) -> Send:

@@ -9,7 +9,8 @@ Kinds:
 - `slow`: the normal answer after `slow_s` seconds;
 - `drop_after_create`: the request is fully processed (a submit creates and bills its task),
   then the connection is closed instead of answering;
-- `truncate` (download): headers and part of the body are sent, then the connection is closed.
+- `truncate` (download): headers and part of the body are sent, then the connection is closed;
+- `trickle` (download, scripted only): the body is dribbled out over `slow_s` seconds.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ FAULT_KINDS = (
     "slow",
     "drop_after_create",
     "truncate",
+    "trickle",
 )
 
 _RANDOM_KINDS: dict[str, tuple[str, ...]] = {

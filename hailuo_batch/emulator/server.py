@@ -124,6 +124,7 @@ def serve(config: EmulatorConfig | None = None) -> None:
     config = config or EmulatorConfig()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per image fetch
     sock = _bind(config.host, config.port)
     base_url = _base_url(config, sock)
     emulator = create_app(config)

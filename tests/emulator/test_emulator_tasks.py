@@ -136,11 +136,11 @@ def test_unreachable_image_host_fails_with_download_error(
 
 
 def test_result_urls_expire_and_a_fresh_read_issues_a_new_one(make_emulator: Any) -> None:
-    emu = make_emulator(result_ttl_s=300)  # x0.001 -> 0.3 s
+    emu = make_emulator(result_ttl_s=1000)  # x0.001 -> 1 s
     with httpx.Client(base_url=emu.base_url, headers={"Authorization": "Bearer k"}) as c:
         task_id = submit(c, task_body(emu.base_url))
         old_url = _result_url(wait_done(c, task_id))
-        time.sleep(0.4)
+        time.sleep(1.1)
         expired = httpx.get(old_url)
         fresh = httpx.get(_result_url(read(c, task_id)))
     assert expired.status_code == 403
