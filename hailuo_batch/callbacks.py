@@ -1,0 +1,189 @@
+"""The callback store: where the receiver records deliveries and the flow reads them.
+
+One JSON object per task, `deliveries/{taskId}.json`, under an fsspec URL (a local folder, or
+`s3://bucket/prefix` when the receiver and the flow run on different machines). The object
+holds the delivered envelope as received plus the time it arrived:
+
+    {"taskId": "task_…", "receivedAt": 1730000000000, "body": {"code": 200, "data": {…}}}
+
+Recording is idempotent by taskId: the first terminal delivery (success or failed) is kept and
+later deliveries of the same task are not written again. A non-terminal delivery (the provider
+only calls back on completion, so this is unexpected) is recorded but may be replaced by a
+terminal one. Task ids are checked against a strict charset so none can escape the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import zlib
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from pydantic import ValidationError
+
+from hailuo_batch.apixo.models import TaskStatus
+from hailuo_batch.storage import OutputStore
+
+log = logging.getLogger(__name__)
+
+DELIVERIES = "deliveries"
+CALLBACK_PATH = "/callbacks/"
+MIN_TOKEN_LENGTH = 16
+
+_TASK_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+_TOKEN = re.compile(r"[A-Za-z0-9._~-]+")
+_LOCK_STRIPES = 64
+
+
+class InvalidTaskId(ValueError):
+    """A task id that is empty, too long or holds characters outside [A-Za-z0-9_.-]."""
+
+
+def check_task_id(task_id: object) -> str:
+    """`task_id` if it is safe as a file name (1-128 of [A-Za-z0-9_.-], not starting with '.')."""
+    if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
+        shown = repr(task_id)[:80] if isinstance(task_id, str) else type(task_id).__name__
+        raise InvalidTaskId(f"invalid taskId {shown}: expected 1-128 of [A-Za-z0-9_.-]")
+    return task_id
+
+
+def check_token(token: str | None) -> str:
+    """`token` if it can guard the receiver: at least 16 URL-safe characters. Never echoed."""
+    if not token:
+        raise ValueError(
+            "HAILUO_CALLBACK_TOKEN is not set: the receiver needs a secret path token "
+            "(generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"HAILUO_CALLBACK_TOKEN is too short ({len(token)} characters): use at least "
+            f"{MIN_TOKEN_LENGTH}, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    if not _TOKEN.fullmatch(token):
+        raise ValueError(
+            "HAILUO_CALLBACK_TOKEN may only hold URL-safe characters [A-Za-z0-9._~-] "
+            "(secrets.token_urlsafe() produces such tokens)"
+        )
+    return token
+
+
+def callback_url_for(base_url: str, token: str) -> str:
+    """The full URL the provider must POST to: `{base_url}/callbacks/{token}`.
+
+    `base_url` is the receiver's public base URL (HAILUO_CALLBACK_URL), with or without a path
+    prefix. The result holds the secret: never log it.
+    """
+    base = base_url.strip().rstrip("/")
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("HAILUO_CALLBACK_URL must be an http:// or https:// URL")
+    if parts.query or parts.fragment:
+        raise ValueError("HAILUO_CALLBACK_URL must not hold a query string or fragment")
+    return f"{base}{CALLBACK_PATH}{quote(check_token(token), safe='')}"
+
+
+def delivery_key(task_id: str) -> str:
+    """Store key of a task's delivery."""
+    return f"{DELIVERIES}/{check_task_id(task_id)}.json"
+
+
+def parse_delivery(body: Any) -> TaskStatus:
+    """The status a callback body carries; ValueError if it is not a valid envelope."""
+    if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+        raise ValueError("callback body must be a JSON object with a 'data' object")
+    data = body["data"]
+    check_task_id(data.get("taskId"))
+    try:
+        return TaskStatus.from_data(data)
+    except ValidationError as exc:  # a field of the wrong type
+        raise ValueError(f"malformed callback data: {exc.error_count()} invalid field(s)") from None
+    except TypeError as exc:  # e.g. a number field holding an object
+        raise ValueError(f"malformed callback data: {exc}") from None
+
+
+class CallbackStore:
+    """Deliveries recorded by the receiver, read by the flow. Safe to share between threads."""
+
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        self.store = OutputStore(url, storage_options)
+        self.url = self.store.url
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+
+    def __repr__(self) -> str:
+        return f"CallbackStore({self.url!r})"
+
+    def _lock(self, task_id: str) -> threading.Lock:
+        return self._locks[zlib.crc32(task_id.encode()) % _LOCK_STRIPES]
+
+    def _read(self, task_id: str) -> tuple[dict[str, Any], TaskStatus] | None:
+        """The stored record and its status; None if absent or unreadable (logged)."""
+        try:
+            raw = self.store.read_bytes(delivery_key(task_id))
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(raw)
+            return record, parse_delivery(record["body"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("unreadable callback record for %s: %s", task_id, exc)
+            return None
+
+    def record(self, task_id: str, body: dict[str, Any]) -> bool:
+        """Store the delivery `body` of `task_id`; True if it was written.
+
+        Idempotent: nothing is written when a terminal delivery of the task is already stored,
+        or when both the stored and the new one are non-terminal. Raises ValueError if `body`
+        is not a valid envelope or its data.taskId differs from `task_id`; errors of the store
+        itself (OSError, ...) propagate so the receiver can answer 500 and be retried.
+        """
+        check_task_id(task_id)
+        status = parse_delivery(body)
+        if status.task_id != task_id:
+            raise ValueError("the body's data.taskId differs from the task id")
+        with self._lock(task_id):
+            existing = self._read(task_id)
+            if existing is not None and (existing[1].is_terminal or not status.is_terminal):
+                return False
+            record = {"taskId": task_id, "receivedAt": int(time.time() * 1000), "body": body}
+            data = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+            self.store.write_bytes_atomic(delivery_key(task_id), data.encode("utf-8"))
+        return True
+
+    def get(self, task_id: str) -> TaskStatus | None:
+        """The recorded status of `task_id` (one small read), or None if nothing was delivered."""
+        found = self._read(check_task_id(task_id))
+        return found[1] if found else None
+
+    def received_at(self, task_id: str) -> int | None:
+        """When the stored delivery arrived (ms since the epoch), or None."""
+        found = self._read(check_task_id(task_id))
+        return int(found[0].get("receivedAt", 0)) if found else None
+
+    def task_ids(self) -> set[str]:
+        """Ids of every task with a recorded delivery (one listing)."""
+        if not self.store.is_local:
+            # s3fs caches listings; a poller must see deliveries recorded by another process.
+            self.store.fs.invalidate_cache(self.store.url_for(DELIVERIES))
+        ids = set()
+        for key in self.store.list(DELIVERIES):
+            name = key[len(DELIVERIES) + 1 :]
+            if name.endswith(".json") and "/" not in name and _TASK_ID.fullmatch(name[:-5]):
+                ids.add(name[:-5])
+        return ids
+
+    def poll_new(self, known: set[str]) -> dict[str, TaskStatus]:
+        """Statuses of recorded tasks not in `known`: one listing, then one read per new id.
+
+        Put an id in `known` once its terminal status has been consumed; a non-terminal
+        record (unexpected) is returned again on later polls until it turns terminal.
+        """
+        found: dict[str, TaskStatus] = {}
+        for task_id in sorted(self.task_ids() - known):
+            status = self.get(task_id)
+            if status is not None:
+                found[task_id] = status
+        return found

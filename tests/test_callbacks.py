@@ -1,0 +1,173 @@
+"""CallbackStore: idempotent recording by taskId, safe keys, cheap polling; local and S3."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hailuo_batch.apixo import TaskState
+from hailuo_batch.callbacks import CallbackStore, callback_url_for
+
+TOKEN = "tok-0123456789abcdefXYZ"
+
+
+def envelope(task_id: str, state: str = "success", **data: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"taskId": task_id, "state": state, "createTime": 1, **data}
+    if state == "success":
+        body.setdefault("resultJson", json.dumps({"resultUrls": [f"https://r/{task_id}.mp4"]}))
+    if state == "failed":
+        body.setdefault("failCode", "CONTENT_VIOLATION")
+        body.setdefault("failMsg", "refused")
+    return {"code": 200, "message": "success", "data": body}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CallbackStore:
+    return CallbackStore(str(tmp_path / "callbacks"))
+
+
+def test_callback_url_for_appends_the_token_path() -> None:
+    assert callback_url_for("https://hooks.example.com/", TOKEN) == (
+        f"https://hooks.example.com/callbacks/{TOKEN}"
+    )
+    assert callback_url_for("https://h.example.com/prefix", TOKEN).endswith(
+        f"/prefix/callbacks/{TOKEN}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("base", "token"),
+    [
+        ("https://h.example.com", "Zq7xK"),
+        ("https://h.example.com", "has/slash-0123456789abc"),
+        ("https://h.example.com", ""),
+        ("ftp://h.example.com", TOKEN),
+        ("h.example.com", TOKEN),
+        ("https://h.example.com/?q=1", TOKEN),
+    ],
+)
+def test_callback_url_for_refuses_bad_input_without_echoing_the_token(
+    base: str, token: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        callback_url_for(base, token)
+    if token:
+        assert token not in str(info.value)
+
+
+def test_record_then_get_and_duplicates_are_not_rewritten(store: CallbackStore) -> None:
+    assert store.get("task_a") is None
+    assert store.record("task_a", envelope("task_a")) is True
+    path = Path(store.url) / "deliveries" / "task_a.json"
+    first = path.read_bytes()
+
+    assert store.record("task_a", envelope("task_a")) is False
+    assert store.record("task_a", envelope("task_a", "failed")) is False  # first terminal kept
+    assert path.read_bytes() == first
+    status = store.get("task_a")
+    assert status is not None
+    assert status.state == TaskState.SUCCESS
+    assert status.result_urls == ["https://r/task_a.mp4"]
+    assert store.task_ids() == {"task_a"}
+
+
+def test_a_terminal_delivery_replaces_a_non_terminal_one(store: CallbackStore) -> None:
+    assert store.record("task_b", envelope("task_b", "processing")) is True
+    assert store.record("task_b", envelope("task_b", "pending")) is False
+    assert store.record("task_b", envelope("task_b", "failed")) is True
+    status = store.get("task_b")
+    assert status is not None and status.state == TaskState.FAILED
+    assert status.fail_code == "CONTENT_VIOLATION"
+
+
+@pytest.mark.parametrize("task_id", ["../escape", "a/b", ".hidden", "", "x" * 200, "a\\b", "é"])
+def test_unsafe_task_ids_are_refused_and_nothing_is_written(
+    store: CallbackStore, task_id: str
+) -> None:
+    with pytest.raises(ValueError):
+        store.record(task_id, envelope(task_id))
+    with pytest.raises(ValueError):
+        store.get(task_id)
+    assert store.task_ids() == set()
+    assert not any(Path(store.url).parent.rglob("*.json"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"code": 200},
+        {"data": "task_c"},
+        {"data": {"taskId": "task_c"}},  # no state
+        {"data": {"taskId": "task_c", "state": "exploded"}},
+        {"data": {"taskId": "task_c", "state": "success", "createTime": {"x": 1}}},
+        envelope("task_other"),  # a body of another task
+    ],
+)
+def test_malformed_bodies_are_refused(store: CallbackStore, body: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        store.record("task_c", body)
+    assert store.task_ids() == set()
+
+
+def test_an_unreadable_record_reads_as_absent_and_is_replaced(store: CallbackStore) -> None:
+    path = Path(store.url) / "deliveries" / "task_d.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    assert store.get("task_d") is None
+    assert store.record("task_d", envelope("task_d")) is True
+    assert store.get("task_d") is not None
+
+
+def test_concurrent_duplicates_are_recorded_once(store: CallbackStore) -> None:
+    results: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def deliver() -> None:
+        barrier.wait()
+        results.append(store.record("task_e", envelope("task_e")))
+
+    threads = [threading.Thread(target=deliver) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 7 + [True]
+
+
+def test_poll_new_reads_only_unknown_tasks_across_store_instances(tmp_path: Path) -> None:
+    writer = CallbackStore(str(tmp_path / "cb"))
+    reader = CallbackStore(str(tmp_path / "cb"))
+    assert reader.poll_new(set()) == {}
+    writer.record("task_1", envelope("task_1"))
+    writer.record("task_2", envelope("task_2", "failed"))
+    found = reader.poll_new(set())
+    assert {k: v.state for k, v in found.items()} == {
+        "task_1": TaskState.SUCCESS,
+        "task_2": TaskState.FAILED,
+    }
+    writer.record("task_3", envelope("task_3"))
+    assert set(reader.poll_new({"task_1", "task_2"})) == {"task_3"}
+    (tmp_path / "cb" / "deliveries" / "stray.txt").write_text("ignored")
+    assert reader.task_ids() == {"task_1", "task_2", "task_3"}
+
+
+def test_store_on_s3(s3_env: str) -> None:
+    url = f"s3://{s3_env}/hooks"
+    writer = CallbackStore(url)
+    reader = CallbackStore(url)
+    assert reader.poll_new(set()) == {}  # an empty listing must not hide later deliveries
+    assert writer.record("task_s3", envelope("task_s3")) is True
+    assert writer.record("task_s3", envelope("task_s3")) is False
+    found = reader.poll_new(set())
+    assert list(found) == ["task_s3"]
+    assert found["task_s3"].result_urls == ["https://r/task_s3.mp4"]
+    assert writer.record("task_s3b", envelope("task_s3b", "failed")) is True
+    assert set(reader.poll_new({"task_s3"})) == {"task_s3b"}
+    status = reader.get("task_s3b")
+    assert status is not None and status.fail_code == "CONTENT_VIOLATION"
+    assert reader.get("task_missing") is None
+    assert reader.store.list() == ["deliveries/task_s3.json", "deliveries/task_s3b.json"]
