@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -21,32 +20,26 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.asyncio import concurrency as global_concurrency
 from prefect.runtime import flow_run
-from prefect.states import Failed, State
+from prefect.states import Completed, Failed, State
 from pydantic import Field
 
+from flows.item import Batch, base_result, now_iso, run_item
 from flows.tasks import (
     Runtime,
-    poll_item,
     read_balance,
     read_manifest,
-    store_video,
-    submit_item,
     validate_item,
 )
 from hailuo_batch.apixo import (
-    AmbiguousSubmitError,
     ApixoClient,
     AuthenticationError,
-    InsufficientCreditsError,
-    InvalidRequestError,
     Mode,
     Provider,
-    TaskState,
 )
+from hailuo_batch.ledger import Ledger, plan_item
 from hailuo_batch.manifest import ItemDefaults, ManifestItem, RowError
-from hailuo_batch.policy import Prices, after_failure, classify_fail_code, estimate_cost
+from hailuo_batch.policy import Prices, estimate_cost
 from hailuo_batch.progress import ProgressState, notify
 from hailuo_batch.results import (
     ItemResult,
@@ -62,18 +55,6 @@ from hailuo_batch.storage import OutputStore, run_key
 from hailuo_batch.validation import Preflight
 
 GLOBAL_LIMIT = "apixo"
-
-
-@dataclass
-class RunControl:
-    """Run-level stops: 401 aborts everything, 402 stops new submissions."""
-
-    abort: str | None = None
-    stop_submitting: str | None = None
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def new_run_id() -> str:
@@ -95,26 +76,10 @@ def invalid_rows(errors: list[RowError], run_id: str) -> list[ItemResult]:
             errors=[str(e) for e in errs],
             fail_msg="; ".join(str(e) for e in errs),
             run_id=run_id,
-            finished_at=_now(),
+            finished_at=now_iso(),
         )
         for row, errs in sorted(by_row.items())
     ]
-
-
-def _base(item: ManifestItem, run_id: str, **kw: Any) -> ItemResult:
-    return ItemResult(
-        id=item.id,
-        row=item.row,
-        image_url=item.image_url,
-        prompt=item.prompt,
-        mode=str(item.mode),
-        duration=item.duration,
-        provider=str(item.provider),
-        input_hash=item.input_hash,
-        run_id=run_id,
-        finished_at=_now(),
-        **kw,
-    )
 
 
 async def _resolve_runtime(
@@ -178,122 +143,6 @@ class Progress:
             get_run_logger().info("progress: %s", self.state.line())
 
 
-async def _run_item(
-    rt: Runtime,
-    v: Preflight,
-    run_id: str,
-    ctl: RunControl,
-    prices: Prices,
-    slots: asyncio.Semaphore,
-) -> ItemResult:
-    """One item's life: submit, poll, store; transient failures resubmitted a bounded number."""
-    item = v.item
-    assert v.request is not None  # only valid items get here
-    unit_cost = estimate_cost(str(item.mode), item.duration, prices)
-    attempts = 0
-    cost = 0.0
-    async with slots, global_concurrency(GLOBAL_LIMIT, occupy=1, strict=False):
-        while True:
-            if ctl.abort or ctl.stop_submitting:
-                reason = ctl.abort or ctl.stop_submitting
-                status = ItemStatus.NOT_SUBMITTED if attempts == 0 else ItemStatus.FAILED
-                return _base(
-                    item, run_id, status=status, fail_msg=reason, attempts=attempts, cost_usd=cost
-                )
-            sub = await submit_item(rt, item, v.request)
-            if sub.task_id is None:
-                err = sub.error
-                if isinstance(err, AuthenticationError):
-                    ctl.abort = f"authentication failed (HTTP 401): {err}"
-                    continue
-                if isinstance(err, InsufficientCreditsError):
-                    ctl.stop_submitting = f"insufficient balance (HTTP 402): {err}"
-                    continue
-                status = ItemStatus.FAILED
-                if isinstance(err, AmbiguousSubmitError):
-                    status = ItemStatus.UNCERTAIN
-                elif isinstance(err, InvalidRequestError):
-                    status = ItemStatus.INVALID
-                elif attempts == 0 and not isinstance(err, AmbiguousSubmitError):
-                    status = ItemStatus.NOT_SUBMITTED
-                code = getattr(err, "status_code", None)
-                return _base(
-                    item,
-                    run_id,
-                    status=status,
-                    attempts=attempts,
-                    cost_usd=cost,
-                    fail_code=f"HTTP_{code}" if code else "SUBMIT_ERROR",
-                    fail_msg=str(err),
-                )
-            attempts += 1
-            cost += unit_cost
-            polled = await poll_item(rt, item, sub.task_id)
-            common = {"task_id": sub.task_id, "attempts": attempts, "cost_usd": round(cost, 4)}
-            if polled.fatal is not None:
-                ctl.abort = f"authentication failed (HTTP 401): {polled.fatal}"
-            st = polled.status
-            if st is None:
-                code, _, msg = (polled.error or "POLL_ERROR: unknown").partition(": ")
-                return _base(
-                    item, run_id, status=ItemStatus.FAILED, fail_code=code, fail_msg=msg, **common
-                )
-            if st.state == TaskState.SUCCESS:
-                if not st.result_urls:
-                    return _base(
-                        item,
-                        run_id,
-                        status=ItemStatus.FAILED,
-                        fail_code="NO_RESULT_URL",
-                        fail_msg="success without resultUrls",
-                        **common,
-                    )
-                try:
-                    stored = await store_video(rt, item, st.result_urls[0])
-                except Exception as exc:  # noqa: BLE001 - recorded loudly, the run goes on
-                    return _base(
-                        item,
-                        run_id,
-                        status=ItemStatus.FAILED,
-                        fail_code="DOWNLOAD_FAILED",
-                        fail_msg=str(exc),
-                        cost_time_ms=st.cost_time_ms,
-                        **common,
-                    )
-                return _base(
-                    item,
-                    run_id,
-                    status=ItemStatus.SUCCEEDED,
-                    video=stored.url,
-                    bytes=stored.size,
-                    sha256=stored.sha256,
-                    cost_time_ms=st.cost_time_ms,
-                    **common,
-                )
-            fail_class = classify_fail_code(st.fail_code, rt.settings.failcode_policy)
-            action = after_failure(fail_class, attempts, rt.settings.transient_max_resubmits)
-            if action == "resubmit":
-                get_run_logger().info(
-                    "item %s: transient %s, resubmitting (attempt %d)",
-                    item.id,
-                    st.fail_code,
-                    attempts + 1,
-                )
-                continue
-            if action == "stop_submitting":
-                ctl.stop_submitting = f"insufficient credits ({st.fail_code})"
-            status = ItemStatus.SKIPPED if action == "skip" else ItemStatus.FAILED
-            return _base(
-                item,
-                run_id,
-                status=status,
-                fail_code=st.fail_code,
-                fail_msg=st.fail_msg,
-                cost_time_ms=st.cost_time_ms,
-                **common,
-            )
-
-
 @task(name="write_results", cache_policy=NO_CACHE)
 async def write_results(
     rt: Runtime, run_id: str, results: list[ItemResult], summary: dict[str, Any]
@@ -346,6 +195,27 @@ async def generate_videos(
     storage_block: Annotated[
         str | None, Field(description="Name of an OutputStorage block (else `output`).")
     ] = None,
+    max_cost_usd: Annotated[
+        float | None,
+        Field(ge=0, description="Stop submitting once this run's estimated spend would pass it."),
+    ] = None,
+    fit_to_balance: Annotated[
+        bool,
+        Field(
+            description="If the batch costs more than the balance, submit only what fits "
+            "(else fail before spending)."
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        Field(
+            description="Resubmit items whose earlier run ended failed, skipped or uncertain "
+            "(reruns set this; stored videos are never redone)."
+        ),
+    ] = False,
+    rerun_of: Annotated[
+        str | None, Field(description="Results file of the run this one reruns (for the report).")
+    ] = None,
 ) -> dict[str, Any]:
     """Turn a manifest of images and prompts into stored videos; returns the run summary."""
     started = time.monotonic()
@@ -355,7 +225,17 @@ async def generate_videos(
     run_id = new_run_id()
     logger.info("run %s: manifest %s -> %s", run_id, manifest, rt.store.url_for(""))
     prices = Prices.from_settings(settings)
-    ctl = RunControl()
+    ledger = Ledger(rt.store, run_id, lease_ttl_s=settings.lease_ttl_s)
+    b = Batch(
+        rt,
+        ledger,
+        run_id,
+        prices,
+        asyncio.Semaphore(concurrency),
+        force=force,
+        max_cost_usd=max_cost_usd,
+    )
+    heartbeat = asyncio.create_task(_keep_lease(rt, ledger))
     try:
         parsed = await read_manifest(
             rt, manifest, ItemDefaults(mode=mode, duration=duration, provider=provider)
@@ -376,7 +256,7 @@ async def generate_videos(
         valid = [c for c in checked if c.ok]
         for c in checked:
             if not c.ok:
-                r = _base(
+                r = base_result(
                     c.item,
                     run_id,
                     status=ItemStatus.INVALID,
@@ -386,31 +266,45 @@ async def generate_videos(
                 )
                 results.append(r)
                 await progress.finished(r)
-        estimate = sum(estimate_cost(str(v.item.mode), v.item.duration, prices) for v in valid)
+        estimate = await rt.blocking(_estimate_new_spend, b, valid)
         logger.info(
-            "%d items valid, %d invalid; estimated cost $%.2f", len(valid), len(results), estimate
+            "%d items valid, %d invalid; estimated cost of what is left to submit $%.2f",
+            len(valid),
+            len(results),
+            estimate,
         )
 
         balance_before = balance_after = None
         if dry_run:
             for v in valid:
-                r = _base(v.item, run_id, status=ItemStatus.NOT_SUBMITTED, fail_msg="dry run")
+                r = base_result(v.item, run_id, status=ItemStatus.NOT_SUBMITTED, fail_msg="dry run")
                 results.append(r)
                 await progress.finished(r)
         else:
             try:
                 balance_before = await read_balance(rt)
             except AuthenticationError as exc:
-                ctl.abort = f"authentication failed (HTTP 401): {exc}"
-            slots = asyncio.Semaphore(concurrency)
+                b.abort = f"authentication failed (HTTP 401): {exc}"
+            if balance_before is not None and estimate > balance_before + 1e-9:
+                if not fit_to_balance:
+                    raise InsufficientBalance(
+                        f"the batch needs about ${estimate:.2f} but the balance is "
+                        f"${balance_before:.2f}: top up, or run with fit_to_balance "
+                        "(--fit-to-balance) or max_cost_usd (--max-cost) to submit what fits"
+                    )
+                cap = balance_before if max_cost_usd is None else min(max_cost_usd, balance_before)
+                b.max_cost_usd = cap
+                logger.warning(
+                    "balance $%.2f < estimate $%.2f: submitting what fits", balance_before, estimate
+                )
 
             async def _one(v: Preflight) -> ItemResult:
-                r = await _run_item(rt, v, run_id, ctl, prices, slots)
+                r = await run_item(b, v)
                 await progress.finished(r)
                 return r
 
             results += await asyncio.gather(*(_one(v) for v in valid))
-            if not ctl.abort:
+            if not b.abort:
                 balance_after = await read_balance(rt)
 
         results.sort(key=lambda r: r.row)
@@ -426,25 +320,76 @@ async def generate_videos(
             output=rt.store.url_for(""),
             dry_run=dry_run,
             estimated_batch_cost_usd=round(estimate, 4),
-            stopped=ctl.abort or ctl.stop_submitting,
+            max_cost_usd=b.max_cost_usd,
+            stopped=b.abort or b.stop_submitting,
+            rerun_of=rerun_of,
         )
         results_url = await write_results(rt, run_id, results, summary)
         summary["results"] = results_url
         await publish_report(run_id, results, summary, results_url)
         logger.info("run %s done: %s; results at %s", run_id, summary["by_status"], results_url)
     finally:
+        heartbeat.cancel()
+        await rt.blocking(ledger.end_lease)
         rt.client.close()
-    if ctl.abort or ctl.stop_submitting:
+    return final_state(b, run_id, summary)
+
+
+class InsufficientBalance(RuntimeError):
+    """The batch would cost more than the account holds; nothing was submitted."""
+
+
+async def _keep_lease(rt: Runtime, ledger: Ledger) -> None:
+    """Renew this run's lease so other runs leave its claimed items alone."""
+    while True:
+        await rt.blocking(ledger.heartbeat)
+        await asyncio.sleep(max(0.5, ledger.lease_ttl_s / 4))
+
+
+def _estimate_new_spend(b: Batch, valid: list[Preflight]) -> float:
+    """Estimated cost of the items this run still has to submit (resume-aware)."""
+    total = 0.0
+    for v in valid:
+        rec = b.ledger.get(v.item.id)
+        plan = plan_item(
+            rec, v.item.input_hash, force=b.force, uncertain_policy=b.rt.settings.uncertain_policy
+        )
+        if plan.action == "submit":
+            total += estimate_cost(str(v.item.mode), v.item.duration, b.prices)
+    return total
+
+
+def final_state(b: Batch, run_id: str, summary: dict[str, Any]) -> Any:
+    """Completed only when nothing stopped the run; a stopped run says why in its state."""
+    counts = summary["by_status"]
+    if b.abort:
         return Failed(
-            message=f"run {run_id} stopped: {ctl.abort or ctl.stop_submitting}", data=summary
-        )  # type: ignore[return-value]
+            name="AuthenticationFailed", message=f"run {run_id} stopped: {b.abort}", data=summary
+        )
+    if b.stop_submitting:
+        return Failed(
+            name="InsufficientBalance",
+            message=f"run {run_id} stopped submitting: {b.stop_submitting}; "
+            f"{counts['not_submitted']} items not submitted",
+            data=summary,
+        )
+    if b.cost_capped:
+        return Completed(
+            name="CostCapReached",
+            message=f"max cost ${b.max_cost_usd:.2f} reached: {b.cost_capped} items not submitted",
+            data=summary,
+        )
     return summary
 
 
-def run_generate_videos(**params: Any) -> State[Any]:
-    """Run `generate_videos` to its final state from synchronous code (CLI, demo, tests)."""
+def run_flow_sync(flow_fn: Any, **params: Any) -> State[Any]:
+    """Run an async flow to its final state from synchronous code (CLI, demo, tests)."""
 
     async def _run() -> State[Any]:
-        return await generate_videos(**params, return_state=True)  # type: ignore[misc]
+        return await flow_fn(**params, return_state=True)  # type: ignore[no-any-return]
 
     return asyncio.run(_run())
+
+
+def run_generate_videos(**params: Any) -> State[Any]:
+    return run_flow_sync(generate_videos, **params)

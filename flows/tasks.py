@@ -8,6 +8,7 @@ capacity limiter, so the flow's event loop keeps many items in flight without a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,13 +115,20 @@ class Polled:
 
 
 @task(name="poll_item", task_run_name="poll-{item.id}-{task_id}", cache_policy=NO_CACHE)
-async def poll_item(rt: Runtime, item: ManifestItem, task_id: str) -> Polled:
+async def poll_item(
+    rt: Runtime, item: ManifestItem, task_id: str, immediate: bool = False
+) -> Polled:
     """Read the task's status on the provider's schedule until it ends or the deadline passes.
+
+    `immediate` (a resumed task, already under way) reads at once instead of after the
+    initial wait.
 
     One task run per item with its own loop (not a Prefect retry per read), so a long batch
     does not flood Prefect's event stream with a state change for every status read.
     """
     schedule = PollSchedule.from_settings(rt.settings)
+    if immediate:
+        schedule = dataclasses.replace(schedule, initial_s=0.0)
     started = time.monotonic()
     reads = 0
     wake = rt.events.get(task_id)

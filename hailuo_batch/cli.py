@@ -31,6 +31,27 @@ examples:
 """
 
 
+RECEIVER_EPILOG = """\
+settings (environment):
+  HAILUO_CALLBACK_TOKEN   required: the secret path token, at least 16 URL-safe characters;
+                          generate one: python -c 'import secrets; print(secrets.token_urlsafe(32))'
+                          anyone who knows it can post results: keep it out of logs and tickets
+  HAILUO_CALLBACK_STORE   where deliveries are recorded (default ./callbacks; s3://bucket/prefix
+                          when the receiver and the flow run on different machines)
+  HAILUO_CALLBACK_URL     the receiver's public https base URL; the flow sends the provider
+                          HAILUO_CALLBACK_URL/callbacks/HAILUO_CALLBACK_TOKEN
+
+public HTTPS:
+  The receiver speaks plain HTTP on 127.0.0.1 by default. Put a TLS reverse proxy or a tunnel
+  in front of it and set HAILUO_CALLBACK_URL to the public address, e.g.
+    Caddy:   hooks.example.com { reverse_proxy 127.0.0.1:8788 }
+    nginx:   location /callbacks/ { proxy_pass http://127.0.0.1:8788; access_log off; }
+    tunnel:  cloudflared tunnel --url http://127.0.0.1:8788
+  The proxy's access log prints the path, hence the token: turn it off or redact it.
+  The receiver's own log never prints it (one JSON line per request, path redacted).
+"""
+
+
 def _add_item_defaults(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mode",
@@ -50,6 +71,22 @@ def _add_item_defaults(p: argparse.ArgumentParser) -> None:
         choices=["auto", "value", "official"],
         default="auto",
         help="provider routing for rows without one (default: auto)",
+    )
+
+
+def _statuses() -> list[Any]:
+    from hailuo_batch.results import ItemStatus
+
+    return list(ItemStatus)
+
+
+def _add_money_guards(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-cost",
+        type=float,
+        default=None,
+        metavar="USD",
+        help="stop submitting once the estimated spend would pass USD",
     )
 
 
@@ -83,7 +120,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--credentials-block", help="name of an ApixoCredentials block")
     p.add_argument("--storage-block", help="name of an OutputStorage block")
+    _add_money_guards(p)
+    p.add_argument(
+        "--fit-to-balance",
+        action="store_true",
+        help="if the batch costs more than the balance, submit what fits (default: fail first)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    r = sub.add_parser(
+        "rerun",
+        help="rerun the failed items of a previous run",
+        description="Run again the items of RESULTS_URL that match the filters, into the same "
+        "output. Default statuses: failed, not_submitted, uncertain. Skipped content violations "
+        "are rerun only with --status skipped.",
+    )
+    r.add_argument("results", metavar="RESULTS_URL", help="{output}/runs/{run_id}/results.jsonl")
+    r.add_argument(
+        "--status",
+        action="append",
+        choices=[s.value for s in _statuses()],
+        help="status to rerun (repeatable; default: failed, not_submitted, uncertain)",
+    )
+    r.add_argument("--fail-code", action="append", help="only this failCode (repeatable)")
+    r.add_argument("--id", action="append", dest="ids", help="only this item id (repeatable)")
+    r.add_argument("--mode", choices=["standard", "pro"], help="override the mode")
+    r.add_argument("--duration", type=int, choices=[6, 10], help="override the duration")
+    r.add_argument("--provider", choices=["auto", "value", "official"], help="override provider")
+    r.add_argument("--prompt-suffix", help="text appended to every prompt")
+    r.add_argument("--output", "-o", help="output (default: the one the results file is in)")
+    r.add_argument("--concurrency", type=int, default=10, help="items in flight (default: 10)")
+    r.add_argument("--credentials-block", help="name of an ApixoCredentials block")
+    _add_money_guards(r)
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     v = sub.add_parser(
         "validate",
@@ -116,6 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--balance", type=float, default=1000.0, help="starting balance in USD")
     e.add_argument("--fps", type=int, default=24, help="frame rate of generated videos")
     e.add_argument("--files-dir", default=None, help="serve this folder under /files/")
+
+    rcv = sub.add_parser(
+        "receiver",
+        help="start the callback (webhook) receiver for request_type callback",
+        description=(
+            "Receive the provider's completion callbacks at POST /callbacks/<token> and record "
+            "each one, once per taskId, in HAILUO_CALLBACK_STORE, where the flow reads them. "
+            "GET /healthz answers 200."
+        ),
+        epilog=RECEIVER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rcv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    rcv.add_argument("--port", type=int, default=8788, help="port (default: 8788)")
+    rcv.add_argument(
+        "--emit-events",
+        action="store_true",
+        help="emit a Prefect event per completed task (hailuo-batch.task.success/failed)",
+    )
     return parser
 
 
@@ -180,21 +268,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
+    """Run a flow in this process with a progress bar; print the outcome; exit code."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from flows.batch import run_generate_videos
+    from flows.batch import run_flow_sync
     from hailuo_batch import progress as prog
+    from hailuo_batch.settings import get_settings
 
-    defaults = _defaults(args)
+    get_settings()  # a bad setting fails here, before anything is paid
     bar = Progress(
         TextColumn("[bold]items"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("{task.description}"),
-        disable=args.quiet or not sys.stderr.isatty(),
-        transient=False,
+        disable=quiet or not sys.stderr.isatty(),
     )
     bar_task = bar.add_task("", total=None)
 
@@ -205,31 +294,67 @@ def cmd_run(args: argparse.Namespace) -> int:
     prog.add_listener(on_progress)
     try:
         with bar:
-            state = run_generate_videos(
-                manifest=args.manifest,
-                output=args.output,
-                mode=defaults.mode,
-                duration=defaults.duration,
-                provider=defaults.provider,
-                concurrency=args.concurrency,
-                dry_run=args.dry_run,
-                credentials_block=args.credentials_block,
-                storage_block=args.storage_block,
-            )
+            state = run_flow_sync(flow_fn, **params)
     finally:
         prog.remove_listener(on_progress)
     summary = _summary_of(state)
-    if summary:
+    if summary and "by_status" in summary:
         print(f"run id:   {summary['run_id']}")
         counts = Counter({k: v for k, v in summary["by_status"].items() if v})
         print("items:    " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         print(f"results:  {summary.get('results')}")
-        print(f"videos:   {summary.get('output', '').rstrip('/')}/videos/")
+        print(f"videos:   {str(summary.get('output', '')).rstrip('/')}/videos/")
         print(f"estimated cost: ${summary['estimated_cost_usd']:,.2f}")
     if state.is_completed():
+        if state.message:
+            print(f"note:     {state.message}")
         return 0
     print(f"run failed: {state.message}", file=sys.stderr)
     return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.batch import generate_videos
+
+    defaults = _defaults(args)
+    return _run_with_progress(
+        generate_videos,
+        args.quiet,
+        manifest=args.manifest,
+        output=args.output,
+        mode=defaults.mode,
+        duration=defaults.duration,
+        provider=defaults.provider,
+        concurrency=args.concurrency,
+        dry_run=args.dry_run,
+        credentials_block=args.credentials_block,
+        storage_block=args.storage_block,
+        max_cost_usd=args.max_cost,
+        fit_to_balance=args.fit_to_balance,
+    )
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from flows.rerun import rerun_failed
+    from hailuo_batch.apixo import Mode, Provider
+    from hailuo_batch.rerun import DEFAULT_RERUN_STATUSES
+
+    return _run_with_progress(
+        rerun_failed,
+        args.quiet,
+        results=args.results,
+        statuses=args.status or [s.value for s in DEFAULT_RERUN_STATUSES],
+        fail_codes=args.fail_code,
+        ids=args.ids,
+        mode=None if args.mode is None else (Mode.PRO if args.mode == "pro" else Mode.STANDARD),
+        duration=args.duration,
+        provider=None if args.provider is None else Provider(args.provider),
+        prompt_suffix=args.prompt_suffix,
+        output=args.output,
+        concurrency=args.concurrency,
+        max_cost_usd=args.max_cost,
+        credentials_block=args.credentials_block,
+    )
 
 
 def _summary_of(state: Any) -> dict[str, Any] | None:
@@ -260,9 +385,48 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_receiver(args: argparse.Namespace) -> int:
+    from hailuo_batch.apixo import TaskStatus
+    from hailuo_batch.receiver import ReceiverConfigError, serve
+    from hailuo_batch.settings import get_settings
+
+    if args.emit_events:
+        from prefect.events import emit_event  # imported up front: hooks run per delivery
+        from prefect.settings import get_current_settings
+
+        if not get_current_settings().api.url:
+            print(
+                "warning: PREFECT_API_URL is not set: events go to a temporary local server",
+                file=sys.stderr,
+            )
+
+    def emit(status: TaskStatus) -> None:
+        emit_event(
+            event=f"hailuo-batch.task.{status.state.value}",
+            resource={
+                "prefect.resource.id": f"apixo.task.{status.task_id}",
+                "prefect.resource.name": status.task_id,
+            },
+            payload={"state": status.state.value, "fail_code": status.fail_code},
+        )
+
+    try:
+        serve(args.host, args.port, get_settings(), on_record=emit if args.emit_events else None)
+    except ReceiverConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "validate": cmd_validate, "emulator": cmd_emulator}
+    handlers = {
+        "run": cmd_run,
+        "rerun": cmd_rerun,
+        "validate": cmd_validate,
+        "emulator": cmd_emulator,
+        "receiver": cmd_receiver,
+    }
     try:
         code = handlers[args.command](args)
     except ValidationError as exc:

@@ -54,6 +54,9 @@ class ItemResult(BaseModel):
     # where it went wrong, for invalid rows: the field and every rule broken
     field: str | None = None
     errors: list[str] = []
+    # resume and reruns
+    note: str | None = None  # e.g. "already stored by run X", "inputs changed since run Y"
+    uncertain: bool = False  # an earlier POST may have been accepted without a recorded taskId
     run_id: str | None = None
     finished_at: str | None = None
 
@@ -139,12 +142,25 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
         f"- stored: {summary['stored_bytes']:,} bytes",
         f"- results: `{results_url}`",
     ]
+    if summary.get("rerun_of"):
+        lines.append(f"- rerun of: `{summary['rerun_of']}`")
     return "\n".join(lines) + "\n"
 
 
 def results_as_table(results: list[ItemResult]) -> list[dict[str, Any]]:
     """Rows for the Prefect table artifact (short columns only)."""
-    cols = ("id", "row", "status", "task_id", "fail_code", "attempts", "video", "bytes", "cost_usd")
+    cols = (
+        "id",
+        "row",
+        "status",
+        "task_id",
+        "fail_code",
+        "attempts",
+        "video",
+        "bytes",
+        "cost_usd",
+        "note",
+    )
     return [{c: getattr(r, c) for c in cols} for r in results]
 
 

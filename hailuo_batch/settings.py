@@ -68,6 +68,19 @@ class Settings(BaseSettings):
         description='Overrides of the failCode table, JSON: {"GENERATION_FAILED": "bad_input"}.',
     )
 
+    # --- resume and claims --------------------------------------------------------------------
+    uncertain_policy: Literal["resubmit", "hold"] = Field(
+        "resubmit",
+        description="Items whose earlier POST has an unknown outcome: resubmit them, or hold them "
+        "for a person (status `uncertain`).",
+    )
+    lease_ttl_s: float = Field(
+        120.0,
+        gt=0,
+        description="A run that has not renewed its lease for this long is dead; its claims on "
+        "items may be taken over by another run.",
+    )
+
     # --- input images -------------------------------------------------------------------------
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Input image size limit.")
     fetch_timeout_s: float = Field(20.0, gt=0, description="Time limit on one image fetch.")

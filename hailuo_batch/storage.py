@@ -116,7 +116,45 @@ class OutputStore:
         return self.read_bytes(key).decode("utf-8")
 
     def write_bytes_atomic(self, key: str, data: bytes) -> StoredObject:
+        if not self.is_local and len(data) <= REMOTE_BLOCK_SIZE:
+            # one PUT: an object store makes it visible only once complete
+            self.fs.pipe_file(self._path(key), data)
+            return StoredObject(self.url_for(key), len(data), hashlib.sha256(data).hexdigest())
         return self.write_stream_atomic(key, [data], expected_size=len(data))
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create `key` with `data` only if it does not exist; False if it already did.
+
+        Locally a complete temp file is hard-linked into place (atomic, fails if the name
+        exists); on S3 the PUT carries `If-None-Match: *`. Readers never see it half-written.
+        """
+        path = self._path(key)
+        if not self.is_local:
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except (FileExistsError, PermissionError):
+                return False
+            except OSError as exc:
+                if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                    return False
+                raise
+            return True
+        directory, name = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.part-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.unlink(tmp)
 
     def write_text_atomic(self, key: str, text: str) -> StoredObject:
         return self.write_bytes_atomic(key, text.encode("utf-8"))

@@ -11,8 +11,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from hailuo_batch.emulator import EmulatorConfig, run_emulator
 from hailuo_batch.settings import get_settings
-
-API_KEY = "sk-test-SECRET-0123456789abcdef"
+from tests.flows.flowkit import API_KEY
 
 
 @pytest.fixture(scope="session")

@@ -4,46 +4,26 @@ real MP4 bytes, and a real S3 protocol through s3fs against moto."""
 from __future__ import annotations
 
 import asyncio
-import csv
 import hashlib
 import json
 import logging
 from pathlib import Path
 
 import av
-import httpx
 import pytest
 import s3fs
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from flows.batch import run_generate_videos
-from hailuo_batch.apixo import ApixoClient
 from hailuo_batch.results import from_jsonl
-from tests.flows.conftest import API_KEY
-
-
-def generate_videos(**kw):
-    """Run the async flow to completion from a sync test; returns its final state."""
-    kw.pop("return_state", None)
-    return run_generate_videos(**kw)
-
-
-def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
-    cols = sorted(
-        {k for r in rows for k in r}, key=["id", "image_url", "prompt", "mode", "duration"].index
-    )
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
-def results_of(summary: dict) -> dict:
-    text = Path(summary["results"]).read_text() if "://" not in summary["results"] else None
-    assert text is not None
-    return {r.id: r for r in from_jsonl(text)}
+from tests.flows.flowkit import (
+    API_KEY,
+    generate_videos,
+    items,
+    results_of,
+    served_sha256,
+    write_csv,
+)
 
 
 async def artifacts_of(flow_run_id) -> list:
@@ -51,12 +31,6 @@ async def artifacts_of(flow_run_id) -> list:
         return await client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-
-
-def served_sha256(base_url: str, task_id: str) -> str:
-    with ApixoClient(API_KEY, base_url) as c:
-        url = c.get_status(task_id).result_urls[0]
-    return hashlib.sha256(httpx.get(url, timeout=30).content).hexdigest()
 
 
 @pytest.fixture
@@ -245,24 +219,59 @@ def test_wrong_key_stops_the_run_before_paying(
     assert {r.status for r in res.values()} == {"invalid", "not_submitted"}
 
 
-def test_insufficient_balance_stops_new_submissions(
+def _six_items(tmp_path, images_dir, make_image, emulator):
+    return write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 6))
+
+
+def test_http_402_mid_run_stops_new_submissions(
     flow_env, emulator, tmp_path, images_dir, make_image
 ):
+    m = _six_items(tmp_path, images_dir, make_image, emulator)
     emulator.set_balance(0.40)  # room for two 6 s clips at 0.19
-    (images_dir / "a.jpg").write_bytes(make_image(640, 360).read_bytes())
-    rows = [
-        {"id": f"i{n}", "image_url": f"{emulator.base_url}/files/a.jpg", "prompt": f"p{n}"}
-        for n in range(6)
-    ]
-    m = write_csv(tmp_path / "m.csv", rows)
-    state = generate_videos(
-        manifest=str(m), output=str(tmp_path / "o"), concurrency=1, return_state=True
-    )
-    assert state.is_failed() and "402" in state.message
+    emulator.script_faults("balance", "503", count=100)  # balance unknown: no pre-check
+    state = generate_videos(manifest=str(m), output=str(tmp_path / "o"), concurrency=1)
+    assert state.is_failed() and "402" in state.message and "4 items not submitted" in state.message
+    assert state.name == "InsufficientBalance"
     res = results_of(state.result(raise_on_failure=False))
     statuses = sorted(r.status for r in res.values())
     assert statuses == ["not_submitted"] * 4 + ["succeeded"] * 2
+    assert all("402" in r.fail_msg for r in res.values() if r.status == "not_submitted")
     assert emulator.stats()["submissions"] == 2
+
+
+def test_balance_too_low_fails_before_spending(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    m = _six_items(tmp_path, images_dir, make_image, emulator)
+    emulator.set_balance(0.40)
+    state = generate_videos(manifest=str(m), output=str(tmp_path / "o"))
+    assert state.is_failed()
+    assert "needs about $1.14" in state.message and "balance is $0.40" in state.message
+    assert emulator.stats()["submissions"] == 0
+
+
+def test_fit_to_balance_submits_what_fits(flow_env, emulator, tmp_path, images_dir, make_image):
+    m = _six_items(tmp_path, images_dir, make_image, emulator)
+    emulator.set_balance(0.60)  # three clips at 0.19
+    state = generate_videos(
+        manifest=str(m), output=str(tmp_path / "o"), fit_to_balance=True, concurrency=2
+    )
+    assert state.is_completed() and state.name == "CostCapReached", state.message
+    res = results_of(state.result())
+    assert sorted(r.status for r in res.values()) == ["not_submitted"] * 3 + ["succeeded"] * 3
+    assert emulator.stats()["submissions"] == 3
+
+
+def test_max_cost_caps_submissions(flow_env, emulator, tmp_path, images_dir, make_image):
+    m = _six_items(tmp_path, images_dir, make_image, emulator)
+    state = generate_videos(
+        manifest=str(m), output=str(tmp_path / "o"), max_cost_usd=0.5, concurrency=3
+    )
+    assert state.is_completed() and "4 items not submitted" in state.message
+    res = results_of(state.result())
+    capped = [r for r in res.values() if r.status == "not_submitted"]
+    assert len(capped) == 4 and all("max cost reached" in r.fail_msg for r in capped)
+    assert emulator.stats()["submissions"] == 2  # 2 x 0.19 <= 0.50 < 3 x 0.19
 
 
 def test_dry_run_submits_nothing(flow_env, emulator, mixed_manifest, tmp_path):

@@ -1,0 +1,78 @@
+"""Choosing and rewriting the items of a rerun, from a previous run's results. No Prefect."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from hailuo_batch.results import ItemResult, ItemStatus
+
+DEFAULT_RERUN_STATUSES = (ItemStatus.FAILED, ItemStatus.NOT_SUBMITTED, ItemStatus.UNCERTAIN)
+
+
+def output_of_results(results_url: str) -> str:
+    """`{output}/runs/{run_id}/results.jsonl` -> `{output}`."""
+    parts = results_url.rstrip("/").rsplit("/", 3)
+    if len(parts) != 4 or parts[1] != "runs" or parts[3] != "results.jsonl":
+        raise ValueError(
+            f"{results_url} is not a results file of the form {{output}}/runs/{{run_id}}/"
+            "results.jsonl; pass the output explicitly"
+        )
+    return parts[0]
+
+
+def select_for_rerun(
+    results: Iterable[ItemResult],
+    *,
+    statuses: Iterable[ItemStatus | str] = DEFAULT_RERUN_STATUSES,
+    fail_codes: Iterable[str] | None = None,
+    ids: Iterable[str] | None = None,
+) -> tuple[list[ItemResult], list[str]]:
+    """The items to run again, and why others that matched were left out.
+
+    Skipped items (content violations) match only when `skipped` is named in `statuses`.
+    Invalid manifest rows without inputs cannot be rerun: fix the manifest instead.
+    """
+    wanted = {ItemStatus(s) for s in statuses}
+    codes = set(fail_codes) if fail_codes else None
+    id_set = set(ids) if ids else None
+    chosen, left_out = [], []
+    for r in results:
+        if ItemStatus(r.status) not in wanted:
+            continue
+        if codes is not None and r.fail_code not in codes:
+            continue
+        if id_set is not None and r.id not in id_set:
+            continue
+        if not r.image_url or not r.prompt:
+            left_out.append(f"row {r.row} ({r.id}): no inputs recorded (invalid manifest row)")
+            continue
+        chosen.append(r)
+    return chosen, left_out
+
+
+def rerun_row(
+    r: ItemResult,
+    *,
+    mode: str | None = None,
+    duration: int | None = None,
+    provider: str | None = None,
+    prompt_suffix: str | None = None,
+) -> dict[str, Any]:
+    """The manifest row of a rerun item, with the overrides applied."""
+    row: dict[str, Any] = {
+        "id": r.id,
+        "image_url": r.image_url,
+        "prompt": (r.prompt or "") + (prompt_suffix or ""),
+        "mode": mode or r.mode,
+        "provider": provider or r.provider,
+    }
+    new_duration = duration if duration is not None else r.duration
+    if new_duration is not None and "pro" not in str(row["mode"]):
+        row["duration"] = new_duration
+    return row
+
+
+def to_manifest_jsonl(rows: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

@@ -1,0 +1,159 @@
+"""Resuming a run into the same output, claims between concurrent runs, and reruns."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flows.batch import run_flow_sync
+from flows.rerun import rerun_failed
+from hailuo_batch.ledger import Ledger, LedgerRecord, LedgerState
+from hailuo_batch.manifest import load_manifest
+from hailuo_batch.settings import get_settings
+from hailuo_batch.storage import OutputStore
+from tests.flows.flowkit import generate_videos, items, results_of, served_sha256, write_csv
+
+
+def test_second_run_resumes_without_paying_or_downloading_again(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 4))
+    out = tmp_path / "out"
+    first = generate_videos(manifest=str(m), output=str(out))
+    assert first.is_completed()
+    videos = {p.name: p.stat().st_mtime_ns for p in (out / "videos").iterdir()}
+    before = emulator.stats()
+
+    second = generate_videos(manifest=str(m), output=str(out))
+    assert second.is_completed()
+    after = emulator.stats()
+    assert after["submissions"] == before["submissions"] == 4  # nothing paid twice
+    assert sum(after["downloads"].values()) == sum(before["downloads"].values())  # not downloaded
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "videos").iterdir()} == videos
+    res = results_of(second.result())
+    assert len(res) == 4  # the resumed run's results are complete
+    assert all(r.status == "succeeded" and "already stored" in r.note for r in res.values())
+    assert all(r.sha256 for r in res.values())
+
+
+def test_changed_row_is_a_new_item(flow_env, emulator, tmp_path, images_dir, make_image):
+    rows = items(images_dir, make_image, emulator, 2)
+    out = tmp_path / "out"
+    assert generate_videos(
+        manifest=str(write_csv(tmp_path / "a.csv", rows)), output=str(out)
+    ).is_completed()
+    rows[1]["prompt"] = "a brand new prompt"
+    state = generate_videos(manifest=str(write_csv(tmp_path / "b.csv", rows)), output=str(out))
+    res = results_of(state.result())
+    assert "already stored" in res["i0"].note
+    assert res["i1"].status == "succeeded" and "inputs changed" in res["i1"].note
+    assert emulator.stats()["submissions_by_prompt"]["a brand new prompt"] == 1
+    assert res["i1"].sha256 == served_sha256(emulator.base_url, res["i1"].task_id)
+
+
+def _uncertain_record(out: Path, manifest: Path) -> None:
+    """What a run killed between the POST and recording its taskId leaves behind."""
+    item = load_manifest(str(manifest)).items[0]
+    Ledger(OutputStore(str(out)), "crashed-run").put(
+        LedgerRecord(
+            id=item.id, input_hash=item.input_hash, state=LedgerState.SUBMITTING, attempts=1
+        )
+    )
+
+
+def test_uncertain_item_is_resubmitted_and_reported(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
+    out = tmp_path / "out"
+    _uncertain_record(out, m)
+    res = results_of(generate_videos(manifest=str(m), output=str(out)).result())
+    r = res["i0"]
+    assert r.status == "succeeded" and r.uncertain and "possible duplicate" in r.note
+    assert r.attempts == 2  # the unknown POST counts: it may have been charged
+
+
+def test_uncertain_item_can_be_held(
+    flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch
+):
+    monkeypatch.setenv("HAILUO_UNCERTAIN_POLICY", "hold")
+    get_settings.cache_clear()
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
+    out = tmp_path / "out"
+    _uncertain_record(out, m)
+    res = results_of(generate_videos(manifest=str(m), output=str(out)).result())
+    assert res["i0"].status == "uncertain" and "held" in res["i0"].note
+    assert emulator.stats()["submissions"] == 0
+
+
+def test_dropped_submit_is_uncertain_not_retried(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
+    emulator.script_faults("submit", "drop_after_create")  # created and billed, answer lost
+    res = results_of(generate_videos(manifest=str(m), output=str(tmp_path / "o")).result())
+    assert res["i0"].status == "uncertain" and res["i0"].fail_code == "AMBIGUOUS_SUBMIT"
+    assert emulator.stats()["submissions"] == 1  # the client did not blindly retry
+
+
+def test_item_claimed_by_a_live_run_is_left_alone(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 2))
+    out = tmp_path / "out"
+    other = Ledger(OutputStore(str(out)), "other-run", lease_ttl_s=60)
+    other.heartbeat()
+    assert other.claim("i0") is None
+    res = results_of(generate_videos(manifest=str(m), output=str(out)).result())
+    assert res["i0"].status == "not_submitted" and "other-run" in res["i0"].fail_msg
+    assert res["i1"].status == "succeeded"
+    assert emulator.stats()["submissions_by_prompt"] == {"p1": 1}
+    # once the other run is dead, its claim is taken over
+    (out / "leases" / "other-run.json").write_text(
+        json.dumps({"run_id": "other-run", "beat": time.time() - 3600})
+    )
+    res = results_of(generate_videos(manifest=str(m), output=str(out)).result())
+    assert res["i0"].status == "succeeded"
+
+
+def test_rerun_failed_items_only(flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch):
+    monkeypatch.setenv("HAILUO_TRANSIENT_MAX_RESUBMITS", "0")
+    get_settings.cache_clear()
+    (images_dir / "a.jpg").write_bytes(make_image(640, 360).read_bytes())
+    img = f"{emulator.base_url}/files/a.jpg"
+    rows = [
+        {"id": "ok", "image_url": img, "prompt": "fine"},
+        {"id": "flaky", "image_url": img, "prompt": "f [flaky:GENERATION_FAILED]"},
+        {"id": "nsfw", "image_url": img, "prompt": "n [fail:CONTENT_VIOLATION]"},
+        {"id": "long", "image_url": img, "prompt": "l [fail:PROMPT_TOO_LONG]"},
+    ]
+    out = tmp_path / "out"
+    first = generate_videos(manifest=str(write_csv(tmp_path / "m.csv", rows)), output=str(out))
+    res = results_of(first.result())
+    assert [res[i].status for i in ("ok", "flaky", "nsfw", "long")] == [
+        "succeeded",
+        "failed",
+        "skipped",
+        "failed",
+    ]
+    results_url = first.result()["results"]
+
+    state = run_flow_sync(rerun_failed, results=results_url, fail_codes=["GENERATION_FAILED"])
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["rerun_of"] == results_url
+    again = results_of(summary)
+    assert set(again) == {"flaky"} and again["flaky"].status == "succeeded"
+    by_prompt = emulator.stats()["submissions_by_prompt"]
+    assert by_prompt["f [flaky:GENERATION_FAILED]"] == 2
+    assert by_prompt["n [fail:CONTENT_VIOLATION]"] == 1 and by_prompt["fine"] == 1
+    assert by_prompt["l [fail:PROMPT_TOO_LONG]"] == 1
+
+    # skipped content violations come back only when named; overrides change the inputs
+    state = run_flow_sync(
+        rerun_failed, results=results_url, statuses=["skipped"], prompt_suffix=" (v2)"
+    )
+    again = results_of(state.result())
+    assert set(again) == {"nsfw"} and again["nsfw"].prompt == "n [fail:CONTENT_VIOLATION] (v2)"
+    assert "inputs changed" in again["nsfw"].note
