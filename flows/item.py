@@ -7,6 +7,7 @@ killed at any point can be resumed without paying twice or losing a finished vid
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -91,9 +92,19 @@ class Batch:
 
 
 async def run_item(b: Batch, v: Preflight) -> ItemResult:
-    """Claim the item, run it, release the claim. A live claim by another run means hands off."""
+    """Claim the item, run it, release the claim.
+
+    An item claimed by another run is waited for up to one lease period (a crashed run's
+    claim goes stale in that time and is taken over); if its owner is still alive after
+    that, the item is left to it.
+    """
     item = v.item
+    ttl = b.ledger.lease_ttl_s
+    deadline = time.monotonic() + ttl + 1
     owner = await b.rt.blocking(b.ledger.claim, item.id)
+    while owner is not None and time.monotonic() < deadline:
+        await asyncio.sleep(min(2.0, ttl / 4))
+        owner = await b.rt.blocking(b.ledger.claim, item.id)
     if owner is not None:
         return base_result(
             item,

@@ -172,9 +172,12 @@ async def store_video(rt: Runtime, item: ManifestItem, result_url: str) -> Store
     """
 
     def _copy() -> StoredObject:
+        key = video_key(item.id)
+        if rt.store.remove_temp_files(key):  # a killed run's half-written temp file
+            get_run_logger().info("item %s: removed a partial download left by a crash", item.id)
         with rt.client.stream_download(result_url) as download:
             return rt.store.write_stream_atomic(
-                video_key(item.id), download.iter_bytes(), expected_size=download.content_length
+                key, download.iter_bytes(), expected_size=download.content_length
             )
 
     stored = await rt.blocking(_copy)

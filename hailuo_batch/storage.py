@@ -216,6 +216,21 @@ class OutputStore:
                 self.fs.rm_file(tmp)
         return size, digest
 
+    def remove_temp_files(self, key: str) -> int:
+        """Delete temporary files a killed writer left for `key`; returns how many.
+
+        Only call this while holding the item's claim: a live writer's temp file would go too.
+        """
+        path = self._path(key)
+        directory, name = path.rsplit("/", 1)
+        pattern = f"{directory}/.{name}.part-*" if self.is_local else f"{path}.part-*"
+        removed = 0
+        for leftover in self.fs.glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(leftover)
+                removed += 1
+        return removed
+
     def list(self, prefix: str = "") -> list[str]:
         """Keys under `prefix` (recursive, sorted, relative to the root; no temporary files)."""
         base = self._path(prefix.strip("/")) if prefix.strip("/") else self.root

@@ -213,3 +213,22 @@ def test_stage_local_image_with_local_output_is_refused(
 def test_stage_missing_local_image(s3_store: OutputStore, tmp_path: Path) -> None:
     with pytest.raises(StagingError, match="not found"):
         stage_image(str(tmp_path / "missing.jpg"), s3_store, settings=Settings())
+
+
+def test_remove_temp_files_sweeps_a_killed_writers_leftovers(tmp_path, s3_env):
+    from hailuo_batch.storage import OutputStore
+
+    local = OutputStore(str(tmp_path / "o"))
+    (tmp_path / "o" / "videos").mkdir(parents=True)
+    (tmp_path / "o" / "videos" / ".a.mp4.part-x1").write_bytes(b"half")
+    (tmp_path / "o" / "videos" / ".b.mp4.part-x2").write_bytes(b"other item")
+    assert local.remove_temp_files("videos/a.mp4") == 1
+    assert sorted(p.name for p in (tmp_path / "o" / "videos").iterdir()) == [".b.mp4.part-x2"]
+
+    remote = OutputStore(f"s3://{s3_env}/o")
+    remote.fs.pipe_file(f"{s3_env}/o/videos/a.mp4.part-abc", b"half")
+    remote.write_bytes_atomic("videos/a.mp4", b"done")
+    assert remote.remove_temp_files("videos/a.mp4") == 1
+    assert (
+        remote.list("videos") == ["videos/a.mp4"] and remote.read_bytes("videos/a.mp4") == b"done"
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import threading
 import time
 from pathlib import Path
 
@@ -98,23 +98,48 @@ def test_dropped_submit_is_uncertain_not_retried(
 
 
 def test_item_claimed_by_a_live_run_is_left_alone(
-    flow_env, emulator, tmp_path, images_dir, make_image
+    flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch
 ):
+    monkeypatch.setenv("HAILUO_LEASE_TTL_S", "1")
+    get_settings.cache_clear()
     m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 2))
     out = tmp_path / "out"
-    other = Ledger(OutputStore(str(out)), "other-run", lease_ttl_s=60)
+    other = Ledger(OutputStore(str(out)), "other-run", lease_ttl_s=1)
     other.heartbeat()
     assert other.claim("i0") is None
-    res = results_of(generate_videos(manifest=str(m), output=str(out)).result())
+    alive = threading.Event()
+    alive.set()
+
+    def beat() -> None:  # the other run is alive and keeps its lease fresh
+        while alive.is_set():
+            other.heartbeat()
+            time.sleep(0.1)
+
+    beater = threading.Thread(target=beat, daemon=True)
+    beater.start()
+    try:
+        res = results_of(generate_videos(manifest=str(m), output=str(out)).result())
+    finally:
+        alive.clear()
+        beater.join()
     assert res["i0"].status == "not_submitted" and "other-run" in res["i0"].fail_msg
     assert res["i1"].status == "succeeded"
     assert emulator.stats()["submissions_by_prompt"] == {"p1": 1}
-    # once the other run is dead, its claim is taken over
-    (out / "leases" / "other-run.json").write_text(
-        json.dumps({"run_id": "other-run", "beat": time.time() - 3600})
-    )
+
+
+def test_claim_of_a_crashed_run_is_taken_over(
+    flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch
+):
+    monkeypatch.setenv("HAILUO_LEASE_TTL_S", "1")
+    get_settings.cache_clear()
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
+    out = tmp_path / "out"
+    crashed = Ledger(OutputStore(str(out)), "crashed-run", lease_ttl_s=1)
+    crashed.heartbeat()  # it was alive a moment ago, then died holding the claim
+    assert crashed.claim("i0") is None
     res = results_of(generate_videos(manifest=str(m), output=str(out)).result())
     assert res["i0"].status == "succeeded"
+    assert not (out / "claims" / "i0.json").exists()
 
 
 def test_rerun_failed_items_only(flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch):
