@@ -30,13 +30,16 @@ from flows.tasks import (
     read_balance,
     read_manifest,
     validate_item,
+    watch_callbacks,
 )
 from hailuo_batch.apixo import (
     ApixoClient,
     AuthenticationError,
     Mode,
     Provider,
+    RequestType,
 )
+from hailuo_batch.callbacks import CallbackStore, callback_url_for
 from hailuo_batch.ledger import Ledger, plan_item
 from hailuo_batch.manifest import ItemDefaults, ManifestItem, RowError
 from hailuo_batch.policy import Prices, estimate_cost
@@ -183,6 +186,13 @@ async def generate_videos(
         Literal[6, 10], Field(description="Default clip length for standard rows.")
     ] = 6,
     provider: Annotated[Provider, Field(description="Default provider routing.")] = Provider.AUTO,
+    request_type: Annotated[
+        RequestType,
+        Field(
+            description="async: poll each task. callback: the provider POSTs results to the "
+            "receiver (HAILUO_CALLBACK_URL/TOKEN/STORE), with a slow poll as backstop."
+        ),
+    ] = RequestType.ASYNC,
     concurrency: Annotated[
         int, Field(ge=1, le=500, description="Items in flight at the provider at once.")
     ] = 10,
@@ -222,6 +232,8 @@ async def generate_videos(
     logger = get_run_logger()
     settings = get_settings()
     rt = await _resolve_runtime(settings, output, credentials_block, storage_block, concurrency)
+    if request_type == RequestType.CALLBACK:
+        _enable_callbacks(rt)
     run_id = new_run_id()
     logger.info("run %s: manifest %s -> %s", run_id, manifest, rt.store.url_for(""))
     prices = Prices.from_settings(settings)
@@ -235,7 +247,9 @@ async def generate_videos(
         force=force,
         max_cost_usd=max_cost_usd,
     )
-    heartbeat = asyncio.create_task(_keep_lease(rt, ledger))
+    background = [asyncio.create_task(_keep_lease(rt, ledger))]
+    if rt.callbacks is not None:
+        background.append(asyncio.create_task(watch_callbacks(rt)))
     try:
         parsed = await read_manifest(
             rt, manifest, ItemDefaults(mode=mode, duration=duration, provider=provider)
@@ -329,10 +343,28 @@ async def generate_videos(
         await publish_report(run_id, results, summary, results_url)
         logger.info("run %s done: %s; results at %s", run_id, summary["by_status"], results_url)
     finally:
-        heartbeat.cancel()
+        for job in background:
+            job.cancel()
         await rt.blocking(ledger.end_lease)
         rt.client.close()
     return final_state(b, run_id, summary)
+
+
+def _enable_callbacks(rt: Runtime) -> None:
+    """Callback mode needs the receiver's public URL, its secret and the delivery store."""
+    s = rt.settings
+    if not s.callback_url or s.callback_token is None:
+        raise ValueError(
+            "request_type callback needs HAILUO_CALLBACK_URL (the receiver's public base URL) "
+            "and HAILUO_CALLBACK_TOKEN (its secret); start one with `hailuo-batch receiver`"
+        )
+    rt.callback_url = callback_url_for(s.callback_url, s.callback_token.get_secret_value())
+    rt.callbacks = CallbackStore(s.callback_store)
+    get_run_logger().info(
+        "callback mode: deliveries read from %s; backstop status poll every %.0f s",
+        rt.callbacks.store.url_for(""),
+        s.callback_backstop_s,
+    )
 
 
 class InsufficientBalance(RuntimeError):

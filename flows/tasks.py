@@ -29,6 +29,7 @@ from hailuo_batch.apixo import (
     TaskState,
     TaskStatus,
 )
+from hailuo_batch.callbacks import CallbackStore
 from hailuo_batch.manifest import Manifest, ManifestItem, load_manifest
 from hailuo_batch.policy import PollSchedule
 from hailuo_batch.settings import Settings
@@ -47,7 +48,12 @@ class Runtime:
     store: OutputStore
     storage_options: dict[str, Any]
     limiter: anyio.CapacityLimiter
+    # callback mode: the secret callback URL (never a parameter, log line or result), the
+    # delivery store, and what the watcher has seen so far
+    callback_url: str | None = None
+    callbacks: CallbackStore | None = None
     events: dict[str, asyncio.Event] = field(default_factory=dict)
+    delivered: dict[str, TaskStatus] = field(default_factory=dict)
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -97,6 +103,10 @@ class Submitted:
 async def submit_item(rt: Runtime, item: ManifestItem, request: GenerateRequest) -> Submitted:
     """POST one generation task. Exactly one POST per call; the client retries only what it
     can prove was not created, and reports an ambiguous outcome instead of paying twice."""
+    if rt.callback_url is not None:
+        request = request.model_copy(
+            update={"request_type": RequestType.CALLBACK, "callback_url": rt.callback_url}
+        )
     try:
         task_id = await rt.blocking(rt.client.submit, request)
     except ApixoError as exc:
@@ -126,35 +136,75 @@ async def poll_item(
     One task run per item with its own loop (not a Prefect retry per read), so a long batch
     does not flood Prefect's event stream with a state change for every status read.
     """
-    schedule = PollSchedule.from_settings(rt.settings)
+    s = rt.settings
+    schedule = PollSchedule.from_settings(s)
+    if rt.callbacks is not None:
+        # callback mode: a delivery wakes us; a slow status poll is the backstop for lost ones
+        schedule = dataclasses.replace(
+            schedule,
+            initial_s=max(schedule.initial_s, s.callback_backstop_s),
+            interval_s=s.callback_backstop_s,
+            max_interval_s=s.callback_backstop_s,
+            backoff=1.0,
+        )
     if immediate:
         schedule = dataclasses.replace(schedule, initial_s=0.0)
     started = time.monotonic()
     reads = 0
-    wake = rt.events.get(task_id)
-    for delay in schedule.delays():
-        if wake is not None:
-            # callback mode: a delivery wakes us early; the read below confirms it
-            with anyio.move_on_after(delay):
-                await wake.wait()
-        else:
-            await asyncio.sleep(delay)
-        reads += 1
-        try:
-            status = await rt.blocking(rt.client.get_status, task_id)
-        except AuthenticationError as exc:
-            return Polled(None, reads, str(exc), fatal=exc)
-        except NotFoundError as exc:
-            if time.monotonic() - started < rt.settings.not_found_grace_s + schedule.initial_s:
+    wake = rt.events.setdefault(task_id, asyncio.Event()) if rt.callbacks is not None else None
+    if wake is not None and task_id in rt.delivered:
+        wake.set()  # delivered before we started waiting
+    try:
+        for delay in schedule.delays():
+            if wake is not None:
+                with anyio.move_on_after(delay):
+                    await wake.wait()
+                wake.clear()
+            else:
+                await asyncio.sleep(delay)
+            reads += 1
+            try:
+                # never trust a callback: a status read confirms it (and gives a fresh URL)
+                status = await rt.blocking(rt.client.get_status, task_id)
+            except AuthenticationError as exc:
+                return Polled(None, reads, str(exc), fatal=exc)
+            except NotFoundError as exc:
+                if time.monotonic() - started < s.not_found_grace_s + schedule.initial_s:
+                    continue
+                return Polled(None, reads, f"TASK_NOT_FOUND: {exc}")
+            except ApixoError as exc:
+                # the client already retried this read within its budget; try again next tick
+                get_run_logger().warning("status read for %s failed: %s", task_id, exc)
                 continue
-            return Polled(None, reads, f"TASK_NOT_FOUND: {exc}")
-        except ApixoError as exc:
-            # the client already retried this read within its budget; try again next tick
-            get_run_logger().warning("status read for %s failed: %s", task_id, exc)
-            continue
-        if status.state in (TaskState.SUCCESS, TaskState.FAILED):
-            return Polled(status, reads)
+            if status.state in (TaskState.SUCCESS, TaskState.FAILED):
+                return Polled(status, reads)
+    finally:
+        rt.events.pop(task_id, None)
+        rt.delivered.pop(task_id, None)
     return Polled(None, reads, f"POLL_TIMEOUT: no final state after {schedule.timeout_s:.0f} s")
+
+
+async def watch_callbacks(rt: Runtime) -> None:
+    """Callback mode: look for new deliveries every few seconds and wake their pollers.
+
+    One listing per tick for the whole run (not a read per item); deliveries for tasks this
+    run does not wait on are ignored.
+    """
+    assert rt.callbacks is not None
+    known: set[str] = set()
+    while True:
+        try:
+            new = await rt.blocking(rt.callbacks.poll_new, known)
+        except (OSError, ValueError) as exc:
+            get_run_logger().warning("cannot read callback deliveries: %s", exc)
+            new = {}
+        for task_id, status in new.items():
+            if status.is_terminal:
+                known.add(task_id)
+                rt.delivered[task_id] = status
+                if task_id in rt.events:
+                    rt.events[task_id].set()
+        await asyncio.sleep(rt.settings.callback_check_s)
 
 
 @task(

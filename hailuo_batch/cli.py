@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, default=10, help="items in flight at once (default: 10)"
     )
     p.add_argument(
+        "--request-type",
+        choices=["async", "callback"],
+        default="async",
+        help="async: poll every task (default). callback: the provider POSTs results to "
+        "`hailuo-batch receiver` (needs HAILUO_CALLBACK_URL, _TOKEN, _STORE); a slow poll "
+        "recovers lost callbacks",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="validate and estimate cost; submit nothing"
     )
     p.add_argument("--credentials-block", help="name of an ApixoCredentials block")
@@ -315,6 +323,7 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.batch import generate_videos
+    from hailuo_batch.apixo import RequestType
 
     defaults = _defaults(args)
     return _run_with_progress(
@@ -326,6 +335,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         duration=defaults.duration,
         provider=defaults.provider,
         concurrency=args.concurrency,
+        request_type=RequestType(args.request_type),
         dry_run=args.dry_run,
         credentials_block=args.credentials_block,
         storage_block=args.storage_block,

@@ -106,6 +106,14 @@ class Settings(BaseSettings):
     callback_store: str = Field(
         "./callbacks", description="fsspec URL where the receiver records deliveries."
     )
+    callback_check_s: float = Field(
+        2.0, gt=0, description="How often a callback-mode run looks for new deliveries."
+    )
+    callback_backstop_s: float = Field(
+        120.0,
+        gt=0,
+        description="Callback mode: interval of the slow status poll that recovers lost callbacks.",
+    )
 
     @field_validator("apixo_base_url")
     @classmethod
