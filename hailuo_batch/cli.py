@@ -284,7 +284,14 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
     from hailuo_batch import progress as prog
     from hailuo_batch.settings import get_settings
 
-    get_settings()  # a bad setting fails here, before anything is paid
+    settings = get_settings()  # a bad setting fails here, before anything is paid
+    if not params.get("credentials_block") and settings.apixo_api_key is None:
+        print(
+            "error: no apixo API key: set APIXO_API_KEY, or pass --credentials-block NAME "
+            "(an ApixoCredentials block; see README)",
+            file=sys.stderr,
+        )
+        return 2
     bar = Progress(
         TextColumn("[bold]items"),
         BarColumn(),
