@@ -175,59 +175,42 @@ async def publish_report(
 
 @flow(name="generate-videos", log_prints=True)
 async def generate_videos(
-    manifest: Annotated[
-        str, Field(description="Manifest: CSV, JSONL or JSON; path or fsspec URL.")
-    ],
-    output: Annotated[
-        str | None, Field(description="Output location (path, file:// or s3://bucket/prefix).")
-    ] = None,
-    mode: Annotated[Mode, Field(description="Default mode for rows without one.")] = Mode.STANDARD,
-    duration: Annotated[
-        Literal[6, 10], Field(description="Default clip length for standard rows.")
-    ] = 6,
-    provider: Annotated[Provider, Field(description="Default provider routing.")] = Provider.AUTO,
-    request_type: Annotated[
-        RequestType,
-        Field(
-            description="async: poll each task. callback: the provider POSTs results to the "
-            "receiver (HAILUO_CALLBACK_URL/TOKEN/STORE), with a slow poll as backstop."
-        ),
-    ] = RequestType.ASYNC,
-    concurrency: Annotated[
-        int, Field(ge=1, le=500, description="Items in flight at the provider at once.")
-    ] = 10,
-    dry_run: Annotated[
-        bool, Field(description="Validate and estimate only; submit nothing.")
-    ] = False,
-    credentials_block: Annotated[
-        str | None, Field(description="Name of an ApixoCredentials block (else APIXO_API_KEY).")
-    ] = None,
-    storage_block: Annotated[
-        str | None, Field(description="Name of an OutputStorage block (else `output`).")
-    ] = None,
-    max_cost_usd: Annotated[
-        float | None,
-        Field(ge=0, description="Stop submitting once this run's estimated spend would pass it."),
-    ] = None,
-    fit_to_balance: Annotated[
-        bool,
-        Field(
-            description="If the batch costs more than the balance, submit only what fits "
-            "(else fail before spending)."
-        ),
-    ] = False,
-    force: Annotated[
-        bool,
-        Field(
-            description="Resubmit items whose earlier run ended failed, skipped or uncertain "
-            "(reruns set this; stored videos are never redone)."
-        ),
-    ] = False,
-    rerun_of: Annotated[
-        str | None, Field(description="Results file of the run this one reruns (for the report).")
-    ] = None,
+    manifest: str,
+    output: str | None = None,
+    mode: Mode = Mode.STANDARD,
+    duration: Literal[6, 10] = 6,
+    provider: Provider = Provider.AUTO,
+    request_type: RequestType = RequestType.ASYNC,
+    concurrency: Annotated[int, Field(ge=1, le=500)] = 10,
+    dry_run: bool = False,
+    credentials_block: str | None = None,
+    storage_block: str | None = None,
+    max_cost_usd: Annotated[float | None, Field(ge=0)] = None,
+    fit_to_balance: bool = False,
+    force: bool = False,
+    rerun_of: str | None = None,
 ) -> dict[str, Any]:
-    """Turn a manifest of images and prompts into stored videos; returns the run summary."""
+    """Turn a manifest of images and prompts into stored videos; returns the run summary.
+
+    Args:
+        manifest: Manifest: CSV, JSONL or JSON; path or fsspec URL.
+        output: Output location (path, file:// or s3://bucket/prefix).
+        mode: Default mode for rows without one.
+        duration: Default clip length for standard rows.
+        provider: Default provider routing.
+        request_type: async: poll each task. callback: the provider POSTs results to the receiver
+            (HAILUO_CALLBACK_URL/TOKEN/STORE), with a slow poll as backstop.
+        concurrency: Items in flight at the provider at once.
+        dry_run: Validate and estimate only; submit nothing.
+        credentials_block: Name of an ApixoCredentials block (else APIXO_API_KEY).
+        storage_block: Name of an OutputStorage block (else `output`).
+        max_cost_usd: Stop submitting once this run's estimated spend would pass it.
+        fit_to_balance: If the batch costs more than the balance, submit only what fits (else fail
+            before spending).
+        force: Resubmit items whose earlier run ended failed, skipped or uncertain (reruns set this;
+            stored videos are never redone).
+        rerun_of: Results file of the run this one reruns (for the report).
+    """
     started = time.monotonic()
     logger = get_run_logger()
     settings = get_settings()

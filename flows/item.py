@@ -270,7 +270,9 @@ async def _drive(
                 )
             rec = await save(state=LedgerState.SUCCEEDED, cost_time_ms=st.cost_time_ms)
             try:
-                stored = await store_video(rt, item, st.result_urls[0])
+                d = rt.settings.store_retry_delay_s
+                store = store_video.with_options(retry_delay_seconds=[d, 5 * d])
+                stored = await store(rt, item, st.result_urls[0])
             except Exception as exc:  # noqa: BLE001 - recorded loudly; a rerun polls and fetches again
                 get_run_logger().error("item %s: video NOT stored: %s", item.id, exc)
                 return result(

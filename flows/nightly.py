@@ -40,7 +40,7 @@ from pydantic import Field
 from pydantic.fields import FieldInfo
 
 from flows.batch import generate_videos
-from hailuo_batch.apixo import Mode, Provider
+from hailuo_batch.apixo import Mode, Provider, RequestType
 from hailuo_batch.manifest import ItemDefaults, ManifestError, load_manifest
 from hailuo_batch.settings import get_settings
 from hailuo_batch.storage import OutputStore
@@ -316,6 +316,13 @@ async def nightly_batch(
         Literal[6, 10], Field(description="Default clip length for standard rows.")
     ] = 6,
     provider: Annotated[Provider, Field(description="Default provider routing.")] = Provider.AUTO,
+    request_type: Annotated[
+        RequestType,
+        Field(
+            description="async: poll each task. callback: the provider POSTs results to the "
+            "receiver (HAILUO_CALLBACK_URL/TOKEN/STORE), with a slow poll as backstop."
+        ),
+    ] = RequestType.ASYNC,
     concurrency: Annotated[
         int, Field(ge=1, le=500, description="Items in flight at the provider at once, per run.")
     ] = 10,
@@ -332,6 +339,13 @@ async def nightly_batch(
         float | None,
         Field(ge=0, description="Per manifest: stop submitting once its estimated spend passes."),
     ] = None,
+    fit_to_balance: Annotated[
+        bool,
+        Field(
+            description="If a manifest costs more than the balance, submit only what fits "
+            "(else its run fails before spending)."
+        ),
+    ] = False,
 ) -> dict[str, Any]:
     """Run generate-videos once for every new manifest in the inbox, each exactly once."""
     logger = get_run_logger()
@@ -344,11 +358,13 @@ async def nightly_batch(
         "mode": mode,
         "duration": duration,
         "provider": provider,
+        "request_type": request_type,
         "concurrency": concurrency,
         "dry_run": dry_run,
         "credentials_block": credentials_block,
         "storage_block": storage_block,
         "max_cost_usd": max_cost_usd,
+        "fit_to_balance": fit_to_balance,
     }
     defaults = ItemDefaults(mode=mode, duration=duration, provider=provider)
     claim_id = new_claim_id()

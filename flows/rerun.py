@@ -26,40 +26,35 @@ from hailuo_batch.storage import OutputStore
 
 @flow(name="rerun-failed", log_prints=True)
 async def rerun_failed(
-    results: Annotated[
-        str, Field(description="URL of a previous run's results.jsonl ({output}/runs/{id}/...).")
-    ],
-    statuses: Annotated[
-        list[ItemStatus],
-        Field(
-            description="Rerun items with these statuses. `skipped` (content violations) "
-            "only when named."
-        ),
-    ] = list(DEFAULT_RERUN_STATUSES),  # noqa: B006 - Prefect parameters need a concrete default
-    fail_codes: Annotated[
-        list[str] | None, Field(description="Only items with one of these failCodes.")
-    ] = None,
-    ids: Annotated[list[str] | None, Field(description="Only these item ids.")] = None,
-    mode: Annotated[Mode | None, Field(description="Override the mode.")] = None,
-    duration: Annotated[
-        Literal[6, 10] | None, Field(description="Override the duration (standard mode).")
-    ] = None,
-    provider: Annotated[Provider | None, Field(description="Override the provider.")] = None,
-    prompt_suffix: Annotated[
-        str | None, Field(description="Text appended to every prompt.")
-    ] = None,
-    output: Annotated[
-        str | None, Field(description="Output location (default: the one of `results`).")
-    ] = None,
-    concurrency: Annotated[int, Field(ge=1, le=500, description="Items in flight at once.")] = 10,
-    max_cost_usd: Annotated[
-        float | None, Field(ge=0, description="Stop submitting past this estimated spend.")
-    ] = None,
-    credentials_block: Annotated[
-        str | None, Field(description="Name of an ApixoCredentials block.")
-    ] = None,
+    results: str,
+    statuses: list[ItemStatus] = list(DEFAULT_RERUN_STATUSES),  # noqa: B006
+    fail_codes: list[str] | None = None,
+    ids: list[str] | None = None,
+    mode: Mode | None = None,
+    duration: Literal[6, 10] | None = None,
+    provider: Provider | None = None,
+    prompt_suffix: str | None = None,
+    output: str | None = None,
+    concurrency: Annotated[int, Field(ge=1, le=500)] = 10,
+    max_cost_usd: Annotated[float | None, Field(ge=0)] = None,
+    credentials_block: str | None = None,
 ) -> Any:
-    """Rerun the matching items of a previous run into the same output, linked to it."""
+    """Rerun the matching items of a previous run into the same output, linked to it.
+
+    Args:
+        results: URL of a previous run's results.jsonl ({output}/runs/{id}/...).
+        statuses: Rerun items with these statuses. `skipped` (content violations) only when named.
+        fail_codes: Only items with one of these failCodes.
+        ids: Only these item ids.
+        mode: Override the mode.
+        duration: Override the duration (standard mode).
+        provider: Override the provider.
+        prompt_suffix: Text appended to every prompt.
+        output: Output location (default: the one of `results`).
+        concurrency: Items in flight at once.
+        max_cost_usd: Stop submitting past this estimated spend.
+        credentials_block: Name of an ApixoCredentials block.
+    """
     logger = get_run_logger()
     out = output or output_of_results(results)
     with fsspec.open(results, "rt", encoding="utf-8") as fh:

@@ -154,11 +154,14 @@ async def poll_item(
     wake = rt.events.setdefault(task_id, asyncio.Event()) if rt.callbacks is not None else None
     if wake is not None and task_id in rt.delivered:
         wake.set()  # delivered before we started waiting
+    delays = schedule.delays()
     try:
-        for delay in schedule.delays():
+        while (delay := next(delays, None)) is not None:
+            woken = False
             if wake is not None:
                 with anyio.move_on_after(delay):
                     await wake.wait()
+                woken = wake.is_set()
                 wake.clear()
             else:
                 await asyncio.sleep(delay)
@@ -178,6 +181,23 @@ async def poll_item(
                 continue
             if status.state in (TaskState.SUCCESS, TaskState.FAILED):
                 return Polled(status, reads)
+            if woken:
+                # a callback the provider's own status does not confirm (forged, or early):
+                # the genuine one may now be dropped as a duplicate, so poll this task normally
+                get_run_logger().warning(
+                    "task %s: callback not confirmed (state %s); polling it instead",
+                    task_id,
+                    status.state,
+                )
+                remaining = schedule.timeout_s - (time.monotonic() - started)
+                delays = PollSchedule(
+                    initial_s=s.poll_interval_s,
+                    interval_s=s.poll_interval_s,
+                    backoff=s.poll_backoff,
+                    max_interval_s=s.poll_max_interval_s,
+                    timeout_s=max(0.0, remaining),
+                ).delays()
+                wake = None
     finally:
         rt.events.pop(task_id, None)
         rt.delivered.pop(task_id, None)
@@ -207,13 +227,7 @@ async def watch_callbacks(rt: Runtime) -> None:
         await asyncio.sleep(rt.settings.callback_check_s)
 
 
-@task(
-    name="store_video",
-    task_run_name="store-{item.id}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 10],
-)
+@task(name="store_video", task_run_name="store-{item.id}", cache_policy=NO_CACHE, retries=2)
 async def store_video(rt: Runtime, item: ManifestItem, result_url: str) -> StoredObject:
     """Stream the result into `{output}/videos/{id}.mp4`: verified length, sha256, never partial.
 

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     retry_base_s: float = Field(1.0, gt=0, description="First backoff delay; doubles each retry.")
     retry_max_s: float = Field(30.0, gt=0, description="Cap on one backoff delay.")
 
+    store_retry_delay_s: float = Field(
+        2.0,
+        ge=0,
+        description="A broken video download is retried twice, after this and 5x this delay.",
+    )
+
     # --- polling (provider guidance: 60 s first read, every 15 s x1.5 capped 30 s, 10 min) ------
     poll_initial_s: float = Field(60.0, ge=0, description="Wait before the first status read.")
     poll_interval_s: float = Field(15.0, gt=0, description="Interval between status reads.")

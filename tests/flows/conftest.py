@@ -61,6 +61,7 @@ def flow_env(
         "HAILUO_POLL_TIMEOUT_S": "60",
         "HAILUO_RETRY_BASE_S": "0.05",
         "HAILUO_RETRY_MAX_S": "0.2",
+        "HAILUO_STORE_RETRY_DELAY_S": "0.1",
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
