@@ -215,12 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _mode(name: str) -> Any:
+    from hailuo_batch.apixo import Mode
+
+    return Mode.PRO if name == "pro" else Mode.STANDARD
+
+
 def _defaults(args: argparse.Namespace) -> Any:
-    from hailuo_batch.apixo import Mode, Provider
+    from hailuo_batch.apixo import Provider
     from hailuo_batch.manifest import ItemDefaults
 
-    mode = Mode.PRO if args.mode == "pro" else Mode.STANDARD
-    return ItemDefaults(mode=mode, duration=args.duration, provider=Provider(args.provider))
+    return ItemDefaults(
+        mode=_mode(args.mode), duration=args.duration, provider=Provider(args.provider)
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -353,7 +360,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     from flows.rerun import rerun_failed
-    from hailuo_batch.apixo import Mode, Provider
+    from hailuo_batch.apixo import Provider
     from hailuo_batch.rerun import DEFAULT_RERUN_STATUSES
 
     return _run_with_progress(
@@ -363,7 +370,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         statuses=args.status or [s.value for s in DEFAULT_RERUN_STATUSES],
         fail_codes=args.fail_code,
         ids=args.ids,
-        mode=None if args.mode is None else (Mode.PRO if args.mode == "pro" else Mode.STANDARD),
+        mode=None if args.mode is None else _mode(args.mode),
         duration=args.duration,
         provider=None if args.provider is None else Provider(args.provider),
         prompt_suffix=args.prompt_suffix,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
@@ -53,6 +52,7 @@ from hailuo_batch.callbacks import (
     parse_delivery,
 )
 from hailuo_batch.settings import Settings, get_settings
+from hailuo_batch.sockets import bind_tcp
 
 log = logging.getLogger(__name__)
 
@@ -242,21 +242,6 @@ def create_app(
     return app
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto IPPROTO_TCP: asyncio then sets TCP_NODELAY on accepted sockets (no 40 ms stalls).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
-
-
 def _uvicorn(app: Starlette, log_level: str, *, own_logging: bool) -> uvicorn.Server:
     extra: dict[str, Any] = {} if own_logging else {"log_config": None}
     config = uvicorn.Config(
@@ -306,7 +291,7 @@ def run_receiver(
     settings = settings or get_settings()
     store = store or CallbackStore(settings.callback_store)
     app = create_app(settings, store, on_record=on_record)
-    sock = _bind(host, port)
+    sock = bind_tcp(host, port)
     server = _uvicorn(app, "warning", own_logging=False)  # leave logging as it is
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="callback-receiver", daemon=True
@@ -340,7 +325,7 @@ def serve(
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
-    sock = _bind(host, port)
+    sock = bind_tcp(host, port)
     log_event(
         logging.INFO,
         "receiver_started",
