@@ -31,10 +31,12 @@ def emulator_config(images_dir: Path) -> EmulatorConfig:
     )
 
 
-def _run_cli(manifest: Path, out: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _run_cli(
+    manifest: Path, out: Path, env: dict[str, str], concurrency: int = 3
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "hailuo_batch.cli", "run", str(manifest), "--output", str(out),
-         "--concurrency", "3", "--quiet"],
+         "--concurrency", str(concurrency), "--quiet"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
 
@@ -82,7 +84,7 @@ def test_sigkill_then_resume_pays_once_and_stores_everything(
         def killed_at() -> bool:
             return sum(stats()["downloads"].values()) >= 1
 
-    proc = _run_cli(m, out, env)
+    proc = _run_cli(m, out, env, concurrency=N if phase == "polling" else 3)
     _wait_for(killed_at, proc, phase)
     if phase == "streaming":
         time.sleep(0.5)  # well inside the 1.5 s trickle: bytes are flowing into the store
