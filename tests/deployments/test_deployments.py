@@ -1,0 +1,296 @@
+"""prefect.yaml for real: a Prefect server, the documented CLI commands, `prefect deploy`, a
+process worker, and a generate-videos run triggered through the API as the UI's form does."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+from deploy_helpers import (
+    API_KEY,
+    FAST_FLOW_ENV,
+    POOL,
+    PREFECT,
+    REPO,
+    PrefectServer,
+    stop_group,
+    tail,
+)
+
+from hailuo_batch.emulator import EmulatorHandle
+from hailuo_batch.results import from_jsonl
+
+SAVE_CREDENTIALS = (  # the block-creation command of deployments/README.md
+    "import os; from blocks import ApixoCredentials; "
+    "ApixoCredentials(api_key=os.environ['APIXO_API_KEY'], "
+    "base_url=os.environ['APIXO_BASE_URL']).save('apixo', overwrite=True)"
+)
+RERUN_EXISTS = (REPO / "flows" / "rerun.py").exists()
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+MODES = ["standard-image-to-video", "pro-image-to-video"]
+PROVIDERS = ["auto", "value", "official"]
+
+
+@dataclass
+class Deployed:
+    server: PrefectServer
+    deployments: dict[str, dict[str, Any]]
+
+
+def api_post(server: PrefectServer, path: str, body: dict[str, Any]) -> Any:
+    r = httpx.post(f"{server.api}{path}", json=body, timeout=30)
+    assert r.status_code < 300, f"POST {path}: {r.status_code} {r.text}"
+    return r.json()
+
+
+def api_get(server: PrefectServer, path: str) -> Any:
+    r = httpx.get(f"{server.api}{path}", timeout=30)
+    assert r.status_code < 300, f"GET {path}: {r.status_code} {r.text}"
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def work_pool(prefect_server: PrefectServer) -> PrefectServer:
+    """Step 1 of the guide (deployments/README.md): pool, global limit, block types."""
+    prefect_server.run(
+        [PREFECT, "work-pool", "create", POOL, "--type", "process"],
+        [PREFECT, "gcl", "create", "apixo", "--limit", "20"],
+        [PREFECT, "block", "register", "-m", "blocks"],
+    )
+    return prefect_server
+
+
+@pytest.fixture(scope="module")
+def worker(work_pool: PrefectServer) -> Iterator[Path]:
+    """`prefect worker start --pool hailuo-process` (started early: it takes seconds to boot).
+    The API key reaches flow runs through the `apixo` block only, not this environment."""
+    s = work_pool
+    log = s.home.parent / "worker.log"
+    env = {
+        **s.env,
+        **FAST_FLOW_ENV,
+        "HAILUO_PROJECT_DIR": str(REPO),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+    }
+    proc = s.spawn([PREFECT, "worker", "start", "--pool", POOL, "--name", "test-worker"], log, env)
+    try:
+        yield log
+    finally:
+        stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def deployed(work_pool: PrefectServer, worker: Path, emulator: EmulatorHandle) -> Deployed:
+    """The rest of the guide: the `apixo` block, then `prefect deploy` from prefect.yaml."""
+    s = work_pool
+    names = ["--all"] if RERUN_EXISTS else ["-n", "generate-videos", "-n", "nightly-batch"]
+    s.run(
+        [sys.executable, "-c", SAVE_CREDENTIALS],
+        [PREFECT, "deploy", *names, "--no-prompt"],
+        env={
+            "APIXO_API_KEY": API_KEY,
+            "APIXO_BASE_URL": emulator.base_url,
+            "HAILUO_PROJECT_DIR": str(REPO),
+        },
+    )
+    found = api_post(s, "/deployments/filter", {})
+    return Deployed(s, {d["name"]: d for d in found})
+
+
+def write_manifest(path: Path, base_url: str) -> list[str]:
+    rows = [
+        {"id": "dusk-pan", "image_url": f"{base_url}/files/dusk.jpg", "prompt": "slow pan"},
+        {"id": "tower-tilt", "image_url": f"{base_url}/files/tower.png", "prompt": "tilt up"},
+    ]
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["id", "image_url", "prompt"])
+        w.writeheader()
+        w.writerows(rows)
+    return [r["id"] for r in rows]
+
+
+def wait_final(server: PrefectServer, flow_run_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = api_get(server, f"/flow_runs/{flow_run_id}")
+        if run["state"] and run["state"]["type"] in FINAL:
+            return dict(run)
+        if time.monotonic() > deadline:
+            return dict(run)
+        time.sleep(0.5)
+
+
+def test_deploy_records_the_project_dir_from_the_environment(deployed: Deployed) -> None:
+    for name in ("generate-videos", "nightly-batch"):
+        dep = deployed.deployments[name]
+        assert dep["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+        ]
+        assert dep["work_pool_name"] == POOL
+        assert dep["enforce_parameter_schema"] is True
+        assert "hailuo-batch" in dep["tags"]
+    # no secret of any kind went into a deployment
+    assert API_KEY not in json.dumps(deployed.deployments)
+
+
+@pytest.mark.parametrize("name", ["generate-videos", "nightly-batch"])
+def test_run_form_offers_choices_and_descriptions(deployed: Deployed, name: str) -> None:
+    dep = deployed.deployments[name]
+    schema = dep["parameter_openapi_schema"]
+    props, defs = schema["properties"], schema.get("definitions", {})
+    assert props["mode"]["$ref"] == "#/definitions/Mode" and defs["Mode"]["enum"] == MODES
+    assert props["provider"]["$ref"] == "#/definitions/Provider"
+    assert defs["Provider"]["enum"] == PROVIDERS
+    assert props["duration"]["enum"] == [6, 10]
+    undescribed = sorted(p for p, spec in props.items() if not spec.get("description"))
+    assert not undescribed, (
+        f"{name}: parameters without a description in the UI: {undescribed}. Prefect 3.8 drops "
+        "Annotated[..., Field(description=...)] from the schema: put flows.nightly."
+        "describe_parameters under @flow (or write a Google 'Args:' docstring)"
+    )
+    # the defaults prefect.yaml puts in the form are valid choices
+    params = dep["parameters"]
+    assert params["mode"] in MODES and params["provider"] in PROVIDERS
+    assert params["duration"] in (6, 10) and params["credentials_block"] == "apixo"
+
+
+@pytest.mark.parametrize("name", ["generate-videos", "nightly-batch"])
+def test_run_form_offers_request_types(deployed: Deployed, name: str) -> None:
+    schema = deployed.deployments[name]["parameter_openapi_schema"]
+    spec = schema["properties"]["request_type"]
+    assert spec["$ref"] == "#/definitions/RequestType"
+    assert schema["definitions"]["RequestType"]["enum"] == ["async", "callback"]
+    assert deployed.deployments[name]["parameters"]["request_type"] == "async"
+
+
+def test_nightly_runs_on_a_cron_schedule_in_a_set_time_zone(deployed: Deployed) -> None:
+    dep = deployed.deployments["nightly-batch"]
+    [sched] = dep["schedules"]
+    assert sched["active"] is True
+    assert sched["schedule"]["cron"] == "0 2 * * *"
+    assert sched["schedule"]["timezone"] == "Europe/Berlin"
+    # overlapping nightly runs queue behind each other
+    assert dep["global_concurrency_limit"]["limit"] == 1
+    assert "inbox" in dep["parameter_openapi_schema"]["properties"]
+
+
+def test_the_server_schedules_the_nightly_runs(deployed: Deployed) -> None:
+    """The server's scheduler turns the cron into upcoming runs at 02:00 Berlin time."""
+    s = deployed.server
+    dep = deployed.deployments["nightly-batch"]
+    query = {
+        "deployments": {"id": {"any_": [dep["id"]]}},
+        "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+    }
+    deadline = time.monotonic() + 30
+    while not (runs := api_post(s, "/flow_runs/filter", query)):
+        log = s.log.read_text(errors="replace")
+        if "Can't evaluate bulk DML statement" in log:
+            pytest.fail(
+                "the server's scheduler cannot insert scheduled runs: Prefect 3.8.8 with "
+                "SQLAlchemy >= 2.1 (hybrid `FlowRun.state` in a bulk insert); pin sqlalchemy<2.1"
+            )
+        if time.monotonic() > deadline:
+            pytest.fail(f"no scheduled nightly runs after 30 s; server log:\n{tail(s.log, 40)}")
+        time.sleep(1)
+    berlin = ZoneInfo("Europe/Berlin")
+    for run in runs:
+        start = datetime.fromisoformat(run["expected_start_time"]).astimezone(berlin)
+        assert (start.hour, start.minute) == (2, 0)
+
+
+@pytest.mark.skipif(not RERUN_EXISTS, reason="flows/rerun.py (rerun-failed) is not written yet")
+def test_rerun_failed_is_deployed_with_a_described_form(deployed: Deployed) -> None:
+    dep = deployed.deployments["rerun-failed"]
+    props = dep["parameter_openapi_schema"]["properties"]
+    assert props, "rerun-failed has no parameters in the UI"
+    undescribed = sorted(p for p, spec in props.items() if not spec.get("description"))
+    assert not undescribed, (
+        f"rerun-failed: parameters without a description: {undescribed} "
+        "(see test_run_form_offers_choices_and_descriptions)"
+    )
+
+
+def test_generate_videos_runs_on_a_worker_from_the_ui_form(
+    deployed: Deployed, worker: Path, emulator: EmulatorHandle, tmp_path: Path
+) -> None:
+    s = deployed.server
+    manifest = tmp_path / "manifest.csv"
+    ids = write_manifest(manifest, emulator.base_url)
+    output = tmp_path / "store"
+    dep = deployed.deployments["generate-videos"]
+    # what the UI's run form posts: the deployment's defaults plus what the user typed/picked
+    form = {
+        **dep["parameters"],
+        "manifest": str(manifest),
+        "output": str(output),
+        "provider": "value",
+        "concurrency": 4,
+    }
+    created = api_post(s, f"/deployments/{dep['id']}/create_flow_run", {"parameters": form})
+    run = wait_final(s, created["id"], timeout=150)
+    state = run["state"]
+    assert state["type"] == "COMPLETED", (
+        f"flow run ended {state['type']}: {state.get('message')}\nworker log:\n{tail(worker)}"
+    )
+
+    # videos stored, one per item, and the results file says so
+    videos = sorted(p.name for p in (output / "videos").glob("*.mp4"))
+    assert videos == sorted(f"{i}.mp4" for i in ids)
+    [results_file] = list((output / "runs").glob("*/results.jsonl"))
+    results = {r.id: r for r in from_jsonl(results_file.read_text())}
+    assert {r.status for r in results.values()} == {"succeeded"}
+    assert all((output / "videos" / f"{i}.mp4").stat().st_size > 1000 for i in ids)
+
+    # artifacts on the run: the item table, the summary, the progress bar
+    arts = api_post(s, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+    assert {"table", "markdown", "progress"} <= {a["type"] for a in arts}
+    table = next(a for a in arts if a["type"] == "table")
+    assert all(i in json.dumps(table["data"]) for i in ids)
+
+    # task runs are named after the item and the provider's task id
+    task_runs = api_post(s, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+    names = {t["name"] for t in task_runs}
+    for i in ids:
+        assert f"submit-{i}" in names
+        assert f"poll-{i}-{results[i].task_id}" in names
+
+    # the key came from the block and stayed out of every log line
+    assert API_KEY not in worker.read_text(errors="replace")
+
+    # the provider-wide limit exists and every slot was given back
+    gcl = api_get(s, "/v2/concurrency_limits/apixo")
+    assert gcl["limit"] == 20 and gcl["active_slots"] == 0
+
+
+def test_docker_and_kubernetes_job_templates_make_work_pools(deployed: Deployed) -> None:
+    """The templates are what `prefect work-pool create --base-job-template FILE` sends."""
+    s = deployed.server
+    for kind in ("docker", "kubernetes"):
+        template = json.loads((REPO / "deployments" / kind / "base-job-template.json").read_text())
+        api_post(
+            s,
+            "/work_pools/",
+            {"name": f"hailuo-{kind}", "type": kind, "base_job_template": template},
+        )
+        pool = api_get(s, f"/work_pools/hailuo-{kind}")
+        variables = pool["base_job_template"]["variables"]["properties"]
+        assert variables["image"]["default"].startswith("hailuo-batch")
+        env = variables["env"]["default"]
+        assert env["HAILUO_PROJECT_DIR"] == "/opt/hailuo-batch"
+        assert not any(k in env for k in ("APIXO_API_KEY", "AWS_SECRET_ACCESS_KEY"))
+        # every {{ placeholder }} of the job has a variable to fill it
+        placeholders = set(re.findall(r"{{ (\w+) }}", json.dumps(template["job_configuration"])))
+        assert placeholders <= set(variables)

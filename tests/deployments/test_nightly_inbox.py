@@ -1,0 +1,191 @@
+"""The nightly flow against a real inbox: each manifest is run exactly once across scheduled
+runs, bad ones are moved aside with a report, claims hold across concurrent runs (local, S3)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from deploy_helpers import API_KEY, FAST_FLOW_ENV, PrefectServer, prefect_api
+
+from flows.batch import generate_videos
+from flows.nightly import Inbox, nightly_batch
+from hailuo_batch.emulator import EmulatorHandle
+from hailuo_batch.results import from_jsonl
+from hailuo_batch.settings import get_settings
+
+
+@pytest.fixture
+def flow_env(
+    prefect_server: PrefectServer, emulator: EmulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """This process runs flows against the test server, with the emulator and fast polling."""
+    env = {**FAST_FLOW_ENV, "APIXO_API_KEY": API_KEY, "APIXO_BASE_URL": emulator.base_url}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    with prefect_api(prefect_server.api):
+        yield
+    get_settings.cache_clear()
+
+
+def run_nightly(**params: Any) -> Any:
+    async def _run() -> Any:
+        return await nightly_batch(**params, return_state=True)  # type: ignore[call-overload]
+
+    return asyncio.run(_run())
+
+
+def drop_csv(inbox: Path, name: str, rows: list[dict[str, str]]) -> None:
+    inbox.mkdir(parents=True, exist_ok=True)
+    with (inbox / name).open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def submissions(emulator: EmulatorHandle) -> int:
+    return int(emulator.stats()["submissions"])
+
+
+def only(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, f"expected one {pattern} in {folder}, found {found}"
+    return found[0]
+
+
+def test_each_manifest_is_processed_once_across_scheduled_runs(
+    flow_env: None, emulator: EmulatorHandle, prefect_server: PrefectServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    inbox = out / "inbox"  # the default: {output}/inbox/
+    files = f"{emulator.base_url}/files"
+    drop_csv(
+        inbox,
+        "first.csv",
+        [
+            {"id": "first-a", "image_url": f"{files}/dusk.jpg", "prompt": "pan"},
+            {"id": "first-b", "image_url": f"{files}/garden.jpg", "prompt": "dolly"},
+        ],
+    )
+    drop_csv(inbox, "broken.csv", [{"id": "x", "image_url": f"{files}/dusk.jpg"}])  # no prompt
+    (inbox / "notes.txt").write_text("not a manifest")
+    before = submissions(emulator)
+
+    # night 1: the good manifest runs as a subflow, the broken one is moved aside
+    state = run_nightly(output=str(out), concurrency=4)
+    assert state.is_failed() and "broken.csv" in state.message
+    assert submissions(emulator) - before == 2
+    record = json.loads(only(inbox / "done", "*/first.csv.run.json").read_text())
+    assert only(inbox / "done", "*/first.csv").read_text().startswith("id,image_url,prompt")
+    assert record["state"] == "COMPLETED" and record["flow_run_name"] == "nightly-first.csv"
+    results = from_jsonl(Path(record["results"]).read_text())
+    assert {r.id: r.status for r in results} == {"first-a": "succeeded", "first-b": "succeeded"}
+    assert sorted(p.name for p in (out / "videos").glob("*.mp4")) == ["first-a.mp4", "first-b.mp4"]
+    report = json.loads(only(inbox / "failed", "*/broken.csv.report.json").read_text())
+    assert report["stage"] == "validation" and "prompt" in report["error"]
+    assert only(inbox / "failed", "*/broken.csv").exists()
+    assert sorted(p.name for p in inbox.iterdir() if p.is_file()) == ["notes.txt"]
+
+    # the subflow run is named after the manifest, in Prefect too, and so are the steps
+    api = prefect_server.api
+    run = httpx.get(f"{api}/flow_runs/{record['flow_run_id']}", timeout=10).json()
+    assert run["name"] == "nightly-first.csv" and run["parent_task_run_id"] is not None
+    query = {"flow_runs": {"id": {"any_": [str(state.state_details.flow_run_id)]}}}
+    steps = {t["name"] for t in httpx.post(f"{api}/task_runs/filter", json=query).json()}
+    assert {"claim-first.csv", "done-first.csv", "claim-broken.csv", "failed-broken.csv"} <= steps
+
+    # night 2: nothing new, nothing done, nothing paid
+    before = submissions(emulator)
+    state = run_nightly(output=str(out))
+    assert state.is_completed()
+    report2 = state.result()
+    assert report2["done"] == [] and report2["failed"] == []
+    assert submissions(emulator) == before
+
+    # night 3: only the newly dropped manifest runs
+    (inbox / "second.jsonl").write_text(
+        json.dumps({"id": "second-a", "image_url": f"{files}/tower.png", "prompt": "tilt"}) + "\n"
+    )
+    state = run_nightly(output=str(out))
+    assert state.is_completed()
+    assert [d["manifest"] for d in state.result()["done"]] == ["second.jsonl"]
+    assert submissions(emulator) - before == 1
+    assert len(list((inbox / "done").glob("*/first.csv"))) == 1
+
+
+def test_a_run_that_fails_moves_its_manifest_aside_with_the_reason(
+    flow_env: None, emulator: EmulatorHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("APIXO_API_KEY", "sk-wrong-key")  # the provider answers 401
+    get_settings.cache_clear()
+    inbox = tmp_path / "drop"
+    files = f"{emulator.base_url}/files"
+    drop_csv(inbox, "batch.csv", [{"image_url": f"{files}/dusk.jpg", "prompt": "pan"}])
+    state = run_nightly(inbox=str(inbox), output=str(tmp_path / "out"))
+    assert state.is_failed()
+    report = json.loads(only(inbox / "failed", "*/batch.csv.report.json").read_text())
+    assert report["stage"] == "run" and report["state"] == "FAILED"
+    assert "401" in report["error"] or "authentication" in report["error"].lower()
+    assert "sk-wrong-key" not in json.dumps(report)
+
+
+def test_nightly_forwards_only_parameters_generate_videos_takes() -> None:
+    nightly = set(nightly_batch.parameters.properties) - {"inbox"}
+    assert nightly <= set(generate_videos.parameters.properties)
+
+
+@pytest.fixture(params=["local", "s3"])
+def inbox_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "inbox")
+    bucket = request.getfixturevalue("s3_env")
+    return f"s3://{bucket}/hailuo/inbox"
+
+
+def test_a_manifest_is_claimed_by_one_run_only(inbox_url: str) -> None:
+    box = Inbox(inbox_url)
+    box.store.write_text_atomic("m.csv", "image_url,prompt\nhttps://x/y.jpg,pan\n")
+    winners: list[Any] = []
+    start = threading.Barrier(6)
+
+    def contender(n: int) -> None:
+        start.wait()
+        winners.append(box.claim("m.csv", f"run-{n}"))
+
+    threads = [threading.Thread(target=contender, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claims = [c for c in winners if c is not None]
+    assert len(claims) == 1
+    assert box.pending() == []
+    [claim] = claims
+    assert box.store.read_text(claim.key).startswith("image_url,prompt")
+    # a later run finds nothing to take, and the claim marker is gone
+    assert box.claim("m.csv", "late") is None
+    assert not box.store.exists("processing/m.csv.claim")
+
+    url = box.finish(claim, "done", {"flow_run_id": "abc"})
+    assert json.loads(box.store.read_text(f"done/{claim.claim_id}/m.csv.run.json")) == {
+        "flow_run_id": "abc"
+    }
+    assert url.endswith("m.csv.run.json")
+    assert box.store.exists(f"done/{claim.claim_id}/m.csv")
+    assert not box.store.exists(claim.key)
+
+
+def test_a_manifest_claimed_by_a_live_run_is_left_alone(inbox_url: str) -> None:
+    box = Inbox(inbox_url)
+    box.store.write_text_atomic("m.csv", "image_url,prompt\n")
+    box.store.write_text_atomic("processing/m.csv.claim", "other-run")
+    assert box.claim("m.csv", "mine") is None
+    assert box.pending() == ["m.csv"]  # still there for the run that holds it
