@@ -173,7 +173,14 @@ async def publish_report(
     )
 
 
-@flow(name="generate-videos", log_prints=True)
+def run_name() -> str:
+    """Flow run name after the manifest file, so a person finds the run in the UI."""
+    manifest = str(flow_run.parameters.get("manifest", "manifest"))
+    stem = manifest.rstrip("/").rsplit("/", 1)[-1]
+    return f"videos-{stem}-{datetime.now(UTC):%m%d-%H%M%S}"
+
+
+@flow(name="generate-videos", flow_run_name=run_name, log_prints=True)
 async def generate_videos(
     manifest: str,
     output: str | None = None,

@@ -26,6 +26,11 @@ from tests.flows.flowkit import (
 )
 
 
+async def flow_run_name(flow_run_id) -> str:
+    async with get_client() as client:
+        return (await client.read_flow_run(flow_run_id)).name
+
+
 async def artifacts_of(flow_run_id) -> list:
     async with get_client() as client:
         return await client.read_artifacts(
@@ -140,6 +145,9 @@ def test_mixed_batch_to_local_output(flow_env, emulator, mixed_manifest, tmp_pat
     assert s["balance_spent_usd"] == pytest.approx(s["estimated_cost_usd"])
 
     arts = asyncio.run(artifacts_of(state.state_details.flow_run_id))
+    assert asyncio.run(flow_run_name(state.state_details.flow_run_id)).startswith(
+        "videos-manifest.csv-"
+    )
     kinds = {a.type for a in arts}
     assert {"table", "markdown", "progress"} <= kinds
     table = next(a for a in arts if a.type == "table")
