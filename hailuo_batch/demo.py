@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +160,8 @@ def main() -> int:
 
         get_settings.cache_clear()
         store = DEMO_DIR / "store"
+        if store.exists():  # a demo is a fresh batch each time (a real output would resume)
+            shutil.rmtree(store)
         state = run_generate_videos(manifest=str(manifest), output=str(store), concurrency=4)
         stats = emu.stats()
     summary = state.result(raise_on_failure=False)
