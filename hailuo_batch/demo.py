@@ -184,7 +184,10 @@ def main() -> int:
     print(
         f"Prefect UI:    {PREFECT_URL}/runs/flow-run/{run_id}  (artifacts tab: table and summary)"
     )
-    print(f"               {PREFECT_URL}/artifacts")
+    if isinstance(summary, dict):
+        slug = str(summary["run_id"]).lower()
+        print(f"summary:       {PREFECT_URL}/artifacts/key/summary-{slug}")
+    print(f"all artifacts: {PREFECT_URL}/artifacts")
     print("the Prefect server keeps running for the UI; stop it with `make demo-stop`")
     print("=" * 72)
     return 0 if state.is_completed() and videos else 1
