@@ -5,6 +5,7 @@ is stored once, with the bytes the provider served."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -24,10 +25,20 @@ N = 6
 
 
 @pytest.fixture
-def emulator_config(images_dir: Path) -> EmulatorConfig:
-    # a 120 s generation takes 3 s, slow faults take 1.5 s: time to kill in every phase
+def emulator_config(images_dir: Path, request: pytest.FixtureRequest) -> EmulatorConfig:
+    # a 120 s generation takes 3 s, slow faults take 1.5 s: time to kill in every phase; the
+    # polling phase gets 10 s generations so every item sits in `submitted` at the same time
+    phase = request.node.callspec.params["phase"]
     return EmulatorConfig(
-        port=0, api_key=None, time_scale=0.025, fps=4, files_dir=str(images_dir), seed=3, slow_s=1.5
+        port=0,
+        api_key=None,
+        time_scale=0.025,
+        processing_s=400.0 if phase == "polling" else 120.0,
+        processing_spread=0.0,
+        fps=4,
+        files_dir=str(images_dir),
+        seed=3,
+        slow_s=1.5,
     )
 
 
@@ -68,16 +79,19 @@ def test_sigkill_then_resume_pays_once_and_stores_everything(
     env = {**os.environ, **flow_env, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
            "HAILUO_LEASE_TTL_S": "2", "HAILUO_POLL_INITIAL_S": "1"}  # fmt: skip
     stats = emulator.stats
+
+    def ledger_states() -> list[str]:
+        return [json.loads(p.read_text())["state"] for p in (out / "ledger").glob("*.json")]
+
     if phase == "submitting":
         emulator.script_faults("submit", "slow", count=N)  # each POST takes 1.5 s to be accepted
 
-        def killed_at() -> bool:
-            return stats()["submissions"] >= 2
+        def killed_at() -> bool:  # a POST is on its way: recorded as submitting, not answered
+            return "submitting" in ledger_states()
     elif phase == "polling":
 
-        def killed_at() -> bool:
-            s = stats()
-            return s["submissions"] == N and s["status_reads_total"] >= 1
+        def killed_at() -> bool:  # every taskId is recorded and status reads have begun
+            return ledger_states().count("submitted") == N and stats()["status_reads_total"] >= 1
     else:
         emulator.script_faults("download", "trickle", count=1)  # the first video streams slowly
 
@@ -90,6 +104,7 @@ def test_sigkill_then_resume_pays_once_and_stores_everything(
         time.sleep(0.5)  # well inside the 1.5 s trickle: bytes are flowing into the store
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    killed_states = sorted(ledger_states())
     assert not (out / "runs").exists() or not list((out / "runs").glob("*/results.jsonl"))
 
     resumed = _run_cli(m, out, env)
@@ -114,7 +129,8 @@ def test_sigkill_then_resume_pays_once_and_stores_everything(
             == served_sha256(emulator.base_url, r.task_id)
         )
     assert not _partial_files(out)
-    if phase == "polling":
-        assert stats()["submissions"] == N  # known taskIds were polled, never resubmitted
+    if phase == "polling":  # known taskIds were polled, never resubmitted
+        notes = {r.id: (r.attempts, r.uncertain, r.note) for r in res.values()}
+        assert stats()["submissions"] == N, (notes, killed_states, log[-3000:])
     if phase == "submitting":
         assert any(r.uncertain for r in res.values())  # the window was hit and reported
