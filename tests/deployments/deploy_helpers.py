@@ -23,15 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 API_KEY = "sk-deploy-test-SECRET-0123456789"
 POOL = "hailuo-process"
-FAST_FLOW_ENV = {
-    "HAILUO_ALLOW_PRIVATE_NETWORKS": "1",
-    "HAILUO_POLL_INITIAL_S": "0.2",
-    "HAILUO_POLL_INTERVAL_S": "0.1",
-    "HAILUO_POLL_MAX_INTERVAL_S": "0.3",
-    "HAILUO_POLL_TIMEOUT_S": "60",
-    "HAILUO_RETRY_BASE_S": "0.05",
-    "HAILUO_RETRY_MAX_S": "0.2",
-}
 
 
 def free_port() -> int:

@@ -19,7 +19,6 @@ import httpx
 import pytest
 from deploy_helpers import (
     API_KEY,
-    FAST_FLOW_ENV,
     POOL,
     PREFECT,
     REPO,
@@ -30,13 +29,15 @@ from deploy_helpers import (
 
 from hailuo_batch.emulator import EmulatorHandle
 from hailuo_batch.results import from_jsonl
+from tests.flows.flowkit import FAST_FLOW_ENV
 
 SAVE_CREDENTIALS = (  # the block-creation command of deployments/README.md
     "import os; from blocks import ApixoCredentials; "
     "ApixoCredentials(api_key=os.environ['APIXO_API_KEY'], "
     "base_url=os.environ['APIXO_BASE_URL']).save('apixo', overwrite=True)"
 )
-RERUN_EXISTS = (REPO / "flows" / "rerun.py").exists()
+
+
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 MODES = ["standard-image-to-video", "pro-image-to-video"]
 PROVIDERS = ["auto", "value", "official"]
@@ -95,7 +96,7 @@ def worker(work_pool: PrefectServer) -> Iterator[Path]:
 def deployed(work_pool: PrefectServer, worker: Path, emulator: EmulatorHandle) -> Deployed:
     """The rest of the guide: the `apixo` block, then `prefect deploy` from prefect.yaml."""
     s = work_pool
-    names = ["--all"] if RERUN_EXISTS else ["-n", "generate-videos", "-n", "nightly-batch"]
+    names = ["--all"]
     s.run(
         [sys.executable, "-c", SAVE_CREDENTIALS],
         [PREFECT, "deploy", *names, "--no-prompt"],
@@ -211,7 +212,6 @@ def test_the_server_schedules_the_nightly_runs(deployed: Deployed) -> None:
         assert (start.hour, start.minute) == (2, 0)
 
 
-@pytest.mark.skipif(not RERUN_EXISTS, reason="flows/rerun.py (rerun-failed) is not written yet")
 def test_rerun_failed_is_deployed_with_a_described_form(deployed: Deployed) -> None:
     dep = deployed.deployments["rerun-failed"]
     props = dep["parameter_openapi_schema"]["properties"]

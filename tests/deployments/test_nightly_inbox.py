@@ -13,13 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
-from deploy_helpers import API_KEY, FAST_FLOW_ENV, PrefectServer, prefect_api
+from deploy_helpers import API_KEY, PrefectServer, prefect_api
 
 from flows.batch import generate_videos
 from flows.nightly import Inbox, nightly_batch
 from hailuo_batch.emulator import EmulatorHandle
 from hailuo_batch.results import from_jsonl
 from hailuo_batch.settings import get_settings
+from tests.flows.flowkit import FAST_FLOW_ENV
 
 
 @pytest.fixture

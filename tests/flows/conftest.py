@@ -11,7 +11,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from hailuo_batch.emulator import EmulatorConfig, run_emulator
 from hailuo_batch.settings import get_settings
-from tests.flows.flowkit import API_KEY
+from tests.flows.flowkit import API_KEY, FAST_FLOW_ENV
 
 
 @pytest.fixture(scope="session")
@@ -54,14 +54,7 @@ def flow_env(
     env = {
         "APIXO_API_KEY": API_KEY,
         "APIXO_BASE_URL": emulator.base_url,  # type: ignore[attr-defined]
-        "HAILUO_ALLOW_PRIVATE_NETWORKS": "1",
-        "HAILUO_POLL_INITIAL_S": "0.2",
-        "HAILUO_POLL_INTERVAL_S": "0.1",
-        "HAILUO_POLL_MAX_INTERVAL_S": "0.3",
-        "HAILUO_POLL_TIMEOUT_S": "60",
-        "HAILUO_RETRY_BASE_S": "0.05",
-        "HAILUO_RETRY_MAX_S": "0.2",
-        "HAILUO_STORE_RETRY_DELAY_S": "0.1",
+        **FAST_FLOW_ENV,
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)

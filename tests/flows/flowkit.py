@@ -15,6 +15,17 @@ from hailuo_batch.results import ItemResult, from_jsonl
 
 API_KEY = "sk-test-SECRET-0123456789abcdef"
 COLUMNS = ["id", "image_url", "prompt", "mode", "duration"]
+#: settings for flows against the emulator: loopback images allowed, fast polls and retries
+FAST_FLOW_ENV = {
+    "HAILUO_ALLOW_PRIVATE_NETWORKS": "1",
+    "HAILUO_POLL_INITIAL_S": "0.2",
+    "HAILUO_POLL_INTERVAL_S": "0.1",
+    "HAILUO_POLL_MAX_INTERVAL_S": "0.3",
+    "HAILUO_POLL_TIMEOUT_S": "60",
+    "HAILUO_RETRY_BASE_S": "0.05",
+    "HAILUO_RETRY_MAX_S": "0.2",
+    "HAILUO_STORE_RETRY_DELAY_S": "0.1",
+}
 
 
 def generate_videos(**kw: Any) -> Any:
