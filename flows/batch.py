@@ -20,11 +20,13 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from pydantic import Field
 
-from flows.item import Batch, base_result, now_iso, run_item
+from flows.item import GLOBAL_LIMIT, Batch, base_result, now_iso, run_item
 from flows.tasks import (
     Runtime,
     read_balance,
@@ -56,8 +58,6 @@ from hailuo_batch.results import (
 from hailuo_batch.settings import Settings, get_settings
 from hailuo_batch.storage import OutputStore, run_key
 from hailuo_batch.validation import Preflight
-
-GLOBAL_LIMIT = "apixo"
 
 
 def new_run_id() -> str:
@@ -237,6 +237,7 @@ async def generate_videos(
         force=force,
         max_cost_usd=max_cost_usd,
     )
+    b.use_global_limit = await _global_limit_exists(GLOBAL_LIMIT)
     background = [asyncio.create_task(_keep_lease(rt, ledger))]
     if rt.callbacks is not None:
         background.append(asyncio.create_task(watch_callbacks(rt)))
@@ -359,6 +360,20 @@ def _enable_callbacks(rt: Runtime) -> None:
 
 class InsufficientBalance(RuntimeError):
     """The batch would cost more than the account holds; nothing was submitted."""
+
+
+async def _global_limit_exists(name: str) -> bool:
+    """Whether the Prefect global concurrency limit `name` exists and is active."""
+    async with get_client() as client:
+        try:
+            limit = await client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            get_run_logger().info(
+                "no global concurrency limit %r: items limited per run only", name
+            )
+            return False
+    get_run_logger().info("global concurrency limit %r: %s slots", name, limit.limit)
+    return bool(limit.active)
 
 
 async def _keep_lease(rt: Runtime, ledger: Ledger) -> None:

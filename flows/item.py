@@ -7,7 +7,9 @@ killed at any point can be resumed without paying twice or losing a finished vid
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -69,6 +71,7 @@ class Batch:
     abort: str | None = None  # HTTP 401: nothing can work
     stop_submitting: str | None = None  # HTTP 402 / INSUFFICIENT_CREDITS
     cost_capped: int = 0  # items left unsubmitted by max_cost_usd
+    use_global_limit: bool = False  # the Prefect global concurrency limit `apixo` exists
     notes: list[str] = field(default_factory=list)
 
     def reserve(self, unit_cost: float) -> str | None:
@@ -157,8 +160,22 @@ async def _resume(b: Batch, v: Preflight) -> ItemResult:
             attempts=plan.attempts,
             task_ids=rec.task_ids if (rec is not None and keep) else [],
         )
-    async with b.slots, global_concurrency(GLOBAL_LIMIT, occupy=1, strict=False):
+    async with b.slots, _provider_slot(b):
         return await _drive(b, v, start, unit_cost, resumed=plan.action == "poll", extra=extra)
+
+
+@contextlib.asynccontextmanager
+async def _provider_slot(b: Batch) -> AsyncIterator[None]:
+    """A slot of the Prefect global concurrency limit `apixo`, when that limit exists.
+
+    Acquiring goes through the Prefect server for every item, one request at a time per
+    process, so it is skipped entirely when no limit is configured (see README, Benchmarks).
+    """
+    if not b.use_global_limit:
+        yield
+        return
+    async with global_concurrency(GLOBAL_LIMIT, occupy=1, strict=False):
+        yield
 
 
 def _stored_intact(b: Batch, rec: LedgerRecord) -> bool:
@@ -189,6 +206,7 @@ async def _drive(
     """Submit (unless a taskId is known), poll, store; resubmit transient failures."""
     item, rt, ledger = v.item, b.rt, b.ledger
     assert v.request is not None  # only valid items get here
+    was_resumed = resumed  # an earlier run may have left a half-written download
 
     async def save(**changes: Any) -> LedgerRecord:
         return await rt.blocking(ledger.put, rec.model_copy(update=changes))
@@ -272,7 +290,7 @@ async def _drive(
             try:
                 d = rt.settings.store_retry_delay_s
                 store = store_video.with_options(retry_delay_seconds=[d, 5 * d])
-                stored = await store(rt, item, st.result_urls[0])
+                stored = await store(rt, item, st.result_urls[0], sweep=was_resumed)
             except Exception as exc:  # noqa: BLE001 - recorded loudly; a rerun polls and fetches again
                 get_run_logger().error("item %s: video NOT stored: %s", item.id, exc)
                 return result(

@@ -228,16 +228,20 @@ async def watch_callbacks(rt: Runtime) -> None:
 
 
 @task(name="store_video", task_run_name="store-{item.id}", cache_policy=NO_CACHE, retries=2)
-async def store_video(rt: Runtime, item: ManifestItem, result_url: str) -> StoredObject:
+async def store_video(
+    rt: Runtime, item: ManifestItem, result_url: str, sweep: bool = False
+) -> StoredObject:
     """Stream the result into `{output}/videos/{id}.mp4`: verified length, sha256, never partial.
 
-    The client retries opening the download; a stream that breaks half-way is retried here, a
-    bounded number of times, from the start (the partial object is never visible).
+    `sweep` (an item resumed from an earlier run) first removes a temp file that a killed
+    writer left for this key. The client retries opening the download; a stream that breaks
+    half-way is retried here, a bounded number of times, from the start (the partial object
+    is never visible).
     """
 
     def _copy() -> StoredObject:
         key = video_key(item.id)
-        if rt.store.remove_temp_files(key):  # a killed run's half-written temp file
+        if sweep and rt.store.remove_temp_files(key):  # a killed run's half-written temp file
             get_run_logger().info("item %s: removed a partial download left by a crash", item.id)
         with rt.client.stream_download(result_url) as download:
             return rt.store.write_stream_atomic(
