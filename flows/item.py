@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,7 +72,6 @@ class Batch:
     stop_submitting: str | None = None  # HTTP 402 / INSUFFICIENT_CREDITS
     cost_capped: int = 0  # items left unsubmitted by max_cost_usd
     use_global_limit: bool = False  # the Prefect global concurrency limit `apixo` exists
-    notes: list[str] = field(default_factory=list)
 
     def reserve(self, unit_cost: float) -> str | None:
         """Reserve the spend of one submission, or say why not to submit.
