@@ -85,6 +85,19 @@ def invalid_rows(errors: list[RowError], run_id: str) -> list[ItemResult]:
     ]
 
 
+async def resolve_output(
+    output: str | None, storage_block: str | None, settings: Settings
+) -> tuple[str, dict[str, Any]]:
+    """Where outputs go and the fsspec options to reach it: `output`, else the OutputStorage
+    block's URL, else HAILUO_OUTPUT; the block's S3 options whenever a block is named."""
+    if not storage_block:
+        return output or settings.output, {}
+    from blocks.apixo import OutputStorage
+
+    sb: OutputStorage = await OutputStorage.aload(storage_block)  # type: ignore[assignment]
+    return output or sb.url, sb.storage_options()
+
+
 async def _resolve_runtime(
     settings: Settings,
     output: str | None,
@@ -104,14 +117,7 @@ async def _resolve_runtime(
         raise ValueError(
             "no apixo API key: set APIXO_API_KEY or pass credentials_block=<ApixoCredentials name>"
         )
-    storage_options: dict[str, Any] = {}
-    out = output or settings.output
-    if storage_block:
-        from blocks.apixo import OutputStorage
-
-        sb: OutputStorage = await OutputStorage.aload(storage_block)  # type: ignore[assignment]
-        out = output or sb.url
-        storage_options = sb.storage_options()
+    out, storage_options = await resolve_output(output, storage_block, settings)
     tuned = settings.model_copy(update={"apixo_api_key": api_key, "apixo_base_url": base_url})
     client = ApixoClient.from_settings(tuned)
     store = OutputStore(out, storage_options or None)

@@ -19,11 +19,8 @@ a re-dropped file of that name waiting: delete the marker to release it.
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
-import typing
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,9 +34,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 from pydantic import Field
-from pydantic.fields import FieldInfo
 
-from flows.batch import generate_videos
+from flows.batch import generate_videos, new_run_id, resolve_output
 from hailuo_batch.apixo import Mode, Provider, RequestType
 from hailuo_batch.manifest import ItemDefaults, ManifestError, load_manifest
 from hailuo_batch.settings import get_settings
@@ -77,12 +73,6 @@ class ManifestCheck:
 def default_inbox(output: str) -> str:
     """`{output}/inbox/` for a path or URL."""
     return f"{output.rstrip('/')}/inbox/"
-
-
-def new_claim_id() -> str:
-    """UTC time plus the flow run's short id: sortable, unique per nightly run."""
-    fr_id = flow_run.get_id() or uuid.uuid4().hex
-    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{str(fr_id).replace('-', '')[:8]}"
 
 
 def run_name_for(name: str) -> str:
@@ -187,24 +177,6 @@ def check_manifest(
 # --- Prefect tasks and the flow -------------------------------------------------------------
 
 
-def describe_parameters(fn: F) -> F:
-    """Copy `Annotated[..., Field(description=...)]` texts into a Google "Args:" docstring.
-
-    Prefect 3.8 builds a deployment's parameter schema (the UI's run form) from the signature
-    and the docstring's Args section; descriptions given as `Annotated` metadata are dropped
-    (its schema code passes `description=None`, which overrides them). Apply under `@flow`.
-    """
-    hints = typing.get_type_hints(fn, include_extras=True)
-    lines = []
-    for name in inspect.signature(fn).parameters:
-        for meta in getattr(hints.get(name), "__metadata__", ()):
-            if isinstance(meta, FieldInfo) and meta.description:
-                lines.append(f"    {name}: {' '.join(meta.description.split())}")
-    if lines:
-        fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "\n".join(lines) + "\n"
-    return fn
-
-
 @task(name="claim_manifest", task_run_name="claim-{name}", cache_policy=NO_CACHE)
 async def claim_manifest(inbox: Inbox, name: str, claim_id: str) -> Claim | None:
     """Claim one inbox manifest for this run (None: another run took it)."""
@@ -238,18 +210,6 @@ def subflow_parameters(manifest: str, options: dict[str, Any]) -> dict[str, Any]
     if unknown:
         raise ValueError(f"generate-videos does not take the parameter(s) {', '.join(unknown)}")
     return {"manifest": manifest, **options}
-
-
-async def _output_and_options(
-    output: str | None, storage_block: str | None
-) -> tuple[str, dict[str, Any]]:
-    """Where outputs go and the fsspec options to reach it, as generate-videos resolves them."""
-    if storage_block:
-        from blocks.apixo import OutputStorage
-
-        sb: OutputStorage = await OutputStorage.aload(storage_block)  # type: ignore[assignment]
-        return output or sb.url, sb.storage_options()
-    return output or get_settings().output, {}
 
 
 async def _run_one(
@@ -299,57 +259,41 @@ async def _run_one(
 
 
 @flow(name="nightly-batch", log_prints=True)
-@describe_parameters
 async def nightly_batch(
-    inbox: Annotated[
-        str | None,
-        Field(
-            description="Folder or fsspec URL prefix where manifests (*.csv, *.jsonl, *.json) "
-            "are dropped; default {output}/inbox/."
-        ),
-    ] = None,
-    output: Annotated[
-        str | None, Field(description="Output location (path, file:// or s3://bucket/prefix).")
-    ] = None,
-    mode: Annotated[Mode, Field(description="Default mode for rows without one.")] = Mode.STANDARD,
-    duration: Annotated[
-        Literal[6, 10], Field(description="Default clip length for standard rows.")
-    ] = 6,
-    provider: Annotated[Provider, Field(description="Default provider routing.")] = Provider.AUTO,
-    request_type: Annotated[
-        RequestType,
-        Field(
-            description="async: poll each task. callback: the provider POSTs results to the "
-            "receiver (HAILUO_CALLBACK_URL/TOKEN/STORE), with a slow poll as backstop."
-        ),
-    ] = RequestType.ASYNC,
-    concurrency: Annotated[
-        int, Field(ge=1, le=500, description="Items in flight at the provider at once, per run.")
-    ] = 10,
-    dry_run: Annotated[
-        bool, Field(description="Validate and estimate only; submit nothing.")
-    ] = False,
-    credentials_block: Annotated[
-        str | None, Field(description="Name of an ApixoCredentials block (else APIXO_API_KEY).")
-    ] = None,
-    storage_block: Annotated[
-        str | None, Field(description="Name of an OutputStorage block (else `output`).")
-    ] = None,
-    max_cost_usd: Annotated[
-        float | None,
-        Field(ge=0, description="Per manifest: stop submitting once its estimated spend passes."),
-    ] = None,
-    fit_to_balance: Annotated[
-        bool,
-        Field(
-            description="If a manifest costs more than the balance, submit only what fits "
-            "(else its run fails before spending)."
-        ),
-    ] = False,
+    inbox: str | None = None,
+    output: str | None = None,
+    mode: Mode = Mode.STANDARD,
+    duration: Literal[6, 10] = 6,
+    provider: Provider = Provider.AUTO,
+    request_type: RequestType = RequestType.ASYNC,
+    concurrency: Annotated[int, Field(ge=1, le=500)] = 10,
+    dry_run: bool = False,
+    credentials_block: str | None = None,
+    storage_block: str | None = None,
+    max_cost_usd: Annotated[float | None, Field(ge=0)] = None,
+    fit_to_balance: bool = False,
 ) -> dict[str, Any]:
-    """Run generate-videos once for every new manifest in the inbox, each exactly once."""
+    """Run generate-videos once for every new manifest in the inbox, each exactly once.
+
+    Args:
+        inbox: Folder or fsspec URL prefix where manifests (*.csv, *.jsonl, *.json) are dropped;
+            default {output}/inbox/.
+        output: Output location (path, file:// or s3://bucket/prefix).
+        mode: Default mode for rows without one.
+        duration: Default clip length for standard rows.
+        provider: Default provider routing.
+        request_type: async: poll each task. callback: the provider POSTs results to the receiver
+            (HAILUO_CALLBACK_URL/TOKEN/STORE), with a slow poll as backstop.
+        concurrency: Items in flight at the provider at once, per run.
+        dry_run: Validate and estimate only; submit nothing.
+        credentials_block: Name of an ApixoCredentials block (else APIXO_API_KEY).
+        storage_block: Name of an OutputStorage block (else `output`).
+        max_cost_usd: Per manifest: stop submitting once its estimated spend passes.
+        fit_to_balance: If a manifest costs more than the balance, submit only what fits (else its
+            run fails before spending).
+    """
     logger = get_run_logger()
-    out, storage_options = await _output_and_options(output, storage_block)
+    out, storage_options = await resolve_output(output, storage_block, get_settings())
     box = Inbox(inbox or default_inbox(out), storage_options or None)
     names = await anyio.to_thread.run_sync(box.pending)
     logger.info("inbox %s: %d new manifest(s)", box.url, len(names))
@@ -367,7 +311,7 @@ async def nightly_batch(
         "fit_to_balance": fit_to_balance,
     }
     defaults = ItemDefaults(mode=mode, duration=duration, provider=provider)
-    claim_id = new_claim_id()
+    claim_id = new_run_id()  # UTC time + short flow run id: sortable, unique per run
     report: dict[str, Any] = {"inbox": box.url, "done": [], "failed": [], "taken": []}
     for name in names:
         claim = await claim_manifest(box, name, claim_id)

@@ -158,8 +158,8 @@ def test_run_form_offers_choices_and_descriptions(deployed: Deployed, name: str)
     undescribed = sorted(p for p, spec in props.items() if not spec.get("description"))
     assert not undescribed, (
         f"{name}: parameters without a description in the UI: {undescribed}. Prefect 3.8 drops "
-        "Annotated[..., Field(description=...)] from the schema: put flows.nightly."
-        "describe_parameters under @flow (or write a Google 'Args:' docstring)"
+        "Annotated[..., Field(description=...)] from the schema: describe every parameter in "
+        "the flow's Google 'Args:' docstring"
     )
     # the defaults prefect.yaml puts in the form are valid choices
     params = dep["parameters"]
