@@ -74,21 +74,11 @@ async def read_manifest(rt: Runtime, url: str, defaults: Any) -> Manifest:
 
 
 @task(name="validate_item", task_run_name="validate-{item.id}", cache_policy=NO_CACHE)
-async def validate_item(
-    rt: Runtime,
-    item: ManifestItem,
-    request_type: RequestType = RequestType.ASYNC,
-    callback_url: str | None = None,
-) -> Preflight:
+async def validate_item(rt: Runtime, item: ManifestItem) -> Preflight:
     """Check the image's bytes against the contract's rules, stage it, build the request."""
     return await rt.blocking(
         lambda: preflight(
-            item,
-            settings=rt.settings,
-            store=rt.store,
-            storage_options=rt.storage_options or None,
-            request_type=request_type,
-            callback_url=callback_url,
+            item, settings=rt.settings, store=rt.store, storage_options=rt.storage_options or None
         )
     )
 

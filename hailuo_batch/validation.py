@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hailuo_batch.apixo import GenerateInput, GenerateRequest, RequestType
+from hailuo_batch.apixo import GenerateInput, GenerateRequest
 from hailuo_batch.images import ImageFetchError, ImageInfo, check_image_rules, inspect_image
 from hailuo_batch.manifest import ManifestItem
 from hailuo_batch.netguard import BlockedAddressError
@@ -40,10 +40,11 @@ def preflight(
     settings: Settings,
     store: OutputStore | None = None,
     storage_options: dict[str, Any] | None = None,
-    request_type: RequestType = RequestType.ASYNC,
-    callback_url: str | None = None,
 ) -> Preflight:
-    """Check the image's bytes against the contract and build the request.
+    """Check the image's bytes against the contract and build the (async) request.
+
+    Callback mode is applied at submission, so the secret callback URL never sits in a
+    validated request.
 
     With a `store`, s3:// and local images are staged and replaced by a presigned URL; without
     one (the `validate` command) nothing is written and the URL is checked as given.
@@ -62,8 +63,6 @@ def preflight(
         elif not url.startswith(("http://", "https://")):
             url = "https://staged.invalid/" + item.id  # placeholder: staging happens at run time
         request = GenerateRequest(
-            request_type=request_type,
-            callback_url=callback_url,
             provider=item.provider,
             input=GenerateInput(
                 mode=item.mode, prompt=item.prompt, image_urls=[url], duration=item.duration
