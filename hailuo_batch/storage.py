@@ -14,10 +14,10 @@ import os
 import re
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import fsspec
@@ -28,6 +28,7 @@ from hailuo_batch.images import sniff_image
 if TYPE_CHECKING:
     from hailuo_batch.settings import Settings
 
+T = TypeVar("T")
 CHUNK = 1024 * 1024
 REMOTE_BLOCK_SIZE = 8 * 1024 * 1024
 """Multipart part size on object stores: the most a streamed write holds in memory."""
@@ -139,22 +140,11 @@ class OutputStore:
                     return False
                 raise
             return True
-        directory, name = os.path.split(path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.part-")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            return True
-        finally:
-            os.unlink(tmp)
+            _publish_local(path, lambda f: f.write(data), os.link)
+        except FileExistsError:
+            return False
+        return True
 
     def write_text_atomic(self, key: str, text: str) -> StoredObject:
         return self.write_bytes_atomic(key, text.encode("utf-8"))
@@ -178,22 +168,12 @@ class OutputStore:
     def _write_local(
         self, path: str, chunks: Iterable[bytes], expected_size: int | None
     ) -> tuple[int, str]:
-        directory, name = os.path.split(path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.part-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                size, digest = _copy_hashing(chunks, f.write)
-                _check_size(path, size, expected_size)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return size, digest
+        def write(f: BinaryIO) -> tuple[int, str]:
+            size, digest = _copy_hashing(chunks, f.write)
+            _check_size(path, size, expected_size)
+            return size, digest
+
+        return _publish_local(path, write, os.replace)
 
     def _write_remote(
         self, path: str, chunks: Iterable[bytes], expected_size: int | None
@@ -261,6 +241,28 @@ class OutputStore:
             return str(self.fs.sign(self._path(key), expiration=expires_s))
         except NotImplementedError as exc:
             raise PresignUnsupported(f"the output {self.url} cannot presign URLs") from exc
+
+
+def _publish_local(
+    path: str, write: Callable[[BinaryIO], T], publish: Callable[[str, str], None]
+) -> T:
+    """Write a complete temp file beside `path` (fsynced, mode 0644), then `publish(tmp, path)`
+    (`os.replace` to overwrite, `os.link` to create only if absent). The temp file never
+    outlives the call, whatever fails."""
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.part-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            result = write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        publish(tmp, path)
+        return result
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def _copy_hashing(chunks: Iterable[bytes], write: Any) -> tuple[int, str]:
