@@ -27,7 +27,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -52,7 +51,7 @@ from hailuo_batch.callbacks import (
     parse_delivery,
 )
 from hailuo_batch.settings import Settings, get_settings
-from hailuo_batch.sockets import bind_tcp
+from hailuo_batch.sockets import bind_tcp, serve_in_thread
 
 log = logging.getLogger(__name__)
 
@@ -293,21 +292,8 @@ def run_receiver(
     app = create_app(settings, store, on_record=on_record)
     sock = bind_tcp(host, port)
     server = _uvicorn(app, "warning", own_logging=False)  # leave logging as it is
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="callback-receiver", daemon=True
-    )
-    thread.start()
-    try:
-        deadline = time.monotonic() + 15
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the callback receiver did not start")
-            time.sleep(0.01)
+    with serve_in_thread(server, sock, "callback receiver"):
         yield ReceiverHandle(_url(host, sock.getsockname()[1]), store, _token_of(settings))
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def serve(

@@ -1,8 +1,14 @@
-"""Listening sockets for the project's own HTTP servers (emulator, callback receiver)."""
+"""Sockets and background threads for the project's own HTTP servers (emulator, receiver)."""
 
 from __future__ import annotations
 
 import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
 
 
 def bind_tcp(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
@@ -22,3 +28,26 @@ def bind_tcp(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
         raise
     sock.set_inheritable(True)
     return sock
+
+
+@contextmanager
+def serve_in_thread(server: uvicorn.Server, sock: socket.socket, what: str) -> Iterator[None]:
+    """Run `server` on `sock` in a daemon thread until the block exits, then stop it.
+
+    Waits (15 s at most) until the server has started; `what` names it in the error.
+    """
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=what.replace(" ", "-"), daemon=True
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the {what} did not start")
+            time.sleep(0.01)
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,7 +12,7 @@ import uvicorn
 
 from hailuo_batch.emulator.app import Emulator, create_app
 from hailuo_batch.emulator.config import EmulatorConfig
-from hailuo_batch.sockets import bind_tcp
+from hailuo_batch.sockets import bind_tcp, serve_in_thread
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +85,8 @@ def run_emulator(config: EmulatorConfig | None = None) -> Iterator[EmulatorHandl
     emulator = create_app(config)
     emulator.state.base_url = base_url
     server = _uvicorn_server(emulator, "warning")
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="apixo-emulator", daemon=True
-    )
-    thread.start()
-    try:
-        deadline = time.monotonic() + 15
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the apixo emulator did not start")
-            time.sleep(0.01)
+    with serve_in_thread(server, sock, "apixo emulator"):
         yield EmulatorHandle(emulator, base_url)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def serve(config: EmulatorConfig | None = None) -> None:
