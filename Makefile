@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install lint format test test-fast demo demo-stop bench clean
+.PHONY: install lint format test test-fast chromium demo demo-stop bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -32,8 +32,20 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+test: lint chromium
 	$(BIN)/pytest
+
+# The review page is tested in headless Chromium (tests/test_review.py). Debian's package is
+# installed when no chromium is on the PATH (as root, or through sudo); without apt-get the
+# browser tests are skipped with a loud reason.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; \
+	else echo "WARNING: no chromium and no apt-get: the review page's browser tests will be skipped"; \
+	fi
 
 test-fast: install
 	$(BIN)/pytest -x -q -m "not slow"
