@@ -1,27 +1,36 @@
 """Check an input image against the provider's rules before paying for a task.
 
 `inspect_image` reads only the first bytes of an image (never the whole file) from an http(s)
-URL, an fsspec URL (s3://...) or a local path, and returns its format, dimensions and size.
+URL, an s3:// URL or a plain local path, and returns its format, dimensions and size.
 `check_image_rules` turns that into a list of human-readable rule violations (empty = fine).
-Fetch problems (not found, HTTP error, timeout) raise `ImageFetchError`; rule violations never do.
+A URL of any other form raises `ImageUrlError` before anything is read; fetch problems (not
+found, HTTP error, timeout, refused address) raise `ImageFetchError`; rule violations never do.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import os
+import re
 import ssl
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import urljoin, urlsplit
 
 import fsspec
 import httpx
 from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
 
-from hailuo_batch.netguard import BlockedAddressError, check_url_allowed
+from hailuo_batch.netguard import (
+    BlockedAddressError,
+    GuardedTransport,
+    ImageUrlError,
+    image_url_kind,
+    redact_url,
+)
 
 if TYPE_CHECKING:
     from hailuo_batch.settings import Settings
@@ -156,15 +165,54 @@ def _sniff_progressive(read_upto: Callable[[int], bytes], size: int | None) -> I
 def inspect_image(
     source: str, *, settings: Settings, storage_options: dict | None = None
 ) -> ImageInfo:
-    """Format, dimensions and size of the image at `source` (http(s), fsspec URL or local path).
+    """Format, dimensions and size of the image at `source` (http(s), s3:// or a local path).
 
-    Reads at most about HEADER_BOUND bytes. http(s) URLs are checked with the private-network
-    guard on every redirect hop, and the whole fetch is bounded by `settings.fetch_timeout_s`.
+    Any other form raises `ImageUrlError` before any I/O. Reads at most about HEADER_BOUND
+    bytes. http(s) fetches go through `GuardedTransport` (every connection, redirects included,
+    is checked against the private-network policy and made to the address that was checked),
+    and the whole fetch, from DNS to the last byte and across redirects, ends within
+    `settings.fetch_timeout_s`.
     """
-    scheme = urlsplit(source).scheme.lower()
-    if scheme in ("http", "https"):
+    kind = image_url_kind(source)
+    if kind == "http":
         return _inspect_http(source, settings=settings)
-    return _inspect_fsspec(source, storage_options=storage_options)
+    if kind == "s3":
+        return _inspect_fsspec(source, storage_options=storage_options)
+    return _inspect_local(source)
+
+
+def _inspect_local(path: str) -> ImageInfo:
+    """A plain local path: only a regular file is read (never a FIFO, device or directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError as exc:
+        raise ImageFetchError(f"image not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise ImageFetchError(f"image {path} is a directory, not a file") from exc
+    except PermissionError as exc:
+        raise ImageFetchError(f"no permission to read image {path}") from exc
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ImageFetchError(f"cannot read image {path}: {reason}") from exc
+    except ValueError as exc:  # e.g. an embedded NUL byte
+        raise ImageFetchError(f"cannot read image {path}: {exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageFetchError(f"image {path} is a directory, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageFetchError(f"image {path} is not a regular file")
+        size = st.st_size
+
+        def read_upto(n: int) -> bytes:
+            return os.pread(fd, min(n, size), 0)
+
+        return _with_size(_sniff_progressive(read_upto, size), size)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ImageFetchError(f"cannot read image {path}: {reason}") from exc
+    finally:
+        os.close(fd)
 
 
 def _inspect_fsspec(source: str, *, storage_options: dict | None) -> ImageInfo:
@@ -201,20 +249,26 @@ def _ssl_context() -> ssl.SSLContext:
 def _inspect_http(url: str, *, settings: Settings) -> ImageInfo:
     limit = settings.fetch_timeout_s
     deadline = time.monotonic() + limit
-    timeout = httpx.Timeout(limit, connect=min(settings.connect_timeout_s, limit))
     shown = _display_url(url)
+    no_answer = (
+        f"cannot fetch image {shown}: no complete HTTP answer within the {limit:g} s limit "
+        "(connection refused, reset or timed out, or not an HTTP server; "
+        "HAILUO_FETCH_TIMEOUT_S sets the limit)"
+    )
+    transport = GuardedTransport(
+        settings.allow_private_networks, deadline=deadline, verify=_ssl_context()
+    )
+    timeout = httpx.Timeout(limit, connect=min(settings.connect_timeout_s, limit))
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=False, verify=_ssl_context()) as client:
-            current = url
+        with httpx.Client(
+            transport=transport, timeout=timeout, follow_redirects=False, trust_env=False
+        ) as client:
+            current = httpx.URL(url)
             for _hop in range(MAX_REDIRECTS + 1):
-                try:
-                    check_url_allowed(current, allow_private=settings.allow_private_networks)
-                except BlockedAddressError as exc:
-                    raise ImageFetchError(f"image URL {shown} refused: {exc}") from exc
-                headers = {"Range": f"bytes=0-{HEADER_BOUND - 1}"}
+                headers = {"Range": f"bytes=0-{HEADER_BOUND - 1}", "Accept-Encoding": "identity"}
                 with client.stream("GET", current, headers=headers) as resp:
                     if resp.is_redirect:  # only when a Location header is present
-                        current = urljoin(current, resp.headers["location"])
+                        current = _next_hop(current, resp, shown)
                         continue
                     if resp.status_code == 404:
                         raise ImageFetchError(f"image not found: {shown} (HTTP 404)")
@@ -224,17 +278,41 @@ def _inspect_http(url: str, *, settings: Settings) -> ImageInfo:
                         )
                     return _read_http_body(resp, settings=settings, deadline=deadline, url=shown)
             raise ImageFetchError(f"image URL {shown}: more than {MAX_REDIRECTS} redirects")
-    except httpx.TimeoutException as exc:
-        raise ImageFetchError(f"fetching image {shown} timed out after {limit:g} s") from exc
-    except httpx.HTTPError as exc:
-        raise ImageFetchError(f"cannot fetch image {shown}: {type(exc).__name__}: {exc}") from exc
+    except BlockedAddressError as exc:
+        raise ImageFetchError(f"image URL {shown} refused: {exc}") from exc
+    except (httpx.TransportError, httpx.TimeoutException) as exc:
+        raise ImageFetchError(no_answer) from exc
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+        raise ImageFetchError(f"cannot fetch image {shown}: {type(exc).__name__}") from exc
+
+
+def _next_hop(current: httpx.URL, resp: httpx.Response, shown: str) -> httpx.URL:
+    """The redirect target, or `ImageFetchError` when it does not parse or is not http(s)."""
+    location = resp.headers.get("location", "")
+    try:
+        target = current.join(location)
+    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
+        raise ImageFetchError(
+            f"image URL {shown} redirects to a location that does not parse"
+        ) from exc
+    if target.scheme not in ("http", "https") or not target.host:
+        raise ImageFetchError(
+            f"image URL {shown} redirects to a URL that is not http(s) with a host"
+        )
+    return target
 
 
 def _read_http_body(
     resp: httpx.Response, *, settings: Settings, deadline: float, url: str
 ) -> ImageInfo:
     """Read the header (and, without a known size, count up to max_bytes+1) within the deadline."""
-    size = _total_size(resp)
+    encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ImageFetchError(
+            f"image {url} was sent compressed (Content-Encoding: {encoding[:40]}): "
+            "serve image files as they are"
+        )
+    size = _total_size(resp, url)
     ranged = resp.status_code == 206
     # Without a known size, keep counting past the header, stopping at max_bytes + 1.
     count_to = HEADER_BOUND if size is not None or ranged else settings.max_image_bytes + 1
@@ -242,11 +320,9 @@ def _read_http_body(
     received = 0
     info: ImageInfo | None = None
     try_at = FIRST_READ  # parse attempts at 64 KiB and at the bound, not on every chunk
-    for chunk in resp.iter_bytes():
+    for chunk in resp.iter_raw():
         if time.monotonic() > deadline:
-            raise ImageFetchError(
-                f"fetching image {url} timed out after {settings.fetch_timeout_s:g} s"
-            )
+            raise httpx.ReadTimeout("the time limit for this fetch ran out")
         received += len(chunk)
         if info is None:
             buf += chunk[: HEADER_BOUND - len(buf)]
@@ -255,6 +331,11 @@ def _read_http_body(
                 try_at = HEADER_BOUND
         if info is not None and received >= count_to:
             break
+    if size is not None and received > size:
+        raise ImageFetchError(
+            f"image {url}: the server sent more bytes ({received}) than the size it announced "
+            f"({size})"
+        )
     if info is None:
         info = sniff_image(bytes(buf))
     if size is None and not ranged:
@@ -262,19 +343,39 @@ def _read_http_body(
     return _with_size(info, size)
 
 
-def _total_size(resp: httpx.Response) -> int | None:
+_CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d{1,18})-(\d{1,18})/(\d{1,18}|\*)\s*", re.IGNORECASE)
+
+
+def _total_size(resp: httpx.Response, url: str) -> int | None:
     """The full object size from Content-Range (206) or Content-Length (200)."""
     if resp.status_code == 206:
-        total = resp.headers.get("content-range", "").rpartition("/")[2]
-        return int(total) if total.isdigit() else None
-    length = resp.headers.get("content-length", "")
-    if length.isdigit() and "content-encoding" not in resp.headers:
+        match = _CONTENT_RANGE.fullmatch(resp.headers.get("content-range", ""))
+        if match is None:
+            raise ImageFetchError(f"image {url}: the server answered with an unreadable range")
+        start, end, total = match.groups()
+        if int(start) != 0 or int(end) < int(start):
+            raise ImageFetchError(f"image {url}: the server answered a range not starting at 0")
+        if total == "*":
+            return None
+        if int(total) <= int(end):
+            raise ImageFetchError(f"image {url}: the server announced an inconsistent size")
+        return int(total)
+    length = resp.headers.get("content-length", "").strip()
+    if length.isdigit() and len(length) <= 18:
         return int(length)
     return None
 
 
 def _display_url(url: str) -> str:
     """The URL without query string or credentials (presigned URLs carry signatures)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    return f"{parts.scheme}://{netloc}{parts.path}"
+    return redact_url(url)
+
+
+__all__ = [
+    "ImageFetchError",
+    "ImageInfo",
+    "ImageUrlError",
+    "check_image_rules",
+    "inspect_image",
+    "sniff_image",
+]
