@@ -16,6 +16,7 @@ import re
 import ssl
 import stat
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -280,6 +281,12 @@ def _inspect_http(url: str, *, settings: Settings) -> ImageInfo:
             raise ImageFetchError(f"image URL {shown}: more than {MAX_REDIRECTS} redirects")
     except BlockedAddressError as exc:
         raise ImageFetchError(f"image URL {shown} refused: {exc}") from exc
+    except httpx.RemoteProtocolError as exc:
+        if "location header" in str(exc):  # httpx parses Location before we see it
+            raise ImageFetchError(
+                f"image URL {shown} redirects to a location that does not parse"
+            ) from exc
+        raise ImageFetchError(no_answer) from exc
     except (httpx.TransportError, httpx.TimeoutException) as exc:
         raise ImageFetchError(no_answer) from exc
     except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
@@ -289,16 +296,21 @@ def _inspect_http(url: str, *, settings: Settings) -> ImageInfo:
 def _next_hop(current: httpx.URL, resp: httpx.Response, shown: str) -> httpx.URL:
     """The redirect target, or `ImageFetchError` when it does not parse or is not http(s)."""
     location = resp.headers.get("location", "")
+    unparseable = ImageFetchError(f"image URL {shown} redirects to a location that does not parse")
+    if any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cs") for ch in location):
+        raise unparseable
     try:
         target = current.join(location)
     except (httpx.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
-        raise ImageFetchError(
-            f"image URL {shown} redirects to a location that does not parse"
-        ) from exc
+        raise unparseable from exc
     if target.scheme not in ("http", "https") or not target.host:
         raise ImageFetchError(
             f"image URL {shown} redirects to a URL that is not http(s) with a host"
         )
+    try:
+        image_url_kind(str(target))  # the same rules as a manifest's URL (port range, ...)
+    except ImageUrlError:
+        raise unparseable from None
     return target
 
 
