@@ -1,20 +1,37 @@
 """Load a manifest of images and prompts (CSV, JSON Lines or a JSON array) from any fsspec URL.
 
 Each row becomes a validated `ManifestItem`; each bad row becomes one or more `RowError`s while
-the good rows still load. Problems with the file as a whole raise `ManifestError`.
+the good rows still load. Problems with the file as a whole raise `ManifestError`, and nothing
+else: `load_manifest` never lets another exception out.
+
+Parsing is strict, because a row read wrongly is a row paid for wrongly:
+
+- CSV: a quote that is never closed, text after a closing quote, or a NUL byte refuses the file
+  with its line number; a header naming a column twice refuses the file; a row with fewer or
+  more cells than the header, a value under a nameless column, or a quoted cell spanning lines
+  that look like further rows (an unbalanced quote gluing rows together) is an invalid row.
+- JSON / JSON Lines: malformed JSON, NaN/Infinity, numbers too long to convert and nesting too
+  deep refuse the file (with the line for JSON Lines); an object with the same key twice is an
+  invalid row.
+- Every cell: control characters (except tab and line breaks in a prompt) and lone surrogates
+  make the row invalid; an image URL must be one of the accepted forms (`http(s)://`, `s3://`,
+  a plain local path; see `netguard.image_url_kind`), checked here before any I/O.
 
 Row numbers count data rows from 1 in every format: for CSV the header line is not counted
-(the first row under the header is row 1), for JSON Lines blank lines are not counted, and for
-a JSON array row N is the N-th element.
+(the first row under the header is row 1) nor are blank lines, for JSON Lines blank lines are
+not counted, and for a JSON array row N is the N-th element.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
 import json
+import logging
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +41,9 @@ import fsspec
 from pydantic import BaseModel, ConfigDict, computed_field, field_validator
 
 from hailuo_batch.apixo.models import Mode, Provider
+from hailuo_batch.netguard import ImageUrlError, image_url_kind
+
+logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("image_url", "prompt")
 OPTIONAL_COLUMNS = ("id", "mode", "duration", "provider")
@@ -36,6 +56,10 @@ MODE_ALIASES = {
     Mode.PRO.value: Mode.PRO,
 }
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+"""A larger manifest is refused before it is parsed (hundreds of thousands of rows fit)."""
+MAX_CELL_CHARS = 100_000
+"""A longer cell (prompt, URL, ...) makes its row invalid."""
 
 
 class ManifestError(Exception):
@@ -102,11 +126,13 @@ def input_hash(
 
 @dataclass(frozen=True)
 class RowError:
-    """One problem with one field of one row."""
+    """One problem with one field of one row. `id` is the row's own id when it had a readable,
+    valid one that no earlier row used (so its result keeps it); else None."""
 
     row: int
     field: str
     reason: str
+    id: str | None = None
 
     def __str__(self) -> str:
         return f"row {self.row}, field '{self.field}': {self.reason}"
@@ -129,46 +155,61 @@ class Manifest:
 def load_manifest(
     url: str, defaults: ItemDefaults | None = None, storage_options: dict | None = None
 ) -> Manifest:
-    """Read and validate the manifest at `url` (local path or fsspec URL such as s3://...)."""
+    """Read and validate the manifest at `url` (local path or fsspec URL such as s3://...).
+
+    Raises only `ManifestError` (a problem with the whole file, with its line when known);
+    every problem confined to a row is a `RowError` in the result.
+    """
     defaults = defaults or ItemDefaults()
     kind = _format_of(url)
     text = _read_text(url, storage_options)
-    if kind == "csv":
-        columns, rows = _csv_rows(text, url)
-    elif kind == "jsonl":
-        columns, rows = _jsonl_rows(text, url)
-    else:
-        columns, rows = _json_rows(text, url)
-    if not rows:
+    try:
+        if kind == "csv":
+            columns, rows = _csv_rows(text, url)
+        elif kind == "jsonl":
+            columns, rows = _jsonl_rows(text, url)
+        else:
+            columns, rows = _json_rows(text, url)
+        if not rows:
+            raise ManifestError(
+                f"manifest {url} has no rows: add one row per video "
+                f"(columns {', '.join(REQUIRED_COLUMNS)}, optional {', '.join(OPTIONAL_COLUMNS)})"
+            )
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise ManifestError(
+                f"manifest {url} lacks the required column(s) {', '.join(missing)}; "
+                f"found: {', '.join(_shown(c, 40) for c in columns) or '(none)'}"
+            )
+        items, errors = _validate_rows(rows, defaults)
+    except ManifestError:
+        raise
+    except Exception as exc:  # a bug must not turn into a traceback mid-run: refuse the file
+        logger.exception("unexpected error while parsing manifest %s", url)
         raise ManifestError(
-            f"manifest {url} has no rows: add one row per video "
-            f"(columns {', '.join(REQUIRED_COLUMNS)}, optional {', '.join(OPTIONAL_COLUMNS)})"
-        )
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ManifestError(
-            f"manifest {url} lacks the required column(s) {', '.join(missing)}; "
-            f"found: {', '.join(columns) or '(none)'}"
-        )
-    items, errors = _validate_rows(rows, defaults)
+            f"manifest {url} could not be parsed ({type(exc).__name__}); nothing was submitted"
+        ) from exc
     return Manifest(items=items, errors=errors, source=url, total_rows=len(rows), columns=columns)
 
 
 def _format_of(url: str) -> str:
-    path = urlsplit(url).path if "://" in url else url
+    try:
+        path = urlsplit(url).path if "://" in url else url
+    except ValueError as exc:
+        raise ManifestError(f"manifest URL {_shown(url)} does not parse: {exc}") from exc
     lowered = path.lower()
     for ext, kind in FORMATS.items():
         if lowered.endswith(ext):
             return kind
     raise ManifestError(
-        f"cannot tell the manifest format of {url}: name it .csv, .jsonl, .ndjson or .json"
+        f"cannot tell the manifest format of {_shown(url)}: name it .csv, .jsonl, .ndjson or .json"
     )
 
 
 def _read_text(url: str, storage_options: dict | None) -> str:
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            data = f.read()
+            data = bytes(f.read(MAX_MANIFEST_BYTES + 1))
     except FileNotFoundError as exc:
         raise ManifestError(f"manifest not found: {url}; check the path or URL") from exc
     except IsADirectoryError as exc:
@@ -180,67 +221,185 @@ def _read_text(url: str, storage_options: dict | None) -> str:
             f"cannot read manifest {url}: {type(exc).__name__}: {exc}; "
             "check the URL, credentials and network"
         ) from exc
-    try:
-        return bytes(data).decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
+    if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestError(
-            f"manifest {url} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            f"manifest {url} is larger than {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB: "
+            "split it into several manifests"
+        )
+    return _decode(data, url)
+
+
+def _decode(data: bytes, url: str) -> str:
+    """UTF-8 (with or without BOM), or UTF-16 when it starts with a UTF-16 BOM."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not data.startswith(
+        codecs.BOM_UTF32_LE
+    ):
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ManifestError(
+            f"manifest {url} is not {encoding.upper().removesuffix('-SIG')} text (line {line}, "
+            f"byte {exc.start}); save it as UTF-8"
         ) from exc
 
 
-Row = tuple[int, Mapping[str, Any], str | None]
-"""(row number, cells, a structural problem with the row or None)."""
+@dataclass(frozen=True)
+class _Raw:
+    """One data row as read: its number, its cells, and a structural problem (or None)."""
+
+    row: int
+    cells: Mapping[str, Any]
+    problem: str | None = None
 
 
-def _csv_rows(text: str, url: str) -> tuple[list[str], list[Row]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _csv_rows(text: str, url: str) -> tuple[list[str], list[_Raw]]:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader, None)
-        if header is None:
-            return [], []
-        columns = [h.strip().lower() for h in header]
-        rows: list[Row] = []
-        for record in reader:
-            if not any(cell.strip() for cell in record):
-                continue  # blank line
-            problem = None
-            if len(record) > len(columns):
-                problem = (
-                    f"has {len(record)} cells but the header has {len(columns)} columns "
-                    "(quote cells that contain commas)"
-                )
-            cells = dict(zip(columns, record, strict=False))
-            rows.append((len(rows) + 1, cells, problem))
     except csv.Error as exc:
+        raise ManifestError(_csv_error(url, exc, 1, reader.line_num)) from exc
+    if header is None:
+        return [], []
+    names = [h.strip().lower() for h in header]
+    while names and not names[-1]:
+        names.pop()  # trailing separators after the last column name
+    _check_header(names, url)
+    rows: list[_Raw] = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise ManifestError(_csv_error(url, exc, start, reader.line_num)) from exc
+        if not any(cell.strip() for cell in record):
+            continue  # blank line
+        cells = {name: value for name, value in zip(names, record, strict=False) if name}
+        problem = _csv_record_problem(record, names, start, reader.line_num)
+        rows.append(_Raw(len(rows) + 1, cells, problem))
+    return [c for c in names if c], rows
+
+
+def _check_header(names: list[str], url: str) -> None:
+    seen: dict[str, int] = {}
+    for pos, name in enumerate(names, start=1):
+        if _text_problem(name, allow_newlines=False):
+            raise ManifestError(
+                f"manifest {url}: header column {pos} ({_shown(name, 40)}) contains a control "
+                "character; fix the header line"
+            )
+        if not name:
+            continue
+        if name in seen:
+            raise ManifestError(
+                f"manifest {url}: the header names column {name!r} twice (columns {seen[name]} "
+                f"and {pos}; names are case-insensitive); keep one"
+            )
+        seen[name] = pos
+
+
+def _csv_error(url: str, exc: csv.Error, start: int, line: int) -> str:
+    if "unexpected end of data" in str(exc):
+        return (
+            f"manifest {url} is not valid CSV: a quoted cell that starts on line {start} is "
+            'never closed; close the quote (write a quote inside a quoted cell as "")'
+        )
+    return (
+        f"manifest {url} is not valid CSV at line {line} (in the row starting on line "
+        f"{start}): {exc}; quote cells that contain quotes, commas or line breaks"
+    )
+
+
+def _csv_record_problem(record: list[str], names: list[str], start: int, end: int) -> str | None:
+    width = len(names)
+    where = f"line {start}" if end == start else f"lines {start}-{end}"
+    if len(record) < width:
+        return (
+            f"has {len(record)} cells but the header has {width} columns ({where}); "
+            "give every column a cell, even an empty one"
+        )
+    if any(cell.strip() for cell in record[width:]):
+        return (
+            f"has {len(record)} cells but the header has {width} columns ({where}); "
+            "quote cells that contain commas"
+        )
+    for pos, (name, value) in enumerate(zip(names, record, strict=False), start=1):
+        if not name and value.strip():
+            return f"has a value in column {pos}, which has no name in the header ({where})"
+    if end > start:
+        for cell in record:
+            continuation = cell.replace("\r\n", "\n").replace("\r", "\n").split("\n")[1:]
+            if any(line.count(",") >= width - 1 for line in continuation):
+                return (
+                    f"spans {where} and holds text that looks like further rows: a quote "
+                    f"opened on line {start} is probably never closed; keep each row on one line"
+                )
+    return None
+
+
+class _JsonObject(dict[str, Any]):
+    """A JSON object that remembers keys it saw twice (case-insensitively)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    obj = _JsonObject()
+    seen: set[str] = set()
+    dups: list[str] = []
+    for key, value in pairs:
+        norm = key.strip().lower()
+        if norm in seen:
+            dups.append(key)
+        seen.add(norm)
+        obj[key] = value
+    obj.duplicates = tuple(dups)
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number in standard JSON")
+
+
+def _json_value(text: str, url: str, where: str) -> Any:
+    """Parse JSON strictly; every way it can fail becomes one clean `ManifestError`."""
+    try:
+        return json.loads(text, object_pairs_hook=_object, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        line = f"line {where}" if where else f"line {exc.lineno}"
         raise ManifestError(
-            f"manifest {url} is not valid CSV (line {reader.line_num}): {exc}"
+            f"manifest {url} has malformed JSON ({line}, column {exc.colno}): {exc.msg}"
+            + ("; each line must be one JSON object" if where else "")
         ) from exc
-    return [c for c in columns if c], rows
+    except RecursionError as exc:
+        raise ManifestError(
+            f"manifest {url}: JSON nested too deeply{f' on line {where}' if where else ''}"
+        ) from exc
+    except ValueError as exc:  # a number with thousands of digits, NaN, Infinity
+        raise ManifestError(
+            f"manifest {url}: unusable JSON value{f' on line {where}' if where else ''}: "
+            f"{str(exc)[:200]}"
+        ) from exc
 
 
-def _jsonl_rows(text: str, url: str) -> tuple[list[str], list[Row]]:
-    rows: list[Row] = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+def _jsonl_rows(text: str, url: str) -> tuple[list[str], list[_Raw]]:
+    rows: list[_Raw] = []
+    # only "\n" ends a line: str.splitlines() would also split inside strings at U+2028 etc.
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(
-                f"manifest {url} has malformed JSON on line {line_no}: {exc.msg} "
-                f"(column {exc.colno}); each line must be one JSON object"
-            ) from exc
+        value = _json_value(line, url, str(line_no))
         rows.append(_json_row(len(rows) + 1, value))
     return _json_columns(rows), rows
 
 
-def _json_rows(text: str, url: str) -> tuple[list[str], list[Row]]:
-    try:
-        value = json.loads(text) if text.strip() else []
-    except json.JSONDecodeError as exc:
-        raise ManifestError(
-            f"manifest {url} is malformed JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}"
-        ) from exc
+def _json_rows(text: str, url: str) -> tuple[list[str], list[_Raw]]:
+    value = _json_value(text, url, "") if text.strip() else []
     if not isinstance(value, list):
         raise ManifestError(
             f"manifest {url} must be a JSON array of objects (got a {type(value).__name__}); "
@@ -250,20 +409,34 @@ def _json_rows(text: str, url: str) -> tuple[list[str], list[Row]]:
     return _json_columns(rows), rows
 
 
-def _json_row(row: int, value: Any) -> Row:
-    if isinstance(value, dict):
-        return (row, {str(k).strip().lower(): v for k, v in value.items()}, None)
-    return (row, {}, f"must be a JSON object (got {type(value).__name__})")
+def _json_row(row: int, value: Any) -> _Raw:
+    if not isinstance(value, dict):
+        return _Raw(row, {}, f"must be a JSON object (got {_json_type(value)})")
+    cells = {str(k).strip().lower(): v for k, v in value.items()}
+    dups = getattr(value, "duplicates", ())
+    if dups:
+        return _Raw(
+            row,
+            cells,
+            f"has the key {_shown(dups[0], 40)} more than once (keys are case-insensitive); "
+            "keep one",
+        )
+    return _Raw(row, cells)
 
 
-def _json_columns(rows: list[Row]) -> list[str]:
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
+        type(value), "null" if value is None else "number"
+    )
+
+
+def _json_columns(rows: list[_Raw]) -> list[str]:
     """Every key seen in any object, first-seen order (a column exists if any row has it)."""
     seen: dict[str, None] = {}
-    for _, cells, problem in rows:
-        if problem is None:
-            seen.update(dict.fromkeys(cells))
+    for raw in rows:
+        seen.update(dict.fromkeys(raw.cells))
     # Rows that are not objects are row errors; they must not make a column look missing.
-    if not seen and any(p for _, _, p in rows):
+    if not seen and any(raw.problem for raw in rows):
         return list(REQUIRED_COLUMNS)
     return list(seen)
 
@@ -272,21 +445,27 @@ def _json_columns(rows: list[Row]) -> list[str]:
 
 
 def _validate_rows(
-    rows: list[Row], defaults: ItemDefaults
+    rows: list[_Raw], defaults: ItemDefaults
 ) -> tuple[list[ManifestItem], list[RowError]]:
     items: list[ManifestItem] = []
     errors: list[RowError] = []
     first_row_of: dict[str, int] = {}
-    for row, cells, problem in rows:
-        if problem is not None:
-            errors.append(RowError(row, "row", problem))
+    for raw in rows:
+        row = raw.row
+        if raw.problem is not None:
+            own = _readable_id(raw.cells.get("id"))
+            if own is not None and own in first_row_of:
+                own = None  # another row has it: the result must not take its name
+            elif own is not None:
+                first_row_of[own] = row
+            errors.append(RowError(row, "row", raw.problem, own))
             continue
         row_errors: list[RowError] = []
-        fields = _RowFields(row, cells, defaults, row_errors)
+        fields = _RowFields(row, raw.cells, defaults, row_errors)
         explicit_id = fields.explicit_id()
         if row_errors:
-            _claim_id(explicit_id, row, first_row_of, row_errors)
-            errors.extend(row_errors)
+            own = _claim_id(explicit_id, row, first_row_of, row_errors)
+            errors.extend(_with_id(row_errors, own))
             continue
         item_id = (
             explicit_id
@@ -295,9 +474,9 @@ def _validate_rows(
                 fields.image_url, fields.prompt, fields.mode, fields.duration, fields.provider
             )[:12]
         )
-        _claim_id(item_id, row, first_row_of, row_errors)
+        own = _claim_id(item_id, row, first_row_of, row_errors)
         if row_errors:
-            errors.extend(row_errors)
+            errors.extend(_with_id(row_errors, own if explicit_id else None))
             continue
         items.append(
             ManifestItem(
@@ -314,19 +493,58 @@ def _validate_rows(
     return items, errors
 
 
-def _claim_id(item_id: str | None, row: int, first: dict[str, int], errors: list[RowError]) -> None:
+def _with_id(errors: list[RowError], item_id: str | None) -> list[RowError]:
+    return [RowError(e.row, e.field, e.reason, item_id) for e in errors]
+
+
+def _claim_id(
+    item_id: str | None, row: int, first: dict[str, int], errors: list[RowError]
+) -> str | None:
+    """Claim `item_id` for `row`; the id if it is the row's own, None if taken (an error)."""
     if item_id is None:
-        return
+        return None
     if item_id in first:
         errors.append(
             RowError(row, "id", f"duplicate id {item_id!r} (first used on row {first[item_id]})")
         )
-    else:
-        first[item_id] = row
+        return None
+    first[item_id] = row
+    return item_id
+
+
+def _readable_id(value: Any) -> str | None:
+    """`value` as an id if it is one (the same rules as the id column), else None."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = str(value).strip() if isinstance(value, str) or abs(value) < 10**130 else ""
+    if ID_PATTERN.fullmatch(text) and ".." not in text:
+        return text
+    return None
 
 
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _text_problem(text: str, *, allow_newlines: bool) -> str | None:
+    """Why `text` cannot be used as a cell (control character, lone surrogate, too long)."""
+    if len(text) > MAX_CELL_CHARS:
+        return f"is longer than {MAX_CELL_CHARS} characters"
+    for pos, ch in enumerate(text, start=1):
+        cat = unicodedata.category(ch)
+        if cat == "Cs":
+            return f"contains a lone surrogate (U+{ord(ch):04X}) at position {pos}"
+        if cat == "Cc" and not (allow_newlines and ch in "\t\n\r"):
+            return f"contains a control character (U+{ord(ch):04X}) at position {pos}"
+    return None
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A cell value for a message: repr (control characters escaped), cut to `limit`."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return f"a JSON {_json_type(value)}"
+    text = repr(value[: limit + 1]) if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class _RowFields:
@@ -337,7 +555,12 @@ class _RowFields:
     ) -> None:
         self.row, self.cells, self.errors = row, cells, errors
         self.image_url = self._required_text("image_url")
-        self.prompt = self._required_text("prompt")
+        if self.image_url:
+            try:
+                image_url_kind(self.image_url)
+            except ImageUrlError as exc:
+                self._error("image_url", str(exc))
+        self.prompt = self._required_text("prompt", allow_newlines=True)
         self.mode = self._choice("mode", defaults.mode, MODE_ALIASES, "standard or pro")
         self.provider = self._choice(
             "provider",
@@ -351,40 +574,69 @@ class _RowFields:
     def _error(self, name: str, reason: str) -> None:
         self.errors.append(RowError(self.row, name, reason))
 
-    def _required_text(self, name: str) -> str:
+    def _required_text(self, name: str, *, allow_newlines: bool = False) -> str:
         value = self.cells.get(name)
         if _blank(value):
             self._error(name, "is required and must not be empty")
             return ""
         if not isinstance(value, str):
-            self._error(name, f"must be text (got {type(value).__name__})")
+            self._error(name, f"must be text (got {_json_type(value)})")
+            return ""
+        problem = _text_problem(value, allow_newlines=allow_newlines)
+        if problem:
+            self._error(name, problem)
             return ""
         return value.strip()
 
-    def _choice(self, name: str, default: Any, allowed: Mapping[str, Any], shown: str) -> Any:
+    def _text(self, name: str) -> str | None:
+        """The cell as stripped text for a choice field; None (with an error) if unusable."""
         value = self.cells.get(name)
-        if _blank(value):
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            self._error(name, f"must be text (got {_json_type(value)})")
+            return None
+        text = value if isinstance(value, str) else repr(value)
+        problem = _text_problem(text, allow_newlines=False)
+        if problem:
+            self._error(name, problem)
+            return None
+        return text.strip()
+
+    def _choice(self, name: str, default: Any, allowed: Mapping[str, Any], shown: str) -> Any:
+        if _blank(self.cells.get(name)):
             return default
-        key = str(value).strip().lower()
+        text = self._text(name)
+        if text is None:
+            return default
+        key = text.lower()
         if key not in allowed:
-            self._error(name, f"must be {shown} (got {value!r})")
+            self._error(name, f"must be {shown} (got {_shown(text)})")
             return default
         return allowed[key]
 
     def _duration(self, default: int) -> int | None:
         value = self.cells.get("duration")
-        if self.mode == Mode.PRO:
-            self.dropped_duration = not _blank(value)
-            return None
+        pro = self.mode == Mode.PRO
         if _blank(value):
-            return default
+            return None if pro else default
         number = _as_int(value)
         if number is None:
-            self._error("duration", f"must be a whole number of seconds, 6 or 10 (got {value!r})")
-            return default
+            self._error(
+                "duration",
+                f"must be a whole number of seconds, 6 or 10 (got {_shown(value)})"
+                + ("; pro mode is always 6 s, so it can be left empty" if pro else ""),
+            )
+            return None if pro else default
         if number not in STANDARD_DURATIONS:
-            self._error("duration", f"must be 6 or 10 for standard mode (got {number})")
-            return default
+            reason = (
+                f"pro mode is always 6 s: leave duration empty, or give 6 or 10 (got {number})"
+                if pro
+                else f"must be 6 or 10 for standard mode (got {number})"
+            )
+            self._error("duration", reason)
+            return None if pro else default
+        if pro:
+            self.dropped_duration = True
+            return None
         return number
 
     def explicit_id(self) -> str | None:
@@ -392,17 +644,17 @@ class _RowFields:
         if _blank(value):
             return None
         if isinstance(value, bool) or not isinstance(value, str | int):
-            self._error("id", f"must be text (got {type(value).__name__})")
+            self._error("id", f"must be text (got {_json_type(value)})")
             return None
-        text = str(value).strip()
-        if not ID_PATTERN.fullmatch(text) or ".." in text:
+        own = _readable_id(value)
+        if own is None:
             self._error(
                 "id",
-                f"{text!r} is not a valid id: use 1-128 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit, without '..' or slashes",
+                f"{_shown(str(value).strip() if isinstance(value, str) else value)} is not a "
+                "valid id: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
+                "or digit, without '..' or slashes",
             )
-            return None
-        return text
+        return own
 
 
 def _as_int(value: Any) -> int | None:
@@ -412,7 +664,8 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, int):
         return value
     if isinstance(value, float):
-        return int(value) if value.is_integer() else None
-    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.0*)?\s*", value):
-        return int(float(value))
+        return int(value) if value.is_integer() and abs(value) < 1e15 else None
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]{1,9})(\.0*)?\s*", value)
+        return int(match.group(1)) if match else None
     return None

@@ -94,7 +94,7 @@ def test_duration_as_numeric_text(tmp_path: Path, cell: str) -> None:
     assert m.items[0].duration == int(float(cell))
 
 
-def test_pro_drops_any_duration_and_says_so(tmp_path: Path) -> None:
+def test_pro_drops_a_standard_duration_and_says_so(tmp_path: Path) -> None:
     m = load_manifest(csv_manifest(tmp_path, f"a,{IMG},p,pro,10", f"b,{IMG},p,pro,"))
     assert [(i.duration, i.dropped_duration) for i in m.items] == [(None, True), (None, False)]
 
@@ -273,7 +273,7 @@ def test_jsonl_rows_count_data_lines(tmp_path: Path) -> None:
     assert m.items[1].mode == Mode.PRO and m.items[1].row == 3
     assert [str(e) for e in m.errors] == [
         "row 2, field 'duration': must be 6 or 10 for standard mode (got 7)",
-        "row 4, field 'row': must be a JSON object (got list)",
+        "row 4, field 'row': must be a JSON object (got array)",
     ]
 
 

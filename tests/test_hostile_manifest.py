@@ -1,0 +1,346 @@
+"""Manifests as they arrive from people, spreadsheets and other systems: malformed CSV, hostile
+JSON, odd encodings, control characters and URL forms. A file that does not parse cleanly is
+refused with its line; a broken row is reported invalid with its row, id and field; nothing
+broken becomes an item (an item is what gets paid for)."""
+
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+
+import pytest
+
+from hailuo_batch.apixo.models import Mode
+from hailuo_batch.manifest import ManifestError, RowError, load_manifest
+
+IMG = "https://cdn.example.com/a.jpg"
+
+
+def write(tmp_path: Path, name: str, data: str | bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data)
+    return str(path)
+
+
+def rows_of(m) -> dict[int, str]:  # type: ignore[no-untyped-def]
+    """row -> "item" or the fields of its errors: every row exactly once."""
+    out: dict[int, str] = {}
+    for item in m.items:
+        assert item.row not in out
+        out[item.row] = "item"
+    for e in m.errors:
+        assert out.get(e.row, "err").startswith("err"), f"row {e.row} is an item and an error"
+        out[e.row] = out.get(e.row, "err") + ":" + e.field
+    assert sorted(out) == list(range(1, m.total_rows + 1))
+    return out
+
+
+# --- CSV: strict parsing ----------------------------------------------------------------------
+
+
+def test_an_unterminated_quote_refuses_the_file_with_its_line(tmp_path: Path) -> None:
+    """The review's case: the quote swallowed three rows into one prompt, paid as one item."""
+    text = (
+        "id,image_url,prompt\n"
+        f"a,{IMG},first\n"
+        f'b,{IMG},"never closed\n'
+        f"c,{IMG},third\n"
+        f"d,{IMG},fourth\n"
+        f"e,{IMG},fifth\n"
+    )
+    with pytest.raises(ManifestError, match=r"starts on line 3 is never closed"):
+        load_manifest(write(tmp_path, "m.csv", text))
+
+
+def test_text_after_a_closing_quote_refuses_the_file(tmp_path: Path) -> None:
+    text = f'id,image_url,prompt\na,{IMG},"quoted" then more\nb,{IMG},ok\n'
+    with pytest.raises(ManifestError, match=r"not valid CSV at line 2"):
+        load_manifest(write(tmp_path, "m.csv", text))
+
+
+def test_rows_glued_by_a_stray_quote_are_one_invalid_row(tmp_path: Path) -> None:
+    """A stray quote closed by another stray quote further down: the parse succeeds, but the
+    glued cell holds lines that look like rows; it is reported, never submitted."""
+    text = (
+        "id,image_url,prompt\n"
+        f"a,{IMG},first\n"
+        f'b,{IMG},"oops\n'
+        f"c,{IMG},third\n"
+        f'd,{IMG},fourth"\n'
+        f"e,{IMG},fifth\n"
+    )
+    m = load_manifest(write(tmp_path, "m.csv", text))
+    assert [i.id for i in m.items] == ["a", "e"]
+    [err] = m.errors
+    assert (err.row, err.field, err.id) == (2, "row", "b")
+    assert "lines 3-5" in err.reason and "never closed" in err.reason
+
+
+def test_a_multi_line_prompt_without_row_lookalikes_is_kept(tmp_path: Path) -> None:
+    text = f'id,image_url,prompt,mode\na,{IMG},"line one\nline two",pro\n'
+    m = load_manifest(write(tmp_path, "m.csv", text))
+    assert [(i.prompt, i.mode) for i in m.items] == [("line one\nline two", Mode.PRO)]
+
+
+@pytest.mark.parametrize("header", ["id,image_url,prompt,PROMPT", "image_url, Prompt ,prompt"])
+def test_a_column_named_twice_refuses_the_file(tmp_path: Path, header: str) -> None:
+    with pytest.raises(ManifestError, match=r"names column 'prompt' twice"):
+        load_manifest(write(tmp_path, "m.csv", f"{header}\n{IMG},a,b,c\n"))
+
+
+def test_ragged_rows_are_each_reported(tmp_path: Path) -> None:
+    text = (
+        "id,image_url,prompt,mode\n"
+        f"a,{IMG},short row\n"  # 3 cells
+        f"b,{IMG},fine,pro\n"
+        f"c,{IMG},too,pro,many\n"  # 5 cells
+        f"d,{IMG},trailing empty,pro,,\n"  # trailing empty cells are harmless
+    )
+    m = load_manifest(write(tmp_path, "m.csv", text))
+    assert [i.id for i in m.items] == ["b", "d"]
+    assert [(e.row, e.field, e.id) for e in m.errors] == [(1, "row", "a"), (3, "row", "c")]
+    assert "3 cells but the header has 4 columns (line 2)" in m.errors[0].reason
+    assert "5 cells" in m.errors[1].reason
+
+
+def test_a_value_under_a_nameless_column_is_reported(tmp_path: Path) -> None:
+    m = load_manifest(write(tmp_path, "m.csv", f"image_url,,prompt\n{IMG},x,p\n{IMG},,q\n"))
+    assert [i.prompt for i in m.items] == ["q"]
+    assert "no name in the header" in m.errors[0].reason
+
+
+def test_nul_bytes_and_control_characters(tmp_path: Path) -> None:
+    text = (
+        "id,image_url,prompt\n"
+        f'a,{IMG},"nul \x00 inside"\n'
+        f"b,{IMG}\x1b[2J,escape in url\n"
+        f"c,{IMG},tab\tis fine\n"
+        "d\x07,https://cdn.example.com/d.jpg,bell in id\n"
+    )
+    m = load_manifest(write(tmp_path, "m.csv", text))
+    assert [i.id for i in m.items] == ["c"]
+    assert [(e.row, e.field) for e in m.errors] == [(1, "prompt"), (2, "image_url"), (4, "id")]
+    assert all("U+00" in e.reason for e in m.errors[:2])
+    assert "not a valid id" in m.errors[2].reason and "\\x07" in m.errors[2].reason
+    # the rows kept their ids where they were readable, and not where the id was the problem
+    assert [e.id for e in m.errors] == ["a", "b", None]
+
+
+# --- encodings ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bom", [codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE])
+def test_utf16_with_bom_is_read(tmp_path: Path, bom: bytes) -> None:
+    codec = "utf-16-le" if bom == codecs.BOM_UTF16_LE else "utf-16-be"
+    data = bom + f"image_url,prompt\n{IMG},café ☕\n".encode(codec)
+    m = load_manifest(write(tmp_path, "m.csv", data))
+    assert [i.prompt for i in m.items] == ["café ☕"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"image_url,prompt\nhttps://x/a.jpg,caf\xe9\n",  # Latin-1
+        b"image_url,prompt\nhttps://x/a.jpg,\xed\xa0\x80\n",  # an encoded surrogate
+        b"\xff\xfe\x00\x00i\x00\x00\x00",  # UTF-32
+        b"\x00\x01\x02\xff" * 10,
+    ],
+)
+def test_other_encodings_are_refused_with_a_line(tmp_path: Path, data: bytes) -> None:
+    with pytest.raises(ManifestError, match=r"line \d+"):
+        load_manifest(write(tmp_path, "m.csv", data))
+
+
+# --- JSON and JSON Lines ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["m.json", "m.jsonl"])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"image_url": "x", "prompt": "p", "duration": ' + "9" * 5000 + "}", "unusable JSON"),
+        ('{"image_url": "x", "prompt": "p", "duration": NaN}', "unusable JSON"),
+        ('{"image_url": "x", "prompt": "p", "duration": -Infinity}', "unusable JSON"),
+        ('{"image_url": "x", "prompt": "p",}', "malformed JSON"),
+    ],
+)
+def test_whole_file_json_problems_are_one_clean_error(
+    tmp_path: Path, name: str, body: str, message: str
+) -> None:
+    text = body if name.endswith("l") else f"[{body}]"
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(write(tmp_path, name, text))
+
+
+def test_jsonl_names_the_line_of_a_whole_file_problem(tmp_path: Path) -> None:
+    good = json.dumps({"image_url": IMG, "prompt": "p"})
+    with pytest.raises(ManifestError, match="on line 3"):
+        load_manifest(write(tmp_path, "m.jsonl", f"{good}\n\n{'[' * 50_000}\n"))
+
+
+def test_lone_surrogates_make_the_row_invalid_not_the_run_crash(tmp_path: Path) -> None:
+    lines = [
+        '{"id": "a", "image_url": "https://x.example/a.jpg", "prompt": "bad \\ud800 here"}',
+        '{"id": "b", "image_url": "https://x.example/\\udfff.jpg", "prompt": "p"}',
+        '{"id": "c\\ud800", "image_url": "https://x.example/c.jpg", "prompt": "p"}',
+        '{"id": "d", "image_url": "https://x.example/d.jpg", "prompt": "a pair \\ud83d\\ude00"}',
+    ]
+    m = load_manifest(write(tmp_path, "m.jsonl", "\n".join(lines)))
+    assert [(i.id, i.prompt) for i in m.items] == [("d", "a pair \U0001f600")]
+    assert [(e.row, e.field, e.id) for e in m.errors] == [
+        (1, "prompt", "a"),
+        (2, "image_url", "b"),
+        (3, "id", None),
+    ]
+    assert all("surrogate" in e.reason for e in m.errors[:2])
+    assert "not a valid id" in m.errors[2].reason
+    assert all(str(e).encode("utf-8") for e in m.errors)  # printable: no surrogate in messages
+
+
+def test_line_separators_inside_json_strings_do_not_split_lines(tmp_path: Path) -> None:
+    row = json.dumps({"image_url": IMG, "prompt": "one\u2028two\u2029three"}, ensure_ascii=False)
+    m = load_manifest(write(tmp_path, "m.jsonl", row + "\n"))
+    assert [i.prompt for i in m.items] == ["one\u2028two\u2029three"]
+
+
+def test_a_key_given_twice_is_an_invalid_row(tmp_path: Path) -> None:
+    lines = [
+        f'{{"id": "a", "image_url": "{IMG}", "prompt": "first", "prompt": "second"}}',
+        f'{{"id": "b", "image_url": "{IMG}", "prompt": "x", "PROMPT": "y"}}',
+        f'{{"id": "c", "image_url": "{IMG}", "prompt": "fine"}}',
+    ]
+    m = load_manifest(write(tmp_path, "m.jsonl", "\n".join(lines)))
+    assert [i.id for i in m.items] == ["c"]
+    assert [(e.row, e.id) for e in m.errors] == [(1, "a"), (2, "b")]
+    assert all("more than once" in e.reason for e in m.errors)
+
+
+@pytest.mark.parametrize(
+    ("cell", "field"),
+    [
+        ({"nested": 1}, "prompt"),
+        ([IMG], "image_url"),
+        (True, "duration"),
+        (6.5, "duration"),
+        (1e300, "duration"),
+        ("1" * 400, "duration"),
+        ([], "mode"),
+        ({"a": [1, [2, [3]]]}, "provider"),
+        (None, "prompt"),
+    ],
+)
+def test_wrongly_typed_cells_are_row_errors(tmp_path: Path, cell: object, field: str) -> None:
+    row = {"id": "a", "image_url": IMG, "prompt": "p", field: cell}
+    m = load_manifest(write(tmp_path, "m.json", json.dumps([row])))
+    assert m.items == []
+    assert {(e.row, e.field, e.id) for e in m.errors} == {(1, field, "a")}
+
+
+def test_a_huge_cell_is_a_row_error(tmp_path: Path) -> None:
+    rows = [
+        {"id": "a", "image_url": IMG, "prompt": "x" * 200_000},
+        {"image_url": IMG, "prompt": "p"},
+    ]
+    m = load_manifest(write(tmp_path, "m.json", json.dumps(rows)))
+    assert len(m.items) == 1
+    assert (m.errors[0].field, m.errors[0].id) == ("prompt", "a")
+    assert "longer than" in m.errors[0].reason
+
+
+# --- URL forms, before any I/O -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "simplecache::http://127.0.0.1/a.jpg",
+        "zip://a.jpg::http://127.0.0.1/x.zip",
+        "file:///etc/passwd",
+        "ftp://127.0.0.1/a.jpg",
+        "webhdfs://127.0.0.1:50070/a.jpg",
+        "data:image/png;base64,AAAA",
+        "s3:/bucket/a.jpg",
+        "http:/example.com/a.jpg",
+        "http://[::1/a.jpg",
+        "http://example.com:70000/a.jpg",
+    ],
+)
+def test_unaccepted_image_url_forms_are_row_errors(tmp_path: Path, url: str) -> None:
+    m = load_manifest(
+        write(tmp_path, "m.json", json.dumps([{"id": "x", "image_url": url, "prompt": "p"}]))
+    )
+    assert m.items == []
+    assert [(e.row, e.field, e.id) for e in m.errors] == [(1, "image_url", "x")]
+
+
+# --- ids on invalid rows ---------------------------------------------------------------------
+
+
+def test_invalid_rows_keep_their_own_id_but_never_another_rows(tmp_path: Path) -> None:
+    text = (
+        "id,image_url,prompt,duration\n"
+        f"a,{IMG},p,7\n"  # invalid, own id a
+        f"b,{IMG},p,\n"  # valid
+        f"b,{IMG},q,\n"  # duplicate of a valid row: must not take b's name
+        f"a,{IMG},r,\n"  # duplicate of an invalid row: a is taken by row 1
+        f",{IMG},,\n"  # no id at all
+        f"../x,{IMG},p,\n"  # an id that is not valid is not readable
+    )
+    m = load_manifest(write(tmp_path, "m.csv", text))
+    assert [i.id for i in m.items] == ["b"]
+    assert [(e.row, e.field, e.id) for e in m.errors] == [
+        (1, "duration", "a"),
+        (3, "id", None),
+        (4, "id", None),
+        (5, "prompt", None),
+        (6, "id", None),
+    ]
+    assert rows_of(m) == {
+        1: "err:duration",
+        2: "item",
+        3: "err:id",
+        4: "err:id",
+        5: "err:prompt",
+        6: "err:id",
+    }
+
+
+def test_row_error_is_still_built_positionally() -> None:
+    err = RowError(3, "prompt", "is required")
+    assert (err.row, err.field, err.reason, err.id) == (3, "prompt", "is required", None)
+    assert str(err) == "row 3, field 'prompt': is required"
+
+
+# --- pro rows and durations ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", ["banana", "7", "6.5", "-6", "{}", "1e9"])
+def test_pro_rows_do_not_accept_any_duration_text(tmp_path: Path, cell: str) -> None:
+    m = load_manifest(
+        write(tmp_path, "m.csv", f"id,image_url,prompt,mode,duration\na,{IMG},p,pro,{cell}\n")
+    )
+    assert m.items == []
+    [err] = m.errors
+    assert (err.field, err.id) == ("duration", "a")
+    assert "pro mode is always 6 s" in err.reason
+
+
+@pytest.mark.parametrize("cell", ["6", "10", " 10.0 "])
+def test_pro_rows_drop_a_standard_duration_and_say_so(tmp_path: Path, cell: str) -> None:
+    m = load_manifest(
+        write(tmp_path, "m.csv", f"id,image_url,prompt,mode,duration\na,{IMG},p,pro,{cell}\n")
+    )
+    assert [(i.duration, i.dropped_duration) for i in m.items] == [(None, True)]
+
+
+def test_a_manifest_over_the_size_limit_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hailuo_batch import manifest
+
+    monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", 1000)
+    text = "image_url,prompt\n" + f"{IMG},p\n" * 100
+    with pytest.raises(ManifestError, match="larger than"):
+        load_manifest(write(tmp_path, "m.csv", text))
