@@ -1,7 +1,13 @@
 """`hailuo-batch`: run batches, validate manifests, and start the local apixo emulator.
 
-Exit codes: 0 success (a run that completed, even with some items skipped or failed);
-1 validation found invalid rows, or the run itself failed; 2 bad usage or settings.
+Exit codes:
+  0  success: `validate` found every row valid; `run`/`rerun` completed (even with some items
+     skipped, failed or invalid: the results file says which)
+  1  `validate` found invalid rows or could not use the manifest; a run failed (its flow run
+     ended Failed or Crashed, e.g. an unreadable manifest or an unreachable API)
+  2  bad usage or a bad setting (option, HAILUO_* / APIXO_* variable, --output): reported in one
+     line before the manifest is read and before anything is paid
+  130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ examples:
   hailuo-batch emulator --time-scale 0.01 --api-key demo
   hailuo-batch validate manifest.csv
   hailuo-batch run manifest.csv --output s3://my-bucket/videos --concurrency 20
+
+exit codes: 0 success, 1 invalid rows (validate) or a failed run, 2 bad usage or setting
 """
 
 
@@ -168,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print every problem of MANIFEST and the cost estimate. Exit 1 on any bad row.",
     )
     v.add_argument("manifest", help="CSV, JSONL or JSON manifest: a path or fsspec URL")
+    v.add_argument(
+        "--output",
+        "-o",
+        default=None,
+        help="the output the run will use (default: HAILUO_OUTPUT or ./output); local image "
+        "paths need an s3:// output",
+    )
     _add_item_defaults(v)
     v.add_argument("--json", action="store_true", help="print a JSON report instead of text")
 
@@ -233,19 +248,29 @@ def _defaults(args: argparse.Namespace) -> Any:
 def cmd_validate(args: argparse.Namespace) -> int:
     from hailuo_batch.manifest import ManifestError, load_manifest
     from hailuo_batch.policy import Prices, estimate_cost
-    from hailuo_batch.settings import get_settings
+    from hailuo_batch.settings import check_output_url, get_settings, output_is_local
     from hailuo_batch.validation import preflight
 
     settings = get_settings()
+    if args.output is not None:
+        output = check_output_url(args.output, name="--output")
+    else:
+        output = check_output_url(settings.output, name="HAILUO_OUTPUT")
+    local_output = output_is_local(output)
     try:
         manifest = load_manifest(args.manifest, _defaults(args))
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     with ThreadPoolExecutor(max_workers=8) as pool:
-        checks = list(pool.map(lambda i: preflight(i, settings=settings), manifest.items))
+        checks = list(
+            pool.map(
+                lambda i: preflight(i, settings=settings, output_is_local=local_output),
+                manifest.items,
+            )
+        )
     problems: list[tuple[int, str | None, str | None, str]] = [
-        (e.row, None, e.field, e.reason) for e in manifest.errors
+        (e.row, e.id, e.field, e.reason) for e in manifest.errors
     ]
     problems += [(c.item.row, c.item.id, c.field, "; ".join(c.errors)) for c in checks if not c.ok]
     problems.sort(key=lambda p: p[0])
@@ -289,16 +314,7 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
 
     from flows.batch import run_flow_sync
     from hailuo_batch import progress as prog
-    from hailuo_batch.settings import get_settings
 
-    settings = get_settings()  # a bad setting fails here, before anything is paid
-    if not params.get("credentials_block") and settings.apixo_api_key is None:
-        print(
-            "error: no apixo API key: set APIXO_API_KEY, or pass --credentials-block NAME "
-            "(an ApixoCredentials block; see README)",
-            file=sys.stderr,
-        )
-        return 2
     bar = Progress(
         TextColumn("[bold]items"),
         BarColumn(),
@@ -335,7 +351,39 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
     return 1
 
 
+def _check_output(output: str | None, storage_block: str | None) -> str | None:
+    """The --output given (checked), or the default when no storage block names one.
+
+    A bad output is a bad setting: `BadSettingError` (exit 2) before the manifest is read.
+    """
+    from hailuo_batch.settings import check_output_url, get_settings
+
+    if output is not None:
+        return check_output_url(output, name="--output")
+    if not storage_block:
+        check_output_url(get_settings().output, name="HAILUO_OUTPUT")
+    return None
+
+
+def _missing_api_key(credentials_block: str | None) -> bool:
+    """True (and says so) when neither APIXO_API_KEY nor a credentials block gives a key."""
+    from hailuo_batch.settings import get_settings
+
+    if credentials_block or get_settings().apixo_api_key is not None:
+        return False
+    print(
+        "error: no apixo API key: set APIXO_API_KEY, or pass --credentials-block NAME "
+        "(an ApixoCredentials block; see README)",
+        file=sys.stderr,
+    )
+    return True
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    output = _check_output(args.output, args.storage_block)
+    if _missing_api_key(args.credentials_block):
+        return 2
+
     from flows.batch import generate_videos
     from hailuo_batch.apixo import RequestType
 
@@ -344,7 +392,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         generate_videos,
         args.quiet,
         manifest=args.manifest,
-        output=args.output,
+        output=output,
         mode=defaults.mode,
         duration=defaults.duration,
         provider=defaults.provider,
@@ -359,6 +407,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
+    output = None if args.output is None else _check_output(args.output, None)
+    if _missing_api_key(args.credentials_block):
+        return 2
+
     from flows.rerun import rerun_failed
     from hailuo_batch.apixo import Provider
     from hailuo_batch.rerun import DEFAULT_RERUN_STATUSES
@@ -374,7 +426,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         duration=args.duration,
         provider=None if args.provider is None else Provider(args.provider),
         prompt_suffix=args.prompt_suffix,
-        output=args.output,
+        output=output,
         concurrency=args.concurrency,
         max_cost_usd=args.max_cost,
         credentials_block=args.credentials_block,
@@ -442,7 +494,19 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_settings() -> None:
+    """Read the settings once up front: a malformed one stops here (exit 2), before any work.
+    `HAILUO_*` variables that are no setting (typos) are named on stderr."""
+    from hailuo_batch.settings import get_settings, unknown_variables
+
+    for name in unknown_variables():
+        print(f"warning: {name} is not a setting and is ignored", file=sys.stderr)
+    get_settings()
+
+
 def main(argv: list[str] | None = None) -> None:
+    from hailuo_batch.settings import BadSettingError
+
     args = build_parser().parse_args(argv)
     handlers = {
         "run": cmd_run,
@@ -452,7 +516,12 @@ def main(argv: list[str] | None = None) -> None:
         "receiver": cmd_receiver,
     }
     try:
+        if args.command != "emulator":
+            _load_settings()
         code = handlers[args.command](args)
+    except BadSettingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
     except ValidationError as exc:
         print(f"error: invalid setting: {exc}", file=sys.stderr)
         code = 2

@@ -9,21 +9,117 @@ S3-compatible store works unchanged.
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+import unicodedata
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+import fsspec
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 DEFAULT_BASE_URL = "https://api.apixo.ai"
 
 FailClass = Literal["content", "bad_input", "transient", "balance", "unknown"]
+ENV_PREFIX = "HAILUO_"
+#: output protocols a store may use (besides a plain local path)
+OUTPUT_PROTOCOLS = ("file", "s3")
+#: HAILUO_* variables read outside these settings (not typos)
+OTHER_VARIABLES = ("HAILUO_PROJECT_DIR", "HAILUO_DEMO_DIR", "HAILUO_DEMO_PREFECT_PORT")
+_SCHEME_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
+
+
+class BadSettingError(ValueError):
+    """A setting or option is malformed; the message names it and says what to write instead."""
+
+
+def check_output_url(url: str, *, name: str = "output") -> str:
+    """`url` (stripped) if it is a usable output location, else `BadSettingError`.
+
+    Accepted: a plain local path, `file://...` and `s3://bucket[/prefix]` (s3fs). Refused with
+    a message that says what to write: empty, chained (`a::b`), control characters, a scheme
+    without `//` (`s3:/bucket`, `s3:bucket`: a local folder named `s3:` is never what was
+    meant), and any other protocol, whether fsspec knows it or not (`gs://`, `htp://`).
+    `name` is how the caller calls the setting (`--output`, `HAILUO_OUTPUT`).
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise BadSettingError(f"{name} is empty: give a local folder or s3://bucket/prefix")
+    url = url.strip()
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in url):
+        raise BadSettingError(f"{name} {url!r} contains a control character: remove it")
+    if "::" in url:
+        raise BadSettingError(
+            f"{name} {url!r} is a chained URL ('::'): give a local folder or s3://bucket/prefix"
+        )
+    match = _SCHEME_PREFIX.match(url)
+    if match is None:
+        if "://" in url:
+            raise BadSettingError(
+                f"{name} {url!r} is not understood: give a local folder or s3://bucket/prefix"
+            )
+        if ":" in url.split("/", 1)[0]:
+            raise BadSettingError(
+                f"{name} {url!r} starts with a ':' that may be read as a URL scheme: write "
+                f"./{url} for a local folder of that name, or s3://bucket/prefix"
+            )
+        return url
+    scheme = match.group(1)
+    rest = url[match.end() :]
+    if not rest.startswith("//"):
+        if scheme.lower() in OUTPUT_PROTOCOLS or _protocol_installed(scheme.lower()):
+            raise BadSettingError(
+                f"{name} {url!r} looks like a {scheme.lower()}:// URL but lacks '//': write "
+                f"{scheme.lower()}://{rest.lstrip('/')} (or ./{url} for a local folder with ':' "
+                "in its name)"
+            )
+        raise BadSettingError(
+            f"{name} {url!r} starts with '{scheme}:', which reads as a URL scheme: write "
+            f"./{url} for a local folder of that name, or s3://bucket/prefix"
+        )
+    if scheme not in OUTPUT_PROTOCOLS:
+        hint = ""
+        if scheme.lower() in OUTPUT_PROTOCOLS:
+            hint = f" (write {scheme.lower()}:// in lower case)"
+        elif not _protocol_installed(scheme):
+            hint = " (this protocol is not installed or not known)"
+        raise BadSettingError(
+            f"{name} {url!r}: protocol {scheme}:// is not supported{hint}; "
+            "give a local folder, file:///path or s3://bucket/prefix"
+        )
+    if scheme == "s3":
+        bucket = rest[2:].split("/", 1)[0]
+        if not bucket:
+            raise BadSettingError(f"{name} {url!r} names no bucket: write s3://bucket/prefix")
+        if not _protocol_installed("s3"):
+            raise BadSettingError(f"{name} {url!r}: s3:// needs the s3fs package installed")
+    elif not rest[2:]:
+        raise BadSettingError(f"{name} {url!r} names no folder: write file:///path/to/folder")
+    return url
+
+
+def _protocol_installed(protocol: str) -> bool:
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError):
+        return False
+    return True
+
+
+def output_is_local(url: str) -> bool:
+    """True for an output that is a local folder (plain path or file://), after checking it."""
+    return not check_output_url(url).startswith("s3://")
 
 
 class Settings(BaseSettings):
     """Settings for the client, the flow, the CLI and the receiver."""
 
-    model_config = SettingsConfigDict(env_prefix="HAILUO_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True, allow_inf_nan=False
+    )
 
     # --- provider -----------------------------------------------------------------------------
     apixo_api_key: SecretStr | None = Field(
@@ -103,7 +199,10 @@ class Settings(BaseSettings):
     # --- output -------------------------------------------------------------------------------
     output: str = Field("./output", description="Default output location (path or fsspec URL).")
     presign_expiry_s: int = Field(
-        3600, gt=0, description="Lifetime of presigned URLs for staged s3/local images."
+        3600,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Lifetime of presigned URLs for staged s3/local images (S3 allows 7 days).",
     )
 
     # --- callbacks ----------------------------------------------------------------------------
@@ -121,16 +220,107 @@ class Settings(BaseSettings):
         description="Callback mode: interval of the slow status poll that recovers lost callbacks.",
     )
 
+    @field_validator("output")
+    @classmethod
+    def _check_output(cls, v: str) -> str:
+        return check_output_url(v, name="HAILUO_OUTPUT")
+
+    @field_validator("callback_store")
+    @classmethod
+    def _check_callback_store(cls, v: str) -> str:
+        return check_output_url(v, name="HAILUO_CALLBACK_STORE")
+
+    @field_validator("callback_url")
+    @classmethod
+    def _check_callback_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if not re.match(r"^https?://[^/?#\s]+", v) or any(ch.isspace() for ch in v):
+            raise ValueError("HAILUO_CALLBACK_URL must be an http:// or https:// URL with a host")
+        return v
+
     @field_validator("apixo_base_url")
     @classmethod
     def _strip_slash(cls, v: str) -> str:
         v = v.strip().rstrip("/")
         if not v.startswith(("http://", "https://")):
-            raise ValueError("APIXO_BASE_URL must start with http:// or https://")
+            raise ValueError(f"APIXO_BASE_URL {v[:80]!r} must start with http:// or https://")
         return v
+
+
+_SECRET_VARIABLES = ("APIXO_API_KEY", "HAILUO_CALLBACK_TOKEN")
+
+
+def _variable_name(field_name: str) -> str:
+    """The environment variable of a settings field (or the alias it is read from)."""
+    if field_name.isupper():
+        return field_name  # an alias such as APIXO_BASE_URL
+    info = Settings.model_fields.get(field_name)
+    alias = getattr(info, "validation_alias", None) if info else None
+    choices = getattr(alias, "choices", None)
+    if choices:
+        return str(choices[0])
+    return ENV_PREFIX + field_name.upper()
+
+
+def settings_error_message(exc: Exception) -> str:
+    """One line per broken setting, naming the environment variable; values of secrets hidden."""
+    if isinstance(exc, SettingsError):
+        found = re.search(r'field "([^"]+)"', str(exc))
+        var = _variable_name(found.group(1)) if found else "a setting"
+        cause = exc.__cause__
+        why = f": {cause}" if cause is not None and var not in _SECRET_VARIABLES else ""
+        return f"invalid setting {var}: not valid JSON{why}"
+    if isinstance(exc, ValidationError):
+        lines = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ())]
+            field = loc[0] if loc else "?"
+            var = _variable_name(field)
+            where = f" (key {'.'.join(loc[1:])})" if len(loc) > 1 else ""
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            if msg.startswith(var):  # our validators name the variable and show the value
+                lines.append(f"invalid setting {msg}")
+                continue
+            shown = ""
+            if (
+                var not in _SECRET_VARIABLES
+                and "input" in err
+                and not isinstance(err["input"], dict)
+            ):
+                text = repr(err["input"])
+                shown = f" (got {text[:60]}{'...' if len(text) > 60 else ''})"
+            lines.append(f"invalid setting {var}{where}: {msg}{shown}")
+        return "; ".join(lines) or f"invalid settings: {exc}"
+    return f"invalid setting: {exc}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment; `BadSettingError` (one clean line per problem) if any is
+    malformed: not JSON where JSON is expected, out of range, unknown choice, bad URL."""
+    try:
+        return Settings(**overrides)
+    except (ValidationError, SettingsError) as exc:
+        raise BadSettingError(settings_error_message(exc)) from None
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`HAILUO_*` variables that are no setting, each with the nearest setting's name if any:
+    a typo (`HAILUO_FETCH_TIMEOUT`) would otherwise silently leave the default in force."""
+    environ = os.environ if environ is None else environ
+    known = {_variable_name(n) for n in Settings.model_fields} | set(OTHER_VARIABLES)
+    out = []
+    for name in sorted(environ):
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+            near = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+            out.append(f"{name} (did you mean {near[0]}?)" if near else name)
+    return out
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once. Tests call `get_settings.cache_clear()`."""
-    return Settings()
+    """The process-wide settings, read once. Tests call `get_settings.cache_clear()`.
+
+    Raises `BadSettingError` naming the variable when a setting is malformed."""
+    return load_settings()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hailuo_batch.cli import build_parser, main
+from hailuo_batch.settings import get_settings
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -66,13 +67,16 @@ def manifest(tmp_path: Path, make_image) -> Path:
     return path
 
 
+S3_OUT = "s3://some-bucket/videos"  # validate only reads the form: local images need s3
+
+
 def test_validate_reports_each_problem_with_row_and_field(manifest, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["validate", str(manifest)])
+        main(["validate", str(manifest), "--output", S3_OUT])
     assert exc.value.code == 1
     out = capsys.readouterr().out
     assert "row 2 (id short), field 'image_url'" in out and "short side" in out.lower()
-    assert "row 3" in out and "field 'duration'" in out
+    assert "row 3 (id dur), field 'duration'" in out  # a bad row keeps its own id
     assert "4 rows, 2 valid, 2 invalid" in out
     assert "$0.51" in out  # 0.19 (6 s) + 0.32 (10 s)
 
@@ -81,7 +85,7 @@ def test_validate_json_and_clean_manifest_exit_zero(tmp_path, make_image, capsys
     path = tmp_path / "ok.jsonl"
     path.write_text(json.dumps({"image_url": str(make_image(800, 600)), "prompt": "p"}) + "\n")
     with pytest.raises(SystemExit) as exc:
-        main(["validate", str(path), "--json"])
+        main(["validate", str(path), "--json", "--output", S3_OUT])
     assert exc.value.code == 0
     report = json.loads(capsys.readouterr().out)
     assert (
@@ -102,7 +106,9 @@ def test_bad_setting_fails_before_anything_runs(manifest, tmp_path):
     env = {**os.environ, "HAILUO_POLL_TIMEOUT_S": "-5", "APIXO_API_KEY": "k"}
     done = cli("run", str(manifest), "--output", str(tmp_path / "o"), env=env)
     assert done.returncode == 2
-    assert "invalid setting" in done.stderr and "poll_timeout_s" in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: invalid setting HAILUO_POLL_TIMEOUT_S: Input should be greater than 0 (got '-5')"
+    ]
     assert not (tmp_path / "o").exists()
 
 
@@ -114,3 +120,95 @@ def test_run_without_api_key_fails_before_anything_runs(manifest, tmp_path):
     assert done.returncode == 2
     assert "APIXO_API_KEY" in done.stderr and "--credentials-block" in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+# --- bad settings and outputs: exit 2, one line, before the manifest is read -------------------
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in an empty folder; nothing may appear in it (a mistyped output became a folder)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HAILUO_OUTPUT", raising=False)
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "s3:/bucket/x",
+        "s3:bucket",
+        "gs://bucket/x",
+        "htp://bucket/x",
+        "S3://bucket/x",
+        "memory://x",
+        "simplecache::s3://bucket/x",
+        "",
+        "s3://",
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "validate", "rerun"])
+def test_a_bad_output_exits_2_before_the_manifest_is_read(
+    in_tmp: Path, command: str, output: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the manifest does not exist: reading it first would say so and exit 1
+    with pytest.raises(SystemExit) as exc:
+        main([command, "missing.csv", "--output", output])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output") and "missing.csv" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert list(in_tmp.iterdir()) == []
+
+
+def test_a_bad_hailuo_output_exits_2_for_run(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HAILUO_OUTPUT", "s3:/bucket/x")
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "missing.csv"])
+    assert exc.value.code == 2
+    assert "HAILUO_OUTPUT 's3:/bucket/x'" in capsys.readouterr().err
+    assert list(in_tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("HAILUO_FAILCODE_POLICY", "{not json"),
+        ("HAILUO_FAILCODE_POLICY", '{"NSFW": "ignore"}'),
+        ("HAILUO_FETCH_TIMEOUT_S", "inf"),
+        ("HAILUO_ALLOW_PRIVATE_NETWORKS", "perhaps"),
+        ("APIXO_BASE_URL", "api.apixo.ai"),
+    ],
+)
+def test_a_malformed_setting_is_one_line_and_exit_2(manifest: Path, name: str, value: str) -> None:
+    import os
+
+    env = {**os.environ, name: value}
+    done = cli("validate", str(manifest), env=env)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: invalid setting {name}")
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_a_misspelt_variable_is_named(in_tmp: Path, monkeypatch, capsys, make_image) -> None:
+    monkeypatch.setenv("HAILUO_FETCH_TIMEOUT", "5")
+    path = in_tmp / "m.jsonl"
+    path.write_text(json.dumps({"image_url": "https://cdn.example.com/a.jpg", "prompt": "p"}))
+    monkeypatch.setenv("HAILUO_ALLOW_PRIVATE_NETWORKS", "0")
+    with pytest.raises(SystemExit):
+        main(["validate", str(path)])
+    assert "HAILUO_FETCH_TIMEOUT (did you mean HAILUO_FETCH_TIMEOUT_S?)" in capsys.readouterr().err
+
+
+def test_validate_and_a_local_output_refuse_local_images(manifest, in_tmp, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", str(manifest), "--output", str(in_tmp / "out")])
+    assert exc.value.code == 1
+    out = capsys.readouterr().out
+    assert "row 1 (id ok), field 'image_url'" in out and "s3:// output" in out
+    assert not (in_tmp / "out").exists()

@@ -1,0 +1,130 @@
+"""Settings and output locations: every malformed value is one clean error naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hailuo_batch.settings import (
+    BadSettingError,
+    check_output_url,
+    load_settings,
+    output_is_local,
+    unknown_variables,
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "local"),
+    [
+        ("./output", True),
+        ("/srv/videos", True),
+        ("out", True),
+        ("file:///srv/videos", True),
+        ("s3://bucket", False),
+        ("s3://bucket/prefix/deeper", False),
+        ("  s3://bucket/x  ", False),
+    ],
+)
+def test_accepted_outputs(url: str, local: bool) -> None:
+    assert check_output_url(url) == url.strip()
+    assert output_is_local(url) is local
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("s3:/bucket/x", "write s3://bucket/x"),
+        ("s3:bucket", "write s3://bucket"),
+        ("file:/srv/x", "write file://srv/x"),
+        ("gs://bucket/x", "not installed or not known"),
+        ("htp://bucket/x", "not installed or not known"),
+        ("S3://bucket/x", "lower case"),
+        ("memory://x", "not supported"),
+        ("webhdfs://host/x", "not supported"),
+        ("simplecache::s3://bucket/x", "chained"),
+        ("s3://bucket/x::y", "chained"),
+        ("s3://", "names no bucket"),
+        ("s3:///x", "names no bucket"),
+        ("file://", "names no folder"),
+        ("", "empty"),
+        ("   ", "empty"),
+        ("out\x00put", "control character"),
+        ("out:1", "write ./out:1"),
+        ("C:\\videos", "write ./C:\\videos"),
+        ("videos/s3://bucket", "not understood"),
+    ],
+)
+def test_refused_outputs_say_what_to_write(url: str, says: str) -> None:
+    with pytest.raises(BadSettingError) as err:
+        check_output_url(url, name="--output")
+    assert says in str(err.value)
+    assert str(err.value).startswith("--output")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_an_output_is_accepted_only_as_a_plain_path_file_or_s3(text: str) -> None:
+    try:
+        url = check_output_url(text)
+    except BadSettingError:
+        return
+    assert "::" not in url
+    if "://" in url:
+        assert url.startswith(("s3://", "file://"))
+    else:
+        assert ":" not in url.split("/", 1)[0] or url.startswith("/")
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"HAILUO_FAILCODE_POLICY": "not json"}, "HAILUO_FAILCODE_POLICY: not valid JSON"),
+        ({"HAILUO_FAILCODE_POLICY": '{"X": "bogus"}'}, "HAILUO_FAILCODE_POLICY (key X)"),
+        ({"HAILUO_FAILCODE_POLICY": "[1, 2]"}, "HAILUO_FAILCODE_POLICY"),
+        ({"HAILUO_POLL_TIMEOUT_S": "-5"}, "HAILUO_POLL_TIMEOUT_S"),
+        ({"HAILUO_FETCH_TIMEOUT_S": "inf"}, "HAILUO_FETCH_TIMEOUT_S"),
+        ({"HAILUO_FETCH_TIMEOUT_S": "nan"}, "HAILUO_FETCH_TIMEOUT_S"),
+        ({"HAILUO_MAX_IMAGE_BYTES": "9" * 5000}, "HAILUO_MAX_IMAGE_BYTES"),
+        ({"HAILUO_ALLOW_PRIVATE_NETWORKS": "maybe"}, "HAILUO_ALLOW_PRIVATE_NETWORKS"),
+        ({"HAILUO_UNCERTAIN_POLICY": "sometimes"}, "HAILUO_UNCERTAIN_POLICY"),
+        ({"HAILUO_OUTPUT": "s3:/bucket/x"}, "HAILUO_OUTPUT 's3:/bucket/x'"),
+        ({"HAILUO_CALLBACK_STORE": "gs://b/x"}, "HAILUO_CALLBACK_STORE 'gs://b/x'"),
+        ({"HAILUO_CALLBACK_URL": "hooks.example.com"}, "HAILUO_CALLBACK_URL"),
+        ({"HAILUO_PRESIGN_EXPIRY_S": "99999999"}, "HAILUO_PRESIGN_EXPIRY_S"),
+        ({"APIXO_BASE_URL": "ftp://api.example"}, "APIXO_BASE_URL 'ftp://api.example'"),
+    ],
+)
+def test_malformed_settings_are_one_clean_error_naming_the_variable(
+    env: dict[str, str], names: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(BadSettingError) as err:
+        load_settings()
+    message = str(err.value)
+    assert names in message
+    assert "\n" not in message and "Traceback" not in message
+    assert "errors.pydantic.dev" not in message
+
+
+@pytest.mark.parametrize("field", ["apixo_api_key", "callback_token"])
+def test_secret_values_are_never_echoed(field: str) -> None:
+    with pytest.raises(BadSettingError) as err:
+        load_settings(**{field: ["sk-SECRET-0123456789"]})
+    assert "SECRET" not in str(err.value)
+    assert ("APIXO_API_KEY" if field == "apixo_api_key" else "HAILUO_CALLBACK_TOKEN") in str(
+        err.value
+    )
+
+
+def test_typos_in_variable_names_are_found() -> None:
+    env = {
+        "HAILUO_FETCH_TIMEOUT": "5",
+        "HAILUO_FETCH_TIMEOUT_S": "5",
+        "HAILUO_PROJECT_DIR": "/srv",
+        "APIXO_API_KEY": "k",
+        "PATH": "/bin",
+    }
+    assert unknown_variables(env) == ["HAILUO_FETCH_TIMEOUT (did you mean HAILUO_FETCH_TIMEOUT_S?)"]
