@@ -8,6 +8,7 @@ the framework.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import hmac
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from hailuo_batch.emulator.contract import (
     parse_submit,
     reject_marker,
 )
-from hailuo_batch.emulator.faults import FAULT_KINDS, SCRIPT_ROUTES
+from hailuo_batch.emulator.faults import BAD_BODY_KINDS, FAULT_KINDS, SCRIPT_ROUTES
 from hailuo_batch.emulator.state import EmulatorState, Refused, format_retry_after
 from hailuo_batch.emulator.video import VideoCache
 from hailuo_batch.emulator.worker import Worker
@@ -159,6 +160,8 @@ class FaultAndAuth:
             await self.app(scope, receive, _truncating_send(send))
         elif kind == "trickle" and route == "download":
             await self.app(scope, receive, _trickling_send(send, config.slow_s))
+        elif kind in BAD_BODY_KINDS and route == "download":
+            await self.app(scope, receive, _bad_body_send(send, kind))
         else:  # drop, and the route-specific kinds elsewhere
             await close_connection(send)
 
@@ -229,6 +232,90 @@ def _truncating_send(send: Send) -> Send:
         await close_connection(send)
 
     return truncating
+
+
+CDN_ERROR_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n"
+    b"<body><h1>502 Bad Gateway</h1><p>The origin did not answer in time.</p></body></html>\n"
+)
+
+
+def _bad_body_send(send: Send, kind: str) -> Send:
+    """A send that holds the app's whole response back and, if it is a 200, serves the bad body
+    `kind` (see `faults.BAD_BODY_KINDS`) in its place; other answers pass unchanged."""
+    start: Message | None = None
+    parts: list[bytes] = []
+
+    async def replacing(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body" or start is None:
+            await send(message)
+            return
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            await _serve_bad_body(send, kind, start, b"".join(parts))
+
+    return replacing
+
+
+async def _serve_bad_body(send: Send, kind: str, start: Message, body: bytes) -> None:
+    status = start["status"]
+    kept = [
+        (name, value)
+        for name, value in start.get("headers", [])
+        if name.lower() not in (b"content-length", b"content-type", b"content-encoding")
+    ]
+    if status != 200:
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+        return
+    if kind == "cut_body":
+        await _send_close_delimited(send, kept, body[: max(1, len(body) // 2)])
+        return
+    content_type = b"video/mp4"
+    extra: list[tuple[bytes, bytes]] = []
+    if kind == "html_body":
+        body, content_type = CDN_ERROR_PAGE, b"text/html; charset=utf-8"
+    elif kind == "empty_body":
+        body = b""
+    elif kind == "gzip_body":
+        body = gzip.compress(body)
+        extra = [(b"content-encoding", b"gzip")]
+    headers = [
+        *kept,
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_close_delimited(
+    send: Send, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    """An HTTP/1.1 200 whose body is delimited by closing the connection (no Content-Length, no
+    chunked encoding), carrying only `body`: the client reads a short body as if complete.
+
+    uvicorn would add chunked framing to a response without a length, so the bytes go straight
+    to its transport. Without one, fall back to a chunked answer ending after `body`, which a
+    client cannot tell from a complete one either.
+    """
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None:
+        chunked = [*headers, (b"content-type", b"video/mp4")]
+        await send({"type": "http.response.start", "status": 200, "headers": chunked})
+        await send({"type": "http.response.body", "body": body})
+        return
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(
+        name + b": " + value + b"\r\n"
+        for name, value in [*headers, (b"content-type", b"video/mp4"), (b"connection", b"close")]
+    )
+    transport.write(head + b"\r\n" + body)
+    await close_connection(send)  # close() flushes what was written first
 
 
 class Emulator:

@@ -11,6 +11,15 @@ Kinds:
   then the connection is closed instead of answering;
 - `truncate` (download): headers and part of the body are sent, then the connection is closed;
 - `trickle` (download, scripted only): the body is dribbled out over `slow_s` seconds.
+
+Bad result bodies (download, scripted only), as a CDN can serve them; each is HTTP 200:
+- `html_body`: a `text/html` error page instead of the video;
+- `empty_body`: `Content-Length: 0` and no bytes;
+- `cut_body`: no Content-Length and no chunked framing; half the video, then the connection is
+  closed, so the client cannot tell the body was cut;
+- `gzip_body`: the real video, gzip-compressed with `Content-Encoding: gzip` (a good video).
+
+Download-only kinds given to another route (through `any`) drop the connection.
 """
 
 from __future__ import annotations
@@ -31,7 +40,12 @@ FAULT_KINDS = (
     "drop_after_create",
     "truncate",
     "trickle",
+    "html_body",
+    "empty_body",
+    "cut_body",
+    "gzip_body",
 )
+BAD_BODY_KINDS = ("html_body", "empty_body", "cut_body", "gzip_body")
 
 _RANDOM_KINDS: dict[str, tuple[str, ...]] = {
     "submit": ("500", "503", "429", "body500", "body429", "drop", "slow", "drop_after_create"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import time
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 from emulator_helpers import BALANCE, STATUS, SUBMIT, submit, task_body, wait_done
 
 from hailuo_batch.emulator import EmulatorHandle
+from hailuo_batch.video import NotAVideoError, verify_mp4
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -141,3 +144,75 @@ def _call(client: httpx.Client, emu: EmulatorHandle, route: str, task_id: str) -
     if route == "status":
         return client.get(STATUS, params={"taskId": task_id})
     return client.get(BALANCE)
+
+
+# --- bad result bodies --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def result_url(emu: EmulatorHandle, client: httpx.Client) -> str:
+    data = wait_done(client, submit(client, task_body(emu.base_url)))
+    return str(json.loads(data["resultJson"])["resultUrls"][0])
+
+
+def test_html_body_is_an_error_page_with_status_200(emu: EmulatorHandle, result_url: str) -> None:
+    emu.script_faults("download", "html_body")
+    resp = httpx.get(result_url)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/html")
+    assert resp.text.lstrip().lower().startswith("<!doctype html>")
+    with pytest.raises(NotAVideoError, match="not an MP4 container"):
+        verify_mp4(io.BytesIO(resp.content))
+    assert emu.stats()["faults"] == {"html_body": 1}
+    assert _good_video(result_url)  # only the next download
+
+
+def test_empty_body_has_length_zero(emu: EmulatorHandle, result_url: str) -> None:
+    emu.script_faults("download", "empty_body")
+    resp = httpx.get(result_url)
+    assert resp.status_code == 200
+    assert resp.headers["content-length"] == "0" and resp.content == b""
+    assert resp.headers["content-type"] == "video/mp4"
+
+
+def test_cut_body_ends_early_without_any_sign_of_it(emu: EmulatorHandle, result_url: str) -> None:
+    full = _good_video(result_url)
+    emu.script_faults("download", "cut_body")
+    with httpx.Client() as c:  # no exception: nothing tells the client the body is short
+        resp = c.get(result_url)
+    assert resp.status_code == 200
+    assert "content-length" not in resp.headers and "transfer-encoding" not in resp.headers
+    assert 0 < len(resp.content) < len(full) and full.startswith(resp.content)
+    with pytest.raises(NotAVideoError, match="truncated"):
+        verify_mp4(io.BytesIO(resp.content))
+
+
+def test_gzip_body_is_the_real_video_compressed(emu: EmulatorHandle, result_url: str) -> None:
+    full = _good_video(result_url)
+    emu.script_faults("download", "gzip_body")
+    with httpx.Client() as c, c.stream("GET", result_url) as resp:
+        raw = b"".join(resp.iter_raw())
+    assert resp.status_code == 200 and resp.headers["content-encoding"] == "gzip"
+    assert int(resp.headers["content-length"]) == len(raw)  # the length of the encoded bytes
+    assert gzip.decompress(raw) == full
+    emu.script_faults("download", "gzip_body")
+    decoded = httpx.get(result_url).content  # a client decodes it transparently
+    assert decoded == full
+    assert verify_mp4(io.BytesIO(decoded)).frames > 0
+
+
+@pytest.mark.parametrize("kind", ["html_body", "empty_body", "cut_body", "gzip_body"])
+def test_bad_body_faults_leave_refusals_alone(
+    emu: EmulatorHandle, result_url: str, kind: str
+) -> None:
+    """A bad signature is still answered 403 with its envelope, whatever the body fault."""
+    emu.script_faults("download", kind)
+    resp = httpx.get(result_url.replace("sig=", "sig=0"))
+    assert resp.status_code == 403 and resp.json()["code"] == 403
+
+
+def _good_video(url: str) -> bytes:
+    resp = httpx.get(url)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "video/mp4"
+    assert len(resp.content) == int(resp.headers["content-length"])
+    return resp.content
