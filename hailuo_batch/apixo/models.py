@@ -8,11 +8,29 @@ through `GenerateInput.dropped_duration`).
 from __future__ import annotations
 
 import json
+import math
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
+import httpx
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from hailuo_batch.apixo.errors import (
+    BAD_RESULT_JSON,
+    BAD_RESULT_URL,
+    MALFORMED_STATUS,
+    NO_RESULT_URL,
+    UNKNOWN_STATE,
+)
 
 STANDARD_DURATIONS = (6, 10)
 PRO_DURATION_S = 6
@@ -155,33 +173,115 @@ class GenerateRequest(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
 
-def _opt_int(value: Any) -> int | None:
-    if value is None or value == "":
-        return None
+_MAX_WHOLE = 2**63 - 1  # a time in ms or a duration beyond this is not a time
+
+
+class MalformedStatus(ValueError):
+    """A status `data` object that breaks the contract; `.fail_code` names the broken rule
+    (one of the codes of `hailuo_batch.apixo.errors`)."""
+
+    def __init__(self, fail_code: str, message: str) -> None:
+        super().__init__(message)
+        self.fail_code = fail_code
+
+
+def _describe(value: Any) -> str:
+    """A short description of a JSON value for an error message (never the whole value)."""
+    if isinstance(value, dict | list):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
     if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
-    return int(value)
+        return f"the boolean {str(value).lower()}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _opt_str(value: Any) -> str | None:
-    if value is None:
+def _whole(data: dict[str, Any], key: str) -> int | None:
+    """`data[key]` as a whole number in [0, 2**63), None when absent, null or "".
+
+    JSON does not tell integers from floats, so 120000.0 is 120000; a fraction, NaN, an
+    infinity, a boolean, an object or a list is malformed. A string of ASCII digits is
+    accepted (the provider's own examples quote numbers).
+    """
+    value = data.get(key)
+    if value is None or (isinstance(value, str) and value == ""):
         return None
-    return str(value)
+    number: int | None = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            number = int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit() and len(text) <= 19:
+            number = int(text)
+    if number is None:
+        raise MalformedStatus(
+            MALFORMED_STATUS, f"{key} must be a whole number, got {_describe(value)}"
+        )
+    if not 0 <= number <= _MAX_WHOLE:
+        raise MalformedStatus(MALFORMED_STATUS, f"{key} {_describe(number)} is out of range")
+    return number
+
+
+def _text(data: dict[str, Any], key: str, *, numbers: bool = False) -> str | None:
+    """`data[key]` as a string, None when absent or null; a whole number too when `numbers`."""
+    value = data.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if numbers and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise MalformedStatus(MALFORMED_STATUS, f"{key} must be a string, got {_describe(value)}")
+
+
+def _is_fetchable_url(value: str) -> bool:
+    """An absolute http(s) URL with a host, that httpx accepts as it is."""
+    if any(c.isspace() or not c.isprintable() for c in value):
+        return False
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    try:
+        url = httpx.URL(value)
+    except (httpx.InvalidURL, ValueError):
+        return False
+    return url.scheme in ("http", "https") and bool(url.host)
+
+
+def _result_object(data: dict[str, Any]) -> dict[str, Any]:
+    """The object that holds `resultUrls`: resultJson (a JSON string, or already an object),
+    or `data` itself when the answer puts resultUrls at the top level."""
+    raw = data.get("resultJson")
+    if raw is None or raw == "":
+        return data
+    if isinstance(raw, dict):
+        return raw
+    if not isinstance(raw, str):
+        raise MalformedStatus(
+            BAD_RESULT_JSON, f"resultJson must be a JSON string, got {_describe(raw)}"
+        )
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise MalformedStatus(BAD_RESULT_JSON, "resultJson does not parse as JSON") from None
+    if not isinstance(obj, dict):
+        raise MalformedStatus(
+            BAD_RESULT_JSON, f"resultJson must hold a JSON object, got {_describe(obj)}"
+        )
+    return obj
 
 
 def _result_urls(data: dict[str, Any]) -> list[str]:
-    raw = data.get("resultJson")
-    if raw is None or raw == "":
-        urls = data.get("resultUrls", [])
-    else:
-        obj = json.loads(raw) if isinstance(raw, str | bytes) else raw
-        if not isinstance(obj, dict):
-            raise ValueError("resultJson must hold a JSON object")
-        urls = obj.get("resultUrls", [])
-    if urls is None:
-        return []
+    """The result URLs of a successful task: a non-empty list of http(s) URLs."""
+    urls = _result_object(data).get("resultUrls")
+    if urls is None or urls == []:
+        raise MalformedStatus(NO_RESULT_URL, "success without any resultUrls")
     if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
-        raise ValueError("resultUrls must be a list of strings")
+        raise MalformedStatus(BAD_RESULT_JSON, "resultUrls must be a list of strings")
+    if not all(_is_fetchable_url(u) for u in urls):
+        raise MalformedStatus(BAD_RESULT_URL, "a result URL is not an absolute http(s) URL")
     return list(urls)
 
 
@@ -199,27 +299,46 @@ class TaskStatus(BaseModel):
     raw: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
-    def from_data(cls, data: dict[str, Any]) -> TaskStatus:
-        """Parse the contract's camelCase `data`. Raises ValueError on a malformed object."""
+    def from_data(cls, data: Any) -> TaskStatus:
+        """Parse the contract's camelCase `data`.
+
+        Total over JSON: for any decoded JSON value it returns a status or raises
+        `MalformedStatus` (a ValueError) whose `.fail_code` names the broken rule. A success must
+        carry at least one http(s) result URL; `resultJson` is only read on success.
+        """
         if not isinstance(data, dict):
-            raise ValueError("status data must be a JSON object")
+            raise MalformedStatus(
+                MALFORMED_STATUS, f"status data must be a JSON object, got {_describe(data)}"
+            )
         task_id = data.get("taskId")
         if not isinstance(task_id, str) or not task_id:
-            raise ValueError("status data has no taskId")
+            raise MalformedStatus(
+                MALFORMED_STATUS, f"status data has no taskId string (got {_describe(task_id)})"
+            )
         state = data.get("state")
-        if not isinstance(state, str) or state.lower() not in {s.value for s in TaskState}:
-            raise ValueError(f"unknown task state {state!r}")
-        return cls(
-            task_id=task_id,
-            state=TaskState(state.lower()),
-            create_time=_opt_int(data.get("createTime")),
-            complete_time=_opt_int(data.get("completeTime")),
-            cost_time_ms=_opt_int(data.get("costTime")),
-            result_urls=_result_urls(data),
-            fail_code=_opt_str(data.get("failCode")),
-            fail_msg=_opt_str(data.get("failMsg")),
-            raw=dict(data),
-        )
+        if not isinstance(state, str):
+            raise MalformedStatus(
+                MALFORMED_STATUS, f"status data has no state string (got {_describe(state)})"
+            )
+        known = {s.value for s in TaskState}
+        if state.strip().lower() not in known:
+            raise MalformedStatus(UNKNOWN_STATE, f"unknown task state {_describe(state)}")
+        task_state = TaskState(state.strip().lower())
+        fields: dict[str, Any] = {
+            "create_time": _whole(data, "createTime"),
+            "complete_time": _whole(data, "completeTime"),
+            "cost_time_ms": _whole(data, "costTime"),
+            "fail_code": _text(data, "failCode", numbers=True),
+            "fail_msg": _text(data, "failMsg"),
+        }
+        if task_state == TaskState.SUCCESS:
+            fields["result_urls"] = _result_urls(data)
+        try:
+            return cls(task_id=task_id, state=task_state, raw=dict(data), **fields)
+        except ValidationError as exc:  # not reached: every field is checked above
+            raise MalformedStatus(
+                MALFORMED_STATUS, f"status data has {exc.error_count()} invalid field(s)"
+            ) from None
 
     @property
     def is_terminal(self) -> bool:
