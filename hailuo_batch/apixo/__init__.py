@@ -1,6 +1,6 @@
 """Client of the apixo hailuo-2-3-fast image-to-video API (sync httpx, thread-safe)."""
 
-from hailuo_batch.apixo.client import ApixoClient, Download
+from hailuo_batch.apixo.client import DEFAULT_BASE_URL, ApixoClient, Download
 from hailuo_batch.apixo.errors import (
     AmbiguousSubmitError,
     ApixoError,
@@ -9,7 +9,9 @@ from hailuo_batch.apixo.errors import (
     ForbiddenError,
     InsufficientCreditsError,
     InvalidRequestError,
+    MalformedAnswerError,
     MissingAPIKeyError,
+    NotAnEnvelopeError,
     NotFoundError,
     RateLimitedError,
     ServerError,
@@ -19,6 +21,7 @@ from hailuo_batch.apixo.errors import (
 from hailuo_batch.apixo.models import (
     GenerateInput,
     GenerateRequest,
+    MalformedStatus,
     Mode,
     Provider,
     RequestType,
@@ -28,6 +31,7 @@ from hailuo_batch.apixo.models import (
 from hailuo_batch.apixo.transport import RetryPolicy, build_http_client, retry_call
 
 __all__ = [
+    "DEFAULT_BASE_URL",
     "AmbiguousSubmitError",
     "ApixoClient",
     "ApixoError",
@@ -39,8 +43,11 @@ __all__ = [
     "GenerateRequest",
     "InsufficientCreditsError",
     "InvalidRequestError",
+    "MalformedAnswerError",
+    "MalformedStatus",
     "MissingAPIKeyError",
     "Mode",
+    "NotAnEnvelopeError",
     "NotFoundError",
     "Provider",
     "RateLimitedError",

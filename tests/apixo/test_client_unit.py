@@ -453,3 +453,72 @@ def test_key_never_leaks_on_failing_paths(
     assert len(caplog.records) >= 3  # the retries were logged
     assert any("**********" in t for t in ours)  # the echoed key was scrubbed, not dropped
     assert [t for t in ours if API_KEY in t] == []
+
+
+# --- rate limits that outlast the budget: the caller can requeue ---------------------------------
+
+
+def limited(layer: str, retry_after: str | None) -> httpx.Response:
+    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    if layer == "http":
+        return httpx.Response(429, json=envelope(429, None, "slow down"), headers=headers)
+    return httpx.Response(200, json=envelope(429, None, "slow down"), headers=headers)
+
+
+@pytest.mark.parametrize("layer", ["http", "body"])
+def test_persistent_429_carries_the_last_retry_after_and_attempts(
+    make_client: MakeClient, sleeps: Sleeps, layer: str
+) -> None:
+    client, script = make_client(
+        limited(layer, "1"), limited(layer, "3"), limited(layer, "2"), limited(layer, "0.5")
+    )
+    with pytest.raises(RateLimitedError) as ei:
+        client.submit(REQ)
+    assert not isinstance(ei.value, AmbiguousSubmitError)
+    assert ei.value.retry_after == 0.5
+    assert ei.value.attempts == 4 == len(script.requests)
+    assert len(sleeps) == 3
+    assert (sleeps[0] >= 1.0, sleeps[1] >= 3.0, sleeps[2] >= 2.0) == (
+        True,
+    ) * 3  # each header honoured
+
+
+@pytest.mark.parametrize("layer", ["http", "body"])
+def test_last_retry_after_survives_answers_without_one(make_client: MakeClient, layer: str) -> None:
+    client, _ = make_client(limited(layer, "2"), default=limited(layer, None))
+    with pytest.raises(RateLimitedError) as ei:
+        client.submit(REQ)
+    assert ei.value.retry_after == 2.0
+    assert ei.value.attempts == 4
+
+
+def test_retry_after_beyond_the_budget_is_raised_at_once_with_it(
+    make_client: MakeClient, sleeps: Sleeps
+) -> None:
+    client, script = make_client(limited("http", "600"), default=SUBMIT_OK)
+    with pytest.raises(RateLimitedError) as ei:
+        client.submit(REQ)
+    assert (ei.value.retry_after, ei.value.attempts, len(script.requests)) == (600.0, 1, 1)
+    assert sleeps == []  # never waits less than asked, never past the budget
+
+
+def test_no_retry_after_at_all_stays_none(make_client: MakeClient) -> None:
+    client, _ = make_client(default=limited("http", None))
+    with pytest.raises(RateLimitedError) as ei:
+        client.get_status("task_abc")
+    assert ei.value.retry_after is None
+    assert ei.value.attempts == 4
+
+
+def test_status_read_rate_limited_carries_retry_after(make_client: MakeClient) -> None:
+    client, _ = make_client(default=limited("body", "1.5"))
+    with pytest.raises(RateLimitedError) as ei:
+        client.get_status("task_abc")
+    assert (ei.value.retry_after, ei.value.attempts) == (1.5, 4)
+
+
+def test_missing_key_is_an_apixo_error_and_a_value_error() -> None:
+    with pytest.raises(ApixoError) as ei:
+        ApixoClient.from_settings(Settings(apixo_api_key=None))
+    assert isinstance(ei.value, ValueError)
+    assert isinstance(ei.value, MissingAPIKeyError)
