@@ -22,7 +22,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-DEFAULT_BASE_URL = "https://api.apixo.ai"
+from hailuo_batch.apixo.client import DEFAULT_BASE_URL
 
 FailClass = Literal["content", "bad_input", "transient", "balance", "unknown"]
 ENV_PREFIX = "HAILUO_"
