@@ -21,15 +21,19 @@ rewritten in place, and a chained exception whose text still holds a secret (one
 not in its arguments, such as a pydantic ValidationError) is cut from the chain.
 
 A Scrubber is thread-safe: `add` may run while other threads scrub.
+
+`ScrubbingFilter` applies a scrub function to the records of a logger, for libraries that log
+URLs themselves (httpx logs every request line, query included).
 """
 
 from __future__ import annotations
 
 import html
 import json
+import logging
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import unquote, unquote_plus
 
 from pydantic import SecretStr
@@ -239,3 +243,24 @@ class Scrubber:
                 setattr(parent, attr, None)
             except AttributeError:
                 pass
+
+
+class ScrubbingFilter(logging.Filter):
+    """A logging filter that rewrites each record's message through `scrub` (never drops one).
+
+    Attach it to the loggers that emit records (a filter on a parent logger does not see its
+    children's records)."""
+
+    def __init__(self, scrub: Callable[[str], str]) -> None:
+        super().__init__()
+        self._scrub = scrub
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is left to logging
+            return True
+        clean = self._scrub(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True

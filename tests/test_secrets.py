@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import pickle
 import string
 from collections.abc import Callable
@@ -15,7 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from hailuo_batch.secrets import REDACTED, Scrubber, is_signing_param, redact_signed_urls
+from hailuo_batch.secrets import (
+    REDACTED,
+    Scrubber,
+    ScrubbingFilter,
+    is_signing_param,
+    redact_signed_urls,
+)
 
 TOKEN = "Zq3-vX_9kLm.Tp~4RwYb2NcD"
 CALLBACK = f"https://hooks.example.com/prefix/callbacks/{TOKEN}"
@@ -283,3 +290,19 @@ def test_scrub_exception_rewrites_the_chain_and_cuts_what_it_cannot_rewrite() ->
     assert "timed out posting to" in str(exc.__cause__)
     clean = pickle.loads(pickle.dumps(exc))
     assert TOKEN not in str(clean)
+
+
+def test_scrubbing_filter_rewrites_formatted_records(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("tests.secrets.filtered")
+    filt = ScrubbingFilter(scrubber().scrub)
+    logger.addFilter(filt)
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name):
+            logger.info("posting to %s with %d tries", CALLBACK, 3)
+            logger.info("plain %s", "text")
+    finally:
+        logger.removeFilter(filt)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"posting to {REDACTED} with 3 tries",
+        "plain text",
+    ]

@@ -42,8 +42,11 @@ URL submitted and every signed URL's query are removed, in any encoding an echo 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -77,7 +80,7 @@ from hailuo_batch.apixo.transport import (
     parse_retry_after,
     retry_call,
 )
-from hailuo_batch.secrets import Scrubber
+from hailuo_batch.secrets import Scrubber, ScrubbingFilter
 
 if TYPE_CHECKING:
     from hailuo_batch.settings import Settings
@@ -98,6 +101,33 @@ _CAPABILITY_SEGMENT = 16  # a callback URL's last path segment this long is its 
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 Retry = Callable[[ApixoError], bool]
+
+# httpx logs every request line with its full URL (a signed result URL's query included), and
+# httpcore logs response headers at DEBUG: their records go through every live client's scrubber
+HTTP_LOGGERS = (
+    "httpx",
+    "httpcore.connection",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+    "httpcore.socks",
+)
+_LIVE_SCRUBBERS: weakref.WeakSet[Scrubber] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+_ANONYMOUS_SCRUBBER = Scrubber()  # signed URL queries and bearer tokens, whoever logs them
+
+
+def _scrub_http_log(text: str) -> str:
+    with _LIVE_LOCK:
+        live = list(_LIVE_SCRUBBERS)
+    for scrubber in [_ANONYMOUS_SCRUBBER, *live]:
+        text = scrubber.scrub(text)
+    return text
+
+
+_HTTP_LOG_FILTER = ScrubbingFilter(_scrub_http_log)
+for _name in HTTP_LOGGERS:
+    logging.getLogger(_name).addFilter(_HTTP_LOG_FILTER)
 
 
 def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
@@ -247,6 +277,8 @@ class ApixoClient:
             raise ValueError("the apixo API key is empty or contains whitespace/control characters")
         self._api_key = key
         self._scrubber = Scrubber([key, *secrets])
+        with _LIVE_LOCK:
+            _LIVE_SCRUBBERS.add(self._scrubber)
         self.base_url = base_url.strip().rstrip("/")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")

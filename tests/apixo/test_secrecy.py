@@ -233,3 +233,25 @@ def test_unexpected_answer_types_keep_their_class_after_scrubbing(sleeps: Sleeps
         client.get_balance()
     assert ei.value.status_code == 418
     assert leaks(chain_texts(ei.value)) == []
+
+
+def test_http_library_log_lines_are_scrubbed(
+    sleeps: Sleeps, caplog: pytest.LogCaptureFixture
+) -> None:
+    """httpx logs each request line with its full URL; httpcore logs response headers."""
+    signed = (
+        f"https://cdn.example.com/v.mp4?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature={SIGNATURE}"
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "cdn.example.com":
+            return httpx.Response(200, content=b"v")
+        return httpx.Response(302, headers={"Location": signed})
+
+    with caplog.at_level(logging.DEBUG), make("secrets", sleeps, handler) as client:
+        for url in (signed, f"https://cdn.example.com/{TOKEN}/v.mp4", f"{BASE_URL}/files/v"):
+            with client.stream_download(url) as dl:
+                assert b"".join(dl.iter_bytes()) == b"v"
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]
+    assert sum("HTTP Request: GET" in line for line in lines) >= 4
+    assert leaks(lines) == []
