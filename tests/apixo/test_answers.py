@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -249,3 +250,20 @@ def test_real_http_proxy_page_then_foreign_answer() -> None:
     assert ei.value.fail_code == "FOREIGN_TASK"
     assert ei.value.attempts == 2
     assert [s.path for s in server.seen] == ["/api/v1/statusTask/hailuo-2-3-fast?taskId=task_1"] * 2
+
+
+def test_answer_errors_pickle_with_their_code() -> None:
+    errors = [
+        MalformedAnswerError("status of task t: unknown task state 'x'", 200, "UNKNOWN_STATE"),
+        NotAnEnvelopeError("GET /x: answer is not a JSON envelope (HTTP 200)", 200),
+    ]
+    for err in errors:
+        err.attempts = 3
+        back = pickle.loads(pickle.dumps(err))
+        assert (type(back), back.fail_code, back.status_code, back.attempts, str(back)) == (
+            type(err),
+            err.fail_code,
+            200,
+            3,
+            str(err),
+        )
