@@ -180,7 +180,7 @@ def _ip_literal(host: str) -> IPAddress | None:
         return None
 
 
-_DNS_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="hailuo-dns")
+_DNS_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="hailuo-dns")
 
 
 def _resolve(

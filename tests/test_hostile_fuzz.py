@@ -492,41 +492,52 @@ def test_a_broken_csv_row_is_never_paid_for(
     for required in ("image_url", "prompt"):
         if required not in present:
             present.append(required)
-    lines = [",".join(present)]
+    header = ",".join(present)
+    written = [",".join(csv_cell(r.cells.get(c), quote_all) for c in present) for r in built]
     j = data.draw(st.integers(0, len(built) - 1), label="broken row")
-    for i, r in enumerate(built):
-        cells = [csv_cell(r.cells.get(c), quote_all) for c in present]
-        if i == j:
-            k = data.draw(st.integers(0, len(cells) - 1), label="cell")
-            if op == "stray-quote":
-                cells[k] = '"' + cells[k]
-            elif op == "extra-cell":
-                cells.insert(k + 1, "x")
-            elif len(cells) > 1:
-                k = min(k, len(cells) - 2)
-                cells[k : k + 2] = [cells[k] + cells[k + 1]]
-            else:
-                cells.append("x")
-        lines.append(",".join(cells))
-    path = write_tmp("csv", (eol.join(lines) + eol).encode("utf-8"))
+    cells = [csv_cell(built[j].cells.get(c), quote_all) for c in present]
+    k = data.draw(st.integers(0, len(cells) - 1), label="cell")
+    if op == "stray-quote":
+        cells[k] = '"' + cells[k]
+    elif op == "extra-cell":
+        cells.insert(k + 1, "x")
+    elif len(cells) > 1:
+        k = min(k, len(cells) - 2)
+        cells[k : k + 2] = [cells[k] + cells[k + 1]]
+    else:
+        cells.append("x")
+    broken = [*written[:j], ",".join(cells), *written[j + 1 :]]
+    # what the author meant: the file as written, before the damage
+    original = csv_file([header, *written], eol)
+    try:
+        intended = {i.prompt: i for i in load_manifest(original).items}
+    finally:
+        Path(original).unlink()
+    path = csv_file([header, *broken], eol)
     try:
         m = load_manifest(path)
     except ManifestError:
         return  # refused as a whole, with its line: nothing paid
     finally:
         Path(path).unlink()
-    one_result_per_row(m)
-    by_prompt = {str(r.cells.get("prompt", "")).strip(): i for i, r in enumerate(built)}
+    results = one_result_per_row(m)
+    if op == "drop-separator" or (op == "extra-cell" and k == len(present) - 1):
+        # a cell too few, or a value past the last column: reported, whatever the row held
+        assert results[j + 1][0] == "invalid"
+        assert any(e.row == j + 1 and e.field == "row" for e in m.errors)
+    if m.total_rows != len(built):  # rows glued together: the glued row says so
+        assert any(e.field == "row" and "lines" in e.reason for e in m.errors)
     ok = verdicts(m)
     for item in m.items:
         if not ok[item.row]:
             continue
-        assert item.prompt in by_prompt, f"row {item.row}'s prompt was never written: {item}"
-        i = by_prompt[item.prompt]
-        assert i != j, f"the broken row became a valid item: {item}"
-        original = built[i]
-        assert original.valid
-        assert item.image_url == original.cells["image_url"]
-        if original.explicit_id is not None:
-            assert item.id == original.explicit_id
+        # a valid item is exactly a row the author wrote valid: never glued, never shifted
+        assert item.prompt in intended, f"row {item.row}'s prompt was never written: {item}"
+        meant = intended[item.prompt]
+        assert built[meant.row - 1].valid
+        assert item.model_dump(exclude={"row"}) == meant.model_dump(exclude={"row"})
     assert world.connections == 0
+
+
+def csv_file(lines: list[str], eol: str) -> str:
+    return write_tmp("csv", (eol.join(lines) + eol).encode("utf-8"))
