@@ -158,7 +158,6 @@ class Row:
     cells: dict[str, Any]
     valid: bool
     explicit_id: str | None
-    duplicate: bool = False
 
 
 @st.composite
@@ -241,9 +240,7 @@ def rows(draw: st.DrawFn, w: World, json_only: bool, duplicates: bool = True) ->
             cells["provider"] = provider
         if draw(st.booleans()):
             cells["notes"] = draw(st.text(CSV_SAFE, max_size=20))
-        built.append(
-            Row(cells, ok, cells.get("id") if ok and "id" in cells else None, choice == "dup")
-        )
+        built.append(Row(cells, ok, cells.get("id") if ok and "id" in cells else None))
     return built
 
 
