@@ -274,6 +274,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     ]
     problems += [(c.item.row, c.item.id, c.field, "; ".join(c.errors)) for c in checks if not c.ok]
     problems.sort(key=lambda p: p[0])
+    invalid_rows = len({p[0] for p in problems})  # a row may break several rules
     valid = [c.item for c in checks if c.ok]
     prices = Prices.from_settings(settings)
     cost = sum(estimate_cost(str(i.mode), i.duration, prices) for i in valid)
@@ -284,7 +285,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     "manifest": args.manifest,
                     "rows": manifest.total_rows,
                     "valid": len(valid),
-                    "invalid": len(problems),
+                    "invalid": invalid_rows,
                     "estimated_cost_usd": round(cost, 4),
                     "problems": [
                         {"row": r, "id": i, "field": f, "reason": m} for r, i, f, m in problems
@@ -298,7 +299,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"row {row} (id {item_id or '-'}), field '{fld}': {reason}")
         print(
             f"{args.manifest}: {manifest.total_rows} rows, {len(valid)} valid, "
-            f"{len(problems)} invalid"
+            f"{invalid_rows} invalid"
         )
         print(
             f"estimated cost of the valid items: ${cost:,.2f} (prices: standard 6 s "

@@ -212,3 +212,14 @@ def test_validate_and_a_local_output_refuse_local_images(manifest, in_tmp, capsy
     out = capsys.readouterr().out
     assert "row 1 (id ok), field 'image_url'" in out and "s3:// output" in out
     assert not (in_tmp / "out").exists()
+
+
+def test_a_row_breaking_several_rules_counts_once(tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("id,image_url,prompt,duration\na,,,7\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", str(path), "--output", S3_OUT])
+    assert exc.value.code == 1
+    out = capsys.readouterr().out
+    assert out.count("row 1 (id a)") == 3  # image_url, prompt, duration
+    assert "1 rows, 0 valid, 1 invalid" in out

@@ -388,6 +388,7 @@ def test_validate_exits_as_documented_without_a_traceback(
     assert exc.value.code == (1 if invalid_rows else 0)
     assert report["rows"] == len(built)
     assert report["valid"] == len(built) - len(invalid_rows)
+    assert report["invalid"] == len(invalid_rows)
     assert {p["row"] for p in report["problems"]} == invalid_rows
     for p in report["problems"]:
         r = built[p["row"] - 1]
