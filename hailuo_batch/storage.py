@@ -1,29 +1,41 @@
 """The output store: videos, run records and staged inputs under one fsspec root.
 
 `OutputStore` wraps a local directory or an object-store prefix (s3://bucket/prefix). Writes are
-atomic: a reader never sees a partial object under its final key, whatever fails mid-write.
-Locally that is a temp file in the same directory plus `os.replace`; on object stores the data
-goes to a temporary key that is copied to the final key only once complete, and removed after.
+atomic: a reader never sees a partial object under its final key, whatever fails mid-write, and a
+write given a `verify` check (a video must decode) publishes only bytes that passed it.
+
+Names come from two disjoint spaces:
+
+- final keys: `videos/{id}.mp4` for an item's first video, `videos/{id}~{variant}.mp4` for a
+  video of changed inputs under the same id (`~` is outside the id alphabet), run records,
+  ledger entries, ...; no key may start with `tmp/`;
+- temporaries: locally `{root}/tmp/{token}~{random}.part`, where `token` is the key percent-encoded
+  into one path component (so it holds neither `/` nor `~`); on object stores a spool file in a
+  local directory, uploaded to the final key only once complete and verified. A temporary's name
+  therefore tells exactly which key it belongs to, and `remove_temp_files(key)` removes that
+  key's temporaries and nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
+import mimetypes
 import os
 import re
 import tempfile
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from hailuo_batch.images import sniff_image
+from hailuo_batch.video import VideoInfo, verify_mp4
 
 if TYPE_CHECKING:
     from hailuo_batch.settings import Settings
@@ -31,8 +43,21 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 CHUNK = 1024 * 1024
 REMOTE_BLOCK_SIZE = 8 * 1024 * 1024
-"""Multipart part size on object stores: the most a streamed write holds in memory."""
-_TEMP_NAME = re.compile(r"\.part-[0-9A-Za-z_]+$")
+"""Multipart part size on object stores: an upload holds at most two of these in memory."""
+
+VIDEO_DIR = "videos"
+VIDEO_SUFFIX = ".mp4"
+VARIANT_SEP = "~"
+TEMP_DIR = "tmp"
+"""Top-level folder of local temporaries; no key may live under it."""
+TEMP_SUFFIX = ".part"
+
+ITEM_ID_CHARS = re.compile(r"[A-Za-z0-9._-]{1,128}")
+"""Every id a video key accepts (the manifest is stricter: no leading '.', no '..')."""
+VARIANT_CHARS = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TOKEN_MAX = 236  # token + "~" + 8 random + ".part" stays within a 255-byte file name
+_LEGACY_LOCAL_TEMP = re.compile(r"(^|/)\.[^/]+\.part-[a-z0-9_]{8}$")
+_LEGACY_REMOTE_TEMP = re.compile(r"\.part-[0-9a-f]{32}$")
 
 
 class IncompleteWriteError(OSError):
@@ -49,16 +74,37 @@ class StagingError(RuntimeError):
 
 @dataclass(frozen=True)
 class StoredObject:
-    """What a completed write stored."""
+    """What a completed write stored; `info` is what the write's `verify` check returned."""
 
     url: str
     size: int
     sha256: str
+    info: VideoInfo | None = None
 
 
-def video_key(item_id: str) -> str:
-    """Key of the finished video of an item."""
-    return f"videos/{item_id}.mp4"
+Verify = Callable[[str], VideoInfo | None]
+"""Checks a complete local copy of the bytes (its path) before they are published; raises to
+refuse them."""
+
+
+# --- names --------------------------------------------------------------------------------------
+
+
+def video_key(item_id: str, variant: str | None = None) -> str:
+    """Key of an item's video: `videos/{id}.mp4`, or `videos/{id}~{variant}.mp4` for a video of
+    other inputs under the same id (`variant`, e.g. a prefix of the inputs' hash, is 1-64 of
+    letters, digits, `_` and `-`).
+
+    Distinct (id, variant) pairs give distinct keys: ids cannot contain `~`, variants cannot
+    contain `.`. Raises ValueError for an id outside `[A-Za-z0-9._-]{1,128}` or a bad variant.
+    """
+    if not ITEM_ID_CHARS.fullmatch(item_id):
+        raise ValueError(f"invalid item id {item_id!r} for a video key")
+    if variant is None:
+        return f"{VIDEO_DIR}/{item_id}{VIDEO_SUFFIX}"
+    if not VARIANT_CHARS.fullmatch(variant):
+        raise ValueError(f"invalid video variant {variant!r}: 1-64 of [A-Za-z0-9_-]")
+    return f"{VIDEO_DIR}/{item_id}{VARIANT_SEP}{variant}{VIDEO_SUFFIX}"
 
 
 def run_key(run_id: str, name: str) -> str:
@@ -66,17 +112,58 @@ def run_key(run_id: str, name: str) -> str:
     return f"runs/{run_id}/{name}"
 
 
+def temp_token(key: str) -> str:
+    """`key` as one file-name component without `/` or `~`: distinct keys, distinct tokens.
+
+    Percent-encoding (with `~` encoded too) is injective; a key too long for a file name is
+    replaced by `+` and its sha256 (`+` never appears in an encoding). Video keys always fit.
+    """
+    token = quote(key, safe="").replace("~", "%7E")
+    if len(token) > _TOKEN_MAX:
+        return "+" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return token
+
+
+def is_temp_of(name: str, key: str) -> bool:
+    """Whether the file name `name` (no folder) is a temporary of `key`."""
+    if not name.endswith(TEMP_SUFFIX) or VARIANT_SEP not in name:
+        return False
+    return name.rsplit(VARIANT_SEP, 1)[0] == temp_token(key)
+
+
 def _check_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"invalid store key {key!r}: use relative 'a/b/c' keys without '..'")
+    if parts[0] == TEMP_DIR:
+        raise ValueError(f"invalid store key {key!r}: {TEMP_DIR}/ holds temporary files only")
     return key
 
 
-class OutputStore:
-    """A local directory or an fsspec URL prefix holding the outputs."""
+def is_temporary(relative: str) -> bool:
+    """Whether a path relative to the root is a temporary (ours, or an older version's)."""
+    return (
+        relative.split("/", 1)[0] == TEMP_DIR
+        or bool(_LEGACY_LOCAL_TEMP.search(relative))
+        or bool(_LEGACY_REMOTE_TEMP.search(relative))
+    )
 
-    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+
+def _default_spool_dir() -> str:
+    uid = getattr(os, "getuid", lambda: 0)()
+    return os.path.join(tempfile.gettempdir(), f"hailuo-batch-spool-{uid}")
+
+
+class OutputStore:
+    """A local directory or an fsspec URL prefix holding the outputs.
+
+    `spool_dir` (object stores only) is the local folder where a streamed write is assembled and
+    checked before it is uploaded; by default a per-user folder in the system temp directory.
+    """
+
+    def __init__(
+        self, url: str, storage_options: dict | None = None, *, spool_dir: str | None = None
+    ) -> None:
         self.storage_options: dict[str, Any] = dict(storage_options or {})
         fs, root = fsspec.core.url_to_fs(url, **self.storage_options)
         self.fs: fsspec.AbstractFileSystem = fs
@@ -86,12 +173,17 @@ class OutputStore:
             os.makedirs(root, exist_ok=True)
         self.root: str = root.rstrip("/")
         self.url = self.root if self.is_local else fs.unstrip_protocol(self.root)
+        self.spool_dir = spool_dir or _default_spool_dir()
 
     def __repr__(self) -> str:
         return f"OutputStore({self.url!r})"
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{_check_key(key)}"
+
+    @property
+    def _temp_dir(self) -> str:
+        return f"{self.root}/{TEMP_DIR}"
 
     def url_for(self, key: str) -> str:
         """Full URL of `key`: an absolute path locally, else protocol://bucket/prefix/key.
@@ -136,12 +228,12 @@ class OutputStore:
             except (FileExistsError, PermissionError):
                 return False
             except OSError as exc:
-                if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                if _precondition_failed(exc):
                     return False
                 raise
             return True
         try:
-            _publish_local(path, lambda f: f.write(data), os.link)
+            self._publish_local(key, lambda f: f.write(data), os.link)
         except FileExistsError:
             return False
         return True
@@ -150,66 +242,176 @@ class OutputStore:
         return self.write_bytes_atomic(key, text.encode("utf-8"))
 
     def write_stream_atomic(
-        self, key: str, chunks: Iterable[bytes], *, expected_size: int | None
+        self,
+        key: str,
+        chunks: Iterable[bytes],
+        *,
+        expected_size: int | None,
+        verify: Verify | None = None,
+        exclusive: bool = False,
     ) -> StoredObject:
         """Stream `chunks` to `key`, hashing as it goes; all or nothing.
 
-        Raises `IncompleteWriteError` if `expected_size` is given and differs from the bytes
-        received. On any error nothing is left under `key` (an existing object stays as it was)
-        and the temporary data is removed.
+        The bytes are assembled in a temporary file first. Raises `IncompleteWriteError` if
+        `expected_size` is given and differs from the bytes received; then `verify(path)` (if
+        given) checks the complete temporary file and may raise to refuse it; its return value
+        becomes the result's `info`. Only then do the bytes appear under `key`. With
+        `exclusive`, an existing object under `key` is never replaced: FileExistsError.
+
+        On any error nothing new is left under `key` (an existing object stays as it was) and
+        the temporary data is removed.
         """
-        path = self._path(key)
         if self.is_local:
-            size, digest = self._write_local(path, chunks, expected_size)
+
+            def write(f: BinaryIO) -> tuple[int, str]:
+                return _copy_hashing(chunks, f.write)
+
+            (size, digest), info = self._publish_local(
+                key, write, os.link if exclusive else os.replace, expected_size, verify
+            )
         else:
-            size, digest = self._write_remote(path, chunks, expected_size)
-        return StoredObject(url=self.url_for(key), size=size, sha256=digest)
+            size, digest, info = self._write_remote(key, chunks, expected_size, verify, exclusive)
+        return StoredObject(url=self.url_for(key), size=size, sha256=digest, info=info)
 
-    def _write_local(
-        self, path: str, chunks: Iterable[bytes], expected_size: int | None
-    ) -> tuple[int, str]:
-        def write(f: BinaryIO) -> tuple[int, str]:
-            size, digest = _copy_hashing(chunks, f.write)
-            _check_size(path, size, expected_size)
-            return size, digest
-
-        return _publish_local(path, write, os.replace)
-
-    def _write_remote(
-        self, path: str, chunks: Iterable[bytes], expected_size: int | None
-    ) -> tuple[int, str]:
-        # s3fs commits whatever was buffered when a file is closed, even on error, so the data
-        # goes to a temporary key and reaches the final key by a server-side copy when complete.
-        tmp = f"{path}.part-{uuid.uuid4().hex}"
-        f = self.fs.open(tmp, "wb", block_size=REMOTE_BLOCK_SIZE)
+    def _publish_local(
+        self,
+        key: str,
+        write: Callable[[BinaryIO], T],
+        publish: Callable[[str, str], None],
+        expected_size: int | None = None,
+        verify: Verify | None = None,
+    ) -> tuple[T, VideoInfo | None]:
+        """Write a complete temp file in `{root}/tmp` (fsynced, mode 0644), check its size and
+        `verify` it, then `publish(tmp, path)` (`os.replace` to overwrite, `os.link` to create
+        only if absent). The temp file never outlives the call, whatever fails."""
+        path = self._path(key)
+        os.makedirs(self._temp_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            dir=self._temp_dir, prefix=temp_token(key) + VARIANT_SEP, suffix=TEMP_SUFFIX
+        )
         try:
-            try:
-                size, digest = _copy_hashing(chunks, f.write)
-                _check_size(path, size, expected_size)
-            except BaseException:
-                _abandon(f)
-                raise
-            f.close()
-            self.fs.copy(tmp, path)
+            with os.fdopen(fd, "wb") as f:
+                result = write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            _check_size(path, os.path.getsize(tmp), expected_size)
+            info = verify(tmp) if verify is not None else None
+            os.chmod(tmp, 0o644)
+            publish(tmp, path)
+            return result, info
         finally:
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(tmp)
-        return size, digest
+                os.unlink(tmp)
+
+    def _write_remote(
+        self,
+        key: str,
+        chunks: Iterable[bytes],
+        expected_size: int | None,
+        verify: Verify | None,
+        exclusive: bool,
+    ) -> tuple[int, str, VideoInfo | None]:
+        # The bytes are spooled to a local file, checked there, and only then uploaded to the
+        # final key: one PUT, or a multipart upload that S3 shows only once completed (s3fs
+        # aborts it on error). Memory stays within two multipart blocks.
+        path = self._path(key)
+        os.makedirs(self.spool_dir, mode=0o700, exist_ok=True)
+        fd, spool = tempfile.mkstemp(
+            dir=self.spool_dir, prefix=self._spool_prefix(key), suffix=TEMP_SUFFIX
+        )
+        try:
+            with os.fdopen(fd, "wb") as f:
+                size, digest = _copy_hashing(chunks, f.write)
+            _check_size(path, size, expected_size)
+            info = verify(spool) if verify is not None else None
+            extra: dict[str, Any] = {}
+            content_type = mimetypes.guess_type(key)[0]
+            if content_type:
+                extra["ContentType"] = content_type
+            try:
+                self.fs.put_file(
+                    spool,
+                    path,
+                    chunksize=REMOTE_BLOCK_SIZE,
+                    mode="create" if exclusive else "overwrite",
+                    **extra,
+                )
+            except OSError as exc:
+                if exclusive and _precondition_failed(exc):
+                    raise FileExistsError(f"{self.url_for(key)} already exists") from exc
+                raise
+            return size, digest, info
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spool)
+
+    def _spool_prefix(self, key: str) -> str:
+        """Spool files of `key` in this store: a digest of the key's full URL, then `~`."""
+        return hashlib.sha256(self.url_for(key).encode("utf-8")).hexdigest() + VARIANT_SEP
 
     def remove_temp_files(self, key: str) -> int:
-        """Delete temporary files a killed writer left for `key`; returns how many.
+        """Delete the temporaries a killed writer left for exactly `key`; returns how many.
 
+        Locally: `{root}/tmp` files of this key (and an older version's `.{name}.part-*` beside
+        it). Object stores: this key's spool files, its unfinished multipart uploads (S3) and an
+        older version's `{key}.part-{uuid}` objects. Nothing of another key is touched.
         Only call this while holding the item's claim: a live writer's temp file would go too.
         """
         path = self._path(key)
         directory, name = path.rsplit("/", 1)
-        pattern = f"{directory}/.{name}.part-*" if self.is_local else f"{path}.part-*"
         removed = 0
-        for leftover in self.fs.glob(pattern):
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(leftover)
-                removed += 1
+        if self.is_local:
+            candidates = _listdir(self._temp_dir)
+            own = [f"{self._temp_dir}/{n}" for n in candidates if is_temp_of(n, key)]
+            legacy = re.compile(re.escape(f".{name}.part-") + r"[a-z0-9_]{8}")
+            pattern = os.path.join(glob.escape(directory), glob.escape(f".{name}.part-") + "*")
+            own += [p for p in glob.glob(pattern) if legacy.fullmatch(os.path.basename(p))]
+            for p in own:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+                    removed += 1
+            return removed
+        prefix = self._spool_prefix(key)
+        for n in _listdir(self.spool_dir):
+            if n.startswith(prefix) and n.endswith(TEMP_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.spool_dir, n))
+                    removed += 1
+        removed += self._abort_uploads(path)
+        legacy = re.compile(re.escape(path) + r"\.part-[0-9a-f]{32}")
+        self.fs.invalidate_cache(directory)
+        try:
+            found = self.fs.find(directory, prefix=f"{name}.part-")
+        except (FileNotFoundError, TypeError):  # TypeError: a filesystem without `prefix`
+            found = []
+        for leftover in found:
+            if legacy.fullmatch(self.fs._strip_protocol(leftover)):
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(leftover)
+                    removed += 1
         return removed
+
+    def _abort_uploads(self, path: str) -> int:
+        """Abort S3 multipart uploads of exactly `path` (a killed upload's invisible parts)."""
+        call_s3 = getattr(self.fs, "call_s3", None)
+        split_path = getattr(self.fs, "split_path", None)
+        if call_s3 is None or split_path is None:
+            return 0
+        bucket, key, _ = split_path(path)
+        answer = call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key)
+        aborted = 0
+        for upload in answer.get("Uploads", []):
+            if upload.get("Key") == key:
+                with contextlib.suppress(FileNotFoundError):
+                    call_s3(
+                        "abort_multipart_upload",
+                        Bucket=bucket,
+                        Key=key,
+                        UploadId=upload["UploadId"],
+                    )
+                    aborted += 1
+        return aborted
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys under `prefix` (recursive, sorted, relative to the root; no temporary files)."""
@@ -221,8 +423,10 @@ class OutputStore:
         keys = []
         for p in found:
             stripped = self.fs._strip_protocol(p)
-            if stripped.startswith(self.root + "/") and not _TEMP_NAME.search(stripped):
-                keys.append(stripped[len(self.root) + 1 :])
+            if stripped.startswith(self.root + "/"):
+                relative = stripped[len(self.root) + 1 :]
+                if not is_temporary(relative):
+                    keys.append(relative)
         return sorted(keys)
 
     def delete(self, key: str) -> None:
@@ -243,26 +447,35 @@ class OutputStore:
             raise PresignUnsupported(f"the output {self.url} cannot presign URLs") from exc
 
 
-def _publish_local(
-    path: str, write: Callable[[BinaryIO], T], publish: Callable[[str, str], None]
-) -> T:
-    """Write a complete temp file beside `path` (fsynced, mode 0644), then `publish(tmp, path)`
-    (`os.replace` to overwrite, `os.link` to create only if absent). The temp file never
-    outlives the call, whatever fails."""
-    directory, name = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.part-")
+def store_video_verified(
+    store: OutputStore,
+    key: str,
+    chunks: Iterable[bytes],
+    expected_size: int | None,
+    *,
+    exclusive: bool = False,
+) -> StoredObject:
+    """Store a downloaded video under `key` only if it is a complete MP4 that decodes.
+
+    The result's `info` holds its duration, size and codec. Raises `NotAVideoError` (a
+    ValueError) for bytes that are not a video, `IncompleteWriteError` for a length other than
+    `expected_size`; either way nothing new is under `key`.
+    """
+    return store.write_stream_atomic(
+        key, chunks, expected_size=expected_size, verify=verify_mp4, exclusive=exclusive
+    )
+
+
+def _listdir(directory: str) -> list[str]:
     try:
-        with os.fdopen(fd, "wb") as f:
-            result = write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        publish(tmp, path)
-        return result
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    text = str(exc)
+    return "PreconditionFailed" in text or "412" in text
 
 
 def _copy_hashing(chunks: Iterable[bytes], write: Any) -> tuple[int, str]:
@@ -282,17 +495,6 @@ def _check_size(path: str, size: int, expected: int | None) -> None:
         raise IncompleteWriteError(
             f"write to {path} got {size} bytes but {expected} were expected; nothing was stored"
         )
-
-
-def _abandon(f: Any) -> None:
-    """Drop a half-written remote file without committing it (aborts an s3 multipart upload)."""
-    discard = getattr(f, "discard", None)
-    with contextlib.suppress(Exception):
-        if callable(discard):
-            discard()
-            f.closed = True  # else close() at garbage collection would commit a partial object
-        else:
-            f.close()
 
 
 # --- staging input images -----------------------------------------------------------------------

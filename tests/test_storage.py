@@ -42,8 +42,8 @@ def local_store(tmp_path: Path) -> OutputStore:
 
 
 @pytest.fixture
-def s3_store(s3_env: str) -> OutputStore:
-    return OutputStore(f"s3://{s3_env}/prefix")
+def s3_store(s3_env: str, tmp_path: Path) -> OutputStore:
+    return OutputStore(f"s3://{s3_env}/prefix", spool_dir=str(tmp_path / "spool"))
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -53,7 +53,28 @@ def store(request: pytest.FixtureRequest) -> OutputStore:
 
 def test_key_names() -> None:
     assert video_key("clip-1") == "videos/clip-1.mp4"
+    assert video_key("clip-1", "3fa9c0de12ab") == "videos/clip-1~3fa9c0de12ab.mp4"
+    assert video_key("clip-1", "3fa9c0de12ab-2") == "videos/clip-1~3fa9c0de12ab-2.mp4"
     assert run_key("r42", "state.json") == "runs/r42/state.json"
+
+
+@pytest.mark.parametrize("item_id", ["", "a/b", "a~b", "a b", "x" * 129, "é", "a\\b"])
+def test_video_key_refuses_ids_outside_the_alphabet(item_id: str) -> None:
+    with pytest.raises(ValueError, match="invalid item id"):
+        video_key(item_id)
+
+
+@pytest.mark.parametrize("variant", ["", "a.b", "a~b", "a/b", "x" * 65, "poster.jpg"])
+def test_video_key_refuses_bad_variants(variant: str) -> None:
+    with pytest.raises(ValueError, match="invalid video variant"):
+        video_key("a", variant)
+
+
+def test_no_key_can_live_among_the_temporaries(local_store: OutputStore) -> None:
+    with pytest.raises(ValueError, match="temporary files only"):
+        local_store.write_text_atomic("tmp/x.json", "{}")
+    local_store.write_text_atomic("tmpx/a.json", "{}")  # only the folder itself is reserved
+    assert local_store.list() == ["tmpx/a.json"]
 
 
 def test_urls_of_keys(local_store: OutputStore, s3_store: OutputStore, tmp_path: Path) -> None:
@@ -213,22 +234,3 @@ def test_stage_local_image_with_local_output_is_refused(
 def test_stage_missing_local_image(s3_store: OutputStore, tmp_path: Path) -> None:
     with pytest.raises(StagingError, match="not found"):
         stage_image(str(tmp_path / "missing.jpg"), s3_store, settings=Settings())
-
-
-def test_remove_temp_files_sweeps_a_killed_writers_leftovers(tmp_path, s3_env):
-    from hailuo_batch.storage import OutputStore
-
-    local = OutputStore(str(tmp_path / "o"))
-    (tmp_path / "o" / "videos").mkdir(parents=True)
-    (tmp_path / "o" / "videos" / ".a.mp4.part-x1").write_bytes(b"half")
-    (tmp_path / "o" / "videos" / ".b.mp4.part-x2").write_bytes(b"other item")
-    assert local.remove_temp_files("videos/a.mp4") == 1
-    assert sorted(p.name for p in (tmp_path / "o" / "videos").iterdir()) == [".b.mp4.part-x2"]
-
-    remote = OutputStore(f"s3://{s3_env}/o")
-    remote.fs.pipe_file(f"{s3_env}/o/videos/a.mp4.part-abc", b"half")
-    remote.write_bytes_atomic("videos/a.mp4", b"done")
-    assert remote.remove_temp_files("videos/a.mp4") == 1
-    assert (
-        remote.list("videos") == ["videos/a.mp4"] and remote.read_bytes("videos/a.mp4") == b"done"
-    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import struct
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mp4kit import encode_mp4
 from PIL import Image
 
 from hailuo_batch.emulator.video import encode_pan_zoom
@@ -29,33 +29,16 @@ def _jpeg(width: int = 640, height: int = 360) -> bytes:
     return buf.getvalue()
 
 
-def encode(path: Path, *, seconds: int = 2, fps: int = 4, faststart: bool = True) -> bytes:
-    """A small real H.264 MP4; `faststart=False` puts the index (moov) after the media data."""
-    options = {"movflags": "+faststart"} if faststart else {}
-    with av.open(str(path), mode="w", format="mp4", options=options) as box:
-        stream = box.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
-        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
-        for i in range(seconds * fps):
-            pixels = np.full((64, 96, 3), (i * 20) % 255, dtype=np.uint8)
-            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24").reformat(format="yuv420p")
-            frame.pts, frame.time_base = i, Fraction(1, fps)
-            for packet in stream.encode(frame):
-                box.mux(packet)
-        for packet in stream.encode(None):
-            box.mux(packet)
-    return path.read_bytes()
-
-
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     root = tmp_path_factory.mktemp("videos")
     emulator_mp4 = root / "emulator.mp4"  # what the emulator serves: 6 s at 768p-like size
     encode_pan_zoom(_jpeg(), 320, 180, 6, 4, emulator_mp4)
-    faststart = encode(root / "fast.mp4")
+    faststart = encode_mp4(root / "fast.mp4")
     return {
         "emulator": emulator_mp4.read_bytes(),
         "faststart": faststart,
-        "moov_last": encode(root / "slow.mp4", faststart=False),
+        "moov_last": encode_mp4(root / "slow.mp4", faststart=False),
         "mdat_to_end": _mdat_to_end(faststart),
     }
 
