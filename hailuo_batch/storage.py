@@ -327,7 +327,7 @@ class OutputStore:
             info = verify(spool) if verify is not None else None
             extra: dict[str, Any] = {}
             content_type = mimetypes.guess_type(key)[0]
-            if content_type:
+            if content_type and hasattr(self.fs, "call_s3"):  # s3fs: browsers play videos inline
                 extra["ContentType"] = content_type
             try:
                 self.fs.put_file(

@@ -165,8 +165,9 @@ def test_a_short_body_with_a_length_is_refused_before_the_check(
 
     body = mp4s[0][:-10]
     with pytest.raises(IncompleteWriteError, match=f"got {len(body)} bytes but {len(mp4s[0])}"):
-        store.write_stream_atomic("videos/a.mp4", pieces(body), expected_size=len(mp4s[0]),
-                                  verify=verify)  # fmt: skip
+        store.write_stream_atomic(
+            "videos/a.mp4", pieces(body), expected_size=len(mp4s[0]), verify=verify
+        )
     assert calls == [] and not store.exists("videos/a.mp4")
     no_temporaries(store)
 
@@ -223,13 +224,37 @@ def test_exclusive_multipart_upload_never_replaces_an_object(s3_store: OutputSto
     big = os.urandom(17 * 1024 * KB)
     s3_store.write_bytes_atomic("inputs/big.bin", b"first")
     with pytest.raises(FileExistsError):
-        s3_store.write_stream_atomic("inputs/big.bin", pieces(big, 1024 * KB),
-                                     expected_size=len(big), exclusive=True)  # fmt: skip
+        s3_store.write_stream_atomic(
+            "inputs/big.bin", pieces(big, 1024 * KB), expected_size=len(big), exclusive=True
+        )
     assert s3_store.read_bytes("inputs/big.bin") == b"first"
     no_temporaries(s3_store)
-    s3_store.write_stream_atomic("inputs/new.bin", pieces(big, 1024 * KB), expected_size=None,
-                                 exclusive=True)  # fmt: skip
+    s3_store.write_stream_atomic(
+        "inputs/new.bin", pieces(big, 1024 * KB), expected_size=None, exclusive=True
+    )
     assert s3_store.read_bytes("inputs/new.bin") == big
+
+
+def test_s3_videos_are_served_as_video_mp4(s3_store: OutputStore, mp4s: list[bytes]) -> None:
+    """A presigned link (the review page) plays in a browser only with the right type."""
+    store_video_verified(s3_store, "videos/a.mp4", [mp4s[0]], None)
+    big = os.urandom(17 * 1024 * KB)  # a multipart upload carries it too
+    s3_store.write_stream_atomic("videos/big.mp4", pieces(big, 1024 * KB), expected_size=None)
+    for key in ("videos/a.mp4", "videos/big.mp4"):
+        assert s3_store.fs.info(s3_store.root + "/" + key)["ContentType"] == "video/mp4"
+
+
+def test_other_object_stores_get_the_same_guarantees(tmp_path: Path, mp4s: list[bytes]) -> None:
+    store = OutputStore(f"memory://verified-{uuid.uuid4().hex}", spool_dir=str(tmp_path / "sp"))
+    assert not store.is_local
+    with pytest.raises(NotAVideoError):
+        store_video_verified(store, "videos/a.mp4", [HTML], None)
+    assert not store.exists("videos/a.mp4")
+    store_video_verified(store, "videos/a.mp4", [mp4s[0]], None, exclusive=True)
+    with pytest.raises(FileExistsError):
+        store_video_verified(store, "videos/a.mp4", [mp4s[1]], None, exclusive=True)
+    assert store.read_bytes("videos/a.mp4") == mp4s[0]
+    assert os.listdir(tmp_path / "sp") == []
 
 
 # --- the invariant, over random sequences of writes ---------------------------------------------
