@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import logging
 import mimetypes
 import os
 import re
@@ -40,6 +41,7 @@ from hailuo_batch.video import VideoInfo, verify_mp4
 if TYPE_CHECKING:
     from hailuo_batch.settings import Settings
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 CHUNK = 1024 * 1024
 REMOTE_BLOCK_SIZE = 8 * 1024 * 1024
@@ -378,7 +380,10 @@ class OutputStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.spool_dir, n))
                     removed += 1
-        removed += self._abort_uploads(path)
+        try:
+            removed += self._abort_uploads(path)
+        except OSError as exc:  # e.g. no s3:ListBucketMultipartUploads: parts cost, never show
+            logger.warning("cannot list unfinished uploads of %s: %s", self.url_for(key), exc)
         legacy = re.compile(re.escape(path) + r"\.part-[0-9a-f]{32}")
         self.fs.invalidate_cache(directory)
         try:
@@ -474,8 +479,13 @@ def _listdir(directory: str) -> list[str]:
 
 
 def _precondition_failed(exc: BaseException) -> bool:
-    text = str(exc)
-    return "PreconditionFailed" in text or "412" in text
+    """Whether a failed write was refused because the object exists (`If-None-Match: *`)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    response = getattr(exc.__cause__, "response", None)  # s3fs keeps botocore's error as cause
+    if isinstance(response, dict):
+        return response.get("Error", {}).get("Code") in ("PreconditionFailed", "412")
+    return "PreconditionFailed" in str(exc)
 
 
 def _copy_hashing(chunks: Iterable[bytes], write: Any) -> tuple[int, str]:

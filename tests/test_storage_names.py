@@ -272,3 +272,22 @@ def test_temp_files_live_under_the_temp_folder(tmp_path: Path) -> None:
     leftover = leave_temp(store, video_key("a", "v1"), tmp_path / "o" / TEMP_DIR)
     assert leftover.parent == tmp_path / "o" / TEMP_DIR
     assert re.fullmatch(r"videos%2Fa%7Ev1\.mp4~[a-z0-9_]{8}\.part", leftover.name)
+
+
+def test_s3_sweep_goes_on_when_uploads_cannot_be_listed(
+    s3: tuple[OutputStore, Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unfinished uploads only cost storage (they are never visible): a key without the right
+    to list them must not stop the sweep of the rest, nor the item."""
+    store, spool, _ = s3
+    leftover = leave_temp(store, video_key("a"), spool)
+    real_call = store.fs.call_s3
+
+    def call_s3(method: str, **kwargs: object) -> object:
+        if method == "list_multipart_uploads":
+            raise PermissionError("Access Denied")
+        return real_call(method, **kwargs)
+
+    monkeypatch.setattr(store.fs, "call_s3", call_s3)
+    assert store.remove_temp_files(video_key("a")) == 1
+    assert not leftover.exists()
