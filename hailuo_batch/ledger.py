@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel
 
-from hailuo_batch.storage import OutputStore
+from hailuo_batch.storage import OutputStore, video_key
 
 UncertainPolicy = Literal["resubmit", "hold"]
+T = TypeVar("T")
 
 
 class LedgerState(StrEnum):
@@ -40,6 +42,7 @@ class LedgerState(StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"
     UNCERTAIN = "uncertain"  # the POST's outcome is unknown
+    LOST = "lost"  # the provider no longer knows the task (404) or never ended it (timeout)
 
 
 TERMINAL = {LedgerState.FAILED, LedgerState.SKIPPED}
@@ -55,11 +58,18 @@ class LedgerRecord(BaseModel):
     fail_code: str | None = None
     fail_msg: str | None = None
     video: str | None = None
+    video_key: str | None = None  # where this record's video is (or goes) in the store
     bytes: int | None = None
     sha256: str | None = None
     cost_time_ms: int | None = None
     run_id: str | None = None
     updated_at: str | None = None
+
+
+def stored_key(record: LedgerRecord) -> str:
+    """The store key of a record's video (records written before `video_key` existed used the
+    item's plain key)."""
+    return record.video_key or video_key(record.id)
 
 
 @dataclass(frozen=True)
@@ -69,12 +79,14 @@ class Plan:
     action: "submit" (never submitted, changed, forced or uncertain-resubmit), "poll" (a taskId
     is known: poll it, never resubmit), "done" (stored: verify, do not download again),
     "cached" (a final failure from an earlier run), "hold" (uncertain, left for a person).
+    keep_video: the key of a paid video of *other* inputs under this id: never overwrite it.
     """
 
     action: Literal["submit", "poll", "done", "cached", "hold"]
     note: str | None = None
     uncertain: bool = False
     attempts: int = 0
+    keep_video: str | None = None
 
 
 def plan_item(
@@ -83,15 +95,19 @@ def plan_item(
     *,
     force: bool = False,
     uncertain_policy: UncertainPolicy = "resubmit",
+    resubmit_lost: bool = False,
 ) -> Plan:
     """Decide how to resume one item. A plain function: every branch is unit-tested."""
     if record is None:
         return Plan("submit")
     if record.input_hash != input_hash:
+        kept = stored_key(record) if record.state == LedgerState.STORED else None
         return Plan(
             "submit",
             note=f"inputs changed since run {record.run_id} (was {record.input_hash[:12]}); "
-            "treated as a new item",
+            "treated as a new item"
+            + (f"; the earlier video stays at {record.video or kept}" if kept else ""),
+            keep_video=kept,
         )
     prior = record.attempts
     if record.state == LedgerState.STORED:
@@ -113,6 +129,21 @@ def plan_item(
             uncertain=True,
             attempts=prior,
         )
+    if record.state == LedgerState.LOST:
+        if resubmit_lost:
+            return Plan(
+                "submit",
+                note=f"task {record.task_id} is gone at the provider; resubmitted "
+                "(possible duplicate charge)",
+                uncertain=True,
+                attempts=prior,
+            )
+        return Plan(
+            "poll",
+            note=f"task {record.task_id} was lost in run {record.run_id}: read again "
+            "(--resubmit-lost pays for a new task)",
+            attempts=prior,
+        )
     if record.state in TERMINAL:
         if force:
             return Plan("submit", note=f"rerun of {record.state} item", attempts=prior)
@@ -124,39 +155,110 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-class Ledger:
-    """Per-item records, claims and run leases in an `OutputStore`."""
+class LedgerUnavailable(OSError):
+    """The output store did not take a ledger, claim or lease write, even after retries."""
 
-    def __init__(self, store: OutputStore, run_id: str, *, lease_ttl_s: float = 120.0) -> None:
+
+#: pauses between attempts of one ledger/claim/lease call when the store fails (about 8 s in all)
+STORE_RETRY_DELAYS_S: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0, 4.0)
+
+
+def with_retries(
+    fn: Callable[[], T],
+    what: str,
+    *,
+    delays: Sequence[float] = STORE_RETRY_DELAYS_S,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call `fn`, retrying any storage failure after each of `delays`; then `LedgerUnavailable`.
+
+    FileNotFoundError is an answer, not a failure, and passes through at once.
+    """
+    last: Exception | None = None
+    for pause in (*delays, None):
+        try:
+            return fn()
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - s3fs/botocore/OS errors of every kind
+            last = exc
+        if pause is None:
+            break
+        sleep(pause)
+    raise LedgerUnavailable(
+        f"{what} failed {len(delays) + 1} times: {type(last).__name__}: {last}"
+    ) from last
+
+
+class Ledger:
+    """Per-item records, claims and run leases in an `OutputStore`.
+
+    Every call retries storage failures (`STORE_RETRY_DELAYS_S`) and then raises
+    `LedgerUnavailable`, so a storage blip costs a few seconds, not a run.
+    """
+
+    def __init__(
+        self,
+        store: OutputStore,
+        run_id: str,
+        *,
+        lease_ttl_s: float = 120.0,
+        retry_delays_s: Sequence[float] = STORE_RETRY_DELAYS_S,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.store = store
         self.run_id = run_id
         self.lease_ttl_s = lease_ttl_s
+        self.retry_delays_s = tuple(retry_delays_s)
+        self._sleep = sleep
+        self.last_beat: float | None = None  # time.monotonic() of the last renewal that stuck
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        return with_retries(fn, what, delays=self.retry_delays_s, sleep=self._sleep)
 
     # --- records ---------------------------------------------------------------------------
     def get(self, item_id: str) -> LedgerRecord | None:
         key = f"ledger/{item_id}.json"
         try:
-            return LedgerRecord.model_validate_json(self.store.read_text(key))
+            text = self._retry(lambda: self.store.read_text(key), f"reading {key}")
         except FileNotFoundError:
             return None
+        return LedgerRecord.model_validate_json(text)
 
     def put(self, record: LedgerRecord) -> LedgerRecord:
         record = record.model_copy(update={"run_id": self.run_id, "updated_at": _now()})
-        self.store.write_text_atomic(f"ledger/{record.id}.json", record.model_dump_json())
+        key = f"ledger/{record.id}.json"
+        body = record.model_dump_json()
+        self._retry(lambda: self.store.write_text_atomic(key, body), f"writing {key}")
         return record
 
     # --- leases ----------------------------------------------------------------------------
     def heartbeat(self) -> None:
+        """Renew this run's lease (with retries); remember when it last stuck."""
         body = json.dumps({"run_id": self.run_id, "beat": time.time()})
-        self.store.write_text_atomic(f"leases/{self.run_id}.json", body)
+        key = f"leases/{self.run_id}.json"
+        self._retry(lambda: self.store.write_text_atomic(key, body), f"renewing {key}")
+        self.last_beat = time.monotonic()
+
+    def lease_fresh(self, now: float | None = None) -> bool:
+        """Whether this run may still act as the owner of its claims: its last renewal is
+        recent enough that no other run can have judged the lease expired (a quarter of the
+        TTL is kept as a safety margin for clocks and slow writes)."""
+        if self.last_beat is None:
+            return False
+        now = time.monotonic() if now is None else now
+        return now - self.last_beat < self.lease_ttl_s * 0.75
 
     def end_lease(self) -> None:
-        self.store.delete(f"leases/{self.run_id}.json")
+        self._retry(lambda: self.store.delete(f"leases/{self.run_id}.json"), "ending lease")
 
     def lease_alive(self, run_id: str) -> bool:
         try:
-            beat = json.loads(self.store.read_text(f"leases/{run_id}.json"))["beat"]
-        except (FileNotFoundError, ValueError, KeyError):
+            text = self._retry(
+                lambda: self.store.read_text(f"leases/{run_id}.json"), "reading a lease"
+            )
+            beat = json.loads(text)["beat"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
             return False
         return time.time() - float(beat) < self.lease_ttl_s
 
@@ -167,23 +269,53 @@ class Ledger:
         A claim left by a run whose lease has expired (a crashed run) is taken over.
         """
         key = f"claims/{item_id}.json"
-        body = json.dumps({"run_id": self.run_id, "at": _now()})
+        body = json.dumps({"run_id": self.run_id, "at": _now()}).encode()
         for _ in range(3):
-            if self.store.create_exclusive(key, body.encode()):
+            if self._retry(lambda: self.store.create_exclusive(key, body), f"claiming {key}"):
                 return None
-            try:
-                owner = json.loads(self.store.read_text(key))["run_id"]
-            except FileNotFoundError:
+            owner = self.owner(item_id)
+            if owner == "":
                 continue  # released in between: try again
-            except (ValueError, KeyError):
-                owner = None
             if owner == self.run_id:
                 return None
             if owner is not None and self.lease_alive(owner):
-                return str(owner)
+                return owner
             # stale: the owner is gone. Remove and race for it again through create_exclusive.
-            self.store.delete(key)
+            self._retry(lambda: self.store.delete(key), f"removing stale {key}")
         return "unknown (claim contended)"
 
+    def owner(self, item_id: str) -> str | None:
+        """The run id in the item's claim; "" when there is no claim, None when unreadable."""
+        key = f"claims/{item_id}.json"
+        try:
+            text = self._retry(lambda: self.store.read_text(key), f"reading {key}")
+        except FileNotFoundError:
+            return ""
+        try:
+            owner = json.loads(text)["run_id"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return owner if isinstance(owner, str) else None
+
+    def still_ours(self, item_id: str, expected: LedgerRecord | None) -> str | None:
+        """Checked immediately before every POST: None when this run still owns the item and
+        its ledger record is the one this run last saw, else why not to submit."""
+        if not self.lease_fresh():
+            return "this run's lease could not be renewed in time; another run may own the item"
+        owner = self.owner(item_id)
+        if owner != self.run_id:
+            return f"the item's claim now belongs to {owner or 'nobody'}"
+        current = self.get(item_id)
+        if _fingerprint(current) != _fingerprint(expected):
+            who = current.run_id if current is not None else "someone"
+            return f"the item's ledger record was changed by run {who}"
+        return None
+
     def release(self, item_id: str) -> None:
-        self.store.delete(f"claims/{item_id}.json")
+        self._retry(lambda: self.store.delete(f"claims/{item_id}.json"), "releasing a claim")
+
+
+def _fingerprint(rec: LedgerRecord | None) -> tuple[object, ...] | None:
+    if rec is None:
+        return None
+    return (rec.state, rec.task_id, rec.attempts, rec.run_id, rec.updated_at)

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from hailuo_batch.ledger import Ledger, LedgerRecord, LedgerState, plan_item
+from hailuo_batch.ledger import Ledger, LedgerRecord, LedgerState, LedgerUnavailable, plan_item
 from hailuo_batch.storage import OutputStore
 
 H = "a" * 64
@@ -103,3 +103,96 @@ def test_create_exclusive_is_exclusive(store):
     assert store.create_exclusive("claims/z.json", b"1") is True
     assert store.create_exclusive("claims/z.json", b"2") is False
     assert store.read_text("claims/z.json") == "1"
+
+
+def test_lost_tasks_are_read_again_unless_resubmitting_lost_is_asked_for():
+    lost = rec(LedgerState.LOST, task_id="t", attempts=1)
+    p = plan_item(lost, H)
+    assert p.action == "poll" and "--resubmit-lost" in p.note and not p.uncertain
+    p = plan_item(lost, H, force=True)  # a plain rerun does not pay again either
+    assert p.action == "poll"
+    p = plan_item(lost, H, resubmit_lost=True)
+    assert p.action == "submit" and p.uncertain and "possible duplicate" in p.note
+
+
+def test_a_changed_row_never_takes_the_stored_video_of_the_old_one():
+    p = plan_item(
+        rec(LedgerState.STORED, task_id="t", attempts=1, video="/o/videos/x.mp4"), "b" * 64
+    )
+    assert p.action == "submit" and p.keep_video == "videos/x.mp4"
+    assert "/o/videos/x.mp4" in p.note
+    kept = rec(LedgerState.STORED, task_id="t", attempts=1, video_key="videos/x/abc.mp4")
+    assert plan_item(kept, "b" * 64).keep_video == "videos/x/abc.mp4"
+
+
+class FlakyStore:
+    """An OutputStore whose next `fail` calls raise, as an S3 outage or a full disk would."""
+
+    def __init__(self, inner, fail=0):
+        self.inner, self.fail, self.calls = inner, fail, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*a, **kw):
+            self.calls += 1
+            if self.fail > 0:
+                self.fail -= 1
+                raise OSError("storage unreachable")
+            return attr(*a, **kw)
+
+        return call
+
+
+def test_a_storage_blip_costs_retries_not_the_write(tmp_path):
+    flaky = FlakyStore(OutputStore(str(tmp_path / "o")), fail=3)
+    pauses = []
+    led = Ledger(flaky, "r1", sleep=pauses.append)
+    led.put(rec(LedgerState.SUBMITTED, task_id="t"))
+    assert led.get("x").task_id == "t"
+    assert pauses == [0.2, 0.5, 1.0]  # backoff between attempts
+
+
+def test_a_store_that_stays_down_raises_one_clear_error(tmp_path):
+    flaky = FlakyStore(OutputStore(str(tmp_path / "o")), fail=100)
+    led = Ledger(flaky, "r1", sleep=lambda s: None)
+    with pytest.raises(LedgerUnavailable, match=r"ledger/x\.json failed 6 times.*unreachable"):
+        led.put(rec(LedgerState.SUBMITTED, task_id="t"))
+    # an OSError: callers that handle storage errors keep working
+    assert issubclass(LedgerUnavailable, OSError)
+
+
+def test_a_lease_that_cannot_be_renewed_goes_stale_for_its_owner_first(tmp_path):
+    flaky = FlakyStore(OutputStore(str(tmp_path / "o")))
+    led = Ledger(flaky, "r1", lease_ttl_s=60, sleep=lambda s: None)
+    assert not led.lease_fresh()  # no lease yet: never act as an owner
+    led.heartbeat()
+    beat = led.last_beat
+    assert led.lease_fresh(beat + 44) and not led.lease_fresh(beat + 46)  # margin: a quarter
+    flaky.fail = 100
+    with pytest.raises(LedgerUnavailable):
+        led.heartbeat()
+    assert led.last_beat == beat  # a failed renewal does not count
+    # another run judges the lease by its file: it is still alive for the full TTL,
+    # while the owner stops acting 15 s before that
+    assert Ledger(OutputStore(str(tmp_path / "o")), "r2", lease_ttl_s=60).lease_alive("r1")
+
+
+def test_before_a_post_the_owner_rechecks_claim_lease_and_record(store):
+    a = Ledger(store, "run-a", lease_ttl_s=60)
+    a.heartbeat()
+    assert a.claim("x") is None
+    seen = a.put(rec(LedgerState.NOT_SUBMITTED))
+    assert a.still_ours("x", seen) is None
+    # another run wrote the record in between (a manual resume beside a nightly run)
+    b = Ledger(store, "run-b", lease_ttl_s=60)
+    b.put(rec(LedgerState.SUBMITTED, task_id="t9"))
+    assert "changed by run run-b" in a.still_ours("x", seen)
+    # the claim moved to another run
+    store.write_text_atomic("claims/x.json", json.dumps({"run_id": "run-b"}))
+    assert "belongs to run-b" in a.still_ours("x", a.get("x"))
+    # the owner's own lease lapsed
+    a.last_beat = time.monotonic() - 50
+    assert "lease" in a.still_ours("x", a.get("x"))
