@@ -1,0 +1,62 @@
+"""The run's money guard and stop flags. No Prefect, no I/O.
+
+A `Budget` is shared by every item of one run. Each POST first reserves its estimated price;
+a refusal that proves nothing was created gives the reservation back; an ambiguous outcome
+keeps it (the provider may have charged). `reserve` and `refund` have no await inside, so items
+on one event loop can never overshoot the cap between a check and its update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+_EPS = 1e-9
+
+
+class Stop(StrEnum):
+    """Why a run stopped submitting; the run's final state is named after the first one."""
+
+    AUTH = "AuthenticationFailed"  # HTTP 401 anywhere: nothing can work
+    BALANCE = "InsufficientBalance"  # HTTP 402 / INSUFFICIENT_CREDITS
+    LEASE = "LeaseLost"  # this run could not renew its lease: another run may take its items
+    UNREACHABLE = "ApiUnreachable"  # the API did not answer the run's first call
+
+
+@dataclass
+class Budget:
+    """This run's estimated spend against its cap, and the reasons it stopped submitting."""
+
+    cap_usd: float | None = None
+    spent_usd: float = 0.0  # reserved by this run's POSTs and not refunded
+    capped: int = 0  # items left unsubmitted because of the cap
+    stops: dict[Stop, str] = field(default_factory=dict)
+
+    def stop(self, why: Stop, message: str) -> None:
+        """Stop submitting (first message per reason wins)."""
+        self.stops.setdefault(why, message)
+
+    @property
+    def stopped(self) -> tuple[Stop, str] | None:
+        """The reason that names the run's end, most severe first."""
+        for why in Stop:
+            if why in self.stops:
+                return why, self.stops[why]
+        return None
+
+    def reserve(self, unit_usd: float) -> str | None:
+        """Reserve the spend of one POST, or say why not to submit."""
+        if (s := self.stopped) is not None:
+            return s[1]
+        if self.cap_usd is not None and self.spent_usd + unit_usd > self.cap_usd + _EPS:
+            self.capped += 1
+            return (
+                f"max cost reached: ${self.spent_usd:.2f} of ${self.cap_usd:.2f} reserved, "
+                f"this item would add ${unit_usd:.2f}"
+            )
+        self.spent_usd += unit_usd
+        return None
+
+    def refund(self, unit_usd: float) -> None:
+        """Give back a reservation whose POST provably created nothing."""
+        self.spent_usd = max(0.0, self.spent_usd - unit_usd)

@@ -1,0 +1,224 @@
+"""What each event in an item's life leads to, as plain functions over typed values. No I/O.
+
+An item moves submit -> poll -> store. After every event (a POST refused, a task ended, a
+status read that cannot be trusted, a download that is not a video) one of these functions
+returns a `Step`: the ledger state to write, whether the item's run is over and with which
+status and reason, whether the POST's reservation is given back, and any signal for the whole
+run (stop everything on 401, stop submitting on 402). `hailuo_batch.lifecycle` applies steps;
+the tests drive these functions directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from hailuo_batch.apixo import (
+    AmbiguousSubmitError,
+    AuthenticationError,
+    ForbiddenError,
+    InsufficientCreditsError,
+    InvalidRequestError,
+    TaskState,
+    TaskStatus,
+)
+from hailuo_batch.apixo.errors import RateLimitedError
+from hailuo_batch.budget import Stop
+from hailuo_batch.ledger import LedgerState
+from hailuo_batch.policy import after_failure, classify_fail_code
+from hailuo_batch.results import ItemStatus
+from hailuo_batch.settings import FailClass
+from hailuo_batch.storage import video_key
+from hailuo_batch.video import NotAVideoError
+
+# fail codes the pipeline itself gives (the provider's own failCodes pass through unchanged)
+AUTH_FAILED = "AUTH_FAILED"
+INSUFFICIENT_BALANCE = "INSUFFICIENT_BALANCE"
+AMBIGUOUS_SUBMIT = "AMBIGUOUS_SUBMIT"
+RATE_LIMITED = "RATE_LIMITED"
+SUBMIT_ERROR = "SUBMIT_ERROR"
+TASK_NOT_FOUND = "TASK_NOT_FOUND"
+POLL_TIMEOUT = "POLL_TIMEOUT"
+BAD_ANSWER = "BAD_ANSWER"
+NO_RESULT_URL = "NO_RESULT_URL"
+DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
+NOT_A_VIDEO = "NOT_A_VIDEO"
+LEDGER_UNAVAILABLE = "LEDGER_UNAVAILABLE"
+CLAIM_LOST = "CLAIM_LOST"
+NOT_SUBMITTED_STOP = "RUN_STOPPED"
+COST_CAP = "COST_CAP"
+
+
+class TaskLost(Exception):
+    """The provider no longer knows a task we created (404 past the grace) or never ended it
+    within the poll timeout. `code` is TASK_NOT_FOUND or POLL_TIMEOUT."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Step:
+    """What an event leads to.
+
+    next: "submit" (POST again: a transient failure), "poll", "store", "wait" (rate limited:
+    wait `wait_s` for a slot, then POST again) or "end" (the item's fate in this run is `status`).
+    ledger: the state to write to the item's ledger record, or None to leave it as it is.
+    refund: the reservation of the POST just made is given back (the POST created nothing),
+    and the ledger's attempt count goes back down.
+    """
+
+    next: Literal["submit", "poll", "store", "wait", "end"]
+    ledger: LedgerState | None = None
+    status: ItemStatus | None = None
+    fail_code: str | None = None
+    fail_msg: str | None = None
+    refund: bool = False
+    uncertain: bool = False
+    signal: Stop | None = None
+    wait_s: float | None = None
+
+
+def _not_submitted_or_failed(attempts: int) -> ItemStatus:
+    """An item that ends without a task: `not_submitted` if it never had one, else `failed`."""
+    return ItemStatus.NOT_SUBMITTED if attempts <= 1 else ItemStatus.FAILED
+
+
+def on_submit_error(err: Exception, attempts: int, *, backoff_s: float = 5.0) -> Step:
+    """A POST that did not return a taskId. `attempts` counts this POST.
+
+    Only an ambiguous outcome keeps the reservation (the task may exist and be charged); every
+    other refusal proves nothing was created.
+    """
+    if isinstance(err, AmbiguousSubmitError):
+        return Step(
+            "end",
+            ledger=LedgerState.UNCERTAIN,
+            status=ItemStatus.UNCERTAIN,
+            fail_code=AMBIGUOUS_SUBMIT,
+            fail_msg=str(err),
+            uncertain=True,
+        )
+    # every other refusal: nothing was created, the reservation goes back
+    back = Step("end", ledger=LedgerState.NOT_SUBMITTED, refund=True, fail_msg=str(err))
+    if isinstance(err, AuthenticationError):
+        return replace(
+            back, status=ItemStatus.NOT_SUBMITTED, fail_code=AUTH_FAILED, signal=Stop.AUTH
+        )
+    if isinstance(err, InsufficientCreditsError):
+        return replace(
+            back,
+            status=ItemStatus.NOT_SUBMITTED,
+            fail_code=INSUFFICIENT_BALANCE,
+            signal=Stop.BALANCE,
+        )
+    if isinstance(err, RateLimitedError):
+        wait = err.retry_after if err.retry_after is not None else backoff_s
+        return replace(back, next="wait", fail_code=RATE_LIMITED, wait_s=max(0.0, wait))
+    if isinstance(err, InvalidRequestError):
+        return replace(back, status=ItemStatus.INVALID, fail_code=_http_code(err))
+    if isinstance(err, ForbiddenError):
+        return replace(back, status=ItemStatus.FAILED, fail_code=_http_code(err))
+    return replace(back, status=_not_submitted_or_failed(attempts), fail_code=_http_code(err))
+
+
+def _http_code(err: Exception) -> str:
+    code = getattr(err, "status_code", None)
+    return f"HTTP_{code}" if code else SUBMIT_ERROR
+
+
+def on_poll_error(err: Exception) -> Step:
+    """A task whose status could not be read to the end.
+
+    The ledger keeps the taskId in every case but a lost task, so a resumed run reads the same
+    task again and never pays twice; a lost task is marked so that `--resubmit-lost` can pay for
+    a new one, knowingly.
+    """
+    if isinstance(err, AuthenticationError):
+        return Step(
+            "end",
+            status=ItemStatus.FAILED,
+            fail_code=AUTH_FAILED,
+            fail_msg=f"status read refused: {err}",
+            signal=Stop.AUTH,
+        )
+    if isinstance(err, TaskLost):
+        return Step(
+            "end",
+            ledger=LedgerState.LOST,
+            status=ItemStatus.FAILED,
+            fail_code=err.code,
+            fail_msg=f"{err.message}; a rerun polls it again, `--resubmit-lost` pays for a new "
+            "task (possible duplicate charge)",
+        )
+    code = getattr(err, "fail_code", None) or BAD_ANSWER
+    return Step(
+        "end",
+        status=ItemStatus.FAILED,
+        fail_code=str(code),
+        fail_msg=f"status answer cannot be trusted: {err}; a rerun reads the task again",
+    )
+
+
+def on_task_final(
+    st: TaskStatus,
+    attempts: int,
+    *,
+    overrides: Mapping[str, FailClass] | None = None,
+    max_resubmits: int = 2,
+) -> Step:
+    """A task that ended: store its video, resubmit it, or record its failure."""
+    if st.state == TaskState.SUCCESS:
+        if not st.result_urls:
+            return Step(
+                "end",
+                ledger=LedgerState.FAILED,
+                status=ItemStatus.FAILED,
+                fail_code=NO_RESULT_URL,
+                fail_msg="success without resultUrls",
+            )
+        return Step("store", ledger=LedgerState.SUCCEEDED)
+    fail_class = classify_fail_code(st.fail_code, overrides)
+    action = after_failure(fail_class, attempts, max_resubmits)
+    failed = Step(
+        "end",
+        ledger=LedgerState.FAILED,
+        status=ItemStatus.FAILED,
+        fail_code=st.fail_code,
+        fail_msg=st.fail_msg,
+    )
+    if action == "resubmit":
+        return replace(failed, next="submit", ledger=LedgerState.NOT_SUBMITTED, status=None)
+    if action == "skip":
+        return replace(failed, ledger=LedgerState.SKIPPED, status=ItemStatus.SKIPPED)
+    if action == "stop_submitting":
+        return replace(failed, signal=Stop.BALANCE)
+    return failed
+
+
+def on_store_error(err: Exception) -> Step:
+    """A finished video that could not be stored. The ledger stays `succeeded`: a rerun reads
+    the task again (a fresh result URL) and fetches it, without paying."""
+    code = NOT_A_VIDEO if isinstance(err, NotAVideoError) else DOWNLOAD_FAILED
+    return Step(
+        "end",
+        status=ItemStatus.FAILED,
+        fail_code=code,
+        fail_msg=f"video NOT stored: {err}; a rerun fetches it again without paying",
+    )
+
+
+def choose_video_key(item_id: str, input_hash: str, taken: Callable[[str], bool]) -> str:
+    """Where a newly paid video goes: the item's plain key, unless a video is already stored
+    there (a paid video of other inputs under the same id), then a variant named after the
+    inputs. A stored video is never overwritten by another one."""
+    key = video_key(item_id)
+    n = 1
+    while taken(key):
+        variant = input_hash[:12] if n == 1 else f"{input_hash[:12]}-{n}"
+        key = video_key(item_id, variant)
+        n += 1
+    return key

@@ -1,0 +1,84 @@
+"""A run's final state, from its counts: a plain function, so the UI tells the truth at a glance.
+
+Prefect shows a state's *type* as its colour and its *name* as its label. A run that stopped
+(401, 402, a lost lease, an unreachable API) is `Failed` named after the reason; a run where no
+valid item succeeded is `Failed`; a run with some failed, invalid, uncertain or unsubmitted
+items is `Completed` named `CompletedWithFailures` (or `CostCapReached` when the cap left items
+out), unless their share passes `max_failure_share`, which makes it `Failed` too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from hailuo_batch.budget import Stop
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: Literal["completed", "failed"]
+    name: str  # the state's name in the UI
+    message: str
+
+
+PROBLEM_STATUSES = ("failed", "invalid", "uncertain", "not_submitted")
+
+
+def run_verdict(
+    by_status: Mapping[str, int],
+    *,
+    run_id: str,
+    stopped: tuple[Stop, str] | None = None,
+    capped: int = 0,
+    cap_usd: float | None = None,
+    max_failure_share: float | None = None,
+    dry_run: bool = False,
+    would_cost_usd: float = 0.0,
+) -> Verdict:
+    """The final state of a run with these counts by item status."""
+    total = sum(by_status.values())
+    problems = {s: by_status.get(s, 0) for s in PROBLEM_STATUSES if by_status.get(s, 0)}
+    listed = ", ".join(f"{n} {s}" for s, n in problems.items())
+    if stopped is not None:
+        why, message = stopped
+        return Verdict(
+            "failed",
+            why.value,
+            f"run {run_id} stopped submitting: {message}; "
+            f"{by_status.get('not_submitted', 0)} items not submitted",
+        )
+    if dry_run:
+        return Verdict(
+            "completed",
+            "DryRun",
+            f"dry run {run_id}: nothing submitted; submitting the "
+            f"{by_status.get('not_submitted', 0)} valid items would cost about "
+            f"${would_cost_usd:,.2f}",
+        )
+    succeeded = by_status.get("succeeded", 0)
+    if total and not succeeded:
+        every = ", ".join(f"{n} {s}" for s, n in by_status.items() if n)
+        return Verdict("failed", "NothingSucceeded", f"run {run_id}: no item succeeded ({every})")
+    share = sum(problems.values()) / total if total else 0.0
+    if max_failure_share is not None and share > max_failure_share:
+        return Verdict(
+            "failed",
+            "TooManyFailures",
+            f"run {run_id}: {share:.0%} of items did not succeed ({listed}), more than the "
+            f"{max_failure_share:.0%} allowed",
+        )
+    if capped:
+        return Verdict(
+            "completed",
+            "CostCapReached",
+            f"max cost ${cap_usd or 0:.2f} reached: {capped} items not submitted",
+        )
+    if problems:
+        return Verdict(
+            "completed",
+            "CompletedWithFailures",
+            f"run {run_id}: {succeeded} of {total} items succeeded; {listed}",
+        )
+    return Verdict("completed", "Completed", f"run {run_id}: all {total} items succeeded")

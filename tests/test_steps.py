@@ -1,0 +1,180 @@
+"""The steps of an item's life: every class of event leads to the right next step."""
+
+from __future__ import annotations
+
+import pytest
+
+from hailuo_batch.apixo import (
+    AmbiguousSubmitError,
+    AuthenticationError,
+    ForbiddenError,
+    InsufficientCreditsError,
+    InvalidRequestError,
+    TaskState,
+    TaskStatus,
+)
+from hailuo_batch.apixo.errors import (
+    ApixoTransportError,
+    RateLimitedError,
+    ServerError,
+    UnexpectedResponseError,
+)
+from hailuo_batch.budget import Budget, Stop
+from hailuo_batch.ledger import LedgerState
+from hailuo_batch.netguard import BlockedAddressError
+from hailuo_batch.results import ItemStatus
+from hailuo_batch.steps import (
+    TaskLost,
+    choose_video_key,
+    on_poll_error,
+    on_store_error,
+    on_submit_error,
+    on_task_final,
+)
+from hailuo_batch.video import NotAVideoError
+
+
+def test_ambiguous_submit_keeps_the_reservation_and_reports_uncertain() -> None:
+    step = on_submit_error(AmbiguousSubmitError("read timeout after sending"), 1)
+    assert (step.next, step.status, step.ledger) == (
+        "end",
+        ItemStatus.UNCERTAIN,
+        LedgerState.UNCERTAIN,
+    )
+    assert step.uncertain and not step.refund
+
+
+@pytest.mark.parametrize(
+    ("err", "status", "signal"),
+    [
+        (AuthenticationError("bad key"), ItemStatus.NOT_SUBMITTED, Stop.AUTH),
+        (InsufficientCreditsError("top up"), ItemStatus.NOT_SUBMITTED, Stop.BALANCE),
+        (InvalidRequestError("Invalid mode type"), ItemStatus.INVALID, None),
+        (ForbiddenError("content refused"), ItemStatus.FAILED, None),
+        (ServerError("model unavailable", 503), ItemStatus.NOT_SUBMITTED, None),
+        (ApixoTransportError("refused", request_sent=False), ItemStatus.NOT_SUBMITTED, None),
+    ],
+)
+def test_refusals_that_prove_nothing_was_created_give_the_money_back(
+    err: Exception, status: ItemStatus, signal: Stop | None
+) -> None:
+    step = on_submit_error(err, 1)
+    assert step.refund and step.ledger == LedgerState.NOT_SUBMITTED
+    assert (step.next, step.status, step.signal) == ("end", status, signal)
+    assert step.fail_code and step.fail_msg
+
+
+def test_a_resubmission_refused_ends_failed_not_unsubmitted() -> None:
+    assert on_submit_error(ServerError("down", 503), 2).status == ItemStatus.FAILED
+
+
+def test_rate_limiting_never_drops_an_item_it_waits_as_told() -> None:
+    step = on_submit_error(RateLimitedError("slow down", retry_after=7.5), 1)
+    assert (step.next, step.wait_s, step.refund, step.status) == ("wait", 7.5, True, None)
+    assert on_submit_error(RateLimitedError("slow down"), 1, backoff_s=3).wait_s == 3
+
+
+def _final(state: TaskState, **kw: object) -> TaskStatus:
+    return TaskStatus(task_id="t1", state=state, **kw)  # type: ignore[arg-type]
+
+
+def test_success_goes_to_store_and_success_without_url_fails() -> None:
+    ok = on_task_final(_final(TaskState.SUCCESS, result_urls=["https://cdn/x.mp4"]), 1)
+    assert (ok.next, ok.ledger) == ("store", LedgerState.SUCCEEDED)
+    bad = on_task_final(_final(TaskState.SUCCESS), 1)
+    assert (bad.status, bad.fail_code) == (ItemStatus.FAILED, "NO_RESULT_URL")
+
+
+@pytest.mark.parametrize(
+    ("code", "attempts", "next_", "status", "signal"),
+    [
+        ("NSFW", 1, "end", ItemStatus.SKIPPED, None),
+        ("GENERATION_FAILED", 1, "submit", None, None),
+        ("GENERATION_FAILED", 3, "end", ItemStatus.FAILED, None),  # resubmits used up
+        ("INVALID_PROMPT", 1, "end", ItemStatus.FAILED, None),
+        ("INSUFFICIENT_CREDITS", 1, "end", ItemStatus.FAILED, Stop.BALANCE),
+        ("SOMETHING_NEW", 1, "end", ItemStatus.FAILED, None),
+    ],
+)
+def test_failed_tasks_follow_the_failcode_policy(
+    code: str, attempts: int, next_: str, status: ItemStatus | None, signal: Stop | None
+) -> None:
+    step = on_task_final(_final(TaskState.FAILED, fail_code=code, fail_msg="m"), attempts)
+    assert (step.next, step.status, step.signal) == (next_, status, signal)
+    assert step.fail_code == code and step.fail_msg == "m"
+
+
+def test_a_failcode_moved_by_the_user_is_honoured() -> None:
+    st = _final(TaskState.FAILED, fail_code="GENERATION_FAILED")
+    assert (
+        on_task_final(st, 1, overrides={"GENERATION_FAILED": "content"}).status
+        == ItemStatus.SKIPPED
+    )
+
+
+def test_401_while_polling_stops_the_run_with_one_clean_code() -> None:
+    step = on_poll_error(AuthenticationError("invalid key", 401))
+    assert (step.status, step.fail_code, step.signal) == (
+        ItemStatus.FAILED,
+        "AUTH_FAILED",
+        Stop.AUTH,
+    )
+    assert step.ledger is None  # the task id stays: a rerun with a good key reads it
+    assert "invalid key" in (step.fail_msg or "")
+
+
+def test_lost_tasks_are_marked_lost_so_they_can_be_resubmitted_knowingly() -> None:
+    step = on_poll_error(TaskLost("TASK_NOT_FOUND", "404 for 5 minutes"))
+    assert (step.ledger, step.fail_code) == (LedgerState.LOST, "TASK_NOT_FOUND")
+    assert "--resubmit-lost" in (step.fail_msg or "")
+
+
+def test_an_untrustworthy_answer_fails_the_item_at_once_and_keeps_the_task() -> None:
+    err = UnexpectedResponseError("taskId t2 is not t1", 200)
+    err.fail_code = "FOREIGN_TASK"  # type: ignore[attr-defined]
+    step = on_poll_error(err)
+    assert (step.next, step.status, step.fail_code, step.ledger) == (
+        "end",
+        ItemStatus.FAILED,
+        "FOREIGN_TASK",
+        None,
+    )
+    assert on_poll_error(UnexpectedResponseError("garbage")).fail_code == "BAD_ANSWER"
+
+
+def test_store_errors_name_what_went_wrong() -> None:
+    assert on_store_error(NotAVideoError("not an MP4 container")).fail_code == "NOT_A_VIDEO"
+    # a result URL on a private address is refused by the guard: a download failure
+    blocked = BlockedAddressError("127.0.0.1 is a loopback address")
+    assert on_store_error(blocked).fail_code == "DOWNLOAD_FAILED"
+    assert on_store_error(OSError("disk full")).fail_code == "DOWNLOAD_FAILED"
+    assert on_store_error(ApixoTransportError("cut")).fail_code == "DOWNLOAD_FAILED"
+
+
+def test_budget_never_reserves_past_the_cap_and_refunds() -> None:
+    b = Budget(cap_usd=0.5)
+    assert b.reserve(0.19) is None and b.reserve(0.19) is None
+    assert b.reserve(0.19) is not None and b.capped == 1
+    b.refund(0.19)
+    assert b.reserve(0.19) is None
+    assert b.spent_usd == pytest.approx(0.38)
+
+
+def test_budget_stops_name_the_most_severe_reason() -> None:
+    b = Budget()
+    b.stop(Stop.BALANCE, "402")
+    b.stop(Stop.AUTH, "401")
+    b.stop(Stop.AUTH, "401 again")
+    assert b.stopped == (Stop.AUTH, "401")
+    assert b.reserve(0.1) == "401"
+
+
+def test_a_stored_video_is_never_the_key_of_a_new_one() -> None:
+    taken = {"videos/a.mp4"}
+    first = choose_video_key("b", "f" * 64, taken.__contains__)
+    assert first == "videos/b.mp4"
+    second = choose_video_key("a", "e" * 64, taken.__contains__)
+    assert second not in taken
+    taken.add(second)
+    third = choose_video_key("a", "e" * 64, taken.__contains__)
+    assert third not in taken

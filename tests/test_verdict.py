@@ -1,0 +1,59 @@
+"""A run's final state says at a glance whether every item made it."""
+
+from __future__ import annotations
+
+from hailuo_batch.budget import Stop
+from hailuo_batch.verdict import run_verdict
+
+
+def counts(**kw: int) -> dict[str, int]:
+    base = dict.fromkeys(
+        ("succeeded", "skipped", "failed", "invalid", "not_submitted", "uncertain"), 0
+    )
+    return {**base, **kw}
+
+
+def test_all_succeeded_is_a_plain_completed():
+    v = run_verdict(counts(succeeded=3), run_id="r")
+    assert (v.kind, v.name) == ("completed", "Completed")
+
+
+def test_some_problems_are_named_in_a_completed_state():
+    v = run_verdict(counts(succeeded=3, failed=1, invalid=2), run_id="r")
+    assert (v.kind, v.name) == ("completed", "CompletedWithFailures")
+    assert "1 failed" in v.message and "2 invalid" in v.message and "3 of 6" in v.message
+
+
+def test_every_item_invalid_is_a_failed_run_not_a_green_one():
+    v = run_verdict(counts(invalid=5), run_id="r")
+    assert (v.kind, v.name) == ("failed", "NothingSucceeded")
+    assert "5 invalid" in v.message
+
+
+def test_all_skipped_for_content_is_failed_too():
+    assert run_verdict(counts(skipped=2), run_id="r").kind == "failed"
+
+
+def test_failure_share_above_the_limit_fails_the_run():
+    c = counts(succeeded=6, failed=4)
+    assert run_verdict(c, run_id="r", max_failure_share=0.5).name == "CompletedWithFailures"
+    v = run_verdict(c, run_id="r", max_failure_share=0.3)
+    assert (v.kind, v.name) == ("failed", "TooManyFailures") and "40%" in v.message
+
+
+def test_a_stopped_run_is_failed_and_named_after_why():
+    for why in Stop:
+        v = run_verdict(counts(succeeded=1, not_submitted=4), run_id="r", stopped=(why, "msg"))
+        assert (v.kind, v.name) == ("failed", why.value)
+        assert "msg" in v.message and "4 items not submitted" in v.message
+
+
+def test_the_cost_cap_is_named():
+    v = run_verdict(counts(succeeded=2, not_submitted=3), run_id="r", capped=3, cap_usd=0.5)
+    assert (v.kind, v.name) == ("completed", "CostCapReached") and "$0.50" in v.message
+
+
+def test_a_dry_run_completes():
+    v = run_verdict(counts(not_submitted=4), run_id="r", dry_run=True, would_cost_usd=0.76)
+    assert (v.kind, v.name) == ("completed", "DryRun")
+    assert "would cost about $0.76" in v.message
