@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import hashlib
 import hmac
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,7 +30,12 @@ from hailuo_batch.emulator.contract import (
     parse_submit,
     reject_marker,
 )
-from hailuo_batch.emulator.faults import BAD_BODY_KINDS, FAULT_KINDS, SCRIPT_ROUTES
+from hailuo_batch.emulator.faults import (
+    BAD_BODY_KINDS,
+    BAD_STATUS_KINDS,
+    FAULT_KINDS,
+    SCRIPT_ROUTES,
+)
 from hailuo_batch.emulator.state import EmulatorState, Refused, format_retry_after
 from hailuo_batch.emulator.video import VideoCache
 from hailuo_batch.emulator.worker import Worker
@@ -148,6 +154,10 @@ class FaultAndAuth:
                 {"Retry-After": format_retry_after(config.scaled(1.0))} if code == 429 else None
             )
             await envelope(code, headers=headers)(scope, receive, send)
+        elif kind in ("401", "404"):
+            await envelope(int(kind))(scope, receive, send)
+        elif kind in BAD_STATUS_KINDS and route == "status":
+            await self.app(scope, receive, _bad_status_send(send, kind))
         elif kind in ("body500", "body429"):
             code = int(kind[4:])
             await envelope(code, status=200)(scope, receive, send)
@@ -238,6 +248,60 @@ CDN_ERROR_PAGE = (
     b"<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n"
     b"<body><h1>502 Bad Gateway</h1><p>The origin did not answer in time.</p></body></html>\n"
 )
+
+
+def _bad_status_send(send: Send, kind: str) -> Send:
+    """A send that holds a status answer back and serves a hostile variant of it (see
+    `faults.BAD_STATUS_KINDS`); answers that are not a 200 envelope pass unchanged."""
+    start: Message | None = None
+    parts: list[bytes] = []
+
+    async def replacing(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body" or start is None:
+            await send(message)
+            return
+        parts.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = b"".join(parts)
+        content_type = b"application/json"
+        try:
+            doc = json.loads(body)
+            data = doc["data"]
+            assert isinstance(data, dict)
+        except (ValueError, KeyError, AssertionError):
+            doc = None
+        if start["status"] != 200 or doc is None:
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+            return
+        if kind == "bad_status":
+            data["costTime"], data["createTime"] = {"ms": 1}, [1, 2]
+        elif kind == "foreign_task":
+            data["taskId"] = "task_" + "0" * 32
+        elif kind == "unknown_state":
+            data["state"] = "finished"
+        if kind == "html200":
+            body, content_type = CDN_ERROR_PAGE, b"text/html; charset=utf-8"
+        else:
+            body = json.dumps(doc).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", content_type),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return replacing
 
 
 def _bad_body_send(send: Send, kind: str) -> Send:

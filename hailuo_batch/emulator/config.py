@@ -38,6 +38,10 @@ class EmulatorConfig(BaseModel):
     fault_rate: float = Field(
         default=0.0, ge=0, le=1, description="Chance that a request gets a fault."
     )
+    hostile_faults: bool = Field(
+        default=False,
+        description="Random faults include malformed status answers and non-video downloads.",
+    )
     seed: int | None = Field(
         default=None, description="Seed of every random choice (faults, spread)."
     )

@@ -11,6 +11,15 @@ Kinds:
   then the connection is closed instead of answering;
 - `truncate` (download): headers and part of the body are sent, then the connection is closed;
 - `trickle` (download, scripted only): the body is dribbled out over `slow_s` seconds.
+- `401`, `404` (scripted only): that HTTP status with the error envelope (a revoked key, a task
+  the provider forgot);
+- `bad_status`, `foreign_task`, `unknown_state`, `html200` (status): an answer with a field of
+  the wrong type, another task's id, a state the contract does not know, or a proxy's HTML
+  page with status 200;
+- `html_body`, `empty_body`, `cut_body`, `gzip_body` (download): see `BAD_BODY_KINDS`.
+
+With `hostile=True` (the emulator's `hostile_faults`), the random draw includes the bad status
+answers and bad download bodies too.
 
 Bad result bodies (download, scripted only), as a CDN can serve them; each is HTTP 200:
 - `html_body`: a `text/html` error page instead of the video;
@@ -44,8 +53,23 @@ FAULT_KINDS = (
     "empty_body",
     "cut_body",
     "gzip_body",
+    "401",
+    "404",
+    "bad_status",
+    "foreign_task",
+    "unknown_state",
+    "html200",
 )
 BAD_BODY_KINDS = ("html_body", "empty_body", "cut_body", "gzip_body")
+#: status answers that are not to be trusted: a field of the wrong type, another task's
+#: answer, a state the contract does not know, a proxy's HTML page with status 200
+BAD_STATUS_KINDS = ("bad_status", "foreign_task", "unknown_state", "html200")
+
+#: what `hostile=True` adds to the random draw (off by default: seeded sequences stay as they were)
+_HOSTILE_KINDS: dict[str, tuple[str, ...]] = {
+    "status": BAD_STATUS_KINDS,
+    "download": ("html_body", "empty_body", "cut_body", "gzip_body"),
+}
 
 _RANDOM_KINDS: dict[str, tuple[str, ...]] = {
     "submit": ("500", "503", "429", "body500", "body429", "drop", "slow", "drop_after_create"),
@@ -58,9 +82,10 @@ _RANDOM_KINDS: dict[str, tuple[str, ...]] = {
 class FaultPlan:
     """Scripted fault queues plus a seeded random draw. Not thread-safe: callers hold a lock."""
 
-    def __init__(self, rate: float, rng: random.Random) -> None:
+    def __init__(self, rate: float, rng: random.Random, *, hostile: bool = False) -> None:
         self.rate = rate
         self._rng = rng
+        self.hostile = hostile
         self._scripted: dict[str, deque[str]] = {r: deque() for r in SCRIPT_ROUTES}
 
     def script(self, route: str, kind: str, count: int = 1) -> None:
@@ -86,5 +111,8 @@ class FaultPlan:
             if queue:
                 return queue.popleft()
         if self.rate > 0 and self._rng.random() < self.rate:
-            return self._rng.choice(_RANDOM_KINDS[route])
+            kinds = _RANDOM_KINDS[route]
+            if self.hostile:
+                kinds = (*kinds, *_HOSTILE_KINDS.get(route, ()))
+            return self._rng.choice(kinds)
         return None

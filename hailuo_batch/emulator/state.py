@@ -120,7 +120,11 @@ class EmulatorState:
         seed_rng = random.Random(config.seed)
         self.task_rng = random.Random(seed_rng.getrandbits(64))
         self.callback_rng = random.Random(seed_rng.getrandbits(64))
-        self.faults = FaultPlan(config.fault_rate, random.Random(seed_rng.getrandbits(64)))
+        self.faults = FaultPlan(
+            config.fault_rate,
+            random.Random(seed_rng.getrandbits(64)),
+            hostile=config.hostile_faults,
+        )
         self._secret = secrets.token_bytes(32)
         self.base_url = config.public_base_url or f"http://{config.host}:{config.port}"
         self.balance_micro = round(config.balance_usd * _MICRO)

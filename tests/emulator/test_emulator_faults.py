@@ -216,3 +216,47 @@ def _good_video(url: str) -> bytes:
     assert resp.status_code == 200 and resp.headers["content-type"] == "video/mp4"
     assert len(resp.content) == int(resp.headers["content-length"])
     return resp.content
+
+
+# --- answers that cannot be trusted and forgotten tasks -----------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "code"), [("401", 401), ("404", 404)])
+def test_scripted_401_and_404(
+    emu: EmulatorHandle, client: httpx.Client, kind: str, code: int
+) -> None:
+    task_id = submit(client, task_body(emu.base_url))
+    emu.script_faults("status", kind)
+    resp = _call(client, emu, "status", task_id)
+    assert resp.status_code == code and resp.json()["code"] == code
+    assert _call(client, emu, "status", task_id).status_code == 200
+
+
+def test_hostile_status_answers(emu: EmulatorHandle, client: httpx.Client) -> None:
+    task_id = submit(client, task_body(emu.base_url))
+    seen = {}
+    for kind in ("bad_status", "foreign_task", "unknown_state", "html200"):
+        emu.script_faults("status", kind)
+        resp = _call(client, emu, "status", task_id)
+        assert resp.status_code == 200
+        seen[kind] = resp
+    bad = seen["bad_status"].json()["data"]
+    assert isinstance(bad["costTime"], dict) and isinstance(bad["createTime"], list)
+    assert seen["foreign_task"].json()["data"]["taskId"] != task_id
+    assert seen["unknown_state"].json()["data"]["state"] == "finished"
+    assert seen["html200"].headers["content-type"].startswith("text/html")
+    assert b"<html>" in seen["html200"].content
+    honest = _call(client, emu, "status", task_id).json()["data"]
+    assert honest["taskId"] == task_id and honest["state"] in ("pending", "processing", "success")
+
+
+def test_hostile_random_draw_includes_bad_answers(make_emulator: Any) -> None:
+    emu = make_emulator(fault_rate=1.0, seed=7, hostile_faults=True)
+    with httpx.Client(base_url=emu.base_url, headers={"Authorization": "Bearer k"}) as c:
+        for _ in range(80):
+            try:
+                c.get(STATUS, params={"taskId": "task_x"})
+            except DROPPED:
+                pass
+    kinds = set(emu.stats()["faults"])
+    assert kinds & {"bad_status", "foreign_task", "unknown_state", "html200"}
