@@ -6,9 +6,13 @@ Run it with `hailuo-batch run MANIFEST --output URL`, from a deployment, or as a
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -41,10 +45,12 @@ from hailuo_batch.apixo import (
     Provider,
     RequestType,
 )
+from hailuo_batch.budget import Budget, Stop
 from hailuo_batch.callbacks import CallbackStore, callback_url_for
-from hailuo_batch.ledger import Ledger, plan_item
-from hailuo_batch.manifest import ItemDefaults, ManifestItem, RowError
-from hailuo_batch.policy import Prices, estimate_cost
+from hailuo_batch.ledger import Ledger, LedgerUnavailable, with_retries
+from hailuo_batch.manifest import ItemDefaults, ManifestError, ManifestItem, RowError
+from hailuo_batch.netguard import GuardedTransport
+from hailuo_batch.policy import Prices
 from hailuo_batch.progress import ProgressState, notify
 from hailuo_batch.results import (
     ItemResult,
@@ -55,9 +61,14 @@ from hailuo_batch.results import (
     summary_markdown,
     to_jsonl,
 )
-from hailuo_batch.settings import Settings, get_settings
+from hailuo_batch.review import publish_review, review_markdown, video_store_key
+from hailuo_batch.settings import Settings, check_output_url, get_settings
+from hailuo_batch.steps import AUTH_FAILED
 from hailuo_batch.storage import OutputStore, run_key
-from hailuo_batch.validation import Preflight
+from hailuo_batch.verdict import run_verdict
+
+#: where the results go when the output store stays unreachable at the end of a run
+FALLBACK_RESULTS_DIR = "hailuo-results"
 
 
 def new_run_id() -> str:
@@ -72,7 +83,8 @@ def invalid_rows(errors: list[RowError], run_id: str) -> list[ItemResult]:
         by_row.setdefault(e.row, []).append(e)
     return [
         ItemResult(
-            id=f"row-{row}",
+            # the row's own id when it had a readable one; else a name no valid id can take
+            id=next((e.id for e in errs if getattr(e, "id", None)), None) or f"row#{row}",
             row=row,
             status=ItemStatus.INVALID,
             field=errs[0].field,
@@ -91,11 +103,11 @@ async def resolve_output(
     """Where outputs go and the fsspec options to reach it: `output`, else the OutputStorage
     block's URL, else HAILUO_OUTPUT; the block's S3 options whenever a block is named."""
     if not storage_block:
-        return output or settings.output, {}
+        return check_output_url(output or settings.output), {}
     from blocks.apixo import OutputStorage
 
     sb: OutputStorage = await OutputStorage.aload(storage_block)  # type: ignore[assignment]
-    return output or sb.url, sb.storage_options()
+    return check_output_url(output or sb.url), sb.storage_options()
 
 
 async def _resolve_runtime(
@@ -119,7 +131,9 @@ async def _resolve_runtime(
         )
     out, storage_options = await resolve_output(output, storage_block, settings)
     tuned = settings.model_copy(update={"apixo_api_key": api_key, "apixo_base_url": base_url})
-    client = ApixoClient.from_settings(tuned)
+    # result URLs may point anywhere: fetched under the same private-address policy as images
+    guard = GuardedTransport(allow_private=settings.allow_private_networks)
+    client = ApixoClient.from_settings(tuned, download_transport=guard)
     store = OutputStore(out, storage_options or None)
     # threads for blocking calls: one per item in flight plus a few for validation and reports
     limiter = anyio.CapacityLimiter(concurrency + 4)
@@ -156,27 +170,87 @@ class Progress:
 async def write_results(
     rt: Runtime, run_id: str, results: list[ItemResult], summary: dict[str, Any]
 ) -> str:
-    """Write results.jsonl and summary.json under {output}/runs/{run_id}/ (atomically)."""
-    key = run_key(run_id, "results.jsonl")
-    await rt.blocking(rt.store.write_text_atomic, key, to_jsonl(results))
-    await rt.blocking(rt.store.write_text_atomic, run_key(run_id, "summary.json"), dumps(summary))
-    return rt.store.url_for(key)
+    """Write results.jsonl and summary.json under {output}/runs/{run_id}/ (atomically).
+
+    If the output store stays unreachable, they go to `./hailuo-results/{run_id}/` on this
+    machine instead, and the run says so: the results are never lost with the store.
+    """
+    files = {"results.jsonl": to_jsonl(results), "summary.json": dumps(summary)}
+    try:
+        for name, text in files.items():
+            key = run_key(run_id, name)
+            await rt.blocking(with_retries, partial(rt.store.write_text_atomic, key, text), key)
+        return rt.store.url_for(run_key(run_id, "results.jsonl"))
+    except LedgerUnavailable as exc:
+        fallback = OutputStore(str(Path(FALLBACK_RESULTS_DIR).absolute()))
+        for name, text in files.items():
+            await rt.blocking(fallback.write_text_atomic, f"{run_id}/{name}", text)
+        url = fallback.url_for(f"{run_id}/results.jsonl")
+        rt.log(
+            "the output store did not take the results (%s): written to %s instead",
+            exc,
+            url,
+            level=logging.ERROR,
+        )
+        summary["results_fallback"] = url
+        return url
 
 
 @task(name="publish_report", cache_policy=NO_CACHE)
 async def publish_report(
-    run_id: str, results: list[ItemResult], summary: dict[str, Any], results_url: str
+    rt: Runtime,
+    run_id: str,
+    results: list[ItemResult],
+    summary: dict[str, Any],
+    results_url: str,
+    extra_md: str = "",
 ) -> None:
     """Prefect artifacts: a table of every item and a markdown summary."""
     slug = run_id.lower().replace("_", "-")
+    expiry = rt.settings.presign_expiry_s
+    table = await rt.blocking(results_as_table, results, partial(_video_link, rt.store, expiry))
+    links = "" if rt.store.is_local else f"; video links expire after {expiry / 3600:g} h"
     await acreate_table_artifact(
-        results_as_table(results), key=f"items-{slug}", description=f"Items of run {run_id}"
+        table, key=f"items-{slug}", description=f"Items of run {run_id}{links}"
     )
     await acreate_markdown_artifact(
-        summary_markdown(summary, results_url=results_url),
+        summary_markdown(summary, results_url=results_url) + extra_md,
         key=f"summary-{slug}",
         description=f"Summary of run {run_id}",
     )
+
+
+@task(name="publish_previews", cache_policy=NO_CACHE)
+async def publish_previews(
+    rt: Runtime, run_id: str, results: list[ItemResult]
+) -> tuple[str, str] | None:
+    """Posters beside the videos, a contact sheet and the review page `runs/{run_id}/index.html`.
+
+    Returns the page's URL and the markdown that links it (None if the store refused them:
+    previews never fail a run).
+    """
+
+    def _publish() -> tuple[str, str]:
+        outputs = publish_review(rt.store, run_id, results)
+        md = review_markdown(rt.store, outputs, expires_s=rt.settings.presign_expiry_s)
+        return rt.store.url_for(outputs.page_key), "\n" + md
+
+    try:
+        return await rt.blocking(_publish)
+    except (OSError, ValueError) as exc:
+        rt.log("review page not written: %s", exc, level=logging.WARNING)
+        return None
+
+
+def _video_link(store: OutputStore, expires_s: int, r: ItemResult) -> str | None:
+    """A link a browser can open: presigned HTTPS on an object store, the path locally."""
+    key = video_store_key(store, r.video)
+    if key is None or store.is_local:
+        return r.video
+    try:
+        return store.presign(key, expires_s)
+    except (OSError, ValueError, RuntimeError):
+        return r.video
 
 
 def run_name() -> str:
@@ -202,7 +276,9 @@ async def generate_videos(
     fit_to_balance: bool = False,
     force: bool = False,
     rerun_of: str | None = None,
-) -> dict[str, Any]:
+    resubmit_lost: bool = False,
+    max_failure_share: Annotated[float | None, Field(ge=0, le=1)] = None,
+) -> Any:
     """Turn a manifest of images and prompts into stored videos; returns the run summary.
 
     Args:
@@ -223,6 +299,10 @@ async def generate_videos(
         force: Resubmit items whose earlier run ended failed, skipped or uncertain (reruns set this;
             stored videos are never redone).
         rerun_of: Results file of the run this one reruns (for the report).
+        resubmit_lost: Pay for a new task for items whose task the provider lost (404 or poll
+            timeout); they are reported as possible duplicate charges.
+        max_failure_share: The run ends Failed when more than this share of items (0 to 1) did
+            not succeed; by default only a run with no success, or one that stopped, is Failed.
     """
     started = time.monotonic()
     logger = get_run_logger()
@@ -240,83 +320,71 @@ async def generate_videos(
         run_id,
         prices,
         asyncio.Semaphore(concurrency),
+        budget=Budget(cap_usd=max_cost_usd),
         force=force,
-        max_cost_usd=max_cost_usd,
+        resubmit_lost=resubmit_lost,
     )
     b.use_global_limit = await _global_limit_exists(GLOBAL_LIMIT)
-    background = [asyncio.create_task(_keep_lease(rt, ledger))]
+    await rt.blocking(ledger.heartbeat)  # a lease before any claim; a dead store fails here
+    background = [asyncio.create_task(_keep_lease(rt, ledger, b.budget))]
     if rt.callbacks is not None:
         background.append(asyncio.create_task(watch_callbacks(rt)))
     try:
         parsed = await read_manifest(
             rt, manifest, ItemDefaults(mode=mode, duration=duration, provider=provider)
         )
+        if isinstance(parsed, ManifestError):  # nothing was paid: one clean message
+            return Failed(name="BadManifest", message=f"run {run_id}: {parsed}")
         results = invalid_rows(parsed.errors, run_id)
         progress = Progress(parsed.total_rows, run_id)
         await progress.start()
         for r in results:
             await progress.finished(r)
 
-        checks = asyncio.Semaphore(max(4, concurrency))
-
-        async def _check(item: ManifestItem) -> Preflight:
-            async with checks:
-                return await validate_item(rt, item)
-
-        checked = await asyncio.gather(*(_check(i) for i in parsed.items))
-        valid = [c for c in checked if c.ok]
-        for c in checked:
-            if not c.ok:
-                r = base_result(
-                    c.item,
-                    run_id,
-                    status=ItemStatus.INVALID,
-                    field=c.field,
-                    errors=c.errors,
-                    fail_msg="; ".join(c.errors),
-                )
-                results.append(r)
-                await progress.finished(r)
-        estimate = await rt.blocking(_estimate_new_spend, b, valid)
+        # the estimate needs only each row's mode and duration, so the balance and cost guards
+        # hold before the first payment while images are still being checked
+        estimate = await rt.blocking(_estimate_new_spend, b, parsed.items)
         logger.info(
-            "%d items valid, %d invalid; estimated cost of what is left to submit $%.2f",
-            len(valid),
+            "%d rows to check, %d invalid; estimated cost of what is left to submit $%.2f",
+            len(parsed.items),
             len(results),
             estimate,
         )
-
         balance_before = balance_after = None
-        if dry_run:
-            for v in valid:
-                r = base_result(v.item, run_id, status=ItemStatus.NOT_SUBMITTED, fail_msg="dry run")
-                results.append(r)
-                await progress.finished(r)
-        else:
+        if not dry_run:
             try:
-                balance_before = await read_balance(rt)
-            except AuthenticationError as exc:
-                b.abort = f"authentication failed (HTTP 401): {exc}"
-            if balance_before is not None and estimate > balance_before + 1e-9:
-                if not fit_to_balance:
-                    raise InsufficientBalance(
-                        f"the batch needs about ${estimate:.2f} but the balance is "
-                        f"${balance_before:.2f}: top up, or run with fit_to_balance "
-                        "(--fit-to-balance) or max_cost_usd (--max-cost) to submit what fits"
-                    )
-                cap = balance_before if max_cost_usd is None else min(max_cost_usd, balance_before)
-                b.max_cost_usd = cap
-                logger.warning(
-                    "balance $%.2f < estimate $%.2f: submitting what fits", balance_before, estimate
-                )
+                balance_before = await _check_balance(rt, b, estimate, fit_to_balance, max_cost_usd)
+            except InsufficientBalance as exc:  # nothing was paid: one clean message
+                logger.error("run %s: %s", run_id, exc)
+                return Failed(name="InsufficientBalance", message=str(exc))
 
-            async def _one(v: Preflight) -> ItemResult:
+        checks = asyncio.Semaphore(max(4, concurrency))
+        would_cost = 0.0
+
+        async def _one(item: ManifestItem) -> ItemResult:
+            """Check one row's image, then (valid, not a dry run) run it: submissions start
+            as soon as the first rows are checked."""
+            nonlocal would_cost
+            async with checks:
+                v = await validate_item(rt, item, stage=not dry_run)
+            if not v.ok:
+                r = base_result(
+                    v.item, run_id, status=ItemStatus.INVALID, field=v.field, errors=v.errors,
+                    fail_msg="; ".join(v.errors),
+                )  # fmt: skip
+            elif dry_run:
+                would_cost += b.unit_cost(item)
+                r = base_result(item, run_id, status=ItemStatus.NOT_SUBMITTED, fail_msg="dry run")
+            else:
                 r = await run_item(b, v)
-                await progress.finished(r)
-                return r
+            await progress.finished(r)
+            return r
 
-            results += await asyncio.gather(*(_one(v) for v in valid))
-            if not b.abort:
-                balance_after = await read_balance(rt)
+        results += await asyncio.gather(*(_one(i) for i in parsed.items))
+        if not dry_run and (b.budget.stopped is None or b.budget.stopped[0] == Stop.BALANCE):
+            balance_after = (await read_balance(rt)).usd
+        if dry_run:
+            estimate = would_cost
 
         results.sort(key=lambda r: r.row)
         summary = summarize(
@@ -331,20 +399,67 @@ async def generate_videos(
             output=rt.store.url_for(""),
             dry_run=dry_run,
             estimated_batch_cost_usd=round(estimate, 4),
-            max_cost_usd=b.max_cost_usd,
-            stopped=b.abort or b.stop_submitting,
+            max_cost_usd=b.budget.cap_usd,
+            stopped=b.budget.stopped[1] if b.budget.stopped else None,
             rerun_of=rerun_of,
         )
         results_url = await write_results(rt, run_id, results, summary)
+        review = await publish_previews(rt, run_id, results)
+        if review is not None:
+            summary["review_page"], review_md = review
         summary["results"] = results_url
-        await publish_report(run_id, results, summary, results_url)
+        await publish_report(
+            rt, run_id, results, summary, results_url, extra_md=review_md if review else ""
+        )
         logger.info("run %s done: %s; results at %s", run_id, summary["by_status"], results_url)
     finally:
         for job in background:
             job.cancel()
-        await rt.blocking(ledger.end_lease)
+        with contextlib.suppress(LedgerUnavailable):  # an unended lease simply expires
+            await rt.blocking(ledger.end_lease)
         rt.client.close()
-    return final_state(b, run_id, summary)
+    return final_state(
+        b,
+        run_id,
+        summary,
+        max_failure_share=max_failure_share,
+        dry_run=dry_run,
+        would_cost_usd=summary["estimated_batch_cost_usd"],
+    )
+
+
+async def _check_balance(
+    rt: Runtime, b: Batch, estimate: float, fit_to_balance: bool, max_cost_usd: float | None
+) -> float | None:
+    """Read the balance before the first payment and apply the balance policy to the budget.
+
+    401 or an API that does not answer stop the run here; a batch that costs more than the
+    balance fails before spending unless `fit_to_balance` caps it at the balance.
+    """
+    read = await read_balance(rt)
+    balance, exc = read.usd, read.error
+    if isinstance(exc, AuthenticationError):
+        b.budget.stop(Stop.AUTH, f"{AUTH_FAILED}: {exc}")
+        return None
+    if exc is not None:
+        b.budget.stop(
+            Stop.UNREACHABLE,
+            f"the apixo API at {rt.settings.apixo_base_url} did not answer ({exc}); "
+            "nothing was submitted: check APIXO_BASE_URL and the network, then run again",
+        )
+        return None
+    if balance is not None and estimate > balance + 1e-9:
+        if not fit_to_balance:
+            raise InsufficientBalance(
+                f"the batch needs about ${estimate:.2f} but the balance is ${balance:.2f}: top "
+                "up, or run with fit_to_balance (--fit-to-balance) or max_cost_usd (--max-cost) "
+                "to submit what fits"
+            )
+        b.budget.cap_usd = balance if max_cost_usd is None else min(max_cost_usd, balance)
+        get_run_logger().warning(
+            "balance $%.2f < estimate $%.2f: submitting what fits", balance, estimate
+        )
+    return balance
 
 
 def _enable_callbacks(rt: Runtime) -> None:
@@ -355,7 +470,10 @@ def _enable_callbacks(rt: Runtime) -> None:
             "request_type callback needs HAILUO_CALLBACK_URL (the receiver's public base URL) "
             "and HAILUO_CALLBACK_TOKEN (its secret); start one with `hailuo-batch receiver`"
         )
-    rt.callback_url = callback_url_for(s.callback_url, s.callback_token.get_secret_value())
+    token = s.callback_token.get_secret_value()
+    rt.callback_url = callback_url_for(s.callback_url, token)
+    rt.client.add_secret(token)  # never in a message, result, ledger or log line
+    rt.client.add_secret(rt.callback_url)
     rt.callbacks = CallbackStore(s.callback_store)
     get_run_logger().info(
         "callback mode: deliveries read from %s; backstop status poll every %.0f s",
@@ -382,47 +500,54 @@ async def _global_limit_exists(name: str) -> bool:
     return bool(limit.active)
 
 
-async def _keep_lease(rt: Runtime, ledger: Ledger) -> None:
-    """Renew this run's lease so other runs leave its claimed items alone."""
+async def _keep_lease(rt: Runtime, ledger: Ledger, budget: Budget) -> None:
+    """Renew this run's lease so other runs leave its claimed items alone.
+
+    Each renewal retries storage failures with backoff; a failed renewal is logged and tried
+    again on the next beat. If the lease could lapse before it is renewed, the run stops
+    submitting (other runs may then take its items) and says so; in-flight items go on.
+    """
     while True:
-        await rt.blocking(ledger.heartbeat)
-        await asyncio.sleep(max(0.5, ledger.lease_ttl_s / 4))
+        await asyncio.sleep(max(0.5, ledger.lease_ttl_s / 8))
+        try:
+            await rt.blocking(ledger.heartbeat)
+        except LedgerUnavailable as exc:
+            rt.log("lease renewal failed, trying again: %s", exc, level=logging.WARNING)
+        if not ledger.lease_fresh():
+            budget.stop(
+                Stop.LEASE,
+                f"the run's lease could not be renewed for {ledger.lease_ttl_s * 0.75:.0f} s "
+                "(output store unreachable?): stopped submitting so that no other run pays "
+                "for the same items",
+            )
 
 
-def _estimate_new_spend(b: Batch, valid: list[Preflight]) -> float:
-    """Estimated cost of the items this run still has to submit (resume-aware)."""
-    total = 0.0
-    for v in valid:
-        rec = b.ledger.get(v.item.id)
-        plan = plan_item(
-            rec, v.item.input_hash, force=b.force, uncertain_policy=b.rt.settings.uncertain_policy
-        )
-        if plan.action == "submit":
-            total += estimate_cost(str(v.item.mode), v.item.duration, b.prices)
-    return total
+def _estimate_new_spend(b: Batch, items: list[ManifestItem]) -> float:
+    """Estimated cost of the rows this run still has to submit (resume-aware; rows whose image
+    turns out invalid are counted, so the estimate errs on the safe side)."""
+    return sum(
+        b.unit_cost(item)
+        for item in items
+        if b.plan(item, b.ledger.get(item.id)).action == "submit"
+    )
 
 
-def final_state(b: Batch, run_id: str, summary: dict[str, Any]) -> Any:
-    """Completed only when nothing stopped the run; a stopped run says why in its state."""
-    counts = summary["by_status"]
-    if b.abort:
-        return Failed(
-            name="AuthenticationFailed", message=f"run {run_id} stopped: {b.abort}", data=summary
-        )
-    if b.stop_submitting:
-        return Failed(
-            name="InsufficientBalance",
-            message=f"run {run_id} stopped submitting: {b.stop_submitting}; "
-            f"{counts['not_submitted']} items not submitted",
-            data=summary,
-        )
-    if b.cost_capped:
-        return Completed(
-            name="CostCapReached",
-            message=f"max cost ${b.max_cost_usd:.2f} reached: {b.cost_capped} items not submitted",
-            data=summary,
-        )
-    return summary
+def final_state(b: Batch, run_id: str, summary: dict[str, Any], **kw: Any) -> Any:
+    """The run's state: its type and name say at a glance whether every item made it."""
+    v = run_verdict(
+        summary["by_status"],
+        run_id=run_id,
+        stopped=b.budget.stopped,
+        capped=b.budget.capped,
+        cap_usd=b.budget.cap_usd,
+        **kw,
+    )
+    if v.name == "Completed":
+        # a plain return value: Prefect hands it back to the caller as is (a returned State's
+        # data can be dropped when the server answers the state proposal with its own state)
+        return summary
+    make = Completed if v.kind == "completed" else Failed
+    return make(name=v.name, message=v.message, data=summary)
 
 
 def run_flow_sync(flow_fn: Any, **params: Any) -> State[Any]:

@@ -1,7 +1,7 @@
-"""One item's life in a run: claim, resume from the ledger, submit, poll, store.
+"""One item in a run: claim it, plan it from the ledger, live it, release it.
 
-Every transition is written to the ledger in the output store before the next step, so a run
-killed at any point can be resumed without paying twice or losing a finished video.
+The decisions live in the library (`ledger.plan_item`, `steps`, `lifecycle.live_item`); this
+module only supplies the effects, as Prefect tasks, and turns the outcome into a result line.
 """
 
 from __future__ import annotations
@@ -10,27 +10,33 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import get_run_logger
 from prefect.concurrency.asyncio import concurrency as global_concurrency
 
 from flows.tasks import Runtime, poll_item, store_video, submit_item
-from hailuo_batch.apixo import (
-    AmbiguousSubmitError,
-    AuthenticationError,
-    InsufficientCreditsError,
-    InvalidRequestError,
-    TaskState,
+from hailuo_batch.apixo import GenerateRequest, Mode, TaskStatus
+from hailuo_batch.apixo.models import PRO_DURATION_S
+from hailuo_batch.budget import Budget
+from hailuo_batch.ledger import (
+    Ledger,
+    LedgerRecord,
+    LedgerState,
+    LedgerUnavailable,
+    Plan,
+    plan_item,
+    stored_key,
 )
-from hailuo_batch.ledger import Ledger, LedgerRecord, LedgerState, Plan, plan_item
+from hailuo_batch.lifecycle import LifePolicy, Outcome, live_item
 from hailuo_batch.manifest import ManifestItem
-from hailuo_batch.policy import Prices, after_failure, classify_fail_code, estimate_cost
+from hailuo_batch.policy import Prices, estimate_cost
 from hailuo_batch.results import ItemResult, ItemStatus
-from hailuo_batch.storage import video_key
+from hailuo_batch.steps import LEDGER_UNAVAILABLE, choose_video_key
+from hailuo_batch.storage import StoredObject
 from hailuo_batch.validation import Preflight
+from hailuo_batch.video import VideoInfo, duration_warning
 
 GLOBAL_LIMIT = "apixo"
 
@@ -58,55 +64,46 @@ def base_result(item: ManifestItem, run_id: str, **kw: Any) -> ItemResult:
 
 @dataclass
 class Batch:
-    """What the items of one run share: runtime, ledger, stops and the money guard."""
+    """What the items of one run share: runtime, ledger, budget and the concurrency slots."""
 
     rt: Runtime
     ledger: Ledger
     run_id: str
     prices: Prices
     slots: asyncio.Semaphore
+    budget: Budget = field(default_factory=Budget)
     force: bool = False
-    max_cost_usd: float | None = None
-    spent_usd: float = 0.0  # estimated spend of this run's submissions
-    abort: str | None = None  # HTTP 401: nothing can work
-    stop_submitting: str | None = None  # HTTP 402 / INSUFFICIENT_CREDITS
-    cost_capped: int = 0  # items left unsubmitted by max_cost_usd
+    resubmit_lost: bool = False
     use_global_limit: bool = False  # the Prefect global concurrency limit `apixo` exists
 
-    def reserve(self, unit_cost: float) -> str | None:
-        """Reserve the spend of one submission, or say why not to submit.
+    def plan(self, item: ManifestItem, rec: LedgerRecord | None) -> Plan:
+        return plan_item(
+            rec,
+            item.input_hash,
+            force=self.force,
+            uncertain_policy=self.rt.settings.uncertain_policy,
+            resubmit_lost=self.resubmit_lost,
+        )
 
-        Called with no await between check and update, so concurrent items on the event loop
-        cannot overshoot the cap.
-        """
-        if self.abort:
-            return self.abort
-        if self.stop_submitting:
-            return self.stop_submitting
-        if self.max_cost_usd is not None and self.spent_usd + unit_cost > self.max_cost_usd + 1e-9:
-            self.cost_capped += 1
-            return (
-                f"max cost reached: ${self.spent_usd:.2f} of ${self.max_cost_usd:.2f} reserved, "
-                f"this item would add ${unit_cost:.2f}"
-            )
-        self.spent_usd += unit_cost
-        return None
+    def unit_cost(self, item: ManifestItem) -> float:
+        return estimate_cost(str(item.mode), item.duration, self.prices)
 
 
 async def run_item(b: Batch, v: Preflight) -> ItemResult:
-    """Claim the item, run it, release the claim.
+    """Claim the item, run it, release the claim. Never raises for the item's own troubles.
 
     An item claimed by another run is waited for up to one lease period (a crashed run's
     claim goes stale in that time and is taken over); if its owner is still alive after
     that, the item is left to it.
     """
     item = v.item
-    ttl = b.ledger.lease_ttl_s
-    deadline = time.monotonic() + ttl + 1
-    owner = await b.rt.blocking(b.ledger.claim, item.id)
-    while owner is not None and time.monotonic() < deadline:
-        await asyncio.sleep(min(2.0, ttl / 4))
-        owner = await b.rt.blocking(b.ledger.claim, item.id)
+    try:
+        owner = await _claim(b, item)
+    except LedgerUnavailable as exc:
+        return base_result(
+            item, b.run_id, status=ItemStatus.NOT_SUBMITTED, fail_code=LEDGER_UNAVAILABLE,
+            fail_msg=f"not submitted: the item could not be claimed: {exc}",
+        )  # fmt: skip
     if owner is not None:
         return base_result(
             item,
@@ -115,19 +112,34 @@ async def run_item(b: Batch, v: Preflight) -> ItemResult:
             fail_msg=f"being processed by concurrent run {owner}; not touched by this run",
         )
     try:
-        return await _resume(b, v)
+        return await _plan_and_live(b, v)
+    except LedgerUnavailable as exc:
+        return base_result(
+            item, b.run_id, status=ItemStatus.NOT_SUBMITTED, fail_code=LEDGER_UNAVAILABLE,
+            fail_msg=f"not submitted: the ledger could not be read: {exc}",
+        )  # fmt: skip
     finally:
-        await b.rt.blocking(b.ledger.release, item.id)
+        with contextlib.suppress(LedgerUnavailable):  # a stale claim expires with the lease
+            await b.rt.blocking(b.ledger.release, item.id)
 
 
-async def _resume(b: Batch, v: Preflight) -> ItemResult:
+async def _claim(b: Batch, item: ManifestItem) -> str | None:
+    ttl = b.ledger.lease_ttl_s
+    deadline = time.monotonic() + ttl + 1
+    owner = await b.rt.blocking(b.ledger.claim, item.id)
+    while owner is not None and time.monotonic() < deadline:
+        await asyncio.sleep(min(2.0, ttl / 4))
+        owner = await b.rt.blocking(b.ledger.claim, item.id)
+    return owner
+
+
+async def _plan_and_live(b: Batch, v: Preflight) -> ItemResult:
     item = v.item
-    unit_cost = estimate_cost(str(item.mode), item.duration, b.prices)
+    unit_cost = b.unit_cost(item)
     rec = await b.rt.blocking(b.ledger.get, item.id)
-    plan = plan_item(
-        rec, item.input_hash, force=b.force, uncertain_policy=b.rt.settings.uncertain_policy
-    )
+    plan = b.plan(item, rec)
     extra: dict[str, Any] = {"note": plan.note, "uncertain": plan.uncertain}
+    earlier = round(plan.attempts * unit_cost, 4)  # what earlier runs may have spent on it
     if plan.action == "done" and rec is not None:
         if await b.rt.blocking(_stored_intact, b, rec):
             return _from_record(b, item, rec, ItemStatus.SUCCEEDED, unit_cost, **extra)
@@ -140,27 +152,85 @@ async def _resume(b: Batch, v: Preflight) -> ItemResult:
         return _from_record(b, item, rec, status, unit_cost, **extra)
     if plan.action == "hold":
         return base_result(
-            item,
-            b.run_id,
-            status=ItemStatus.UNCERTAIN,
-            attempts=plan.attempts,
-            cost_usd=round(plan.attempts * unit_cost, 4),
-            fail_msg=plan.note,
-            **extra,
-        )
+            item, b.run_id, status=ItemStatus.UNCERTAIN, attempts=plan.attempts,
+            cost_usd=earlier, fail_msg=plan.note, **extra,
+        )  # fmt: skip
     if plan.action == "poll" and rec is not None:
         start = rec
     else:
-        keep = rec is not None and rec.input_hash == item.input_hash
+        same = rec is not None and rec.input_hash == item.input_hash
         start = LedgerRecord(
             id=item.id,
             input_hash=item.input_hash,
-            state=LedgerState.NOT_SUBMITTED,
+            # an earlier possible charge stays on record until a POST is accepted
+            state=LedgerState.UNCERTAIN if plan.uncertain else LedgerState.NOT_SUBMITTED,
             attempts=plan.attempts,
-            task_ids=rec.task_ids if (rec is not None and keep) else [],
+            task_ids=rec.task_ids if (rec is not None and same) else [],
         )
+    assert v.request is not None  # only valid items get here
+    fx = FlowEffects(b, item, v.request, expected=rec)
     async with b.slots, _provider_slot(b):
-        return await _drive(b, v, start, unit_cost, resumed=plan.action == "poll", extra=extra)
+        out = await live_item(
+            start,
+            v.request,
+            unit_cost=unit_cost,
+            budget=b.budget,
+            fx=fx,
+            policy=LifePolicy(
+                failcode_overrides=dict(b.rt.settings.failcode_policy),
+                max_resubmits=b.rt.settings.transient_max_resubmits,
+            ),
+            resumed=plan.action == "poll",
+            sweep=plan.action == "poll",
+        )
+    return _from_outcome(b, item, out, unit_cost, extra)
+
+
+class FlowEffects:
+    """The effects of `live_item` for one item: Prefect tasks, the ledger, the store."""
+
+    def __init__(
+        self, b: Batch, item: ManifestItem, request: GenerateRequest, expected: LedgerRecord | None
+    ) -> None:
+        self.b, self.item, self.request = b, item, request
+        self.expected = expected  # the record as this run last saw or wrote it
+
+    async def save(self, rec: LedgerRecord) -> LedgerRecord:
+        saved = await self.b.rt.blocking(self.b.ledger.put, rec)
+        self.expected = saved
+        return saved
+
+    async def still_ours(self, expected: LedgerRecord | None) -> str | None:
+        return await self.b.rt.blocking(self.b.ledger.still_ours, self.item.id, self.expected)
+
+    async def submit(self, request: GenerateRequest) -> str:
+        sub = await submit_item(self.b.rt, self.item, request)
+        if sub.task_id is None:
+            assert sub.error is not None
+            raise sub.error
+        return sub.task_id
+
+    async def poll(self, task_id: str, *, immediate: bool) -> TaskStatus:
+        polled = await poll_item(self.b.rt, self.item, task_id, immediate=immediate)
+        if polled.status is None:
+            assert polled.error is not None
+            raise polled.error
+        return polled.status
+
+    async def store(self, url: str, key: str, *, sweep: bool) -> StoredObject:
+        out = await store_video(self.b.rt, self.item, url, key, sweep=sweep)
+        if out.stored is None:
+            assert out.error is not None
+            raise out.error
+        return out.stored
+
+    async def choose_key(self, rec: LedgerRecord) -> str:
+        store = self.b.rt.store
+        return await self.b.rt.blocking(choose_video_key, rec.id, rec.input_hash, store.exists)
+
+    async def rate_limited(self, wait_s: float) -> None:
+        self.b.rt.log("item %s: rate limited, submitting again in %.1f s", self.item.id, wait_s)
+        await asyncio.sleep(wait_s)
 
 
 @contextlib.asynccontextmanager
@@ -178,156 +248,56 @@ async def _provider_slot(b: Batch) -> AsyncIterator[None]:
 
 
 def _stored_intact(b: Batch, rec: LedgerRecord) -> bool:
-    key = video_key(rec.id)
+    key = stored_key(rec)
     return b.rt.store.exists(key) and b.rt.store.size(key) == rec.bytes
 
 
 def _from_record(
     b: Batch, item: ManifestItem, rec: LedgerRecord, status: ItemStatus, unit: float, **kw: Any
 ) -> ItemResult:
+    """The result of an item this run did not touch: nothing spent by this run."""
     return base_result(
         item, b.run_id, status=status, task_id=rec.task_id, attempts=rec.attempts,
-        cost_usd=round(rec.attempts * unit, 4), video=rec.video, bytes=rec.bytes,
-        sha256=rec.sha256, cost_time_ms=rec.cost_time_ms, fail_code=rec.fail_code,
-        fail_msg=rec.fail_msg, **kw,
+        cost_usd=round(rec.attempts * unit, 4), run_cost_usd=0.0, video=rec.video,
+        bytes=rec.bytes, sha256=rec.sha256, cost_time_ms=rec.cost_time_ms,
+        fail_code=rec.fail_code, fail_msg=rec.fail_msg, **kw,
     )  # fmt: skip
 
 
-async def _drive(
-    b: Batch,
-    v: Preflight,
-    rec: LedgerRecord,
-    unit_cost: float,
-    *,
-    resumed: bool,
-    extra: dict[str, Any],
+def _from_outcome(
+    b: Batch, item: ManifestItem, out: Outcome, unit: float, extra: dict[str, Any]
 ) -> ItemResult:
-    """Submit (unless a taskId is known), poll, store; resubmit transient failures."""
-    item, rt, ledger = v.item, b.rt, b.ledger
-    assert v.request is not None  # only valid items get here
-    was_resumed = resumed  # an earlier run may have left a half-written download
+    rec = out.rec
+    notes = [n for n in (extra.get("note"), *out.notes) if n]
+    stored = out.stored
+    return base_result(
+        item,
+        b.run_id,
+        status=out.status,
+        task_id=rec.task_id,
+        attempts=rec.attempts,
+        cost_usd=round(rec.attempts * unit, 4),
+        run_cost_usd=round(out.run_posts * unit, 4),
+        fail_code=out.fail_code,
+        fail_msg=b.rt.scrub(out.fail_msg) if out.fail_msg else None,
+        cost_time_ms=out.cost_time_ms,
+        video=stored.url if stored else None,
+        bytes=stored.size if stored else None,
+        sha256=stored.sha256 if stored else None,
+        note="; ".join(notes) or None,
+        uncertain=bool(extra.get("uncertain")) or out.uncertain,
+        **_video_facts(item, stored),
+    )
 
-    async def save(**changes: Any) -> LedgerRecord:
-        return await rt.blocking(ledger.put, rec.model_copy(update=changes))
 
-    def result(status: ItemStatus, **kw: Any) -> ItemResult:
-        kw.setdefault("task_id", rec.task_id)
-        return base_result(
-            item,
-            b.run_id,
-            status=status,
-            attempts=rec.attempts,
-            cost_usd=round(rec.attempts * unit_cost, 4),
-            **{**extra, **kw},
-        )
-
-    while True:
-        if rec.task_id is None or rec.state == LedgerState.NOT_SUBMITTED:
-            why_not = b.reserve(unit_cost)
-            if why_not:
-                status = ItemStatus.NOT_SUBMITTED if rec.attempts == 0 else ItemStatus.FAILED
-                return result(status, fail_code=rec.fail_code, fail_msg=why_not)
-            # durable BEFORE the POST: a crash from here on leaves a visible `submitting` record
-            rec = await save(state=LedgerState.SUBMITTING, task_id=None, attempts=rec.attempts + 1)
-            sub = await submit_item(rt, item, v.request)
-            if sub.task_id is None:
-                err = sub.error
-                if isinstance(err, AmbiguousSubmitError):  # may have been charged: keep reserved
-                    rec = await save(state=LedgerState.UNCERTAIN, fail_msg=str(err))
-                    return result(
-                        ItemStatus.UNCERTAIN,
-                        uncertain=True,
-                        fail_code="AMBIGUOUS_SUBMIT",
-                        fail_msg=str(err),
-                    )
-                b.spent_usd -= unit_cost  # the refusal proves nothing was created
-                rec = await save(state=LedgerState.NOT_SUBMITTED, attempts=rec.attempts - 1)
-                code = getattr(err, "status_code", None)
-                fail_code = f"HTTP_{code}" if code else "SUBMIT_ERROR"
-                if isinstance(err, AuthenticationError):
-                    b.abort = b.abort or f"authentication failed (HTTP 401): {err}"
-                    return result(ItemStatus.NOT_SUBMITTED, fail_code=fail_code, fail_msg=b.abort)
-                if isinstance(err, InsufficientCreditsError):
-                    b.stop_submitting = (
-                        b.stop_submitting or f"insufficient balance (HTTP 402): {err}"
-                    )
-                    return result(
-                        ItemStatus.NOT_SUBMITTED, fail_code=fail_code, fail_msg=b.stop_submitting
-                    )
-                status = (
-                    ItemStatus.INVALID
-                    if isinstance(err, InvalidRequestError)
-                    else (ItemStatus.NOT_SUBMITTED if rec.attempts == 0 else ItemStatus.FAILED)
-                )
-                return result(status, fail_code=fail_code, fail_msg=str(err))
-            rec = await save(
-                state=LedgerState.SUBMITTED,
-                task_id=sub.task_id,
-                task_ids=[*rec.task_ids, sub.task_id],
-                fail_code=None,
-                fail_msg=None,
-            )
-        assert rec.task_id is not None
-        polled = await poll_item(rt, item, rec.task_id, immediate=resumed)
-        resumed = False
-        if polled.fatal is not None:
-            b.abort = b.abort or f"authentication failed (HTTP 401): {polled.fatal}"
-        st = polled.status
-        if st is None:
-            # no final state (timeout, 404, 401): the ledger keeps the taskId, a rerun polls it
-            code, _, msg = (polled.error or "POLL_ERROR: unknown").partition(": ")
-            return result(ItemStatus.FAILED, fail_code=code, fail_msg=msg)
-        if st.state == TaskState.SUCCESS:
-            if not st.result_urls:
-                rec = await save(state=LedgerState.FAILED, fail_code="NO_RESULT_URL")
-                return result(
-                    ItemStatus.FAILED,
-                    fail_code="NO_RESULT_URL",
-                    fail_msg="success without resultUrls",
-                )
-            rec = await save(state=LedgerState.SUCCEEDED, cost_time_ms=st.cost_time_ms)
-            try:
-                d = rt.settings.store_retry_delay_s
-                store = store_video.with_options(retry_delay_seconds=[d, 5 * d])
-                stored = await store(rt, item, st.result_urls[0], sweep=was_resumed)
-            except Exception as exc:  # noqa: BLE001 - recorded loudly; a rerun polls and fetches again
-                get_run_logger().error("item %s: video NOT stored: %s", item.id, exc)
-                return result(
-                    ItemStatus.FAILED,
-                    fail_code="DOWNLOAD_FAILED",
-                    fail_msg=str(exc),
-                    cost_time_ms=st.cost_time_ms,
-                )
-            rec = await save(
-                state=LedgerState.STORED, video=stored.url, bytes=stored.size, sha256=stored.sha256
-            )
-            return result(
-                ItemStatus.SUCCEEDED,
-                video=stored.url,
-                bytes=stored.size,
-                sha256=stored.sha256,
-                cost_time_ms=st.cost_time_ms,
-            )
-        fail_class = classify_fail_code(st.fail_code, rt.settings.failcode_policy)
-        action = after_failure(fail_class, rec.attempts, rt.settings.transient_max_resubmits)
-        if action == "resubmit":
-            get_run_logger().info(
-                "item %s: transient %s, resubmitting (attempt %d)",
-                item.id,
-                st.fail_code,
-                rec.attempts + 1,
-            )
-            rec = await save(
-                state=LedgerState.NOT_SUBMITTED, fail_code=st.fail_code, fail_msg=st.fail_msg
-            )
-            continue
-        if action == "stop_submitting":
-            b.stop_submitting = b.stop_submitting or f"insufficient credits ({st.fail_code})"
-        final = LedgerState.SKIPPED if action == "skip" else LedgerState.FAILED
-        rec = await save(
-            state=final, fail_code=st.fail_code, fail_msg=st.fail_msg, cost_time_ms=st.cost_time_ms
-        )
-        status = ItemStatus.SKIPPED if action == "skip" else ItemStatus.FAILED
-        return result(
-            status, fail_code=st.fail_code, fail_msg=st.fail_msg, cost_time_ms=st.cost_time_ms
-        )
+def _video_facts(item: ManifestItem, stored: StoredObject | None) -> dict[str, Any]:
+    """Duration and resolution of a verified video, and a warning if it is not what was paid."""
+    info = stored.info if stored is not None else None
+    if not isinstance(info, VideoInfo):
+        return {}
+    requested = PRO_DURATION_S if item.mode == Mode.PRO else item.duration
+    return {
+        "video_duration_s": None if info.duration_s is None else round(info.duration_s, 2),
+        "video_resolution": f"{info.width}x{info.height}",
+        "warning": duration_warning(info, requested),
+    }

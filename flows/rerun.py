@@ -38,6 +38,7 @@ async def rerun_failed(
     concurrency: Annotated[int, Field(ge=1, le=500)] = 10,
     max_cost_usd: Annotated[float | None, Field(ge=0)] = None,
     credentials_block: str | None = None,
+    resubmit_lost: bool = False,
 ) -> Any:
     """Rerun the matching items of a previous run into the same output, linked to it.
 
@@ -54,6 +55,9 @@ async def rerun_failed(
         concurrency: Items in flight at once.
         max_cost_usd: Stop submitting past this estimated spend.
         credentials_block: Name of an ApixoCredentials block.
+        resubmit_lost: Pay for a new task for items whose task the provider lost (TASK_NOT_FOUND,
+            POLL_TIMEOUT); they are reported as possible duplicate charges. Without it such
+            items are only read again.
     """
     logger = get_run_logger()
     out = output or output_of_results(results)
@@ -86,6 +90,7 @@ async def rerun_failed(
         max_cost_usd=max_cost_usd,
         credentials_block=credentials_block,
         force=True,
+        resubmit_lost=resubmit_lost,
         rerun_of=results,
         return_state=True,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,12 +30,19 @@ from hailuo_batch.apixo import (
     TaskState,
     TaskStatus,
 )
+from hailuo_batch.apixo.errors import (
+    ApixoTransportError,
+    NotAnEnvelopeError,
+    UnexpectedResponseError,
+)
 from hailuo_batch.callbacks import CallbackStore
-from hailuo_batch.manifest import Manifest, ManifestItem, load_manifest
+from hailuo_batch.manifest import Manifest, ManifestError, ManifestItem, load_manifest
 from hailuo_batch.policy import PollSchedule
 from hailuo_batch.settings import Settings
-from hailuo_batch.storage import OutputStore, StoredObject, video_key
+from hailuo_batch.steps import POLL_TIMEOUT, TASK_NOT_FOUND, TaskLost
+from hailuo_batch.storage import OutputStore, StoredObject
 from hailuo_batch.validation import Preflight, preflight
+from hailuo_batch.video import verify_mp4
 
 T = TypeVar("T")
 
@@ -58,12 +66,26 @@ class Runtime:
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
+    def scrub(self, text: str) -> str:
+        """`text` without the API key, the callback token or any signed URL's signature."""
+        scrub = getattr(self.client, "scrub", None)
+        return scrub(text) if callable(scrub) else text
+
+    def log(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
+        """A run log line, scrubbed of secrets."""
+        get_run_logger().log(level, self.scrub(msg % args if args else msg))
+
 
 @task(name="read_manifest", cache_policy=NO_CACHE)
-async def read_manifest(rt: Runtime, url: str, defaults: Any) -> Manifest:
-    """Read and parse the manifest; bad rows come back as errors, a bad file raises."""
-    manifest = await rt.blocking(load_manifest, url, defaults, rt.storage_options or None)
-    get_run_logger().info(
+async def read_manifest(rt: Runtime, url: str, defaults: Any) -> Manifest | ManifestError:
+    """Read and parse the manifest; bad rows come back as errors, a bad file as its
+    `ManifestError` (returned, not raised: the run ends with that one clean message)."""
+    try:
+        manifest = await rt.blocking(load_manifest, url, defaults, rt.storage_options or None)
+    except ManifestError as exc:
+        rt.log("manifest %s refused: %s", url, exc, level=logging.ERROR)
+        return exc
+    rt.log(
         "manifest %s: %d rows, %d valid, %d row errors",
         url,
         manifest.total_rows,
@@ -74,11 +96,18 @@ async def read_manifest(rt: Runtime, url: str, defaults: Any) -> Manifest:
 
 
 @task(name="validate_item", task_run_name="validate-{item.id}", cache_policy=NO_CACHE)
-async def validate_item(rt: Runtime, item: ManifestItem) -> Preflight:
-    """Check the image's bytes against the contract's rules, stage it, build the request."""
+async def validate_item(rt: Runtime, item: ManifestItem, stage: bool = True) -> Preflight:
+    """Check the image's bytes against the contract's rules, stage it, build the request.
+
+    `stage=False` (a dry run) checks without uploading local images to the store.
+    """
     return await rt.blocking(
         lambda: preflight(
-            item, settings=rt.settings, store=rt.store, storage_options=rt.storage_options or None
+            item,
+            settings=rt.settings,
+            store=rt.store if stage else None,
+            storage_options=rt.storage_options or None,
+            output_is_local=rt.store.is_local,
         )
     )
 
@@ -100,7 +129,7 @@ async def submit_item(rt: Runtime, item: ManifestItem, request: GenerateRequest)
     try:
         task_id = await rt.blocking(rt.client.submit, request)
     except ApixoError as exc:
-        get_run_logger().warning("item %s not submitted: %s", item.id, exc)
+        rt.log("item %s not submitted: %s", item.id, exc, level=logging.WARNING)
         return Submitted(None, exc)
     get_run_logger().info("item %s submitted as %s", item.id, task_id)
     return Submitted(task_id)
@@ -108,10 +137,11 @@ async def submit_item(rt: Runtime, item: ManifestItem, request: GenerateRequest)
 
 @dataclass
 class Polled:
+    """A terminal status, or the error that ended the reads (`steps.on_poll_error` maps it)."""
+
     status: TaskStatus | None
     reads: int
-    error: str | None = None
-    fatal: ApixoError | None = None
+    error: Exception | None = None
 
 
 @task(name="poll_item", task_run_name="poll-{item.id}-{task_id}", cache_policy=NO_CACHE)
@@ -160,14 +190,21 @@ async def poll_item(
                 # never trust a callback: a status read confirms it (and gives a fresh URL)
                 status = await rt.blocking(rt.client.get_status, task_id)
             except AuthenticationError as exc:
-                return Polled(None, reads, str(exc), fatal=exc)
+                return Polled(None, reads, exc)
             except NotFoundError as exc:
                 if time.monotonic() - started < s.not_found_grace_s + schedule.initial_s:
                     continue
-                return Polled(None, reads, f"TASK_NOT_FOUND: {exc}")
+                return Polled(None, reads, TaskLost(TASK_NOT_FOUND, rt.scrub(str(exc))))
+            except NotAnEnvelopeError as exc:
+                # a proxy's page instead of an answer, past the read retries: likely transient
+                rt.log("status read for %s: %s", task_id, exc, level=logging.WARNING)
+                continue
+            except UnexpectedResponseError as exc:
+                # malformed or foreign: fail the item now; its ledger keeps the taskId
+                return Polled(None, reads, exc)
             except ApixoError as exc:
                 # the client already retried this read within its budget; try again next tick
-                get_run_logger().warning("status read for %s failed: %s", task_id, exc)
+                rt.log("status read for %s failed: %s", task_id, exc, level=logging.WARNING)
                 continue
             if status.state in (TaskState.SUCCESS, TaskState.FAILED):
                 return Polled(status, reads)
@@ -191,7 +228,11 @@ async def poll_item(
     finally:
         rt.events.pop(task_id, None)
         rt.delivered.pop(task_id, None)
-    return Polled(None, reads, f"POLL_TIMEOUT: no final state after {schedule.timeout_s:.0f} s")
+    return Polled(
+        None,
+        reads,
+        TaskLost(POLL_TIMEOUT, f"no final state after {schedule.timeout_s:.0f} s"),
+    )
 
 
 async def watch_callbacks(rt: Runtime) -> None:
@@ -217,39 +258,75 @@ async def watch_callbacks(rt: Runtime) -> None:
         await asyncio.sleep(rt.settings.callback_check_s)
 
 
-@task(name="store_video", task_run_name="store-{item.id}", cache_policy=NO_CACHE, retries=2)
-async def store_video(
-    rt: Runtime, item: ManifestItem, result_url: str, sweep: bool = False
-) -> StoredObject:
-    """Stream the result into `{output}/videos/{id}.mp4`: verified length, sha256, never partial.
+@dataclass
+class Stored:
+    """A verified video in the store, or why not (`steps.on_store_error` maps it)."""
 
-    `sweep` (an item resumed from an earlier run) first removes a temp file that a killed
-    writer left for this key. The client retries opening the download; a stream that breaks
-    half-way is retried here, a bounded number of times, from the start (the partial object
-    is never visible).
+    stored: StoredObject | None
+    error: Exception | None = None
+    attempts: int = 1
+
+
+@task(name="store_video", task_run_name="store-{item.id}", cache_policy=NO_CACHE)
+async def store_video(
+    rt: Runtime, item: ManifestItem, result_url: str, key: str, sweep: bool = False
+) -> Stored:
+    """Stream the result into `key`: verified length, a real MP4 that decodes, never partial.
+
+    `sweep` (an item resumed from an earlier run) first removes the temporaries a killed
+    writer left for this key (only this key's own). The client retries opening the download;
+    a stream that breaks half-way, bytes that are not a video or a store that fails are
+    retried here from the start, twice, after `store_retry_delay_s` and 5x that (nothing
+    unverified is ever visible under `key`). An expected fate is returned, not raised: the
+    item's result says why, without a traceback in the log.
     """
 
     def _copy() -> StoredObject:
-        key = video_key(item.id)
         if sweep and rt.store.remove_temp_files(key):  # a killed run's half-written temp file
-            get_run_logger().info("item %s: removed a partial download left by a crash", item.id)
+            rt.log("item %s: removed a partial download left by a crash", item.id)
         with rt.client.stream_download(result_url) as download:
             return rt.store.write_stream_atomic(
-                key, download.iter_bytes(), expected_size=download.content_length
+                key, download.iter_bytes(), expected_size=download.content_length, verify=verify_mp4
             )
 
-    stored = await rt.blocking(_copy)
-    get_run_logger().info("item %s stored at %s (%d bytes)", item.id, stored.url, stored.size)
-    return stored
+    d = rt.settings.store_retry_delay_s
+    error: Exception | None = None
+    for attempt, pause in enumerate((d, 5 * d, None), start=1):
+        try:
+            stored = await rt.blocking(_copy)
+        except Exception as exc:  # noqa: BLE001 - download, verification and store failures alike
+            error = exc
+            rt.log(
+                "item %s: video not stored (attempt %d of 3): %s",
+                item.id,
+                attempt,
+                exc,
+                level=logging.WARNING,
+            )
+            if pause is not None:
+                await asyncio.sleep(pause)
+            continue
+        rt.log("item %s stored at %s (%d bytes)", item.id, stored.url, stored.size)
+        return Stored(stored, attempts=attempt)
+    return Stored(None, error, attempts=3)
+
+
+@dataclass
+class Balance:
+    """The account balance in USD (None when the endpoint answers without one), or the error
+    that stops the run (401, or no answer at all)."""
+
+    usd: float | None
+    error: ApixoError | None = None
 
 
 @task(name="read_balance", cache_policy=NO_CACHE)
-async def read_balance(rt: Runtime) -> float | None:
-    """The account balance in USD, or None when the endpoint does not answer. 401 raises."""
+async def read_balance(rt: Runtime) -> Balance:
+    """Read the account balance; other API errors leave it unknown, with a warning."""
     try:
-        return await rt.blocking(rt.client.get_balance)
-    except AuthenticationError:
-        raise
+        return Balance(await rt.blocking(rt.client.get_balance))
+    except (AuthenticationError, ApixoTransportError) as exc:
+        return Balance(None, exc)
     except ApixoError as exc:
-        get_run_logger().warning("balance not available: %s", exc)
-        return None
+        rt.log("balance not available: %s", exc, level=logging.WARNING)
+        return Balance(None)

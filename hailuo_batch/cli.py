@@ -142,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="if the batch costs more than the balance, submit what fits (default: fail first)",
     )
+    p.add_argument(
+        "--max-failure-share",
+        type=_share,
+        default=None,
+        metavar="0..1",
+        help="end the run Failed (exit 1) when more than this share of items did not succeed "
+        "(default: only when none succeeded)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     r = sub.add_parser(
@@ -167,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", "-o", help="output (default: the one the results file is in)")
     r.add_argument("--concurrency", type=int, default=10, help="items in flight (default: 10)")
     r.add_argument("--credentials-block", help="name of an ApixoCredentials block")
+    r.add_argument(
+        "--resubmit-lost",
+        action="store_true",
+        help="pay for a new task for items whose task the provider lost (TASK_NOT_FOUND, "
+        "POLL_TIMEOUT); reported as possible duplicate charges (default: read them again)",
+    )
     _add_money_guards(r)
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
@@ -203,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--concurrency", type=int, default=20, help="tasks in flight per key before 429")
     e.add_argument(
         "--fault-rate", type=float, default=0.0, help="probability of an injected fault per call"
+    )
+    e.add_argument(
+        "--hostile",
+        action="store_true",
+        help="random faults include malformed status answers and non-video downloads",
     )
     e.add_argument("--seed", type=int, default=None, help="random seed for faults and timings")
     e.add_argument("--balance", type=float, default=1000.0, help="starting balance in USD")
@@ -343,13 +362,35 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
         print("items:    " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         print(f"results:  {summary.get('results')}")
         print(f"videos:   {str(summary.get('output', '')).rstrip('/')}/videos/")
-        print(f"estimated cost: ${summary['estimated_cost_usd']:,.2f}")
+        if summary.get("review_page"):
+            print(f"review:   {summary['review_page']}")
+        print(f"estimated cost: ${summary['estimated_cost_usd']:,.2f} (this run)")
+        problems = summary.get("problems") or []
+        for p in problems:
+            print(f"  {p['status']:<13} {p['id']}: {p['reason']}")
+        more = summary.get("problems_total", len(problems)) - len(problems)
+        if more > 0:
+            print(f"  ... and {more} more (see the results file)")
+    link = _ui_link(state)
+    if link:
+        print(f"Prefect:  {link}")
     if state.is_completed():
         if state.message:
             print(f"note:     {state.message}")
         return 0
     print(f"run failed: {state.message}", file=sys.stderr)
     return 1
+
+
+def _ui_link(state: Any) -> str | None:
+    """The flow run's page in the Prefect UI, when a UI is configured."""
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value()
+    run_id = getattr(getattr(state, "state_details", None), "flow_run_id", None)
+    if not ui or run_id is None:
+        return None
+    return f"{str(ui).rstrip('/')}/runs/flow-run/{run_id}"
 
 
 def _check_output(output: str | None, storage_block: str | None) -> str | None:
@@ -380,6 +421,16 @@ def _missing_api_key(credentials_block: str | None) -> bool:
     return True
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share from 0 to 1 (e.g. 0.2)")
+    return value
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     output = _check_output(args.output, args.storage_block)
     if _missing_api_key(args.credentials_block):
@@ -404,6 +455,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         storage_block=args.storage_block,
         max_cost_usd=args.max_cost,
         fit_to_balance=args.fit_to_balance,
+        max_failure_share=args.max_failure_share,
     )
 
 
@@ -431,6 +483,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         max_cost_usd=args.max_cost,
         credentials_block=args.credentials_block,
+        resubmit_lost=args.resubmit_lost,
     )
 
 
@@ -453,6 +506,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
             time_scale=args.time_scale,
             concurrency=args.concurrency,
             fault_rate=args.fault_rate,
+            hostile_faults=args.hostile,
             seed=args.seed,
             balance_usd=args.balance,
             fps=args.fps,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 from typing import Any
 
@@ -42,7 +42,12 @@ class ItemResult(BaseModel):
     video: str | None = None
     bytes: int | None = None
     sha256: str | None = None
-    cost_usd: float = 0.0
+    # what the stored video is, as decoded before it was stored
+    video_duration_s: float | None = None
+    video_resolution: str | None = None  # "1366x768"
+    warning: str | None = None  # e.g. a clip shorter than the duration paid for
+    cost_usd: float = 0.0  # estimated, over the item's whole life (every run's POSTs)
+    run_cost_usd: float = 0.0  # estimated, of this run's POSTs only
     cost_time_ms: int | None = None
     # the item's inputs, so a rerun needs nothing but this file
     image_url: str | None = None
@@ -86,6 +91,7 @@ def summarize(
 ) -> dict[str, Any]:
     """Totals for summary.json and the markdown artifact."""
     by_status = Counter(r.status for r in results)
+    problems = [r for r in results if r.status != ItemStatus.SUCCEEDED]
     by_code = Counter(r.fail_code for r in results if r.fail_code)
     cost_times = [float(r.cost_time_ms) for r in results if r.cost_time_ms is not None]
     spent = None
@@ -96,7 +102,8 @@ def summarize(
         "items": len(results),
         "by_status": {s.value: by_status[s] for s in ItemStatus},
         "by_fail_code": dict(sorted(by_code.items())),
-        "estimated_cost_usd": round(sum(r.cost_usd for r in results), 4),
+        "estimated_cost_usd": round(sum(r.run_cost_usd for r in results), 4),
+        "lifetime_estimated_cost_usd": round(sum(r.cost_usd for r in results), 4),
         "balance_before_usd": balance_before,
         "balance_after_usd": balance_after,
         "balance_spent_usd": spent,
@@ -107,6 +114,12 @@ def summarize(
             "max": max(cost_times) if cost_times else None,
         },
         "stored_bytes": sum(r.bytes or 0 for r in results),
+        # what a person must look at: every item that did not succeed, first 20, with why
+        "problems": [
+            {"id": r.id, "row": r.row, "status": str(r.status), "reason": shorten(reason(r), 160)}
+            for r in problems[:20]
+        ],
+        "problems_total": len(problems),
         "wall_time_s": round(wall_time_s, 3),
     }
 
@@ -131,7 +144,8 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
         lines.append("")
     ct = {k: (None if v is None else v / 1000) for k, v in summary["cost_time_ms"].items()}
     lines += [
-        f"- estimated cost: **${summary['estimated_cost_usd']:,.2f}**",
+        f"- estimated cost of this run: **${summary['estimated_cost_usd']:,.2f}** "
+        f"(these items over all runs: ${summary.get('lifetime_estimated_cost_usd', 0.0):,.2f})",
         f"- balance before / after: {_fmt(summary['balance_before_usd'], ' USD')} / "
         f"{_fmt(summary['balance_after_usd'], ' USD')} (spent: "
         f"{_fmt(summary['balance_spent_usd'], ' USD')})",
@@ -147,21 +161,47 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_as_table(results: list[ItemResult]) -> list[dict[str, Any]]:
-    """Rows for the Prefect table artifact (short columns only)."""
-    cols = (
-        "id",
-        "row",
-        "status",
-        "task_id",
-        "fail_code",
-        "attempts",
-        "video",
-        "bytes",
-        "cost_usd",
-        "note",
-    )
-    return [{c: getattr(r, c) for c in cols} for r in results]
+def reason(r: ItemResult) -> str:
+    """Why an item did not succeed, whole: the code and message, or every rule it broke."""
+    parts = [p for p in (r.fail_code, r.fail_msg) if p]
+    if r.errors and (not r.fail_msg or len(r.errors) > 1):
+        parts.append("; ".join(r.errors))
+    if r.field and r.status == ItemStatus.INVALID:
+        parts.insert(0, f"field {r.field}:")
+    return " ".join(parts)
+
+
+def shorten(text: str | None, limit: int = 80) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def results_as_table(
+    results: list[ItemResult], video_link: Callable[[ItemResult], str | None] | None = None
+) -> list[dict[str, Any]]:
+    """Rows for the Prefect table artifact: what a person needs to act on each item.
+
+    `video_link` turns a stored video into a link a browser can open (a presigned URL on S3);
+    without it the storage URL is shown.
+    """
+    rows = []
+    for r in results:
+        rows.append(
+            {
+                "id": r.id,
+                "row": r.row,
+                "status": str(r.status),
+                "reason": reason(r),
+                "prompt": shorten(r.prompt),
+                "generation_s": None if r.cost_time_ms is None else round(r.cost_time_ms / 1000, 1),
+                "attempts": r.attempts,
+                "cost_usd": r.run_cost_usd,
+                "video": (video_link(r) if video_link and r.video else r.video),
+                "task_id": r.task_id,
+                "note": r.note,
+            }
+        )
+    return rows
 
 
 def dumps(summary: dict[str, Any]) -> str:

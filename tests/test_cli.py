@@ -47,6 +47,18 @@ def test_run_defaults_match_the_flow():
         10,
     )
     assert args.request_type == "async" and args.max_cost is None and not args.dry_run
+    assert args.max_failure_share is None
+
+
+def test_failure_share_and_resubmit_lost_are_parsed_and_checked(capsys):
+    args = build_parser().parse_args(["run", "m.csv", "--max-failure-share", "0.25"])
+    assert args.max_failure_share == 0.25
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["run", "m.csv", "--max-failure-share", "25%"])
+    assert exc.value.code == 2 and "not a share from 0 to 1" in capsys.readouterr().err
+    rerun = build_parser().parse_args(["rerun", "out/runs/r/results.jsonl", "--resubmit-lost"])
+    assert rerun.resubmit_lost
+    assert not build_parser().parse_args(["rerun", "out/runs/r/results.jsonl"]).resubmit_lost
 
 
 @pytest.fixture

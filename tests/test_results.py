@@ -45,15 +45,23 @@ def test_from_jsonl_names_the_bad_line():
 
 def test_summary_counts_cost_and_processing_time():
     rs = [
+        # item 1 was paid for by an earlier run: it counts for the item, not for this run
         _r(1, ItemStatus.SUCCEEDED, cost_usd=0.19, cost_time_ms=100_000, bytes=5),
-        _r(2, ItemStatus.SUCCEEDED, cost_usd=0.32, cost_time_ms=140_000, bytes=7),
         _r(
-            3, ItemStatus.SKIPPED, cost_usd=0.19, fail_code="CONTENT_VIOLATION", cost_time_ms=90_000
+            2, ItemStatus.SUCCEEDED, cost_usd=0.32, run_cost_usd=0.32, cost_time_ms=140_000, bytes=7
+        ),
+        _r(
+            3,
+            ItemStatus.SKIPPED,
+            cost_usd=0.19,
+            run_cost_usd=0.19,
+            fail_code="CONTENT_VIOLATION",
+            cost_time_ms=90_000,
         ),
         _r(4, ItemStatus.INVALID),
         _r(5, ItemStatus.NOT_SUBMITTED),
     ]
-    s = summarize(rs, run_id="r1", wall_time_s=12.3456, balance_before=10.0, balance_after=9.3)
+    s = summarize(rs, run_id="r1", wall_time_s=12.3456, balance_before=10.0, balance_after=9.49)
     assert s["by_status"] == {
         "succeeded": 2,
         "skipped": 1,
@@ -63,8 +71,9 @@ def test_summary_counts_cost_and_processing_time():
         "uncertain": 0,
     }
     assert s["by_fail_code"] == {"CONTENT_VIOLATION": 1}
-    assert s["estimated_cost_usd"] == 0.7
-    assert s["balance_spent_usd"] == 0.7
+    assert s["estimated_cost_usd"] == 0.51  # this run's POSTs only
+    assert s["lifetime_estimated_cost_usd"] == 0.7
+    assert s["balance_spent_usd"] == 0.51
     assert s["cost_time_ms"] == {"min": 90_000, "median": 100_000, "p95": 140_000, "max": 140_000}
     assert s["stored_bytes"] == 12
     md = summary_markdown(s, results_url="/out/runs/r1/results.jsonl")
@@ -77,3 +86,14 @@ def test_summary_without_balance_says_na():
     s = summarize([], run_id="r", wall_time_s=0)
     assert s["balance_spent_usd"] is None
     assert "n/a" in summary_markdown(s, results_url="x")
+
+
+def test_summary_names_every_item_that_did_not_succeed_with_its_reason():
+    rs = [
+        _r(k, ItemStatus.FAILED, fail_code="GENERATION_FAILED", fail_msg=f"m{k}") for k in range(25)
+    ]
+    rs.append(_r(99, ItemStatus.SUCCEEDED))
+    s = summarize(rs, run_id="r", wall_time_s=1)
+    assert s["problems_total"] == 25 and len(s["problems"]) == 20  # the first 20, then a count
+    assert s["problems"][0]["reason"] == "GENERATION_FAILED m0"
+    assert all(p["status"] == "failed" for p in s["problems"])

@@ -31,6 +31,8 @@ from hailuo_batch.emulator import EmulatorHandle
 from hailuo_batch.results import from_jsonl
 from tests.flows.flowkit import FAST_FLOW_ENV
 
+pytestmark = pytest.mark.slow  # real processes and servers: `make test-fast` skips it
+
 SAVE_CREDENTIALS = (  # the block-creation command of deployments/README.md
     "import os; from blocks import ApixoCredentials; "
     "ApixoCredentials(api_key=os.environ['APIXO_API_KEY'], "

@@ -19,7 +19,10 @@ from prefect.settings import PREFECT_API_URL
 
 from hailuo_batch.emulator import EmulatorConfig
 from hailuo_batch.results import from_jsonl
+from hailuo_batch.review import POSTER_SUFFIX
 from tests.flows.flowkit import items, served_sha256, write_csv
+
+pytestmark = pytest.mark.slow  # real processes and servers: `make test-fast` skips it
 
 N = 6
 
@@ -65,9 +68,13 @@ def _wait_for(cond: Callable[[], bool], proc: subprocess.Popen[bytes], what: str
 
 
 def _partial_files(out: Path) -> list[Path]:
-    return [
-        p for p in (out / "videos").glob("*") if not p.name.endswith(".mp4") or ".part" in p.name
+    leftovers = [
+        p
+        for p in (out / "videos").glob("*")
+        if (not p.name.endswith(".mp4") and not p.name.endswith(POSTER_SUFFIX)) or ".part" in p.name
     ]
+    # temporaries live in {output}/tmp/, named after their percent-encoded key
+    return leftovers + [p for p in (out / "tmp").rglob("videos%2F*") if p.is_file()]
 
 
 @pytest.mark.parametrize("phase", ["submitting", "polling", "streaming"])

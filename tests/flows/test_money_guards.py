@@ -1,0 +1,273 @@
+"""Pay once, lose nothing, end to end: real Prefect, real HTTP to the emulator, real files.
+
+Each test is one class of failure from the hostile review: rate limiting past the account's
+real limit, 401 while polling, an unreachable API, tasks the provider forgot, the spend of a
+resumed run, a changed row under an id that already has a paid video, a storage outage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from hailuo_batch.emulator import EmulatorConfig
+from hailuo_batch.settings import get_settings
+from tests.flows.flowkit import generate_videos, items, results_of, served_sha256, write_csv
+
+
+@pytest.fixture
+def emulator_config(images_dir: Path, request: pytest.FixtureRequest) -> EmulatorConfig:
+    limit = getattr(request, "param", 20)
+    return EmulatorConfig(
+        port=0,
+        api_key=None,
+        time_scale=0.002,
+        fps=4,
+        files_dir=str(images_dir),
+        seed=5,
+        concurrency=limit,  # the account's real limit: 429 above it
+    )
+
+
+@pytest.mark.parametrize("emulator_config", [2], indirect=True)
+def test_rate_limiting_above_the_real_limit_never_drops_an_item(
+    flow_env, emulator, images_dir, make_image, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HAILUO_RETRY_MAX_ATTEMPTS", "2")  # the client gives up on 429 quickly
+    get_settings.cache_clear()
+    rows = items(images_dir, make_image, emulator, 8)
+    state = generate_videos(
+        manifest=str(write_csv(tmp_path / "m.csv", rows)),
+        output=str(tmp_path / "out"),
+        concurrency=8,  # four times what the provider accepts
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    res = results_of(state.result())
+    assert {r.status for r in res.values()} == {"succeeded"}
+    stats = emulator.stats()
+    assert stats["rejected_429"] > 0  # the limit was really hit
+    assert stats["submissions"] == 8  # and nothing was paid twice
+    assert all(n == 1 for n in stats["submissions_by_prompt"].values())
+
+
+def test_an_unreachable_api_stops_the_run_before_anything_is_paid(
+    flow_env, emulator, images_dir, make_image, tmp_path, monkeypatch
+):
+    from hailuo_batch.sockets import bind_tcp
+
+    dead = bind_tcp("127.0.0.1", 0)  # a port that refuses: bound, never listening
+    port = dead.getsockname()[1]
+    dead.close()
+    monkeypatch.setenv("APIXO_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HAILUO_RETRY_MAX_ATTEMPTS", "2")
+    get_settings.cache_clear()
+    rows = items(images_dir, make_image, emulator, 3)
+    state = generate_videos(
+        manifest=str(write_csv(tmp_path / "m.csv", rows)),
+        output=str(tmp_path / "out"),
+        return_state=True,
+    )
+    assert state.is_failed() and state.name == "ApiUnreachable"
+    assert "did not answer" in state.message and "APIXO_BASE_URL" in state.message
+    summary = state.result(raise_on_failure=False)
+    assert {r.status for r in results_of(summary).values()} == {"not_submitted"}
+    assert emulator.stats()["submissions"] == 0
+
+
+def test_a_resumed_run_counts_only_its_own_spend(
+    flow_env, emulator, images_dir, make_image, tmp_path
+):
+    rows = items(images_dir, make_image, emulator, 3)
+    out = str(tmp_path / "out")
+    first = generate_videos(
+        manifest=str(write_csv(tmp_path / "m.csv", rows)), output=out, return_state=True
+    ).result()
+    assert first["estimated_cost_usd"] == pytest.approx(0.57)
+    rows.append({**rows[0], "id": "new", "prompt": "fresh"})
+    second = generate_videos(
+        manifest=str(write_csv(tmp_path / "m2.csv", rows)), output=out, return_state=True
+    ).result()
+    assert second["estimated_cost_usd"] == pytest.approx(0.19)  # only the new item
+    assert second["lifetime_estimated_cost_usd"] == pytest.approx(0.76)
+    assert second["balance_spent_usd"] == pytest.approx(0.19)
+
+
+def test_a_changed_row_never_overwrites_a_paid_video(
+    flow_env, emulator, images_dir, make_image, tmp_path
+):
+    rows = items(images_dir, make_image, emulator, 1)
+    out = tmp_path / "out"
+    first = results_of(
+        generate_videos(
+            manifest=str(write_csv(tmp_path / "m.csv", rows)), output=str(out), return_state=True
+        ).result()
+    )["i0"]
+    rows[0]["prompt"] = "another prompt"
+    second = results_of(
+        generate_videos(
+            manifest=str(write_csv(tmp_path / "m2.csv", rows)), output=str(out), return_state=True
+        ).result()
+    )["i0"]
+    assert first.status == second.status == "succeeded"
+    assert first.video != second.video
+    for r in (first, second):  # both results still point at their own, intact bytes
+        data = Path(r.video).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == r.sha256
+        assert r.sha256 == served_sha256(emulator.base_url, r.task_id)
+    assert "earlier video stays at" in (second.note or "")
+
+
+def test_a_lost_task_is_read_again_by_rerun_and_resubmitted_only_when_asked(
+    flow_env, emulator, images_dir, make_image, tmp_path, monkeypatch
+):
+    from flows.batch import run_flow_sync
+    from flows.rerun import rerun_failed
+
+    monkeypatch.setenv("HAILUO_NOT_FOUND_GRACE_S", "0")
+    get_settings.cache_clear()
+    rows = items(images_dir, make_image, emulator, 2)
+    out = tmp_path / "out"
+    emulator.script_faults("status", "404", 100)  # the provider forgot every task
+    state = generate_videos(
+        manifest=str(write_csv(tmp_path / "m.csv", rows)), output=str(out), return_state=True
+    )
+    summary = state.result(raise_on_failure=False)
+    res = results_of(summary)
+    assert {r.fail_code for r in res.values()} == {"TASK_NOT_FOUND"}
+    assert all("--resubmit-lost" in r.fail_msg for r in res.values())
+    emulator.clear_faults()
+    # a plain rerun reads the same tasks again (they exist after all): nothing paid twice
+    again = run_flow_sync(rerun_failed, results=summary["results"]).result()
+    assert {r.status for r in results_of(again).values()} == {"succeeded"}
+    assert emulator.stats()["submissions"] == 2
+
+
+def test_a_lost_task_resubmitted_on_request_is_reported_as_a_possible_duplicate(
+    flow_env, emulator, images_dir, make_image, tmp_path, monkeypatch
+):
+    from flows.batch import run_flow_sync
+    from flows.rerun import rerun_failed
+
+    monkeypatch.setenv("HAILUO_NOT_FOUND_GRACE_S", "0")
+    get_settings.cache_clear()
+    rows = items(images_dir, make_image, emulator, 1)
+    emulator.script_faults("status", "404", 100)
+    summary = generate_videos(
+        manifest=str(write_csv(tmp_path / "m.csv", rows)),
+        output=str(tmp_path / "out"),
+        return_state=True,
+    ).result(raise_on_failure=False)
+    emulator.clear_faults()
+    again = run_flow_sync(rerun_failed, results=summary["results"], resubmit_lost=True).result()
+    r = results_of(again)["i0"]
+    assert r.status == "succeeded" and r.uncertain and "possible duplicate" in r.note
+    assert emulator.stats()["submissions"] == 2
+
+
+def test_a_storage_outage_at_the_end_still_leaves_a_results_file(
+    flow_env, emulator, images_dir, make_image, tmp_path, monkeypatch
+):
+    """The output's `runs/` folder is replaced by a file: no results can be written there."""
+    monkeypatch.chdir(tmp_path)
+    rows = items(images_dir, make_image, emulator, 2)
+    out = tmp_path / "out"
+    (out / "runs").parent.mkdir(parents=True)
+    (out / "runs").write_text("not a folder")
+    state = generate_videos(
+        manifest=str(write_csv(tmp_path / "m.csv", rows)), output=str(out), return_state=True
+    )
+    summary = state.result(raise_on_failure=False)
+    fallback = Path(summary["results"])
+    assert fallback.is_relative_to(tmp_path / "hailuo-results")
+    lines = [json.loads(x) for x in fallback.read_text().splitlines()]
+    assert {x["status"] for x in lines} == {"succeeded"} and len(lines) == 2
+    assert summary["results_fallback"] == str(fallback)
+
+
+def test_401_while_polling_stops_the_run_with_one_clean_code(
+    flow_env, emulator, images_dir, make_image, tmp_path
+):
+    rows = items(images_dir, make_image, emulator, 3)
+    emulator.script_faults("status", "401", 1)  # the key is revoked while tasks run
+    state = generate_videos(
+        manifest=str(write_csv(tmp_path / "m.csv", rows)),
+        output=str(tmp_path / "out"),
+        concurrency=1,
+        return_state=True,
+    )
+    assert state.is_failed() and state.name == "AuthenticationFailed", state.message
+    res = results_of(state.result(raise_on_failure=False))
+    codes = [r.fail_code for r in res.values() if r.status != "succeeded"]
+    assert "AUTH_FAILED" in codes
+    polled = next(r for r in res.values() if r.fail_code == "AUTH_FAILED" and r.task_id)
+    assert polled.fail_msg and "401" in polled.fail_msg  # the message, not the code, says why
+    assert emulator.stats()["submissions"] == 1  # nothing submitted after the 401
+
+
+@pytest.mark.parametrize(
+    ("kind", "code"),
+    [
+        ("bad_status", "MALFORMED_STATUS"),
+        ("foreign_task", "FOREIGN_TASK"),
+        ("unknown_state", "UNKNOWN_STATE"),
+    ],
+)
+def test_an_untrustworthy_status_answer_fails_the_item_at_once_and_a_resume_recovers_it(
+    kind, code, flow_env, emulator, images_dir, make_image, tmp_path
+):
+    rows = items(images_dir, make_image, emulator, 1)
+    out = str(tmp_path / "out")
+    manifest = str(write_csv(tmp_path / "m.csv", rows))
+    emulator.script_faults("status", kind, 1)
+    first = generate_videos(manifest=manifest, output=out, return_state=True)
+    r = results_of(first.result(raise_on_failure=False))["i0"]
+    assert (r.status, r.fail_code) == ("failed", code)
+    assert emulator.stats()["status_reads_total"] == 1  # not waited on for the poll timeout
+    # the task id was kept: the next run reads the same task and stores it without paying
+    again = results_of(generate_videos(manifest=manifest, output=out, return_state=True).result())
+    assert again["i0"].status == "succeeded" and again["i0"].task_id == r.task_id
+    assert emulator.stats()["submissions"] == 1
+
+
+@pytest.mark.parametrize("kind", ["html_body", "empty_body", "cut_body"])
+def test_bytes_that_are_not_a_video_are_never_stored(
+    kind, flow_env, emulator, images_dir, make_image, tmp_path
+):
+    rows = items(images_dir, make_image, emulator, 1)
+    out = tmp_path / "out"
+    manifest = str(write_csv(tmp_path / "m.csv", rows))
+    emulator.script_faults("download", kind, 10)  # every attempt gets the bad body
+    first = results_of(
+        generate_videos(manifest=manifest, output=str(out), return_state=True).result(
+            raise_on_failure=False
+        )
+    )["i0"]
+    assert first.status == "failed" and first.fail_code in ("NOT_A_VIDEO", "DOWNLOAD_FAILED")
+    assert not (out / "videos" / "i0.mp4").exists()
+    emulator.clear_faults()
+    again = results_of(
+        generate_videos(manifest=manifest, output=str(out), return_state=True).result()
+    )["i0"]
+    assert again.status == "succeeded" and "already stored" not in (again.note or "")
+    assert again.video_resolution and again.video_duration_s
+    assert emulator.stats()["submissions"] == 1
+
+
+def test_a_gzip_encoded_video_is_stored_decoded(
+    flow_env, emulator, images_dir, make_image, tmp_path
+):
+    rows = items(images_dir, make_image, emulator, 1)
+    emulator.script_faults("download", "gzip_body", 1)
+    r = results_of(
+        generate_videos(
+            manifest=str(write_csv(tmp_path / "m.csv", rows)),
+            output=str(tmp_path / "out"),
+            return_state=True,
+        ).result()
+    )["i0"]
+    assert r.status == "succeeded"
+    assert r.sha256 == served_sha256(emulator.base_url, r.task_id)
