@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -150,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="end the run Failed (exit 1) when more than this share of items did not succeed "
         "(default: only when none succeeded)",
     )
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quiet", "-q", action="store_true", help="print only the final summary (and errors)"
+    )
 
     r = sub.add_parser(
         "rerun",
@@ -182,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         "POLL_TIMEOUT); reported as possible duplicate charges (default: read them again)",
     )
     _add_money_guards(r)
-    r.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--quiet", "-q", action="store_true", help="print only the final summary (and errors)"
+    )
 
     v = sub.add_parser(
         "validate",
@@ -421,6 +426,31 @@ def _missing_api_key(credentials_block: str | None) -> bool:
     return True
 
 
+TEMPORARY_SERVER_NOTE = (
+    "note: no PREFECT_API_URL is set: this run uses a temporary Prefect server and will not be "
+    "visible in a Prefect UI (to see it: `prefect server start`, then "
+    "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`)"
+)
+
+
+def _prepare_prefect(quiet: bool) -> None:
+    """Settle Prefect's process settings; call before `prefect` is first imported.
+
+    `quiet`: Prefect logs only warnings and errors, so the final summary is all that is printed.
+    No API URL configured: say in one line that a temporary server is used, and keep that
+    server and this process from sending usage data (`DO_NOT_TRACK`, server analytics off).
+    """
+    if quiet:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+    os.environ["DO_NOT_TRACK"] = "1"
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    print(TEMPORARY_SERVER_NOTE, file=sys.stderr)
+
+
 def _share(text: str) -> float:
     try:
         value = float(text)
@@ -435,6 +465,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     output = _check_output(args.output, args.storage_block)
     if _missing_api_key(args.credentials_block):
         return 2
+    _prepare_prefect(args.quiet)
 
     from flows.batch import generate_videos
     from hailuo_batch.apixo import RequestType
@@ -463,6 +494,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     output = None if args.output is None else _check_output(args.output, None)
     if _missing_api_key(args.credentials_block):
         return 2
+    _prepare_prefect(args.quiet)
 
     from flows.rerun import rerun_failed
     from hailuo_batch.apixo import Provider
