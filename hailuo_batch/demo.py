@@ -168,12 +168,14 @@ def main() -> int:
     run_id = state.state_details.flow_run_id
     print()
     print("=" * 72)
-    print(f"run state:     {state.type.value} {state.message or ''}")
+    print(f"run state:     {state.name} ({state.type.value}): {state.message or ''}")
     if isinstance(summary, dict):
         print(
             "items:         " + ", ".join(f"{k} {v}" for k, v in summary["by_status"].items() if v)
         )
         print(f"results file:  {summary.get('results')}")
+        if summary.get("review_page"):
+            print(f"review page:   file://{summary['review_page']}  (posters, videos, reasons)")
     videos = sorted((store / "videos").glob("*.mp4"))
     print(f"videos ({len(videos)}) in {store / 'videos'}:")
     for v in videos:
