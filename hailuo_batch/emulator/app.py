@@ -12,8 +12,9 @@ import gzip
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -250,67 +251,13 @@ CDN_ERROR_PAGE = (
 )
 
 
-def _bad_status_send(send: Send, kind: str) -> Send:
-    """A send that holds a status answer back and serves a hostile variant of it (see
-    `faults.BAD_STATUS_KINDS`); answers that are not a 200 envelope pass unchanged."""
+def _holding_send(send: Send, serve: Callable[[Send, Message, bytes], Awaitable[None]]) -> Send:
+    """A send that holds the app's whole response back, then lets `serve(send, start, body)`
+    answer in its place (to replace a good answer with a hostile one)."""
     start: Message | None = None
     parts: list[bytes] = []
 
-    async def replacing(message: Message) -> None:
-        nonlocal start
-        if message["type"] == "http.response.start":
-            start = message
-            return
-        if message["type"] != "http.response.body" or start is None:
-            await send(message)
-            return
-        parts.append(message.get("body", b""))
-        if message.get("more_body", False):
-            return
-        body = b"".join(parts)
-        content_type = b"application/json"
-        try:
-            doc = json.loads(body)
-            data = doc["data"]
-            assert isinstance(data, dict)
-        except (ValueError, KeyError, AssertionError):
-            doc = None
-        if start["status"] != 200 or doc is None:
-            await send(start)
-            await send({"type": "http.response.body", "body": body})
-            return
-        if kind == "bad_status":
-            data["costTime"], data["createTime"] = {"ms": 1}, [1, 2]
-        elif kind == "foreign_task":
-            data["taskId"] = "task_" + "0" * 32
-        elif kind == "unknown_state":
-            data["state"] = "finished"
-        if kind == "html200":
-            body, content_type = CDN_ERROR_PAGE, b"text/html; charset=utf-8"
-        else:
-            body = json.dumps(doc).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", content_type),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-    return replacing
-
-
-def _bad_body_send(send: Send, kind: str) -> Send:
-    """A send that holds the app's whole response back and, if it is a 200, serves the bad body
-    `kind` (see `faults.BAD_BODY_KINDS`) in its place; other answers pass unchanged."""
-    start: Message | None = None
-    parts: list[bytes] = []
-
-    async def replacing(message: Message) -> None:
+    async def holding(message: Message) -> None:
         nonlocal start
         if message["type"] == "http.response.start":
             start = message
@@ -320,9 +267,48 @@ def _bad_body_send(send: Send, kind: str) -> Send:
             return
         parts.append(message.get("body", b""))
         if not message.get("more_body", False):
-            await _serve_bad_body(send, kind, start, b"".join(parts))
+            await serve(send, start, b"".join(parts))
 
-    return replacing
+    return holding
+
+
+def _bad_status_send(send: Send, kind: str) -> Send:
+    """Serve a hostile variant of a status answer (see `faults.BAD_STATUS_KINDS`); answers that
+    are not a 200 envelope pass unchanged."""
+    return _holding_send(send, partial(_serve_bad_status, kind))
+
+
+async def _serve_bad_status(kind: str, send: Send, start: Message, body: bytes) -> None:
+    content_type = b"application/json"
+    try:
+        doc = json.loads(body)
+        data = doc["data"]
+        assert isinstance(data, dict)
+    except (ValueError, KeyError, AssertionError):
+        doc = None
+    if start["status"] != 200 or doc is None:
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+        return
+    if kind == "bad_status":
+        data["costTime"], data["createTime"] = {"ms": 1}, [1, 2]
+    elif kind == "foreign_task":
+        data["taskId"] = "task_" + "0" * 32
+    elif kind == "unknown_state":
+        data["state"] = "finished"
+    if kind == "html200":
+        body, content_type = CDN_ERROR_PAGE, b"text/html; charset=utf-8"
+    else:
+        body = json.dumps(doc).encode()
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _bad_body_send(send: Send, kind: str) -> Send:
+    """If the app's answer is a 200, serve the bad body `kind` (see `faults.BAD_BODY_KINDS`)
+    in its place; other answers pass unchanged."""
+    return _holding_send(send, lambda s, start, body: _serve_bad_body(s, kind, start, body))
 
 
 async def _serve_bad_body(send: Send, kind: str, start: Message, body: bytes) -> None:
