@@ -8,10 +8,10 @@ from typing import Annotated, Any, Literal
 import fsspec
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
-from prefect.states import Failed
+from prefect.states import Completed, Failed, State
 from pydantic import Field
 
-from flows.batch import generate_videos
+from flows.batch import generate_videos, resolve_output
 from hailuo_batch.apixo import Mode, Provider
 from hailuo_batch.rerun import (
     DEFAULT_RERUN_STATUSES,
@@ -21,7 +21,31 @@ from hailuo_batch.rerun import (
     to_manifest_jsonl,
 )
 from hailuo_batch.results import ItemStatus, from_jsonl
+from hailuo_batch.settings import get_settings
 from hailuo_batch.storage import OutputStore
+
+
+def run_id_of_results(results_url: str) -> str:
+    """`{output}/runs/{run_id}/results.jsonl` -> `run_id` (else the file's name)."""
+    parts = results_url.rstrip("/").rsplit("/", 3)
+    if len(parts) == 4 and parts[1] == "runs":
+        return parts[2]
+    return parts[-1]
+
+
+def outcome_markdown(state: State[Any], summary: Any) -> str:
+    """What the rerun's generate-videos run did: its state, counts by status, results file."""
+    lines = [f"\n## outcome: {state.name}\n"]
+    if state.message:
+        lines.append(f"\n{state.message}\n")
+    if isinstance(summary, dict):
+        counts = {k: v for k, v in (summary.get("by_status") or {}).items() if v}
+        if counts:
+            lines.append("\n| status | items |\n|---|---|\n")
+            lines += [f"| {k} | {v} |\n" for k, v in sorted(counts.items())]
+        if summary.get("results"):
+            lines.append(f"\nresults: `{summary['results']}`\n")
+    return "".join(lines)
 
 
 @flow(name="rerun-failed", log_prints=True)
@@ -38,7 +62,9 @@ async def rerun_failed(
     concurrency: Annotated[int, Field(ge=1, le=500)] = 10,
     max_cost_usd: Annotated[float | None, Field(ge=0)] = None,
     credentials_block: str | None = None,
+    storage_block: str | None = None,
     resubmit_lost: bool = False,
+    dry_run: bool = False,
 ) -> Any:
     """Rerun the matching items of a previous run into the same output, linked to it.
 
@@ -55,13 +81,18 @@ async def rerun_failed(
         concurrency: Items in flight at once.
         max_cost_usd: Stop submitting past this estimated spend.
         credentials_block: Name of an ApixoCredentials block.
+        storage_block: Name of an OutputStorage block: its storage options reach the results
+            file and the output (the output is still, by default, the one of `results`).
         resubmit_lost: Pay for a new task for items whose task the provider lost (TASK_NOT_FOUND,
             POLL_TIMEOUT); they are reported as possible duplicate charges. Without it such
             items are only read again.
+        dry_run: Show the selection and what submitting it would cost; submit nothing.
     """
     logger = get_run_logger()
-    out = output or output_of_results(results)
-    with fsspec.open(results, "rt", encoding="utf-8") as fh:
+    out, storage_options = await resolve_output(
+        output or output_of_results(results), storage_block, get_settings()
+    )
+    with fsspec.open(results, "rt", encoding="utf-8", **storage_options) as fh:
         previous = from_jsonl(fh.read())
     chosen, left_out = select_for_rerun(previous, statuses=statuses, fail_codes=fail_codes, ids=ids)
     for why in left_out:
@@ -71,30 +102,42 @@ async def rerun_failed(
         rerun_row(r, mode=mode, duration=duration, provider=provider, prompt_suffix=prompt_suffix)
         for r in chosen
     ]
-    store = OutputStore(out)
+    store = OutputStore(out, storage_options or None)
     key = f"reruns/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-manifest.jsonl"
     store.write_text_atomic(key, to_manifest_jsonl(rows))
-    await acreate_markdown_artifact(
-        f"# rerun of `{results}`\n\n{len(chosen)} items selected (statuses "
-        f"{', '.join(map(str, statuses))}); manifest `{store.url_for(key)}`.\n"
-        + "".join(f"\n- not rerun: {w}" for w in left_out),
-        description="Which items this rerun takes from the previous run",
+    selection_md = (
+        f"# {'dry run of a ' if dry_run else ''}rerun of `{results}`\n\n{len(chosen)} items "
+        f"selected (statuses {', '.join(map(str, statuses))}); manifest `{store.url_for(key)}`.\n"
+        + "".join(f"\n- not rerun: {w}" for w in left_out)
     )
     if not rows:
         logger.info("nothing to rerun")
+        await acreate_markdown_artifact(
+            selection_md + "\n\nnothing to rerun.",
+            description="Which items this rerun takes from the previous run, and what happened",
+        )
         return {"selected": 0, "results": None}
-    state = await generate_videos(
+    child = generate_videos.with_options(flow_run_name=f"rerun-{run_id_of_results(results)}")
+    state = await child(
         manifest=store.url_for(key),
         output=out,
         concurrency=concurrency,
+        dry_run=dry_run,
         max_cost_usd=max_cost_usd,
         credentials_block=credentials_block,
+        storage_block=storage_block,
         force=True,
         resubmit_lost=resubmit_lost,
         rerun_of=results,
         return_state=True,
     )
     summary = await state.aresult(raise_on_failure=False)
+    await acreate_markdown_artifact(
+        selection_md + outcome_markdown(state, summary),
+        description="Which items this rerun takes from the previous run, and what happened",
+    )
     if state.is_completed():
-        return summary
+        if state.name == "Completed":
+            return summary
+        return Completed(name=state.name, message=state.message, data=summary)
     return Failed(name=state.name, message=state.message, data=summary)

@@ -179,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--concurrency", type=int, default=10, help="items in flight (default: 10)")
     r.add_argument("--credentials-block", help="name of an ApixoCredentials block")
     r.add_argument(
+        "--storage-block",
+        help="name of an OutputStorage block (its S3 options reach the results file and output)",
+    )
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show the selection and what submitting it would cost; submit nothing",
+    )
+    r.add_argument(
         "--resubmit-lost",
         action="store_true",
         help="pay for a new task for items whose task the provider lost (TASK_NOT_FOUND, "
@@ -515,7 +524,9 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         max_cost_usd=args.max_cost,
         credentials_block=args.credentials_block,
+        storage_block=args.storage_block,
         resubmit_lost=args.resubmit_lost,
+        dry_run=args.dry_run,
     )
 
 

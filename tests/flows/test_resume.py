@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
+
+from prefect import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterType,
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+)
 
 from flows.batch import run_flow_sync
 from flows.rerun import rerun_failed
@@ -185,3 +195,56 @@ def test_rerun_failed_items_only(flow_env, emulator, tmp_path, images_dir, make_
     again = results_of(state.result(raise_on_failure=False))
     assert set(again) == {"nsfw"} and again["nsfw"].prompt == "n [fail:CONTENT_VIOLATION] (v2)"
     assert "inputs changed" in again["nsfw"].note
+
+
+async def _rerun_report(flow_run_id) -> tuple[str, list[str]]:
+    """The rerun's markdown artifact and the names of the flow runs it started."""
+    async with get_client() as client:
+        [art] = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                type=ArtifactFilterType(any_=["markdown"]),
+            )
+        )
+        children = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])
+            )
+        )
+    return str(art.data), [c.name for c in children]
+
+
+def test_rerun_dry_run_shows_selection_and_cost_then_the_rerun_reports_its_outcome(
+    flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch
+):
+    monkeypatch.setenv("HAILUO_TRANSIENT_MAX_RESUBMITS", "0")
+    get_settings.cache_clear()
+    (images_dir / "a.jpg").write_bytes(make_image(640, 360).read_bytes())
+    img = f"{emulator.base_url}/files/a.jpg"
+    rows = [
+        {"id": "ok", "image_url": img, "prompt": "fine"},
+        {"id": "flaky", "image_url": img, "prompt": "f [flaky:GENERATION_FAILED]"},
+    ]
+    out = tmp_path / "out"
+    first = generate_videos(manifest=str(write_csv(tmp_path / "m.csv", rows)), output=str(out))
+    results_url = first.result()["results"]
+    run_id = first.result()["run_id"]
+    paid = emulator.stats()["submissions"]
+
+    dry = run_flow_sync(rerun_failed, results=results_url, dry_run=True)
+    assert dry.is_completed() and dry.name == "DryRun", dry.message
+    assert "would cost about $0.19" in dry.message  # the one failed 6 s item
+    assert emulator.stats()["submissions"] == paid  # nothing submitted
+    assert dry.result()["by_status"]["not_submitted"] == 1  # the summary the CLI prints
+    report, children = asyncio.run(_rerun_report(dry.state_details.flow_run_id))
+    assert children == [f"rerun-{run_id}"]
+    assert "1 items selected" in report and "outcome: DryRun" in report
+    assert "| not_submitted | 1 |" in report
+
+    state = run_flow_sync(rerun_failed, results=results_url)
+    assert state.is_completed(), state.message
+    assert results_of(state.result())["flaky"].status == "succeeded"
+    report, children = asyncio.run(_rerun_report(state.state_details.flow_run_id))
+    assert children == [f"rerun-{run_id}"]
+    assert "| succeeded | 1 |" in report
+    assert f"results: `{state.result()['results']}`" in report
