@@ -45,6 +45,7 @@ from hailuo_batch.apixo import (
     Provider,
     RequestType,
 )
+from hailuo_batch.artifacts import report_keys
 from hailuo_batch.budget import Budget, Stop
 from hailuo_batch.callbacks import CallbackStore, callback_url_for
 from hailuo_batch.ledger import Ledger, LedgerUnavailable, with_retries
@@ -205,17 +206,29 @@ async def publish_report(
     results_url: str,
     extra_md: str = "",
 ) -> None:
-    """Prefect artifacts: a table of every item and a markdown summary."""
-    slug = run_id.lower().replace("_", "-")
+    """Prefect artifacts: a table of every item and a markdown summary.
+
+    Their keys stay the same from run to run (one per deployment, else per manifest file), so
+    the Artifacts page shows one key's history rather than two new keys per run.
+    """
+
+    def _deployment_name() -> str | None:
+        from prefect.runtime import deployment
+
+        try:
+            return deployment.name  # type: ignore[no-any-return]
+        except Exception:  # noqa: BLE001 - no deployment known: the manifest names the keys
+            return None
+
+    deployment_name = await rt.blocking(_deployment_name)  # may read the API: off the loop
+    items_key, summary_key = report_keys(deployment_name, str(summary.get("manifest", "")))
     expiry = rt.settings.presign_expiry_s
     table = await rt.blocking(results_as_table, results, partial(_video_link, rt.store, expiry))
     links = "" if rt.store.is_local else f"; video links expire after {expiry / 3600:g} h"
-    await acreate_table_artifact(
-        table, key=f"items-{slug}", description=f"Items of run {run_id}{links}"
-    )
+    await acreate_table_artifact(table, key=items_key, description=f"Items of run {run_id}{links}")
     await acreate_markdown_artifact(
         summary_markdown(summary, results_url=results_url) + extra_md,
-        key=f"summary-{slug}",
+        key=summary_key,
         description=f"Summary of run {run_id}",
     )
 
