@@ -324,12 +324,26 @@ async def nightly_batch(
         report[outcome].append({"manifest": name, "record": record_url, **record})
 
     await acreate_markdown_artifact(_report_markdown(report), description="nightly-batch report")
-    if report["failed"]:
-        names_failed = ", ".join(r["manifest"] for r in report["failed"])
-        return Failed(  # type: ignore[return-value]
-            message=f"{len(report['failed'])} manifest(s) failed: {names_failed}", data=report
-        )
-    return Completed(data=report, message=f"{len(report['done'])} manifest(s) processed")  # type: ignore[return-value]
+    kind, name, message = nightly_outcome(report)
+    make = Completed if kind == "completed" else Failed
+    return make(name=name, message=message, data=report)  # type: ignore[return-value]
+
+
+def nightly_outcome(report: dict[str, Any]) -> tuple[Literal["completed", "failed"], str, str]:
+    """The nightly run's state (kind, name, message) from its report.
+
+    One bad manifest does not fail the night when others ran: `Completed` named
+    `CompletedWithFailures`, naming the bad files. `Failed` only when manifests failed and none
+    ran to a completed run.
+    """
+    done, failed = report["done"], report["failed"]
+    processed = f"{len(done)} manifest(s) processed"
+    if not failed:
+        return "completed", "Completed", processed
+    bad = f"{len(failed)} manifest(s) failed: {', '.join(r['manifest'] for r in failed)}"
+    if done:
+        return "completed", "CompletedWithFailures", f"{processed}; {bad}"
+    return "failed", "Failed", bad
 
 
 def _report_markdown(report: dict[str, Any]) -> str:

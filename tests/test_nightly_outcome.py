@@ -1,0 +1,31 @@
+"""The nightly run's state: one bad inbox file does not fail a night whose other files ran."""
+
+from __future__ import annotations
+
+from flows.nightly import nightly_outcome
+
+
+def _report(done: list[str], failed: list[str]) -> dict:
+    return {
+        "inbox": "s3://b/inbox/",
+        "done": [{"manifest": n} for n in done],
+        "failed": [{"manifest": n} for n in failed],
+        "taken": [],
+    }
+
+
+def test_a_bad_file_beside_good_ones_completes_with_failures_naming_it():
+    kind, name, message = nightly_outcome(_report(["a.csv", "b.csv"], ["bad.csv"]))
+    assert (kind, name) == ("completed", "CompletedWithFailures")
+    assert "bad.csv" in message and "2 manifest(s) processed" in message
+
+
+def test_only_bad_files_fail_the_night():
+    kind, name, message = nightly_outcome(_report([], ["x.csv", "y.jsonl"]))
+    assert (kind, name) == ("failed", "Failed")
+    assert "x.csv" in message and "y.jsonl" in message
+
+
+def test_an_empty_or_clean_night_is_completed():
+    assert nightly_outcome(_report([], []))[:2] == ("completed", "Completed")
+    assert nightly_outcome(_report(["a.csv"], []))[:2] == ("completed", "Completed")
