@@ -187,8 +187,10 @@ def main() -> int:
         f"Prefect UI:    {PREFECT_URL}/runs/flow-run/{run_id}  (artifacts tab: table and summary)"
     )
     if isinstance(summary, dict):
-        slug = str(summary["run_id"]).lower()
-        print(f"summary:       {PREFECT_URL}/artifacts/key/summary-{slug}")
+        from hailuo_batch.artifacts import report_keys
+
+        summary_key = report_keys(None, str(summary.get("manifest", "")))[1]
+        print(f"summary:       {PREFECT_URL}/artifacts/key/{summary_key}  (one key, every run)")
     print(f"all artifacts: {PREFECT_URL}/artifacts")
     print("the Prefect server keeps running for the UI; stop it with `make demo-stop`")
     print("=" * 72)
