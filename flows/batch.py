@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -142,12 +143,24 @@ async def _resolve_runtime(
 
 
 class Progress:
-    """Counts finished items; updates the progress artifact and the CLI's listeners."""
+    """Counts finished items; updates the progress artifact, the CLI's listeners and, every
+    `table_every_s` seconds while items finish, a new version of the run's item table, so a
+    person sees reasons during a long run and not only at the end."""
 
-    def __init__(self, total: int, run_id: str) -> None:
+    def __init__(
+        self,
+        total: int,
+        run_id: str,
+        table: Callable[[list[ItemResult]], Awaitable[None]] | None = None,
+        table_every_s: float = 10.0,
+    ) -> None:
         self.state = ProgressState(total=total, run_id=run_id)
         self.artifact_id: Any = None
         self._last_push = 0.0
+        self.results: list[ItemResult] = []
+        self._table = table
+        self._table_every_s = table_every_s
+        self._last_table = time.monotonic()
 
     async def start(self) -> None:
         self.artifact_id = await acreate_progress_artifact(
@@ -158,6 +171,7 @@ class Progress:
     async def finished(self, result: ItemResult) -> None:
         self.state.done += 1
         self.state.by_status[str(result.status)] += 1
+        self.results.append(result)
         notify(self.state)
         now = time.monotonic()
         if self.artifact_id and (now - self._last_push > 2 or self.state.done == self.state.total):
@@ -165,6 +179,13 @@ class Progress:
             await aupdate_progress_artifact(self.artifact_id, 100.0 * self.state.fraction)
         if self.state.done % max(1, self.state.total // 10) == 0:
             get_run_logger().info("progress: %s", self.state.line())
+        if (
+            self._table is not None
+            and now - self._last_table > self._table_every_s
+            and self.state.done < self.state.total  # the final table comes with the report
+        ):
+            self._last_table = now
+            await self._table(sorted(self.results, key=lambda r: r.row))
 
 
 @task(name="write_results", cache_policy=NO_CACHE)
@@ -211,6 +232,17 @@ async def publish_report(
     Their keys stay the same from run to run (one per deployment, else per manifest file), so
     the Artifacts page shows one key's history rather than two new keys per run.
     """
+    items_key, summary_key = await artifact_keys(rt, str(summary.get("manifest", "")))
+    await publish_item_table(rt, run_id, results, items_key)
+    await acreate_markdown_artifact(
+        summary_markdown(summary, results_url=results_url) + extra_md,
+        key=summary_key,
+        description=f"Summary of run {run_id}",
+    )
+
+
+async def artifact_keys(rt: Runtime, manifest: str) -> tuple[str, str]:
+    """The item table's and the summary's artifact keys for this run."""
 
     def _deployment_name() -> str | None:
         from prefect.runtime import deployment
@@ -221,15 +253,19 @@ async def publish_report(
             return None
 
     deployment_name = await rt.blocking(_deployment_name)  # may read the API: off the loop
-    items_key, summary_key = report_keys(deployment_name, str(summary.get("manifest", "")))
+    return report_keys(deployment_name, manifest)
+
+
+async def publish_item_table(
+    rt: Runtime, run_id: str, results: list[ItemResult], key: str, *, partial_of: int = 0
+) -> None:
+    """A new version of the item table artifact `key`: reasons, prompts, links."""
     expiry = rt.settings.presign_expiry_s
     table = await rt.blocking(results_as_table, results, partial(_video_link, rt.store, expiry))
     links = "" if rt.store.is_local else f"; video links expire after {expiry / 3600:g} h"
-    await acreate_table_artifact(table, key=items_key, description=f"Items of run {run_id}{links}")
-    await acreate_markdown_artifact(
-        summary_markdown(summary, results_url=results_url) + extra_md,
-        key=summary_key,
-        description=f"Summary of run {run_id}",
+    so_far = f" ({len(results)} of {partial_of} finished so far)" if partial_of else ""
+    await acreate_table_artifact(
+        table, key=key, description=f"Items of run {run_id}{so_far}{links}"
     )
 
 
@@ -349,7 +385,15 @@ async def generate_videos(
         if isinstance(parsed, ManifestError):  # nothing was paid: one clean message
             return Failed(name="BadManifest", message=f"run {run_id}: {parsed}")
         results = invalid_rows(parsed.errors, run_id)
-        progress = Progress(parsed.total_rows, run_id)
+        items_key = (await artifact_keys(rt, manifest))[0]
+        progress = Progress(
+            parsed.total_rows,
+            run_id,
+            table=lambda so_far: publish_item_table(
+                rt, run_id, so_far, items_key, partial_of=parsed.total_rows
+            ),
+            table_every_s=settings.table_every_s,
+        )
         await progress.start()
         for r in results:
             await progress.finished(r)

@@ -220,6 +220,13 @@ class Settings(BaseSettings):
         description="Callback mode: interval of the slow status poll that recovers lost callbacks.",
     )
 
+    # --- what a person sees -------------------------------------------------------------------
+    table_every_s: float = Field(
+        10.0,
+        gt=0,
+        description="While a run goes, a new version of its item table artifact this often.",
+    )
+
     @field_validator("output")
     @classmethod
     def _check_output(cls, v: str) -> str:

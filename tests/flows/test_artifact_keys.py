@@ -4,6 +4,7 @@ the Prefect Artifacts page shows their history under one name."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -53,3 +54,30 @@ def test_a_deployment_names_the_keys_whatever_the_manifest(
     ids = [r.state_details.flow_run_id for r in runs]
     keys = asyncio.run(_keys_by_run(ids))
     assert keys[ids[0]] == keys[ids[1]] == {"items-nightly-batch", "summary-nightly-batch"}
+
+
+def test_the_item_table_is_published_while_the_run_goes(
+    flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch
+):
+    from hailuo_batch.settings import get_settings
+
+    monkeypatch.setenv("HAILUO_TABLE_EVERY_S", "0.01")  # a new version after every item
+    get_settings.cache_clear()
+    m = write_csv(tmp_path / "live.csv", items(images_dir, make_image, emulator, 4))
+    run = generate_videos(manifest=str(m), output=str(tmp_path / "out"), concurrency=1)
+    run_id = run.state_details.flow_run_id
+
+    async def tables() -> list:
+        async with get_client() as client:
+            arts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+            )
+        return sorted((a for a in arts if a.type == "table"), key=lambda a: a.created)
+
+    versions = asyncio.run(tables())
+    assert len(versions) >= 2  # at least one table before the end, then the final one
+    assert {a.key for a in versions} == {"items-live"}  # new versions of one key
+    first, last = versions[0], versions[-1]
+    assert "finished so far" in (first.description or "")
+    rows = [json.loads(a.data) if isinstance(a.data, str) else a.data for a in (first, last)]
+    assert len(rows[0]) < len(rows[1]) == 4
