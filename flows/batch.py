@@ -46,7 +46,7 @@ from hailuo_batch.apixo import (
     Provider,
     RequestType,
 )
-from hailuo_batch.artifacts import report_keys
+from hailuo_batch.artifacts import keeps_run_name, report_keys
 from hailuo_batch.budget import Budget, Stop
 from hailuo_batch.callbacks import CallbackStore, callback_url_for
 from hailuo_batch.ledger import Ledger, LedgerUnavailable, with_retries
@@ -303,7 +303,11 @@ def _video_link(store: OutputStore, expires_s: int, r: ItemResult) -> str | None
 
 
 def run_name() -> str:
-    """Flow run name after the manifest file, so a person finds the run in the UI."""
+    """Flow run name after the manifest file, so a person finds the run in the UI; a name a
+    person gave the run (in the UI's run form, or `--flow-run-name`) is kept."""
+    current = flow_run.get_name()
+    if keeps_run_name(current):
+        return str(current)
     manifest = str(flow_run.parameters.get("manifest", "manifest"))
     stem = manifest.rstrip("/").rsplit("/", 1)[-1]
     return f"videos-{stem}-{datetime.now(UTC):%m%d-%H%M%S}"

@@ -56,3 +56,12 @@ def test_without_a_deployment_the_manifest_names_the_key():
     assert report_keys(None, "/data/Orders_Q4.csv") == ("items-orders-q4", "summary-orders-q4")
     assert report_keys("", "/data/orders.csv") == ("items-orders", "summary-orders")
     assert report_keys("☃", "/data/orders.csv")[0] == "items-orders"  # nothing usable left
+
+
+def test_a_name_a_person_gave_is_kept_a_generated_one_is_replaced():
+    from hailuo_batch.artifacts import keeps_run_name
+
+    for generated in ("strict-kiwi", "attractive-basilisk", None, ""):
+        assert not keeps_run_name(generated)
+    for given in ("November re-shoot", "client-x-2026-11", "nightly-first.csv", "Kiwi", "rerun-1"):
+        assert keeps_run_name(given)

@@ -81,3 +81,26 @@ def test_the_item_table_is_published_while_the_run_goes(
     assert "finished so far" in (first.description or "")
     rows = [json.loads(a.data) if isinstance(a.data, str) else a.data for a in (first, last)]
     assert len(rows[0]) < len(rows[1]) == 4
+
+
+def test_a_run_name_typed_in_the_ui_is_kept(flow_env, emulator, tmp_path, images_dir, make_image):
+    """A worker runs a flow run the UI created with a name a person typed: the flow keeps it."""
+    from prefect.flow_engine import run_flow
+
+    from flows.batch import generate_videos as flow
+
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
+    params = {"manifest": str(m), "output": str(tmp_path / "out"), "dry_run": True}
+
+    async def create(name: str | None):
+        async with get_client() as client:
+            return await client.create_flow_run(flow, parameters=params, name=name)
+
+    async def name_of(run_id) -> str:
+        async with get_client() as client:
+            return (await client.read_flow_run(run_id)).name
+
+    for given, expected in (("Client X re-shoot", "Client X re-shoot"), (None, "videos-m.csv-")):
+        created = asyncio.run(create(given))
+        asyncio.run(run_flow(flow, flow_run=created, parameters=params, return_type="state"))
+        assert asyncio.run(name_of(created.id)).startswith(expected)
