@@ -1,8 +1,10 @@
 """Prefect tasks: each one verb-named step with one side effect.
 
-Tasks return typed outcomes instead of raising for expected item fates (a content violation is
-not a crash). Blocking library calls (the sync apixo client, fsspec) run in worker threads under a
-capacity limiter, so the flow's event loop keeps many items in flight without a thread per wait.
+Tasks return typed outcomes (`Submitted`, `Polled`, `Stored`, `Balance`, a `ManifestError`)
+instead of raising for expected fates: a refused POST or a video that is not an MP4 is not a
+crash, and Prefect prints a traceback for every task that raises. Blocking library calls (the
+sync apixo client, fsspec) run in worker threads under a capacity limiter, so the flow's event
+loop keeps many items in flight without a thread per wait.
 """
 
 from __future__ import annotations

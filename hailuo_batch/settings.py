@@ -137,7 +137,12 @@ class Settings(BaseSettings):
     connect_timeout_s: float = Field(10.0, gt=0, description="TCP/TLS connect timeout.")
     read_timeout_s: float = Field(30.0, gt=0, description="Read timeout per response chunk.")
     retry_max_attempts: int = Field(
-        6, ge=1, le=50, description="Attempts per idempotent call (status, balance, download)."
+        6,
+        ge=1,
+        le=50,
+        description="Attempts per API call. Reads (status, balance, download) retry 429, 5xx and "
+        "transport errors; a submit retries only refusals that prove no task was created (429, "
+        "503, a connection that never reached the server).",
     )
     retry_max_elapsed_s: float = Field(
         120.0, gt=0, description="Give up retrying one call after this many seconds in total."
