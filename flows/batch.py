@@ -47,7 +47,7 @@ from hailuo_batch.apixo import (
     RequestType,
 )
 from hailuo_batch.artifacts import keeps_run_name, report_keys
-from hailuo_batch.budget import Budget, Stop
+from hailuo_batch.budget import Budget, InsufficientBalance, Stop, cap_for_balance
 from hailuo_batch.callbacks import CallbackStore, callback_url_for
 from hailuo_batch.ledger import Ledger, LedgerUnavailable, with_retries
 from hailuo_batch.manifest import ItemDefaults, ManifestError, ManifestItem, RowError
@@ -509,14 +509,11 @@ async def _check_balance(
             "nothing was submitted: check APIXO_BASE_URL and the network, then run again",
         )
         return None
-    if balance is not None and estimate > balance + 1e-9:
-        if not fit_to_balance:
-            raise InsufficientBalance(
-                f"the batch needs about ${estimate:.2f} but the balance is ${balance:.2f}: top "
-                "up, or run with fit_to_balance (--fit-to-balance) or max_cost_usd (--max-cost) "
-                "to submit what fits"
-            )
-        b.budget.cap_usd = balance if max_cost_usd is None else min(max_cost_usd, balance)
+    cap = cap_for_balance(
+        estimate, balance, fit_to_balance=fit_to_balance, max_cost_usd=max_cost_usd
+    )  # raises InsufficientBalance before anything is paid
+    if cap != b.budget.cap_usd:
+        b.budget.cap_usd = cap
         get_run_logger().warning(
             "balance $%.2f < estimate $%.2f: submitting what fits", balance, estimate
         )
@@ -541,10 +538,6 @@ def _enable_callbacks(rt: Runtime) -> None:
         rt.callbacks.store.url_for(""),
         s.callback_backstop_s,
     )
-
-
-class InsufficientBalance(RuntimeError):
-    """The batch would cost more than the account holds; nothing was submitted."""
 
 
 async def _global_limit_exists(name: str) -> bool:

@@ -60,3 +60,31 @@ class Budget:
     def refund(self, unit_usd: float) -> None:
         """Give back a reservation whose POST provably created nothing."""
         self.spent_usd = max(0.0, self.spent_usd - unit_usd)
+
+
+class InsufficientBalance(RuntimeError):
+    """The batch would cost more than the account holds; nothing was submitted."""
+
+
+def cap_for_balance(
+    estimate_usd: float,
+    balance_usd: float | None,
+    *,
+    fit_to_balance: bool,
+    max_cost_usd: float | None,
+) -> float | None:
+    """The balance policy, before the first payment: the run's spending cap.
+
+    An unknown balance changes nothing (`max_cost_usd`). A batch that costs more than the
+    balance raises `InsufficientBalance` (with what to do next) unless `fit_to_balance` asks to
+    submit what fits: then the cap is the balance (or `max_cost_usd` if lower).
+    """
+    if balance_usd is None or estimate_usd <= balance_usd + _EPS:
+        return max_cost_usd
+    if not fit_to_balance:
+        raise InsufficientBalance(
+            f"the batch needs about ${estimate_usd:.2f} but the balance is ${balance_usd:.2f}: "
+            "top up, or run with fit_to_balance (--fit-to-balance) or max_cost_usd (--max-cost) "
+            "to submit what fits"
+        )
+    return balance_usd if max_cost_usd is None else min(max_cost_usd, balance_usd)

@@ -178,3 +178,15 @@ def test_a_stored_video_is_never_the_key_of_a_new_one() -> None:
     taken.add(second)
     third = choose_video_key("a", "e" * 64, taken.__contains__)
     assert third not in taken
+
+
+def test_the_balance_policy_before_the_first_payment():
+    from hailuo_batch.budget import InsufficientBalance, cap_for_balance
+
+    assert cap_for_balance(5.0, None, fit_to_balance=False, max_cost_usd=3.0) == 3.0  # unknown
+    assert cap_for_balance(5.0, 10.0, fit_to_balance=False, max_cost_usd=None) is None
+    with pytest.raises(InsufficientBalance, match=r"needs about \$5.00 but the balance is \$2.00"):
+        cap_for_balance(5.0, 2.0, fit_to_balance=False, max_cost_usd=None)
+    assert cap_for_balance(5.0, 2.0, fit_to_balance=True, max_cost_usd=None) == 2.0
+    assert cap_for_balance(5.0, 2.0, fit_to_balance=True, max_cost_usd=1.5) == 1.5
+    assert cap_for_balance(5.0, 2.0, fit_to_balance=True, max_cost_usd=4.0) == 2.0
