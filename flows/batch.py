@@ -52,6 +52,7 @@ from hailuo_batch.callbacks import CallbackStore, callback_url_for
 from hailuo_batch.ledger import Ledger, LedgerUnavailable, with_retries
 from hailuo_batch.manifest import ItemDefaults, ManifestError, ManifestItem, RowError
 from hailuo_batch.netguard import GuardedTransport
+from hailuo_batch.pacing import AdaptiveLimit, AdaptiveSlots
 from hailuo_batch.policy import Prices
 from hailuo_batch.progress import ProgressState, notify
 from hailuo_batch.results import (
@@ -135,7 +136,10 @@ async def _resolve_runtime(
     tuned = settings.model_copy(update={"apixo_api_key": api_key, "apixo_base_url": base_url})
     # result URLs may point anywhere: fetched under the same private-address policy as images
     guard = GuardedTransport(allow_private=settings.allow_private_networks)
-    client = ApixoClient.from_settings(tuned, download_transport=guard)
+    # a submit's 429 reaches the run's limiter at once instead of being retried blindly
+    client = ApixoClient.from_settings(
+        tuned, download_transport=guard, retry_rate_limited_submits=False
+    )
     store = OutputStore(out, storage_options or None)
     # threads for blocking calls: one per item in flight plus a few for validation and reports
     limiter = anyio.CapacityLimiter(concurrency + 4)
@@ -372,7 +376,7 @@ async def generate_videos(
         ledger,
         run_id,
         prices,
-        asyncio.Semaphore(concurrency),
+        AdaptiveSlots(AdaptiveLimit(ceiling=concurrency)),
         budget=Budget(cap_usd=max_cost_usd),
         force=force,
         resubmit_lost=resubmit_lost,
@@ -462,6 +466,7 @@ async def generate_videos(
             estimated_batch_cost_usd=round(estimate, 4),
             max_cost_usd=b.budget.cap_usd,
             stopped=b.budget.stopped[1] if b.budget.stopped else None,
+            concurrency=b.slots.limit.summary(),
             rerun_of=rerun_of,
         )
         results_url = await write_results(rt, run_id, results, summary)
@@ -579,11 +584,15 @@ async def _keep_lease(rt: Runtime, ledger: Ledger, budget: Budget) -> None:
 def _estimate_new_spend(b: Batch, items: list[ManifestItem]) -> float:
     """Estimated cost of the rows this run still has to submit (resume-aware; rows whose image
     turns out invalid are counted, so the estimate errs on the safe side)."""
-    return sum(
-        b.unit_cost(item)
-        for item in items
-        if b.plan(item, b.ledger.get(item.id)).action == "submit"
-    )
+    total = 0.0
+    for item in items:
+        try:
+            plan = b.plan(item, b.ledger.get(item.id))
+        except LedgerUnavailable:
+            continue  # the item itself says so when it runs; it is never submitted blind
+        if plan.action == "submit":
+            total += b.unit_cost(item)
+    return total
 
 
 def final_state(b: Batch, run_id: str, summary: dict[str, Any], **kw: Any) -> Any:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from hailuo_batch.ledger import (
 )
 from hailuo_batch.lifecycle import LifePolicy, Outcome, live_item
 from hailuo_batch.manifest import ManifestItem
+from hailuo_batch.pacing import AdaptiveSlots, Slot
 from hailuo_batch.policy import Prices, estimate_cost
 from hailuo_batch.results import ItemResult, ItemStatus
 from hailuo_batch.steps import LEDGER_UNAVAILABLE, choose_video_key
@@ -70,7 +73,7 @@ class Batch:
     ledger: Ledger
     run_id: str
     prices: Prices
-    slots: asyncio.Semaphore
+    slots: AdaptiveSlots  # --concurrency is the ceiling; 429s bring the in-flight target down
     budget: Budget = field(default_factory=Budget)
     force: bool = False
     resubmit_lost: bool = False
@@ -117,6 +120,13 @@ async def run_item(b: Batch, v: Preflight) -> ItemResult:
         return base_result(
             item, b.run_id, status=ItemStatus.NOT_SUBMITTED, fail_code=LEDGER_UNAVAILABLE,
             fail_msg=f"not submitted: the ledger could not be read: {exc}",
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - one item's bug must not lose every row's result
+        b.rt.log("item %s: unexpected error: %r", item.id, exc, level=logging.ERROR)
+        return base_result(
+            item, b.run_id, status=ItemStatus.FAILED, fail_code="INTERNAL_ERROR",
+            fail_msg=b.rt.scrub(f"{type(exc).__name__}: {exc}; its ledger record says where "
+                                "it stopped, and the next run resumes it"),
         )  # fmt: skip
     finally:
         with contextlib.suppress(LedgerUnavailable):  # a stale claim expires with the lease
@@ -168,8 +178,8 @@ async def _plan_and_live(b: Batch, v: Preflight) -> ItemResult:
             task_ids=rec.task_ids if (rec is not None and same) else [],
         )
     assert v.request is not None  # only valid items get here
-    fx = FlowEffects(b, item, v.request, expected=rec)
-    async with b.slots, _provider_slot(b):
+    async with b.slots.slot() as slot, _provider_slot(b):
+        fx = FlowEffects(b, item, v.request, expected=rec, slot=slot)
         out = await live_item(
             start,
             v.request,
@@ -190,12 +200,20 @@ class FlowEffects:
     """The effects of `live_item` for one item: Prefect tasks, the ledger, the store."""
 
     def __init__(
-        self, b: Batch, item: ManifestItem, request: GenerateRequest, expected: LedgerRecord | None
+        self,
+        b: Batch,
+        item: ManifestItem,
+        request: GenerateRequest,
+        expected: LedgerRecord | None,
+        slot: Slot,
     ) -> None:
         self.b, self.item, self.request = b, item, request
         self.expected = expected  # the record as this run last saw or wrote it
+        self.slot = slot  # this item's place among the submissions the provider accepts
 
     async def save(self, rec: LedgerRecord) -> LedgerRecord:
+        if rec.fail_msg:  # a provider's message may echo a signed URL or a token
+            rec = rec.model_copy(update={"fail_msg": self.b.rt.scrub(rec.fail_msg)})
         saved = await self.b.rt.blocking(self.b.ledger.put, rec)
         self.expected = saved
         return saved
@@ -208,6 +226,7 @@ class FlowEffects:
         if sub.task_id is None:
             assert sub.error is not None
             raise sub.error
+        self.slot.accepted()
         return sub.task_id
 
     async def poll(self, task_id: str, *, immediate: bool) -> TaskStatus:
@@ -229,8 +248,10 @@ class FlowEffects:
         return await self.b.rt.blocking(choose_video_key, rec.id, rec.input_hash, store.exists)
 
     async def rate_limited(self, wait_s: float) -> None:
-        self.b.rt.log("item %s: rate limited, submitting again in %.1f s", self.item.id, wait_s)
-        await asyncio.sleep(wait_s)
+        """Give the slot up and wait for one again: the run's in-flight target comes down to
+        what the provider accepts, and this item goes ahead of items not yet refused."""
+        self.b.rt.log("item %s: rate limited (429), waiting for a slot", self.item.id)
+        await self.slot.rate_limited(wait_s)
 
 
 @contextlib.asynccontextmanager
@@ -248,19 +269,26 @@ async def _provider_slot(b: Batch) -> AsyncIterator[None]:
 
 
 def _stored_intact(b: Batch, rec: LedgerRecord) -> bool:
+    """The stored video is there with the bytes the ledger recorded (size, then sha256)."""
     key = stored_key(rec)
-    return b.rt.store.exists(key) and b.rt.store.size(key) == rec.bytes
+    store = b.rt.store
+    if not store.exists(key) or store.size(key) != rec.bytes:
+        return False
+    return rec.sha256 is None or hashlib.sha256(store.read_bytes(key)).hexdigest() == rec.sha256
 
 
 def _from_record(
     b: Batch, item: ManifestItem, rec: LedgerRecord, status: ItemStatus, unit: float, **kw: Any
 ) -> ItemResult:
     """The result of an item this run did not touch: nothing spent by this run."""
+    scrub = b.rt.scrub
+    if kw.get("note"):
+        kw["note"] = scrub(kw["note"])
     return base_result(
         item, b.run_id, status=status, task_id=rec.task_id, attempts=rec.attempts,
         cost_usd=round(rec.attempts * unit, 4), run_cost_usd=0.0, video=rec.video,
         bytes=rec.bytes, sha256=rec.sha256, cost_time_ms=rec.cost_time_ms,
-        fail_code=rec.fail_code, fail_msg=rec.fail_msg, **kw,
+        fail_code=rec.fail_code, fail_msg=scrub(rec.fail_msg) if rec.fail_msg else None, **kw,
     )  # fmt: skip
 
 
@@ -284,7 +312,7 @@ def _from_outcome(
         video=stored.url if stored else None,
         bytes=stored.size if stored else None,
         sha256=stored.sha256 if stored else None,
-        note="; ".join(notes) or None,
+        note=b.rt.scrub("; ".join(notes)) or None,
         uncertain=bool(extra.get("uncertain")) or out.uncertain,
         **_video_facts(item, stored),
     )

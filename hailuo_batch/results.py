@@ -156,6 +156,13 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
         f"- stored: {summary['stored_bytes']:,} bytes",
         f"- results: `{results_url}`",
     ]
+    learned = (summary.get("concurrency") or {}).get("learned_limit")
+    if learned:
+        lines.append(
+            f"- concurrency: the provider accepted about {learned} tasks in flight "
+            f"(asked for up to {summary['concurrency'].get('ceiling')}; "
+            f"{summary['concurrency'].get('rate_limited', 0)} submissions refused with 429)"
+        )
     if summary.get("rerun_of"):
         lines.append(f"- rerun of: `{summary['rerun_of']}`")
     return "\n".join(lines) + "\n"

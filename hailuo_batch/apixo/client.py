@@ -265,8 +265,11 @@ class ApixoClient:
         download_transport: httpx.BaseTransport | None = None,
         secrets: Iterable[str | SecretStr] = (),
         sleep: Callable[[float], None] = time.sleep,
+        retry_rate_limited_submits: bool = True,
     ) -> None:
-        """`transport` carries API calls (and downloads from the API's own origin);
+        """`retry_rate_limited_submits=False` raises a submit's first 429 at once (nothing was
+        created), for a caller whose own limiter must see every refusal. `transport` carries API
+        calls (and downloads from the API's own origin);
         `download_transport` carries anonymous downloads of result URLs on other hosts (for
         example a private-network guard; `transport` when None). `secrets` are scrubbed from
         every error besides the key (add more later with `add_secret`)."""
@@ -285,6 +288,11 @@ class ApixoClient:
         self.timeout = timeout or httpx.Timeout(30.0, connect=10.0)
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
+        self._retry_submit = (
+            _retry_submit
+            if retry_rate_limited_submits
+            else lambda exc: not isinstance(exc, RateLimitedError) and _retry_submit(exc)
+        )
         self._http = build_http_client(
             self.base_url, key, timeout=self.timeout, transport=transport, follow_redirects=False
         )
@@ -310,6 +318,7 @@ class ApixoClient:
         download_transport: httpx.BaseTransport | None = None,
         secrets: Iterable[str | SecretStr] = (),
         sleep: Callable[[float], None] = time.sleep,
+        retry_rate_limited_submits: bool = True,
     ) -> ApixoClient:
         """Build a client from `Settings` (key, base URL, timeouts, retry policy)."""
         if settings.apixo_api_key is None:
@@ -330,6 +339,7 @@ class ApixoClient:
             download_transport=download_transport,
             secrets=secrets,
             sleep=sleep,
+            retry_rate_limited_submits=retry_rate_limited_submits,
         )
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -373,7 +383,7 @@ class ApixoClient:
             return self._request(
                 "POST",
                 SUBMIT_PATH,
-                retry=_retry_submit,
+                retry=self._retry_submit,
                 parse=lambda r: _submit_task_id(_envelope_data(r)),
                 json=request.to_payload(),
             )

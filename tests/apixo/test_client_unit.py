@@ -124,6 +124,26 @@ def test_submit_persistent_429_raises_rate_limited(make_client: MakeClient, slee
     assert len(sleeps) == 3
 
 
+def test_submit_429_reaches_a_callers_limiter_at_once_when_asked(
+    make_client: MakeClient, sleeps: Sleeps
+) -> None:
+    """A run that learns the provider's limit must see every refusal: no blind retry."""
+    client, script = make_client(
+        http_error(429, "slow down", **{"Retry-After": "2"}),
+        SUBMIT_OK,
+        retry_rate_limited_submits=False,
+    )
+    with pytest.raises(RateLimitedError) as ei:
+        client.submit(REQ)
+    assert len(script.requests) == 1 and sleeps == [] and ei.value.retry_after == 2.0
+    assert client.submit(REQ) == "task_abc"  # nothing was created: the caller submits again
+    # other refusals that prove nothing was created are still retried inside the call
+    client, script = make_client(
+        http_error(503, "busy"), SUBMIT_OK, retry_rate_limited_submits=False
+    )
+    assert client.submit(REQ) == "task_abc" and len(script.requests) == 2
+
+
 @pytest.mark.parametrize("layer", ["http", "body"])
 def test_submit_retries_503_model_unavailable(make_client: MakeClient, layer: str) -> None:
     first = http_error(503, "model unavailable") if layer == "http" else body_error(503)

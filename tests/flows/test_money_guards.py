@@ -50,8 +50,12 @@ def test_rate_limiting_above_the_real_limit_never_drops_an_item(
     assert {r.status for r in res.values()} == {"succeeded"}
     stats = emulator.stats()
     assert stats["rejected_429"] > 0  # the limit was really hit
+    assert stats["rejected_429"] <= 8  # at most one refusal per item: the run learned the limit
     assert stats["submissions"] == 8  # and nothing was paid twice
     assert all(n == 1 for n in stats["submissions_by_prompt"].values())
+    learned = state.result()["concurrency"]
+    assert learned["ceiling"] == 8 and learned["learned_limit"] is not None
+    assert learned["learned_limit"] <= 3  # found near the provider's real limit of 2
 
 
 def test_an_unreachable_api_stops_the_run_before_anything_is_paid(
@@ -271,3 +275,67 @@ def test_a_gzip_encoded_video_is_stored_decoded(
     )["i0"]
     assert r.status == "succeeded"
     assert r.sha256 == served_sha256(emulator.base_url, r.task_id)
+
+
+def test_secrets_in_a_providers_message_never_reach_ledger_or_results(
+    flow_env, emulator, images_dir, make_image, tmp_path
+):
+    """A failMsg that echoes the key and a signed URL, recorded by an earlier run: the cached
+    result of the next run, its summary and review page carry neither."""
+    import json as _json
+
+    from tests.flows.flowkit import API_KEY
+
+    rows = items(images_dir, make_image, emulator, 1)
+    rows[0]["prompt"] = "x [fail:INVALID_PROMPT]"
+    out = tmp_path / "out"
+    manifest = str(write_csv(tmp_path / "m.csv", rows))
+    generate_videos(manifest=manifest, output=str(out), return_state=True)
+    record = _json.loads((out / "ledger" / "i0.json").read_text())
+    leak = f"echo {API_KEY} https://s3.example/x.mp4?X-Amz-Signature=deadbeefSIGNATURE&a=1"
+    record["fail_msg"] = leak  # as an older version, or an echoing provider, left it
+    (out / "ledger" / "i0.json").write_text(_json.dumps(record))
+    state = generate_videos(manifest=manifest, output=str(out), return_state=True)
+    summary = state.result(raise_on_failure=False)
+    written = "".join(
+        p.read_bytes().decode("utf-8", "replace") for p in (out / "runs").rglob("*") if p.is_file()
+    )
+    assert results_of(summary)["i0"].status == "failed"
+    for secret in (API_KEY, "deadbeefSIGNATURE"):
+        assert secret not in written and secret not in _json.dumps(summary)
+
+
+def test_a_corrupt_ledger_record_fails_its_item_only(
+    flow_env, emulator, images_dir, make_image, tmp_path
+):
+    rows = items(images_dir, make_image, emulator, 2)
+    out = tmp_path / "out"
+    (out / "ledger").mkdir(parents=True)
+    (out / "ledger" / "i0.json").write_text('{"id": "i0", "state": "subm')  # cut mid-write
+    state = generate_videos(
+        manifest=str(write_csv(tmp_path / "m.csv", rows)), output=str(out), return_state=True
+    )
+    res = results_of(state.result(raise_on_failure=False))
+    assert res["i1"].status == "succeeded"
+    assert res["i0"].status == "not_submitted" and res["i0"].fail_code == "LEDGER_UNAVAILABLE"
+    assert "is not a ledger record" in res["i0"].fail_msg
+    assert emulator.stats()["submissions"] == 1  # the item whose record is unreadable: not paid
+
+
+def test_a_damaged_stored_video_of_the_same_size_is_fetched_again(
+    flow_env, emulator, images_dir, make_image, tmp_path
+):
+    rows = items(images_dir, make_image, emulator, 1)
+    out = tmp_path / "out"
+    manifest = str(write_csv(tmp_path / "m.csv", rows))
+    first = results_of(
+        generate_videos(manifest=manifest, output=str(out), return_state=True).result()
+    )["i0"]
+    video = out / "videos" / "i0.mp4"
+    video.write_bytes(b"\0" * video.stat().st_size)
+    again = results_of(
+        generate_videos(manifest=manifest, output=str(out), return_state=True).result()
+    )["i0"]
+    assert again.status == "succeeded" and "damaged" in (again.note or "")
+    assert hashlib.sha256(video.read_bytes()).hexdigest() == again.sha256 == first.sha256
+    assert emulator.stats()["submissions"] == 1
