@@ -92,7 +92,7 @@ def _statuses() -> list[Any]:
 def _add_money_guards(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-cost",
-        type=float,
+        type=_usd,
         default=None,
         metavar="USD",
         help="stop submitting once the estimated spend would pass USD",
@@ -122,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_item_defaults(p)
     p.add_argument(
-        "--concurrency", type=int, default=10, help="items in flight at once (default: 10)"
+        "--concurrency",
+        type=_concurrency,
+        default=10,
+        help="most items in flight at once, 1 to 500 (default: 10; the run finds the "
+        "provider's real limit below it)",
     )
     p.add_argument(
         "--request-type",
@@ -176,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--provider", choices=["auto", "value", "official"], help="override provider")
     r.add_argument("--prompt-suffix", help="text appended to every prompt")
     r.add_argument("--output", "-o", help="output (default: the one the results file is in)")
-    r.add_argument("--concurrency", type=int, default=10, help="items in flight (default: 10)")
+    r.add_argument(
+        "--concurrency",
+        type=_concurrency,
+        default=10,
+        help="items in flight, 1 to 500 (default: 10)",
+    )
     r.add_argument("--credentials-block", help="name of an ApixoCredentials block")
     r.add_argument(
         "--storage-block",
@@ -458,6 +467,26 @@ def _prepare_prefect(quiet: bool) -> None:
     os.environ["DO_NOT_TRACK"] = "1"
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     print(TEMPORARY_SERVER_NOTE, file=sys.stderr)
+
+
+def _usd(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of USD (0 or more, e.g. 25)")
+    return value
+
+
+def _concurrency(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 500:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to 500")
+    return value
 
 
 def _share(text: str) -> float:

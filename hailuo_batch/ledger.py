@@ -159,6 +159,10 @@ class LedgerUnavailable(OSError):
     """The output store did not take a ledger, claim or lease write, even after retries."""
 
 
+class LedgerCorrupt(LedgerUnavailable):
+    """A ledger record exists but does not parse."""
+
+
 #: pauses between attempts of one ledger/claim/lease call when the store fails (about 8 s in all)
 STORE_RETRY_DELAYS_S: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0, 4.0)
 
@@ -218,12 +222,20 @@ class Ledger:
 
     # --- records ---------------------------------------------------------------------------
     def get(self, item_id: str) -> LedgerRecord | None:
+        """The item's record; None if it has none. A record that does not parse raises
+        `LedgerCorrupt`: the item may have been paid for, so it is never taken as absent."""
         key = f"ledger/{item_id}.json"
         try:
             text = self._retry(lambda: self.store.read_text(key), f"reading {key}")
         except FileNotFoundError:
             return None
-        return LedgerRecord.model_validate_json(text)
+        try:
+            return LedgerRecord.model_validate_json(text)
+        except ValueError as exc:
+            raise LedgerCorrupt(
+                f"{self.store.url_for(key)} is not a ledger record ({type(exc).__name__}); "
+                "the item is left alone: check or delete that file, then run again"
+            ) from None
 
     def put(self, record: LedgerRecord) -> LedgerRecord:
         record = record.model_copy(update={"run_id": self.run_id, "updated_at": _now()})
@@ -312,6 +324,9 @@ class Ledger:
         return None
 
     def release(self, item_id: str) -> None:
+        """Drop this run's claim on the item; a claim another run took over is left alone."""
+        if self.owner(item_id) != self.run_id:
+            return
         self._retry(lambda: self.store.delete(f"claims/{item_id}.json"), "releasing a claim")
 
 

@@ -201,7 +201,16 @@ def on_task_final(
 
 def on_store_error(err: Exception) -> Step:
     """A finished video that could not be stored. The ledger stays `succeeded`: a rerun reads
-    the task again (a fresh result URL) and fetches it, without paying."""
+    the task again (a fresh result URL) and fetches it, without paying. A 401 on a download
+    from the API's own origin stops the run like any other 401."""
+    if isinstance(err, AuthenticationError):
+        return Step(
+            "end",
+            status=ItemStatus.FAILED,
+            fail_code=AUTH_FAILED,
+            fail_msg=f"video download refused: {err}; a rerun with a valid key fetches it",
+            signal=Stop.AUTH,
+        )
     code = NOT_A_VIDEO if isinstance(err, NotAVideoError) else DOWNLOAD_FAILED
     return Step(
         "end",

@@ -235,3 +235,14 @@ def test_a_row_breaking_several_rules_counts_once(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("row 1 (id a)") == 3  # image_url, prompt, duration
     assert "1 rows, 0 valid, 1 invalid" in out
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["--max-cost", "-1"], ["--max-cost", "nan"], ["--concurrency", "0"], ["--concurrency", "x"]],
+)
+def test_bad_numbers_are_bad_usage_exit_2(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["run", "m.csv", *bad])
+    assert exc.value.code == 2
+    assert "is not" in capsys.readouterr().err

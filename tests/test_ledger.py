@@ -3,7 +3,14 @@ import time
 
 import pytest
 
-from hailuo_batch.ledger import Ledger, LedgerRecord, LedgerState, LedgerUnavailable, plan_item
+from hailuo_batch.ledger import (
+    Ledger,
+    LedgerCorrupt,
+    LedgerRecord,
+    LedgerState,
+    LedgerUnavailable,
+    plan_item,
+)
 from hailuo_batch.storage import OutputStore
 
 H = "a" * 64
@@ -196,3 +203,24 @@ def test_before_a_post_the_owner_rechecks_claim_lease_and_record(store):
     # the owner's own lease lapsed
     a.last_beat = time.monotonic() - 50
     assert "lease" in a.still_ours("x", a.get("x"))
+
+
+def test_a_run_releases_only_its_own_claim(store):
+    a = Ledger(store, "run-a", lease_ttl_s=60)
+    b = Ledger(store, "run-b", lease_ttl_s=60)
+    a.heartbeat()
+    b.heartbeat()
+    assert a.claim("x") is None
+    # a's lease lapsed and b took the item over; a then finishes its (refused) item
+    store.write_text_atomic("claims/x.json", json.dumps({"run_id": "run-b", "at": "t"}))
+    a.release("x")
+    assert b.owner("x") == "run-b"  # b's claim survives: no third run can slip in
+    b.release("x")
+    assert b.owner("x") == ""
+
+
+def test_a_record_that_does_not_parse_is_never_taken_as_absent(store):
+    store.write_text_atomic("ledger/x.json", '{"id": "x", "state": "subm')
+    with pytest.raises(LedgerCorrupt, match="is not a ledger record"):
+        Ledger(store, "r1").get("x")
+    assert issubclass(LedgerCorrupt, LedgerUnavailable)  # items treat it like a dead store

@@ -190,3 +190,12 @@ def test_the_balance_policy_before_the_first_payment():
     assert cap_for_balance(5.0, 2.0, fit_to_balance=True, max_cost_usd=None) == 2.0
     assert cap_for_balance(5.0, 2.0, fit_to_balance=True, max_cost_usd=1.5) == 1.5
     assert cap_for_balance(5.0, 2.0, fit_to_balance=True, max_cost_usd=4.0) == 2.0
+
+
+def test_a_401_on_a_result_download_stops_the_run():
+    step = on_store_error(AuthenticationError("bad key", 401))
+    assert (step.status, step.fail_code, step.signal) == (
+        ItemStatus.FAILED,
+        "AUTH_FAILED",
+        Stop.AUTH,
+    )
