@@ -168,14 +168,14 @@ async def _plan_and_live(b: Batch, v: Preflight) -> ItemResult:
     if plan.action == "poll" and rec is not None:
         start = rec
     else:
-        same = rec is not None and rec.input_hash == item.input_hash
         start = LedgerRecord(
             id=item.id,
             input_hash=item.input_hash,
             # an earlier possible charge stays on record until a POST is accepted
             state=LedgerState.UNCERTAIN if plan.uncertain else LedgerState.NOT_SUBMITTED,
             attempts=plan.attempts,
-            task_ids=rec.task_ids if (rec is not None and same) else [],
+            # every task this id ever had stays on record, the earlier inputs' ones included
+            task_ids=rec.task_ids if rec is not None else [],
         )
     assert v.request is not None  # only valid items get here
     async with b.slots.slot() as slot, _provider_slot(b):

@@ -46,6 +46,9 @@ class LedgerState(StrEnum):
 
 
 TERMINAL = {LedgerState.FAILED, LedgerState.SKIPPED}
+#: states in which a task exists (or existed) that may have been paid for and whose video is
+#: not stored
+PAID_NOT_STORED = {LedgerState.SUBMITTED, LedgerState.SUCCEEDED, LedgerState.LOST}
 
 
 class LedgerRecord(BaseModel):
@@ -102,13 +105,25 @@ def plan_item(
         return Plan("submit")
     if record.input_hash != input_hash:
         kept = stored_key(record) if record.state == LedgerState.STORED else None
-        return Plan(
-            "submit",
-            note=f"inputs changed since run {record.run_id} (was {record.input_hash[:12]}); "
+        note = (
+            f"inputs changed since run {record.run_id} (was {record.input_hash[:12]}); "
             "treated as a new item"
-            + (f"; the earlier video stays at {record.video or kept}" if kept else ""),
-            keep_video=kept,
         )
+        if kept:
+            note += f"; the earlier video stays at {record.video or kept}"
+        elif record.state in PAID_NOT_STORED and record.task_ids:
+            # never forget a task that was (or may have been) paid for: say so, loudly
+            note += (
+                f"; the earlier inputs' task(s) {', '.join(record.task_ids)} ended "
+                f"{record.state} without a stored video and may have been paid for: their ids "
+                "stay in the ledger's task_ids"
+            )
+        elif record.state in (LedgerState.SUBMITTING, LedgerState.UNCERTAIN):
+            note += (
+                f"; run {record.run_id} may have paid for the earlier inputs without recording "
+                "a taskId (possible charge)"
+            )
+        return Plan("submit", note=note, keep_video=kept)
     prior = record.attempts
     if record.state == LedgerState.STORED:
         return Plan("done", note=f"already stored by run {record.run_id}", attempts=prior)

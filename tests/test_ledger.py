@@ -224,3 +224,16 @@ def test_a_record_that_does_not_parse_is_never_taken_as_absent(store):
     with pytest.raises(LedgerCorrupt, match="is not a ledger record"):
         Ledger(store, "r1").get("x")
     assert issubclass(LedgerCorrupt, LedgerUnavailable)  # items treat it like a dead store
+
+
+@pytest.mark.parametrize("state", [LedgerState.SUBMITTED, LedgerState.SUCCEEDED, LedgerState.LOST])
+def test_a_changed_row_says_which_paid_task_of_the_old_inputs_has_no_stored_video(state):
+    p = plan_item(rec(state, task_id="t1", task_ids=["t1"], attempts=1), "b" * 64)
+    assert p.action == "submit" and p.keep_video is None
+    assert "t1" in p.note and "may have been paid" in p.note
+
+
+@pytest.mark.parametrize("state", [LedgerState.SUBMITTING, LedgerState.UNCERTAIN])
+def test_a_changed_row_says_an_earlier_charge_is_possible(state):
+    p = plan_item(rec(state, attempts=1), "b" * 64)
+    assert p.action == "submit" and "possible charge" in p.note

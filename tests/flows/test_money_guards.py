@@ -339,3 +339,30 @@ def test_a_damaged_stored_video_of_the_same_size_is_fetched_again(
     assert again.status == "succeeded" and "damaged" in (again.note or "")
     assert hashlib.sha256(video.read_bytes()).hexdigest() == again.sha256 == first.sha256
     assert emulator.stats()["submissions"] == 1
+
+
+def test_a_changed_row_never_forgets_a_paid_task_whose_video_was_not_stored(
+    flow_env, emulator, images_dir, make_image, tmp_path
+):
+    import json as _json
+
+    rows = items(images_dir, make_image, emulator, 1)
+    out = tmp_path / "out"
+    emulator.script_faults("download", "html_body", 10)  # paid, succeeded, never stored
+    first = results_of(
+        generate_videos(
+            manifest=str(write_csv(tmp_path / "m.csv", rows)), output=str(out), return_state=True
+        ).result(raise_on_failure=False)
+    )["i0"]
+    assert first.fail_code == "NOT_A_VIDEO" and first.task_id
+    emulator.clear_faults()
+    rows[0]["prompt"] = "changed"
+    second = results_of(
+        generate_videos(
+            manifest=str(write_csv(tmp_path / "m2.csv", rows)), output=str(out), return_state=True
+        ).result()
+    )["i0"]
+    assert second.status == "succeeded"
+    assert first.task_id in (second.note or "") and "may have been paid" in second.note
+    record = _json.loads((out / "ledger" / "i0.json").read_text())
+    assert record["task_ids"] == [first.task_id, second.task_id]  # the old task is kept
