@@ -125,6 +125,14 @@ def on_submit_error(err: Exception, attempts: int, *, backoff_s: float = 5.0) ->
     return replace(back, status=_not_submitted_or_failed(attempts), fail_code=_http_code(err))
 
 
+def _auth_failed(message: str) -> Step:
+    """A 401 after the task exists: the item fails (its task stays in the ledger for a rerun
+    with a valid key) and the whole run stops."""
+    return Step(
+        "end", status=ItemStatus.FAILED, fail_code=AUTH_FAILED, fail_msg=message, signal=Stop.AUTH
+    )
+
+
 def _http_code(err: Exception) -> str:
     code = getattr(err, "status_code", None)
     return f"HTTP_{code}" if code else SUBMIT_ERROR
@@ -138,13 +146,7 @@ def on_poll_error(err: Exception) -> Step:
     a new one, knowingly.
     """
     if isinstance(err, AuthenticationError):
-        return Step(
-            "end",
-            status=ItemStatus.FAILED,
-            fail_code=AUTH_FAILED,
-            fail_msg=f"status read refused: {err}",
-            signal=Stop.AUTH,
-        )
+        return _auth_failed(f"status read refused: {err}")
     if isinstance(err, TaskLost):
         return Step(
             "end",
@@ -204,13 +206,7 @@ def on_store_error(err: Exception) -> Step:
     the task again (a fresh result URL) and fetches it, without paying. A 401 on a download
     from the API's own origin stops the run like any other 401."""
     if isinstance(err, AuthenticationError):
-        return Step(
-            "end",
-            status=ItemStatus.FAILED,
-            fail_code=AUTH_FAILED,
-            fail_msg=f"video download refused: {err}; a rerun with a valid key fetches it",
-            signal=Stop.AUTH,
-        )
+        return _auth_failed(f"video download refused: {err}; a rerun with a valid key fetches it")
     code = NOT_A_VIDEO if isinstance(err, NotAVideoError) else DOWNLOAD_FAILED
     return Step(
         "end",
