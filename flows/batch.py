@@ -229,14 +229,13 @@ async def publish_report(
     results: list[ItemResult],
     summary: dict[str, Any],
     results_url: str,
+    keys: tuple[str, str],
     extra_md: str = "",
 ) -> None:
-    """Prefect artifacts: a table of every item and a markdown summary.
-
-    Their keys stay the same from run to run (one per deployment, else per manifest file), so
-    the Artifacts page shows one key's history rather than two new keys per run.
-    """
-    items_key, summary_key = await artifact_keys(rt, str(summary.get("manifest", "")))
+    """Prefect artifacts: a table of every item and a markdown summary, under `keys`
+    (`artifact_keys`: the same from run to run, one per deployment, else per manifest file, so
+    the Artifacts page shows one key's history rather than two new keys per run)."""
+    items_key, summary_key = keys
     await publish_item_table(rt, run_id, results, items_key)
     await acreate_markdown_artifact(
         summary_markdown(summary, results_url=results_url) + extra_md,
@@ -393,7 +392,8 @@ async def generate_videos(
         if isinstance(parsed, ManifestError):  # nothing was paid: one clean message
             return Failed(name="BadManifest", message=f"run {run_id}: {parsed}")
         results = invalid_rows(parsed.errors, run_id)
-        items_key = (await artifact_keys(rt, manifest))[0]
+        keys = await artifact_keys(rt, manifest)
+        items_key = keys[0]
         progress = Progress(
             parsed.total_rows,
             run_id,
@@ -475,7 +475,7 @@ async def generate_videos(
             summary["review_page"], review_md = review
         summary["results"] = results_url
         await publish_report(
-            rt, run_id, results, summary, results_url, extra_md=review_md if review else ""
+            rt, run_id, results, summary, results_url, keys, extra_md=review_md if review else ""
         )
         logger.info("run %s done: %s; results at %s", run_id, summary["by_status"], results_url)
     finally:
