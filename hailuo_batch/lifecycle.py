@@ -214,19 +214,18 @@ class _Life:
             try:
                 task_id = await self.fx.submit(self.request)
             except Exception as err:  # noqa: BLE001 - every refusal is classified by the steps
-                step = on_submit_error(err, self.rec.attempts)
+                step = on_submit_error(
+                    err,
+                    self.rec.attempts,
+                    uncertain_before=before.state
+                    in (LedgerState.UNCERTAIN, LedgerState.SUBMITTING),
+                )
                 self.signal(step)
                 if step.refund:
                     self.budget.refund(self.unit)
                     self.run_posts -= 1
-                    # back to what it was: an earlier possible charge stays visible
-                    back = (
-                        LedgerState.UNCERTAIN
-                        if before.state in (LedgerState.UNCERTAIN, LedgerState.SUBMITTING)
-                        else LedgerState.NOT_SUBMITTED
-                    )
                     await self.save(
-                        state=back,
+                        state=step.ledger,
                         attempts=before.attempts,
                         fail_code=step.fail_code,
                         fail_msg=step.fail_msg,

@@ -87,11 +87,15 @@ def _not_submitted_or_failed(attempts: int) -> ItemStatus:
     return ItemStatus.NOT_SUBMITTED if attempts <= 1 else ItemStatus.FAILED
 
 
-def on_submit_error(err: Exception, attempts: int, *, backoff_s: float = 5.0) -> Step:
+def on_submit_error(
+    err: Exception, attempts: int, *, backoff_s: float = 5.0, uncertain_before: bool = False
+) -> Step:
     """A POST that did not return a taskId. `attempts` counts this POST.
 
     Only an ambiguous outcome keeps the reservation (the task may exist and be charged); every
-    other refusal proves nothing was created.
+    other refusal proves nothing was created, and the record goes back to what it was:
+    `uncertain` when an earlier POST's outcome is unknown (`uncertain_before`), so a refusal
+    never hides a possible charge from the next run, else `not_submitted`.
     """
     if isinstance(err, AmbiguousSubmitError):
         return Step(
@@ -103,7 +107,12 @@ def on_submit_error(err: Exception, attempts: int, *, backoff_s: float = 5.0) ->
             uncertain=True,
         )
     # every other refusal: nothing was created, the reservation goes back
-    back = Step("end", ledger=LedgerState.NOT_SUBMITTED, refund=True, fail_msg=str(err))
+    back = Step(
+        "end",
+        ledger=LedgerState.UNCERTAIN if uncertain_before else LedgerState.NOT_SUBMITTED,
+        refund=True,
+        fail_msg=str(err),
+    )
     if isinstance(err, AuthenticationError):
         return replace(
             back, status=ItemStatus.NOT_SUBMITTED, fail_code=AUTH_FAILED, signal=Stop.AUTH

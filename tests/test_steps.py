@@ -64,6 +64,11 @@ def test_refusals_that_prove_nothing_was_created_give_the_money_back(
     assert step.fail_code and step.fail_msg
 
 
+def test_a_refusal_keeps_an_earlier_possible_charge_on_record() -> None:
+    step = on_submit_error(ServerError("busy", 503), 1, uncertain_before=True)
+    assert step.refund and step.ledger == LedgerState.UNCERTAIN
+
+
 def test_a_resubmission_refused_ends_failed_not_unsubmitted() -> None:
     assert on_submit_error(ServerError("down", 503), 2).status == ItemStatus.FAILED
 
