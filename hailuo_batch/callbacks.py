@@ -14,15 +14,18 @@ terminal one. Task ids are checked against a strict charset so none can escape t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import threading
 import time
 import zlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import anyio.to_thread
 from pydantic import ValidationError
 
 from hailuo_batch.apixo.models import TaskStatus
@@ -187,3 +190,63 @@ class CallbackStore:
             if status is not None:
                 found[task_id] = status
         return found
+
+
+class CallbackWaiter:
+    """Callback mode: the run's one reader of deliveries, and the wake-up of the item waiting.
+
+    `run()` (a background job of the run) lists new deliveries every `check_s` seconds: one
+    listing per tick for the whole run, not a read per item. An item waiting for a task holds
+    `waiting(task_id)`'s event, set when a terminal delivery for that task is seen (also when it
+    was seen before the item started waiting). A delivery is never trusted on its own: the
+    waiter only wakes the item, whose status read confirms it.
+    """
+
+    def __init__(
+        self,
+        store: CallbackStore,
+        check_s: float,
+        *,
+        blocking: Callable[..., Awaitable[Any]] | None = None,
+        warn: Callable[[str], None] = log.warning,
+    ) -> None:
+        self.store = store
+        self.check_s = check_s
+        self._blocking = blocking or anyio.to_thread.run_sync
+        self._warn = warn
+        self._known: set[str] = set()  # terminal deliveries seen (ids only: small)
+        self._events: dict[str, asyncio.Event] = {}
+
+    def waiting(self, task_id: str) -> asyncio.Event:
+        """The event an item waits on for `task_id`; already set if delivered earlier."""
+        event = self._events.setdefault(task_id, asyncio.Event())
+        if task_id in self._known:
+            event.set()
+        return event
+
+    def forget(self, task_id: str) -> None:
+        """The item stopped waiting for `task_id` (ended, or gave up)."""
+        self._events.pop(task_id, None)
+
+    def seen(self, statuses: dict[str, TaskStatus]) -> None:
+        """Take in new deliveries: remember terminal ones and wake their items."""
+        for task_id, status in statuses.items():
+            if status.is_terminal:
+                self._known.add(task_id)
+                if task_id in self._events:
+                    self._events[task_id].set()
+
+    async def check(self) -> None:
+        """One look at the delivery store (a listing, then a read per new delivery)."""
+        try:
+            new = await self._blocking(self.store.poll_new, set(self._known))
+        except (OSError, ValueError) as exc:
+            self._warn(f"cannot read callback deliveries: {exc}")
+            return
+        self.seen(new)
+
+    async def run(self) -> None:
+        """Check for deliveries every `check_s` seconds until cancelled."""
+        while True:
+            await self.check()
+            await asyncio.sleep(self.check_s)

@@ -666,11 +666,18 @@ class StatsBoard:
         self._changed = asyncio.Event()
 
     def observe(self, seconds: float | None) -> bool:
-        """Record a finished task's generation time (None or garbage is ignored)."""
+        """Record a finished task's generation time (None or garbage is ignored).
+
+        The pollers are woken to re-plan at the 1st, 2nd, 4th, 8th, ... observation only: early
+        ones change the plan most, and waking every poller on every observation would cost
+        O(items x in-flight) re-plans; later observations are used at each poller's next read.
+        """
         if seconds is None or not self.stats.observe(seconds):
             return False
-        self._changed.set()
-        self._changed = asyncio.Event()
+        version = self.stats.version
+        if version & (version - 1) == 0:  # a power of two
+            self._changed.set()
+            self._changed = asyncio.Event()
         return True
 
     async def wait_changed(self, timeout: float) -> bool:
