@@ -386,6 +386,7 @@ class Emulator:
             Route("/results/{task_id}/0.mp4", self.download, methods=["GET"]),
             Route("/files/{path:path}", self.files, methods=["GET", "HEAD"]),
             Route("/_emulator/stats", self.get_stats, methods=["GET"]),
+            Route("/_emulator/timings", self.get_timings, methods=["GET"]),
             Route("/_emulator/faults", self.post_faults, methods=["POST", "DELETE"]),
             Route("/_emulator/balance", self.post_balance, methods=["POST"]),
             Route("/_emulator/reset", self.post_reset, methods=["POST"]),
@@ -400,6 +401,14 @@ class Emulator:
             yield
         finally:
             await self.worker.stop()
+            if self.config.timings_file:
+                self.write_timings(Path(self.config.timings_file))
+
+    def write_timings(self, path: Path) -> None:
+        """Write the record of task timings as JSON (atomically: a reader never sees half)."""
+        part = path.with_name(path.name + ".part")
+        part.write_text(json.dumps(self.state.timings()))
+        part.replace(path)
 
     # --- the apixo API ------------------------------------------------------------------------
     async def submit(self, request: Request) -> Response:
@@ -477,6 +486,9 @@ class Emulator:
     # --- control ------------------------------------------------------------------------------
     async def get_stats(self, _request: Request) -> Response:
         return JSONResponse(self.state.stats())
+
+    async def get_timings(self, _request: Request) -> Response:
+        return JSONResponse(self.state.timings())
 
     async def post_faults(self, request: Request) -> Response:
         if request.method == "DELETE":

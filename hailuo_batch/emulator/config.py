@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +34,14 @@ class EmulatorConfig(BaseModel):
     processing_s: float = Field(default=120.0, ge=0, description="Nominal generation time.")
     processing_spread: float = Field(
         default=0.2, ge=0, lt=1, description="Random +- fraction of it."
+    )
+    processing_distribution: Literal["uniform", "lognormal"] = Field(
+        default="uniform",
+        description="uniform: processing_s +- processing_spread; lognormal: median processing_s, "
+        "log standard deviation processing_sigma (a long right tail, like real generation times).",
+    )
+    processing_sigma: float = Field(
+        default=0.4, ge=0, le=3, description="Log standard deviation of lognormal processing times."
     )
     concurrency: int = Field(default=20, ge=1, description="Unfinished tasks per key before 429.")
     fault_rate: float = Field(
@@ -79,6 +88,11 @@ class EmulatorConfig(BaseModel):
     )
     encode_workers: int = Field(default=2, ge=1, description="Threads encoding videos.")
     access_log: bool = Field(default=False, description="uvicorn access log (URLs carry no key).")
+    timings_file: str | None = Field(
+        default=None,
+        description="Where the record of task timings (GET /_emulator/timings) is written as JSON "
+        "when the emulator stops.",
+    )
 
     def scaled(self, seconds: float) -> float:
         """A provider-side duration on this emulator's clock."""

@@ -67,6 +67,10 @@ class EmulatorHandle:
     def reset_stats(self) -> None:
         self._emulator.state.reset_stats()
 
+    def timings(self) -> dict[str, Any]:
+        """The record of task timings; see GET /_emulator/timings."""
+        return self._emulator.state.timings()
+
     def set_balance(self, usd: float) -> None:
         self._emulator.state.set_balance(usd)
 

@@ -58,6 +58,11 @@ class Task:
     cost_ms: int  # nominal, unscaled processing time
     planned_fail: str | None  # failCode decided at submit (markers)
     outcome: Outcome | None = None
+    # the record of timings (monotonic): first status read or callback delivery that reported
+    # the task ended, and its first result download
+    reported_at: float | None = None
+    reported_via: Literal["status", "callback"] | None = None
+    downloaded_at: float | None = None
 
     def state(self, now: float) -> State:
         if now < self.start_at:
@@ -72,6 +77,35 @@ class Task:
 
     def wall_ms(self, mono: float) -> int:
         return self.created_wall_ms + round((mono - self.created_mono) * 1000)
+
+    def wall_s(self, mono: float | None) -> float | None:
+        """A monotonic instant of this task as epoch seconds (None stays None)."""
+        if mono is None:
+            return None
+        return self.created_wall_ms / 1000 + (mono - self.created_mono)
+
+    def timing(self, now: float) -> dict[str, Any]:
+        """This task's entry in the record of timings (epoch seconds; None: not yet)."""
+        state = self.state(now)
+        ended = None
+        if self.outcome is not None and state in ("success", "failed"):
+            ended = self.outcome.at
+        return {
+            "task_id": self.task_id,
+            "prompt": self.request.prompt,
+            "state": state,
+            "created": self.wall_s(self.created_mono),
+            "started": self.wall_s(self.start_at),
+            "ended": self.wall_s(ended),
+            "generation_s": None if ended is None else ended - self.created_mono,
+            "cost_ms": self.cost_ms,
+            "reported": self.wall_s(self.reported_at),
+            "reported_via": self.reported_via,
+            "notice_lag_s": (
+                None if ended is None or self.reported_at is None else self.reported_at - ended
+            ),
+            "downloaded": self.wall_s(self.downloaded_at),
+        }
 
 
 def format_retry_after(seconds: float) -> str:
@@ -188,8 +222,11 @@ class EmulatorState:
                 planned = flaky
             self._flaky_seen.add(request.input_key)
 
-            spread = 1 + self.task_rng.uniform(-c.processing_spread, c.processing_spread)
-            processing = c.processing_s * spread
+            if c.processing_distribution == "lognormal":
+                processing = c.processing_s * math.exp(self.task_rng.gauss(0, c.processing_sigma))
+            else:
+                spread = 1 + self.task_rng.uniform(-c.processing_spread, c.processing_spread)
+                processing = c.processing_s * spread
             start = now + c.scaled(c.queue_s)
             task = Task(
                 task_id="task_" + secrets.token_hex(16),
@@ -263,13 +300,30 @@ class EmulatorState:
             if task is None:
                 return None
             self.stats_data.status_reads[task_id] += 1
-            return self.status_data(task)
+            data = self.status_data(task)
+            if data["state"] in ("success", "failed"):
+                self._note_reported(task, "status")
+            return data
+
+    def _note_reported(self, task: Task, via: Literal["status", "callback"]) -> None:
+        """Record the first answer that told the client the task ended (hold the lock)."""
+        if task.reported_at is None:
+            task.reported_at = self.now()
+            task.reported_via = via
+
+    def note_callback_delivered(self, task: Task) -> None:
+        """A callback carrying the task's end was accepted by the receiver."""
+        with self.lock:
+            self._note_reported(task, "callback")
 
     def video_for_download(self, task_id: str) -> Path | None:
         with self.lock:
             task = self.tasks.get(task_id)
-            if task is None or task.state(self.now()) != "success" or task.outcome is None:
+            now = self.now()
+            if task is None or task.state(now) != "success" or task.outcome is None:
                 return None
+            if task.downloaded_at is None:
+                task.downloaded_at = now
             return task.outcome.video
 
     # --- counters -----------------------------------------------------------------------------
@@ -285,6 +339,26 @@ class EmulatorState:
         """Zero every counter (tasks, balance and the flaky memory stay)."""
         with self.lock:
             self.stats_data = Stats()
+
+    def timings(self) -> dict[str, Any]:
+        """The record of task timings: per task (in submission order) when it was created,
+        started, ended, was first reported ended (by a status read or a callback delivery) and
+        first downloaded, as epoch seconds; `notice_lag_s` = reported - ended."""
+        with self.lock:
+            now = self.now()
+            c = self.config
+            return {
+                "time_scale": c.time_scale,
+                "concurrency": c.concurrency,
+                "processing_distribution": c.processing_distribution,
+                "processing_s": c.processing_s,
+                "processing_sigma": c.processing_sigma,
+                "processing_spread": c.processing_spread,
+                "queue_s": c.queue_s,
+                "rejected_429": self.stats_data.rejected["429"],
+                "peak_in_flight": self.stats_data.peak_in_flight,
+                "tasks": [t.timing(now) for t in self.tasks.values()],
+            }
 
     def stats(self) -> dict[str, Any]:
         with self.lock:

@@ -182,4 +182,7 @@ class Worker:
         except httpx.HTTPError as exc:
             log.info("callback for %s failed: %s", task.task_id, type(exc).__name__)
             return False
-        return resp.status_code == 200
+        if resp.status_code != 200:
+            return False
+        self.state.note_callback_delivered(task)
+        return True
