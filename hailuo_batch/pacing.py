@@ -758,3 +758,55 @@ class ItemPacer:
     def _sent(self) -> None:
         self.reads += 1
         self.last_read = self.elapsed()
+
+
+class RecorderLag:
+    """Back-pressure from the orchestrator's record keeping (asyncio, Prefect-free).
+
+    A run counts the task runs it finished (`finished`), and a background job reports how many
+    of them the orchestrator has recorded as finished (`recorded`). While the difference passes
+    `max_lag`, new items wait (`wait_ready`) and the items in flight go on: a run never gets so
+    far ahead of the server that the server's event queue overflows and drops task runs. It
+    costs time only when the server is the bottleneck; `waited_s` says how much.
+    """
+
+    def __init__(self, max_lag: int, *, clock: Clock = time.monotonic) -> None:
+        if max_lag < 1:
+            raise ValueError("max_lag must be at least 1")
+        self.max_lag = max_lag
+        self.clock = clock
+        self.finished = 0
+        self.recorded = 0
+        self.waited_s = 0.0
+        self.worst_lag = 0
+        self._ready = asyncio.Event()
+        self._ready.set()
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.finished - self.recorded)
+
+    def task_finished(self, n: int = 1) -> None:
+        """`n` more task runs of this run ended on this side."""
+        self.finished += n
+        self._update()
+
+    def recorded_now(self, recorded: int) -> None:
+        """The orchestrator reports `recorded` finished task runs for this run."""
+        self.recorded = max(self.recorded, recorded)
+        self._update()
+
+    def _update(self) -> None:
+        self.worst_lag = max(self.worst_lag, self.lag)
+        if self.lag > self.max_lag:
+            self._ready.clear()
+        else:
+            self._ready.set()
+
+    async def wait_ready(self) -> None:
+        """Return once the orchestrator is within `max_lag` task runs of this run."""
+        if self._ready.is_set():
+            return
+        started = self.clock()
+        await self._ready.wait()
+        self.waited_s += self.clock() - started

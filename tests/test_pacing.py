@@ -677,3 +677,52 @@ def test_board_ignores_garbage_observations():
         return board.observe(None), board.observe(-1.0), board.observe(12.0), board.stats.count
 
     assert asyncio.run(main()) == (False, False, True, 1)
+
+
+# --- RecorderLag: back-pressure from the orchestrator ----------------------------------------
+
+
+def test_recorder_lag_holds_new_items_while_the_server_is_behind_and_counts_the_wait() -> None:
+    from hailuo_batch.pacing import RecorderLag
+
+    async def scenario() -> tuple[list[str], RecorderLag]:
+        now = [0.0]
+        lag = RecorderLag(max_lag=3, clock=lambda: now[0])
+        order: list[str] = []
+        await lag.wait_ready()  # nothing finished: ready at once
+        lag.task_finished(4)  # 4 ended here, none recorded: too far ahead
+
+        async def item() -> None:
+            await lag.wait_ready()
+            order.append("item started")
+
+        waiting = asyncio.ensure_future(item())
+        await asyncio.sleep(0)
+        order.append("server catching up")
+        now[0] = 2.5
+        lag.recorded_now(1)  # lag 3: within bounds again
+        await waiting
+        lag.recorded_now(0)  # an older count never moves `recorded` back
+        return order, lag
+
+    order, lag = asyncio.run(scenario())
+    assert order == ["server catching up", "item started"]
+    assert (lag.lag, lag.worst_lag, lag.recorded, lag.waited_s) == (3, 4, 1, 2.5)
+
+
+@given(events=st.lists(st.tuples(st.booleans(), st.integers(0, 5)), max_size=60))
+def test_recorder_lag_property_ready_exactly_when_within_bounds(
+    events: list[tuple[bool, int]],
+) -> None:
+    from hailuo_batch.pacing import RecorderLag
+
+    lag = RecorderLag(max_lag=4)
+    recorded = 0
+    for finished, n in events:
+        if finished:
+            lag.task_finished(n)
+        else:
+            recorded = min(lag.finished, recorded + n)
+            lag.recorded_now(recorded)
+        assert lag._ready.is_set() == (lag.lag <= 4)
+        assert lag.worst_lag >= lag.lag >= 0
