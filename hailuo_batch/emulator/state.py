@@ -62,6 +62,8 @@ class Task:
     # the task ended, and its first result download
     reported_at: float | None = None
     reported_via: Literal["status", "callback"] | None = None
+    read_end_at: float | None = None  # the first status read that reported the end
+    delivered_at: float | None = None  # the first callback delivery accepted
     downloaded_at: float | None = None
 
     def state(self, now: float) -> State:
@@ -104,6 +106,8 @@ class Task:
             "notice_lag_s": (
                 None if ended is None or self.reported_at is None else self.reported_at - ended
             ),
+            "read_end": self.wall_s(self.read_end_at),
+            "delivered": self.wall_s(self.delivered_at),
             "downloaded": self.wall_s(self.downloaded_at),
         }
 
@@ -307,9 +311,14 @@ class EmulatorState:
 
     def _note_reported(self, task: Task, via: Literal["status", "callback"]) -> None:
         """Record the first answer that told the client the task ended (hold the lock)."""
+        now = self.now()
         if task.reported_at is None:
-            task.reported_at = self.now()
+            task.reported_at = now
             task.reported_via = via
+        if via == "status" and task.read_end_at is None:
+            task.read_end_at = now
+        if via == "callback" and task.delivered_at is None:
+            task.delivered_at = now
 
     def note_callback_delivered(self, task: Task) -> None:
         """A callback carrying the task's end was accepted by the receiver."""
@@ -342,8 +351,9 @@ class EmulatorState:
 
     def timings(self) -> dict[str, Any]:
         """The record of task timings: per task (in submission order) when it was created,
-        started, ended, was first reported ended (by a status read or a callback delivery) and
-        first downloaded, as epoch seconds; `notice_lag_s` = reported - ended."""
+        started, ended, was first reported ended (`reported`: by a status read or a callback
+        delivery, whichever came first; `read_end` and `delivered`: by each) and first
+        downloaded, as epoch seconds; `notice_lag_s` = reported - ended."""
         with self.lock:
             now = self.now()
             c = self.config

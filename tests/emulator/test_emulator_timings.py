@@ -108,10 +108,12 @@ def test_timings_record_the_first_read_that_reports_the_end(make_emulator: Any) 
     assert seen["ended"] == pytest.approx(data["completeTime"] / 1000, abs=0.002)
     assert seen["cost_ms"] == data["costTime"]
     assert seen["reported"] < seen["downloaded"]
+    assert seen["read_end"] == seen["reported"] and seen["delivered"] is None
     unread = tasks[unread_task]
     assert unread["state"] == "success" and unread["ended"] is not None
     assert unread["reported"] is None and unread["notice_lag_s"] is None
     assert unread["reported_via"] is None and unread["downloaded"] is None
+    assert unread["read_end"] is None and unread["delivered"] is None
     assert emu.timings()["tasks"][-1]["task_id"] == unread_task
 
 
@@ -128,6 +130,7 @@ def test_a_callback_delivery_is_a_report(make_emulator: Any, hook: Receiver) -> 
     (entry,) = [t for t in emu.timings()["tasks"] if t["task_id"] == task_id]
     assert entry["reported_via"] == "callback"
     assert 0 <= entry["notice_lag_s"] < 1.0
+    assert entry["delivered"] == entry["reported"] < entry["read_end"]  # the read came later
 
 
 def test_a_refused_delivery_is_no_report(make_emulator: Any, hook: Receiver) -> None:
@@ -142,6 +145,7 @@ def test_a_refused_delivery_is_no_report(make_emulator: Any, hook: Receiver) -> 
         time.sleep(0.05)
     (entry,) = [t for t in emu.timings()["tasks"] if t["task_id"] == task_id]
     assert entry["ended"] is not None and entry["reported"] is None
+    assert entry["delivered"] is None
 
 
 def test_the_record_is_written_to_a_file_when_the_emulator_stops(
