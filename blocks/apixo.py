@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from prefect.blocks.abstract import CredentialsBlock
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from hailuo_batch.settings import DEFAULT_BASE_URL
+from hailuo_batch.apixo import DEFAULT_BASE_URL, ApixoClient
+from hailuo_batch.settings import Settings, check_output_url, get_settings
+from hailuo_batch.storage import OutputStore
 
 
-class ApixoCredentials(Block):
+class ApixoCredentials(CredentialsBlock):
     """apixo API credentials. The key is stored encrypted by Prefect and never shown."""
 
     _block_type_name = "apixo Credentials"
@@ -20,6 +25,12 @@ class ApixoCredentials(Block):
         default=DEFAULT_BASE_URL,
         description="API base URL. Point it at `hailuo-batch emulator` for local runs.",
     )
+
+    def get_client(self, settings: Settings | None = None, **kwargs: Any) -> ApixoClient:
+        """An apixo client with this key and base URL, and the timeouts and retry bounds of
+        `settings` (default: the environment's). `kwargs` go to `ApixoClient`."""
+        settings = settings or get_settings()
+        return settings.apixo_client(api_key=self.api_key, base_url=self.base_url, **kwargs)
 
 
 class OutputStorage(Block):
@@ -42,11 +53,16 @@ class OutputStorage(Block):
     )
     region: str | None = Field(default=None, description="S3 region, when the store needs one.")
 
-    def storage_options(self) -> dict[str, object]:
+    def get_store(self, url: str | None = None) -> OutputStore:
+        """The output store at `url` (default: this block's URL) with this block's S3 options.
+        A URL that is not a usable output raises `BadSettingError`."""
+        return OutputStore(check_output_url(url or self.url), self.storage_options() or None)
+
+    def storage_options(self) -> dict[str, Any]:
         """fsspec/s3fs options for this location (empty for local paths)."""
         if not self.url.startswith("s3://"):
             return {}
-        opts: dict[str, object] = {}
+        opts: dict[str, Any] = {}
         if self.access_key_id:
             opts["key"] = self.access_key_id
         if self.secret_access_key:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import fsspec
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.states import Completed, Failed, State
-from pydantic import Field
 
-from flows.batch import generate_videos, resolve_output
+from flows.batch import generate_videos
+from flows.runtime import blocking, open_store
 from hailuo_batch.apixo import Mode, Provider
+from hailuo_batch.options import BatchOptions, RunOptions
 from hailuo_batch.rerun import (
     DEFAULT_RERUN_STATUSES,
     output_of_results,
@@ -22,7 +23,6 @@ from hailuo_batch.rerun import (
 )
 from hailuo_batch.results import ItemStatus, from_jsonl
 from hailuo_batch.settings import get_settings
-from hailuo_batch.storage import OutputStore
 
 
 def run_id_of_results(results_url: str) -> str:
@@ -58,13 +58,8 @@ async def rerun_failed(
     duration: Literal[6, 10] | None = None,
     provider: Provider | None = None,
     prompt_suffix: str | None = None,
-    output: str | None = None,
-    concurrency: Annotated[int, Field(ge=1, le=500)] = 10,
-    max_cost_usd: Annotated[float | None, Field(ge=0)] = None,
-    credentials_block: str | None = None,
-    storage_block: str | None = None,
     resubmit_lost: bool = False,
-    dry_run: bool = False,
+    options: RunOptions = RunOptions(),  # frozen: one shared default is safe
 ) -> Any:
     """Rerun the matching items of a previous run into the same output, linked to it.
 
@@ -73,27 +68,21 @@ async def rerun_failed(
         statuses: Rerun items with these statuses. `skipped` (content violations) only when named.
         fail_codes: Only items with one of these failCodes.
         ids: Only these item ids.
-        mode: Override the mode.
+        mode: Override the mode of every rerun item (else each keeps its own).
         duration: Override the duration (standard mode).
         provider: Override the provider.
         prompt_suffix: Text appended to every prompt.
-        output: Output location (default: the one of `results`).
-        concurrency: Items in flight at once.
-        max_cost_usd: Stop submitting past this estimated spend.
-        credentials_block: Name of an ApixoCredentials block.
-        storage_block: Name of an OutputStorage block: its storage options reach the results
-            file and the output (the output is still, by default, the one of `results`).
         resubmit_lost: Pay for a new task for items whose task the provider lost (TASK_NOT_FOUND,
             POLL_TIMEOUT); they are reported as possible duplicate charges. Without it such
             items are only read again.
-        dry_run: Show the selection and what submitting it would cost; submit nothing.
+        options: How the rerun runs, as for generate-videos (output: by default the one of
+            `results`; a storage block's S3 options also reach the results file).
     """
     logger = get_run_logger()
-    out, storage_options = await resolve_output(
-        output or output_of_results(results), storage_block, get_settings()
+    store = await open_store(
+        options.output or output_of_results(results), options.storage_block, get_settings()
     )
-    with fsspec.open(results, "rt", encoding="utf-8", **storage_options) as fh:
-        previous = from_jsonl(fh.read())
+    previous = await blocking(_read_results, results, store.storage_options)
     chosen, left_out = select_for_rerun(previous, statuses=statuses, fail_codes=fail_codes, ids=ids)
     for why in left_out:
         logger.warning("not rerun: %s", why)
@@ -102,13 +91,12 @@ async def rerun_failed(
         rerun_row(r, mode=mode, duration=duration, provider=provider, prompt_suffix=prompt_suffix)
         for r in chosen
     ]
-    store = OutputStore(out, storage_options or None)
     key = f"reruns/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-manifest.jsonl"
-    store.write_text_atomic(key, to_manifest_jsonl(rows))
+    await blocking(store.write_text_atomic, key, to_manifest_jsonl(rows))
     selection_md = (
-        f"# {'dry run of a ' if dry_run else ''}rerun of `{results}`\n\n{len(chosen)} items "
-        f"selected (statuses {', '.join(map(str, statuses))}); manifest `{store.url_for(key)}`.\n"
-        + "".join(f"\n- not rerun: {w}" for w in left_out)
+        f"# {'dry run of a ' if options.dry_run else ''}rerun of `{results}`\n\n{len(chosen)} "
+        f"items selected (statuses {', '.join(map(str, statuses))}); manifest "
+        f"`{store.url_for(key)}`.\n" + "".join(f"\n- not rerun: {w}" for w in left_out)
     )
     if not rows:
         logger.info("nothing to rerun")
@@ -120,12 +108,7 @@ async def rerun_failed(
     child = generate_videos.with_options(flow_run_name=f"rerun-{run_id_of_results(results)}")
     state = await child(
         manifest=store.url_for(key),
-        output=out,
-        concurrency=concurrency,
-        dry_run=dry_run,
-        max_cost_usd=max_cost_usd,
-        credentials_block=credentials_block,
-        storage_block=storage_block,
+        options=BatchOptions(**{**options.model_dump(), "output": store.url}),
         force=True,
         resubmit_lost=resubmit_lost,
         rerun_of=results,
@@ -141,3 +124,8 @@ async def rerun_failed(
             return summary
         return Completed(name=state.name, message=state.message, data=summary)
     return Failed(name=state.name, message=state.message, data=summary)
+
+
+def _read_results(url: str, storage_options: dict[str, Any]) -> list[Any]:
+    with fsspec.open(url, "rt", encoding="utf-8", **storage_options) as fh:
+        return from_jsonl(fh.read())

@@ -1,10 +1,11 @@
-"""Prefect tasks: each one verb-named step with one side effect.
+"""The Prefect tasks of an item's life and the run's API calls, named after their functions.
 
 Tasks return typed outcomes (`Submitted`, `Polled`, `Stored`, `Balance`, a `ManifestError`)
 instead of raising for expected fates: a refused POST or a video that is not an MP4 is not a
-crash, and Prefect prints a traceback for every task that raises. Blocking library calls (the
-sync apixo client, fsspec) run in worker threads under a capacity limiter, so the flow's event
-loop keeps many items in flight without a thread per wait.
+crash, and Prefect prints a traceback for every task that raises. They take only small
+parameters (items, ids, URLs) and reach the run's client and store through `runtime()`.
+Blocking calls run in worker threads (`Runtime.blocking`), so the flow's event loop keeps many
+items in flight without a thread per wait.
 """
 
 from __future__ import annotations
@@ -13,17 +14,14 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
 
 import anyio
-import anyio.to_thread
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.runtime import Runtime, runtime
 from hailuo_batch.apixo import (
-    ApixoClient,
     ApixoError,
     AuthenticationError,
     GenerateRequest,
@@ -37,53 +35,20 @@ from hailuo_batch.apixo.errors import (
     NotAnEnvelopeError,
     UnexpectedResponseError,
 )
-from hailuo_batch.callbacks import CallbackStore
-from hailuo_batch.manifest import Manifest, ManifestError, ManifestItem, load_manifest
+from hailuo_batch.manifest import ItemDefaults, Manifest, ManifestError, ManifestItem, load_manifest
 from hailuo_batch.policy import PollSchedule
-from hailuo_batch.settings import Settings
 from hailuo_batch.steps import POLL_TIMEOUT, TASK_NOT_FOUND, TaskLost
-from hailuo_batch.storage import OutputStore, StoredObject
-from hailuo_batch.validation import Preflight, preflight
+from hailuo_batch.storage import StoredObject
 from hailuo_batch.video import verify_mp4
 
-T = TypeVar("T")
 
-
-@dataclass
-class Runtime:
-    """What every task of one flow run shares: settings, client, store and the thread limiter."""
-
-    settings: Settings
-    client: ApixoClient
-    store: OutputStore
-    storage_options: dict[str, Any]
-    limiter: anyio.CapacityLimiter
-    # callback mode: the secret callback URL (never a parameter, log line or result), the
-    # delivery store, and what the watcher has seen so far
-    callback_url: str | None = None
-    callbacks: CallbackStore | None = None
-    events: dict[str, asyncio.Event] = field(default_factory=dict)
-    delivered: dict[str, TaskStatus] = field(default_factory=dict)
-
-    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
-
-    def scrub(self, text: str) -> str:
-        """`text` without the API key, the callback token or any signed URL's signature."""
-        scrub = getattr(self.client, "scrub", None)
-        return scrub(text) if callable(scrub) else text
-
-    def log(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
-        """A run log line, scrubbed of secrets."""
-        get_run_logger().log(level, self.scrub(msg % args if args else msg))
-
-
-@task(name="read_manifest", cache_policy=NO_CACHE)
-async def read_manifest(rt: Runtime, url: str, defaults: Any) -> Manifest | ManifestError:
+@task(cache_policy=NO_CACHE)
+async def read_manifest(url: str, defaults: ItemDefaults) -> Manifest | ManifestError:
     """Read and parse the manifest; bad rows come back as errors, a bad file as its
     `ManifestError` (returned, not raised: the run ends with that one clean message)."""
+    rt = runtime()
     try:
-        manifest = await rt.blocking(load_manifest, url, defaults, rt.storage_options or None)
+        manifest = await rt.blocking(load_manifest, url, defaults, rt.store.storage_options or None)
     except ManifestError as exc:
         rt.log("manifest %s refused: %s", url, exc, level=logging.ERROR)
         return exc
@@ -97,33 +62,17 @@ async def read_manifest(rt: Runtime, url: str, defaults: Any) -> Manifest | Mani
     return manifest
 
 
-@task(name="validate_item", task_run_name="validate-{item.id}", cache_policy=NO_CACHE)
-async def validate_item(rt: Runtime, item: ManifestItem, stage: bool = True) -> Preflight:
-    """Check the image's bytes against the contract's rules, stage it, build the request.
-
-    `stage=False` (a dry run) checks without uploading local images to the store.
-    """
-    return await rt.blocking(
-        lambda: preflight(
-            item,
-            settings=rt.settings,
-            store=rt.store if stage else None,
-            storage_options=rt.storage_options or None,
-            output_is_local=rt.store.is_local,
-        )
-    )
-
-
 @dataclass
 class Submitted:
     task_id: str | None
     error: ApixoError | None = None
 
 
-@task(name="submit_item", task_run_name="submit-{item.id}", cache_policy=NO_CACHE)
-async def submit_item(rt: Runtime, item: ManifestItem, request: GenerateRequest) -> Submitted:
+@task(task_run_name="submit-{item.id}", cache_policy=NO_CACHE)
+async def submit_item(item: ManifestItem, request: GenerateRequest) -> Submitted:
     """POST one generation task. Exactly one POST per call; the client retries only what it
     can prove was not created, and reports an ambiguous outcome instead of paying twice."""
+    rt = runtime()
     if rt.callback_url is not None:
         request = request.model_copy(
             update={"request_type": RequestType.CALLBACK, "callback_url": rt.callback_url}
@@ -146,10 +95,8 @@ class Polled:
     error: Exception | None = None
 
 
-@task(name="poll_item", task_run_name="poll-{item.id}-{task_id}", cache_policy=NO_CACHE)
-async def poll_item(
-    rt: Runtime, item: ManifestItem, task_id: str, immediate: bool = False
-) -> Polled:
+@task(task_run_name="poll-{item.id}-{task_id}", cache_policy=NO_CACHE)
+async def poll_item(item: ManifestItem, task_id: str, immediate: bool = False) -> Polled:
     """Read the task's status on the provider's schedule until it ends or the deadline passes.
 
     `immediate` (a resumed task, already under way) reads at once instead of after the
@@ -158,6 +105,7 @@ async def poll_item(
     One task run per item with its own loop (not a Prefect retry per read), so a long batch
     does not flood Prefect's event stream with a state change for every status read.
     """
+    rt = runtime()
     s = rt.settings
     schedule = PollSchedule.from_settings(s)
     if rt.callbacks is not None:
@@ -269,10 +217,8 @@ class Stored:
     attempts: int = 1
 
 
-@task(name="store_video", task_run_name="store-{item.id}", cache_policy=NO_CACHE)
-async def store_video(
-    rt: Runtime, item: ManifestItem, result_url: str, key: str, sweep: bool = False
-) -> Stored:
+@task(task_run_name="store-{item.id}", cache_policy=NO_CACHE)
+async def store_video(item: ManifestItem, result_url: str, key: str, sweep: bool = False) -> Stored:
     """Stream the result into `key`: verified length, a real MP4 that decodes, never partial.
 
     `sweep` (an item resumed from an earlier run) first removes the temporaries a killed
@@ -282,6 +228,7 @@ async def store_video(
     unverified is ever visible under `key`). An expected fate is returned, not raised: the
     item's result says why, without a traceback in the log.
     """
+    rt = runtime()
 
     def _copy() -> StoredObject:
         if sweep and rt.store.remove_temp_files(key):  # a killed run's half-written temp file
@@ -322,9 +269,10 @@ class Balance:
     error: ApixoError | None = None
 
 
-@task(name="read_balance", cache_policy=NO_CACHE)
-async def read_balance(rt: Runtime) -> Balance:
+@task(cache_policy=NO_CACHE)
+async def read_balance() -> Balance:
     """Read the account balance; other API errors leave it unknown, with a warning."""
+    rt = runtime()
     try:
         return Balance(await rt.blocking(rt.client.get_balance))
     except (AuthenticationError, ApixoTransportError) as exc:

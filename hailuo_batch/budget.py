@@ -88,3 +88,42 @@ def cap_for_balance(
             "to submit what fits"
         )
     return balance_usd if max_cost_usd is None else min(max_cost_usd, balance_usd)
+
+
+def apply_balance(
+    budget: Budget,
+    estimate_usd: float,
+    balance_usd: float | None,
+    error: Exception | None = None,
+    *,
+    fit_to_balance: bool,
+    api_url: str,
+) -> str | None:
+    """The balance policy applied to the run's budget, before the first payment.
+
+    `error` is what reading the balance raised: a 401 stops the run (`Stop.AUTH`), an API that
+    did not answer stops it (`Stop.UNREACHABLE`); other errors are left out by the caller (the
+    balance is then unknown). Then `cap_for_balance` sets the cap, and raises
+    `InsufficientBalance` for a batch the balance cannot pay. Returns a warning to log when the
+    cap came down to what the balance holds.
+    """
+    from hailuo_batch.apixo import AuthenticationError
+    from hailuo_batch.steps import AUTH_FAILED
+
+    if isinstance(error, AuthenticationError):
+        budget.stop(Stop.AUTH, f"{AUTH_FAILED}: {error}")
+        return None
+    if error is not None:
+        budget.stop(
+            Stop.UNREACHABLE,
+            f"the apixo API at {api_url} did not answer ({error}); nothing was submitted: "
+            "check APIXO_BASE_URL and the network, then run again",
+        )
+        return None
+    cap = cap_for_balance(
+        estimate_usd, balance_usd, fit_to_balance=fit_to_balance, max_cost_usd=budget.cap_usd
+    )
+    if cap == budget.cap_usd:
+        return None
+    budget.cap_usd = cap
+    return f"balance ${balance_usd:.2f} < estimate ${estimate_usd:.2f}: submitting what fits"

@@ -13,9 +13,11 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
 import sys
+import typing
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -61,45 +63,105 @@ public HTTPS:
 """
 
 
-def _add_item_defaults(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--mode",
-        choices=["standard", "pro"],
-        default="standard",
-        help="mode for rows without one (default: standard, 768p, billed per second)",
-    )
-    p.add_argument(
-        "--duration",
-        type=int,
-        choices=[6, 10],
-        default=6,
-        help="clip length in seconds for standard rows without one (default: 6)",
-    )
-    p.add_argument(
-        "--provider",
-        choices=["auto", "value", "official"],
-        default="auto",
-        help="provider routing for rows without one (default: auto)",
-    )
+#: flag spellings that differ from `--field-name`
+FLAGS = {"output": ("--output", "-o"), "max_cost_usd": ("--max-cost", "--max-cost-usd")}
+ROW_DEFAULTS = ("mode", "duration", "provider")
 
 
-def _statuses() -> list[Any]:
-    from hailuo_batch.results import ItemStatus
+def add_options(
+    p: argparse.ArgumentParser, model: Any, *, only: tuple[str, ...] | None = None
+) -> None:
+    """One flag per field of the options `model` (`hailuo_batch.options`): its type, choices,
+    bounds and help come from the field. Flags left out stay None and the model's default
+    applies (`options_from`)."""
+    for name, info in model.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        flags = FLAGS.get(name, (f"--{name.replace('_', '-')}",))
+        kw: dict[str, Any] = {"dest": name, "default": None, "help": _help(info)}
+        if name in _METAVARS:
+            kw["metavar"] = _METAVARS[name]
+        kind = _scalar_type(info.annotation)
+        if kind is bool:
+            kw.update(action="store_true", default=False)
+            kw.pop("metavar", None)
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+            kw["choices"] = _aliases().get(name, [e.value for e in kind])
+        elif isinstance(kind, tuple):  # a Literal
+            kw.update(type=type(kind[0]), choices=list(kind))
+        elif kind in (int, float):
+            kw.update(type=_checker(name, kind, info), metavar=_METAVARS.get(name, "N"))
+        p.add_argument(*flags, **kw)
 
-    return list(ItemStatus)
+
+def options_from(args: argparse.Namespace, model: Any) -> Any:
+    """The options `model` from the flags given (the model's defaults for the others)."""
+    given = {n: getattr(args, n) for n in model.model_fields if hasattr(args, n)}
+    return model(**{n: v for n, v in given.items() if v is not None})
 
 
-def _add_money_guards(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--max-cost",
-        type=_usd,
-        default=None,
-        metavar="USD",
-        help="stop submitting once the estimated spend would pass USD",
-    )
+def _aliases() -> dict[str, list[str]]:
+    from hailuo_batch.manifest import MODE_ALIASES
+
+    return {"mode": list(MODE_ALIASES)}
+
+
+_METAVARS = {
+    "max_cost_usd": "USD",
+    "max_failure_share": "0..1",
+    "output": "URL",
+    "credentials_block": "NAME",
+    "storage_block": "NAME",
+    "mode": "{standard,pro}",
+}
+
+
+def _help(info: Any) -> str:
+    text = str(info.description or "").rstrip(".")
+    default = info.default
+    if default not in (None, False):
+        text += f" (default: {getattr(default, 'value', default)})"
+    return text.replace("%", "%%")
+
+
+def _scalar_type(annotation: Any) -> Any:
+    """bool, int, float, str, an Enum class, or a Literal's values (as a tuple); None dropped."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return _scalar_type(args[0]) if args else annotation
+
+
+def _checker(name: str, kind: type, info: Any) -> Any:
+    """argparse `type=` for a bounded number: a clean 'is not ...' message (exit 2)."""
+    lo = next((m.ge for m in info.metadata if getattr(m, "ge", None) is not None), None)
+    hi = next((m.le for m in info.metadata if getattr(m, "le", None) is not None), None)
+    if kind is int:
+        what = f"a whole number from {lo} to {hi}"
+    elif (lo, hi) == (0, 1):
+        what = "a share from 0 to 1 (e.g. 0.2)"
+    elif name.endswith("_usd"):
+        what = f"an amount of USD ({lo:g} or more, e.g. 25)"
+    else:
+        what = f"a number ({lo:g} or more)"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        ok = value is not None and value == value and abs(value) != float("inf")
+        if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hailuo_batch.options import BatchOptions, RunOptions
+    from hailuo_batch.results import ItemStatus
+
     parser = argparse.ArgumentParser(
         prog="hailuo-batch",
         description="Turn a manifest of images and prompts into videos with apixo hailuo-2-3-fast.",
@@ -114,47 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the generate-videos flow on MANIFEST and store the videos under --output.",
     )
     p.add_argument("manifest", help="CSV, JSONL or JSON manifest: a path or fsspec URL (s3://...)")
-    p.add_argument(
-        "--output",
-        "-o",
-        default=None,
-        help="output path or URL (default: HAILUO_OUTPUT or ./output)",
-    )
-    _add_item_defaults(p)
-    p.add_argument(
-        "--concurrency",
-        type=_concurrency,
-        default=10,
-        help="most items in flight at once, 1 to 500 (default: 10; the run finds the "
-        "provider's real limit below it)",
-    )
-    p.add_argument(
-        "--request-type",
-        choices=["async", "callback"],
-        default="async",
-        help="async: poll every task (default). callback: the provider POSTs results to "
-        "`hailuo-batch receiver` (needs HAILUO_CALLBACK_URL, _TOKEN, _STORE); a slow poll "
-        "recovers lost callbacks",
-    )
-    p.add_argument(
-        "--dry-run", action="store_true", help="validate and estimate cost; submit nothing"
-    )
-    p.add_argument("--credentials-block", help="name of an ApixoCredentials block")
-    p.add_argument("--storage-block", help="name of an OutputStorage block")
-    _add_money_guards(p)
-    p.add_argument(
-        "--fit-to-balance",
-        action="store_true",
-        help="if the batch costs more than the balance, submit what fits (default: fail first)",
-    )
-    p.add_argument(
-        "--max-failure-share",
-        type=_share,
-        default=None,
-        metavar="0..1",
-        help="end the run Failed (exit 1) when more than this share of items did not succeed "
-        "(default: only when none succeeded)",
-    )
+    add_options(p, BatchOptions)
     p.add_argument(
         "--quiet", "-q", action="store_true", help="print only the final summary (and errors)"
     )
@@ -170,39 +192,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--status",
         action="append",
-        choices=[s.value for s in _statuses()],
+        choices=[s.value for s in ItemStatus],
         help="status to rerun (repeatable; default: failed, not_submitted, uncertain)",
     )
     r.add_argument("--fail-code", action="append", help="only this failCode (repeatable)")
     r.add_argument("--id", action="append", dest="ids", help="only this item id (repeatable)")
-    r.add_argument("--mode", choices=["standard", "pro"], help="override the mode")
+    r.add_argument(
+        "--mode", choices=_aliases()["mode"], metavar="{standard,pro}", help="override the mode"
+    )
     r.add_argument("--duration", type=int, choices=[6, 10], help="override the duration")
     r.add_argument("--provider", choices=["auto", "value", "official"], help="override provider")
     r.add_argument("--prompt-suffix", help="text appended to every prompt")
-    r.add_argument("--output", "-o", help="output (default: the one the results file is in)")
-    r.add_argument(
-        "--concurrency",
-        type=_concurrency,
-        default=10,
-        help="items in flight, 1 to 500 (default: 10)",
-    )
-    r.add_argument("--credentials-block", help="name of an ApixoCredentials block")
-    r.add_argument(
-        "--storage-block",
-        help="name of an OutputStorage block (its S3 options reach the results file and output)",
-    )
-    r.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="show the selection and what submitting it would cost; submit nothing",
-    )
     r.add_argument(
         "--resubmit-lost",
         action="store_true",
         help="pay for a new task for items whose task the provider lost (TASK_NOT_FOUND, "
         "POLL_TIMEOUT); reported as possible duplicate charges (default: read them again)",
     )
-    _add_money_guards(r)
+    add_options(r, RunOptions)
     r.add_argument(
         "--quiet", "-q", action="store_true", help="print only the final summary (and errors)"
     )
@@ -220,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the output the run will use (default: HAILUO_OUTPUT or ./output); local image "
         "paths need an s3:// output",
     )
-    _add_item_defaults(v)
+    add_options(v, BatchOptions, only=ROW_DEFAULTS)
     v.add_argument("--json", action="store_true", help="print a JSON report instead of text")
 
     e = sub.add_parser(
@@ -272,19 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _mode(name: str) -> Any:
-    from hailuo_batch.apixo import Mode
-
-    return Mode.PRO if name == "pro" else Mode.STANDARD
-
-
 def _defaults(args: argparse.Namespace) -> Any:
-    from hailuo_batch.apixo import Provider
-    from hailuo_batch.manifest import ItemDefaults
+    from hailuo_batch.options import BatchOptions
 
-    return ItemDefaults(
-        mode=_mode(args.mode), duration=args.duration, provider=Provider(args.provider)
-    )
+    return options_from(args, BatchOptions).item_defaults()
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -469,73 +467,36 @@ def _prepare_prefect(quiet: bool) -> None:
     print(TEMPORARY_SERVER_NOTE, file=sys.stderr)
 
 
-def _usd(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value >= 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of USD (0 or more, e.g. 25)")
-    return value
-
-
-def _concurrency(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 500:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to 500")
-    return value
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a share from 0 to 1 (e.g. 0.2)")
-    return value
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    output = _check_output(args.output, args.storage_block)
-    if _missing_api_key(args.credentials_block):
+    from hailuo_batch.options import BatchOptions
+
+    options = options_from(args, BatchOptions)
+    output = _check_output(options.output, options.storage_block)
+    if _missing_api_key(options.credentials_block):
         return 2
     _prepare_prefect(args.quiet)
 
     from flows.batch import generate_videos
-    from hailuo_batch.apixo import RequestType
 
-    defaults = _defaults(args)
     return _run_with_progress(
         generate_videos,
         args.quiet,
         manifest=args.manifest,
-        output=output,
-        mode=defaults.mode,
-        duration=defaults.duration,
-        provider=defaults.provider,
-        concurrency=args.concurrency,
-        request_type=RequestType(args.request_type),
-        dry_run=args.dry_run,
-        credentials_block=args.credentials_block,
-        storage_block=args.storage_block,
-        max_cost_usd=args.max_cost,
-        fit_to_balance=args.fit_to_balance,
-        max_failure_share=args.max_failure_share,
+        options=options.model_copy(update={"output": output}),
     )
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    output = None if args.output is None else _check_output(args.output, None)
-    if _missing_api_key(args.credentials_block):
+    from hailuo_batch.options import RunOptions
+
+    options = options_from(args, RunOptions)
+    output = None if options.output is None else _check_output(options.output, None)
+    if _missing_api_key(options.credentials_block):
         return 2
     _prepare_prefect(args.quiet)
 
     from flows.rerun import rerun_failed
-    from hailuo_batch.apixo import Provider
+    from hailuo_batch.manifest import MODE_ALIASES
     from hailuo_batch.rerun import DEFAULT_RERUN_STATUSES
 
     return _run_with_progress(
@@ -545,17 +506,12 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         statuses=args.status or [s.value for s in DEFAULT_RERUN_STATUSES],
         fail_codes=args.fail_code,
         ids=args.ids,
-        mode=None if args.mode is None else _mode(args.mode),
+        mode=None if args.mode is None else MODE_ALIASES[args.mode],
         duration=args.duration,
-        provider=None if args.provider is None else Provider(args.provider),
+        provider=args.provider,
         prompt_suffix=args.prompt_suffix,
-        output=output,
-        concurrency=args.concurrency,
-        max_cost_usd=args.max_cost,
-        credentials_block=args.credentials_block,
-        storage_block=args.storage_block,
         resubmit_lost=args.resubmit_lost,
-        dry_run=args.dry_run,
+        options=options.model_copy(update={"output": output}),
     )
 
 

@@ -18,11 +18,12 @@ from functools import lru_cache
 from typing import Any, Literal
 
 import fsspec
+import httpx
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from hailuo_batch.apixo.client import DEFAULT_BASE_URL
+from hailuo_batch.apixo import DEFAULT_BASE_URL, ApixoClient, MissingAPIKeyError, RetryPolicy
 
 FailClass = Literal["content", "bad_input", "transient", "balance", "unknown"]
 ENV_PREFIX = "HAILUO_"
@@ -141,8 +142,9 @@ class Settings(BaseSettings):
         ge=1,
         le=50,
         description="Attempts per API call. Reads (status, balance, download) retry 429, 5xx and "
-        "transport errors; a submit retries only refusals that prove no task was created (429, "
-        "503, a connection that never reached the server).",
+        "transport errors; a submit retries only refusals that prove no task was created (503, "
+        "a connection that never reached the server, and 429 outside a run: a run's submits "
+        "hand their 429 to its concurrency limiter instead).",
     )
     retry_max_elapsed_s: float = Field(
         120.0, gt=0, description="Give up retrying one call after this many seconds in total."
@@ -231,6 +233,41 @@ class Settings(BaseSettings):
         gt=0,
         description="While a run goes, a new version of its item table artifact this often.",
     )
+
+    def retry_policy(self) -> RetryPolicy:
+        """The apixo client's bounds on retries of one call."""
+        return RetryPolicy(
+            max_attempts=self.retry_max_attempts,
+            max_elapsed_s=self.retry_max_elapsed_s,
+            base_s=self.retry_base_s,
+            max_s=self.retry_max_s,
+        )
+
+    def apixo_client(
+        self,
+        *,
+        api_key: SecretStr | None = None,
+        base_url: str | None = None,
+        **kwargs: Any,
+    ) -> ApixoClient:
+        """An apixo client with these timeouts and retry bounds; the key and base URL are
+        `api_key`/`base_url` when given (a credentials block's), else APIXO_API_KEY/_BASE_URL.
+        `kwargs` go to `ApixoClient` (transports, `retry_rate_limited_submits`, ...)."""
+        key = api_key if api_key is not None else self.apixo_api_key
+        if key is None or not key.get_secret_value().strip():
+            raise MissingAPIKeyError(
+                "no apixo API key: set APIXO_API_KEY or an ApixoCredentials block"
+            )
+        timeout = httpx.Timeout(
+            self.read_timeout_s, connect=self.connect_timeout_s, pool=self.connect_timeout_s
+        )
+        return ApixoClient(
+            key,
+            base_url or self.apixo_base_url,
+            timeout=timeout,
+            retry=self.retry_policy(),
+            **kwargs,
+        )
 
     @field_validator("output")
     @classmethod

@@ -418,11 +418,17 @@ class OutputStore:
                     aborted += 1
         return aborted
 
-    def list(self, prefix: str = "") -> list[str]:
-        """Keys under `prefix` (recursive, sorted, relative to the root; no temporary files)."""
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[str]:
+        """Keys under `prefix` (sorted, relative to the root; no temporary files), listed afresh
+        (other processes write here too). `recursive=False`: only objects directly under it."""
         base = self._path(prefix.strip("/")) if prefix.strip("/") else self.root
+        self.fs.invalidate_cache(base)
         try:
-            found = self.fs.find(base)
+            if recursive:
+                found = list(self.fs.find(base))
+            else:
+                entries = self.fs.ls(base, detail=True)
+                found = [e["name"] for e in entries if e.get("type") == "file"]
         except FileNotFoundError:
             return []
         keys = []
@@ -433,6 +439,20 @@ class OutputStore:
                 if not is_temporary(relative):
                     keys.append(relative)
         return sorted(keys)
+
+    def move(self, src: str, dst: str) -> None:
+        """Move `src` to `dst` (a rename locally, copy then delete on object stores);
+        FileNotFoundError when `src` is not there (another process moved it first)."""
+        target = self._path(dst)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        self.fs.mv(self._path(src), target)
+
+    def prune(self, prefix: str) -> None:
+        """Remove the local folder `prefix` if it is empty (object stores have no folders)."""
+        if self.is_local:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._path(prefix))
 
     def delete(self, key: str) -> None:
         """Remove `key`; a missing key is fine."""

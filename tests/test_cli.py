@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hailuo_batch.cli import build_parser, main
+from hailuo_batch.cli import build_parser, main, options_from
+from hailuo_batch.options import BatchOptions
 from hailuo_batch.settings import get_settings
 
 
@@ -40,14 +41,28 @@ def test_top_level_help_lists_commands_and_settings(capsys):
 
 def test_run_defaults_match_the_flow():
     args = build_parser().parse_args(["run", "m.csv"])
-    assert (args.mode, args.duration, args.provider, args.concurrency) == (
-        "standard",
+    options = options_from(args, BatchOptions)
+    assert (options.mode, options.duration, options.provider, options.concurrency) == (
+        "standard-image-to-video",
         6,
         "auto",
         10,
     )
-    assert args.request_type == "async" and args.max_cost is None and not args.dry_run
-    assert args.max_failure_share is None
+    assert options.request_type == "async" and options.max_cost_usd is None
+    assert not options.dry_run
+    assert options.max_failure_share is None
+    assert options == BatchOptions()  # the flow's own defaults
+
+
+def test_run_flags_are_the_options_fields():
+    args = build_parser().parse_args(
+        ["run", "m.csv", "--mode", "pro", "--max-cost", "2.5", "-o", "s3://b/p", "--dry-run"]
+    )
+    options = options_from(args, BatchOptions)
+    assert options.mode == "pro-image-to-video" and options.max_cost_usd == 2.5
+    assert options.output == "s3://b/p" and options.dry_run
+    flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions}
+    assert set(BatchOptions.model_fields) <= flags
 
 
 def test_failure_share_and_resubmit_lost_are_parsed_and_checked(capsys):

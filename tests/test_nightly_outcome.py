@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flows.nightly import nightly_outcome
+from hailuo_batch.inbox import nightly_outcome
 
 
 def _report(done: list[str], failed: list[str]) -> dict:

@@ -51,7 +51,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -66,7 +66,6 @@ from hailuo_batch.apixo.errors import (
     ApixoError,
     ApixoTransportError,
     MalformedAnswerError,
-    MissingAPIKeyError,
     NotAnEnvelopeError,
     RateLimitedError,
     ServerError,
@@ -81,9 +80,6 @@ from hailuo_batch.apixo.transport import (
     retry_call,
 )
 from hailuo_batch.secrets import Scrubber, ScrubbingFilter
-
-if TYPE_CHECKING:
-    from hailuo_batch.settings import Settings
 
 T = TypeVar("T")
 
@@ -307,39 +303,6 @@ class ApixoClient:
             timeout=self.timeout,
             transport=download_transport if download_transport is not None else transport,
             follow_redirects=True,
-        )
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: Settings,
-        *,
-        transport: httpx.BaseTransport | None = None,
-        download_transport: httpx.BaseTransport | None = None,
-        secrets: Iterable[str | SecretStr] = (),
-        sleep: Callable[[float], None] = time.sleep,
-        retry_rate_limited_submits: bool = True,
-    ) -> ApixoClient:
-        """Build a client from `Settings` (key, base URL, timeouts, retry policy)."""
-        if settings.apixo_api_key is None:
-            raise MissingAPIKeyError(
-                "no apixo API key: set APIXO_API_KEY or an ApixoCredentials block"
-            )
-        timeout = httpx.Timeout(
-            settings.read_timeout_s,
-            connect=settings.connect_timeout_s,
-            pool=settings.connect_timeout_s,
-        )
-        return cls(
-            settings.apixo_api_key,
-            settings.apixo_base_url,
-            timeout=timeout,
-            retry=RetryPolicy.from_settings(settings),
-            transport=transport,
-            download_transport=download_transport,
-            secrets=secrets,
-            sleep=sleep,
-            retry_rate_limited_submits=retry_rate_limited_submits,
         )
 
     # --- lifecycle ------------------------------------------------------------------------------

@@ -13,15 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import httpx
 from pydantic import SecretStr
 
 from hailuo_batch.apixo.errors import ApixoError, RateLimitedError
-
-if TYPE_CHECKING:
-    from hailuo_batch.settings import Settings
 
 logger = logging.getLogger("hailuo_batch.apixo")
 
@@ -43,15 +40,6 @@ class RetryPolicy:
             raise ValueError("max_attempts must be at least 1")
         if self.base_s <= 0 or self.max_s <= 0 or self.max_elapsed_s <= 0:
             raise ValueError("base_s, max_s and max_elapsed_s must be positive")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RetryPolicy:
-        return cls(
-            max_attempts=settings.retry_max_attempts,
-            max_elapsed_s=settings.retry_max_elapsed_s,
-            base_s=settings.retry_base_s,
-            max_s=settings.retry_max_s,
-        )
 
     def backoff(self, attempt: int) -> float:
         """The un-jittered delay after failed attempt number `attempt` (1-based)."""

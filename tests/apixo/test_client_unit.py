@@ -387,13 +387,13 @@ def test_download_interrupted_mid_body(make_client: MakeClient) -> None:
 
 def test_from_settings_requires_key() -> None:
     with pytest.raises(MissingAPIKeyError, match="APIXO_API_KEY or an ApixoCredentials block"):
-        ApixoClient.from_settings(Settings(apixo_api_key=None))
+        Settings(apixo_api_key=None).apixo_client()
 
 
 def test_from_settings_uses_key_and_base_url() -> None:
     script = Script(ok(4.5))
     settings = Settings(apixo_api_key=API_KEY, apixo_base_url="http://emu.local:9/")
-    with ApixoClient.from_settings(settings, transport=httpx.MockTransport(script)) as client:
+    with settings.apixo_client(transport=httpx.MockTransport(script)) as client:
         assert client.get_balance() == 4.5
         assert client.retry.max_attempts == settings.retry_max_attempts
     assert str(script.requests[0].url) == "http://emu.local:9/api/v1/apikeys/current-balance"
@@ -539,6 +539,6 @@ def test_status_read_rate_limited_carries_retry_after(make_client: MakeClient) -
 
 def test_missing_key_is_an_apixo_error_and_a_value_error() -> None:
     with pytest.raises(ApixoError) as ei:
-        ApixoClient.from_settings(Settings(apixo_api_key=None))
+        Settings(apixo_api_key=None).apixo_client()
     assert isinstance(ei.value, ValueError)
     assert isinstance(ei.value, MissingAPIKeyError)

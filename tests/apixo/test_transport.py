@@ -49,7 +49,7 @@ def test_delay_bounded_by_remaining_budget() -> None:
 
 def test_from_settings() -> None:
     s = Settings(retry_max_attempts=3, retry_max_elapsed_s=9.0, retry_base_s=0.5, retry_max_s=4.0)
-    assert RetryPolicy.from_settings(s) == RetryPolicy(3, 9.0, 0.5, 4.0, True)
+    assert s.retry_policy() == RetryPolicy(3, 9.0, 0.5, 4.0, True)
 
 
 @pytest.mark.parametrize(

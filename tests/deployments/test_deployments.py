@@ -148,23 +148,33 @@ def test_deploy_records_the_project_dir_from_the_environment(deployed: Deployed)
     assert API_KEY not in json.dumps(deployed.deployments)
 
 
+def options_form(schema: dict[str, Any], model: str = "BatchOptions") -> dict[str, Any]:
+    """The batch options' fields as the UI's run form gets them: one object parameter
+    `options` whose fields (types, choices, defaults, descriptions) sit in the definitions."""
+    assert schema["properties"]["options"]["$ref"] == f"#/definitions/{model}"
+    return dict(schema["definitions"][model]["properties"])
+
+
 @pytest.mark.parametrize("name", ["generate-videos", "nightly-batch"])
 def test_run_form_offers_choices_and_descriptions(deployed: Deployed, name: str) -> None:
     dep = deployed.deployments[name]
     schema = dep["parameter_openapi_schema"]
-    props, defs = schema["properties"], schema.get("definitions", {})
+    defs = schema.get("definitions", {})
+    props = options_form(schema)
     assert props["mode"]["$ref"] == "#/definitions/Mode" and defs["Mode"]["enum"] == MODES
     assert props["provider"]["$ref"] == "#/definitions/Provider"
     assert defs["Provider"]["enum"] == PROVIDERS
     assert props["duration"]["enum"] == [6, 10]
-    undescribed = sorted(p for p, spec in props.items() if not spec.get("description"))
-    assert not undescribed, (
-        f"{name}: parameters without a description in the UI: {undescribed}. Prefect 3.8 drops "
-        "Annotated[..., Field(description=...)] from the schema: describe every parameter in "
-        "the flow's Google 'Args:' docstring"
-    )
+    assert props["concurrency"]["default"] == 10 and props["concurrency"]["maximum"] == 500
+    for where, fields in (("parameters", schema["properties"]), ("options", props)):
+        undescribed = sorted(p for p, spec in fields.items() if not spec.get("description"))
+        assert not undescribed, (
+            f"{name}: {where} without a description in the UI: {undescribed}. Prefect 3.8 "
+            "drops Annotated[..., Field(description=...)] from the schema: describe every "
+            "parameter in the flow's Google 'Args:' docstring, every option in its Field"
+        )
     # the defaults prefect.yaml puts in the form are valid choices
-    params = dep["parameters"]
+    params = dep["parameters"]["options"]
     assert params["mode"] in MODES and params["provider"] in PROVIDERS
     assert params["duration"] in (6, 10) and params["credentials_block"] == "apixo"
 
@@ -172,10 +182,10 @@ def test_run_form_offers_choices_and_descriptions(deployed: Deployed, name: str)
 @pytest.mark.parametrize("name", ["generate-videos", "nightly-batch"])
 def test_run_form_offers_request_types(deployed: Deployed, name: str) -> None:
     schema = deployed.deployments[name]["parameter_openapi_schema"]
-    spec = schema["properties"]["request_type"]
+    spec = options_form(schema)["request_type"]
     assert spec["$ref"] == "#/definitions/RequestType"
     assert schema["definitions"]["RequestType"]["enum"] == ["async", "callback"]
-    assert deployed.deployments[name]["parameters"]["request_type"] == "async"
+    assert deployed.deployments[name]["parameters"]["options"]["request_type"] == "async"
 
 
 def test_nightly_runs_on_a_cron_schedule_in_a_set_time_zone(deployed: Deployed) -> None:
@@ -216,13 +226,15 @@ def test_the_server_schedules_the_nightly_runs(deployed: Deployed) -> None:
 
 def test_rerun_failed_is_deployed_with_a_described_form(deployed: Deployed) -> None:
     dep = deployed.deployments["rerun-failed"]
-    props = dep["parameter_openapi_schema"]["properties"]
+    schema = dep["parameter_openapi_schema"]
+    props = schema["properties"]
     assert props, "rerun-failed has no parameters in the UI"
-    undescribed = sorted(p for p, spec in props.items() if not spec.get("description"))
-    assert not undescribed, (
-        f"rerun-failed: parameters without a description: {undescribed} "
-        "(see test_run_form_offers_choices_and_descriptions)"
-    )
+    for fields in (props, options_form(schema, "RunOptions")):
+        undescribed = sorted(p for p, spec in fields.items() if not spec.get("description"))
+        assert not undescribed, (
+            f"rerun-failed: parameters without a description: {undescribed} "
+            "(see test_run_form_offers_choices_and_descriptions)"
+        )
 
 
 def test_generate_videos_runs_on_a_worker_from_the_ui_form(
@@ -237,9 +249,12 @@ def test_generate_videos_runs_on_a_worker_from_the_ui_form(
     form = {
         **dep["parameters"],
         "manifest": str(manifest),
-        "output": str(output),
-        "provider": "value",
-        "concurrency": 4,
+        "options": {
+            **dep["parameters"]["options"],
+            "output": str(output),
+            "provider": "value",
+            "concurrency": 4,
+        },
     }
     created = api_post(s, f"/deployments/{dep['id']}/create_flow_run", {"parameters": form})
     run = wait_final(s, created["id"], timeout=150)
@@ -275,6 +290,31 @@ def test_generate_videos_runs_on_a_worker_from_the_ui_form(
     # the provider-wide limit exists and every slot was given back
     gcl = api_get(s, "/v2/concurrency_limits/apixo")
     assert gcl["limit"] == 20 and gcl["active_slots"] == 0
+
+
+def test_deployment_run_takes_the_options_as_one_json_param(
+    deployed: Deployed, worker: Path, emulator: EmulatorHandle, tmp_path: Path
+) -> None:
+    """`prefect deployment run ... --param options='{...}'` (the README's command line)."""
+    s = deployed.server
+    manifest = tmp_path / "manifest.csv"
+    ids = write_manifest(manifest, emulator.base_url)
+    output = tmp_path / "store"
+    # the server checks the object against the schema: enum values as they are listed there
+    options = {"credentials_block": "apixo", "output": str(output), "mode": "pro-image-to-video"}
+    out = s.cli(
+        "deployment", "run", "generate-videos/generate-videos",
+        "--param", f"manifest={manifest}", "--param", f"options={json.dumps(options)}",
+    )  # fmt: skip
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", out)
+    assert run_id, out
+    run = wait_final(s, run_id.group(1), timeout=150)
+    assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{tail(worker)}"
+    assert run["parameters"]["options"] == options  # replaces the deployment's whole object
+    [results_file] = list((output / "runs").glob("*/results.jsonl"))
+    results = {r.id: r for r in from_jsonl(results_file.read_text())}
+    assert set(results) == set(ids)
+    assert {r.mode for r in results.values()} == {"pro-image-to-video"}
 
 
 def test_docker_and_kubernetes_job_templates_make_work_pools(deployed: Deployed) -> None:

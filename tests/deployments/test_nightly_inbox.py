@@ -16,11 +16,13 @@ import httpx
 import pytest
 from deploy_helpers import API_KEY, PrefectServer, prefect_api
 
-from flows.batch import generate_videos
-from flows.nightly import Inbox, nightly_batch
+from flows.batch import flow_parameters, generate_videos
+from flows.nightly import nightly_batch
 from hailuo_batch.emulator import EmulatorHandle
+from hailuo_batch.inbox import Inbox
 from hailuo_batch.results import from_jsonl
 from hailuo_batch.settings import get_settings
+from hailuo_batch.storage import OutputStore
 from tests.flows.flowkit import FAST_FLOW_ENV
 
 pytestmark = pytest.mark.slow  # real processes and servers: `make test-fast` skips it
@@ -42,7 +44,9 @@ def flow_env(
 
 def run_nightly(**params: Any) -> Any:
     async def _run() -> Any:
-        return await nightly_batch(**params, return_state=True)  # type: ignore[call-overload]
+        return await nightly_batch(  # type: ignore[call-overload]
+            **flow_parameters(nightly_batch, **params), return_state=True
+        )
 
     return asyncio.run(_run())
 
@@ -164,7 +168,7 @@ def inbox_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def test_a_manifest_is_claimed_by_one_run_only(inbox_url: str) -> None:
-    box = Inbox(inbox_url)
+    box = Inbox(OutputStore(inbox_url))
     box.store.write_text_atomic("m.csv", "image_url,prompt\nhttps://x/y.jpg,pan\n")
     winners: list[Any] = []
     start = threading.Barrier(6)
@@ -197,7 +201,7 @@ def test_a_manifest_is_claimed_by_one_run_only(inbox_url: str) -> None:
 
 
 def test_a_manifest_claimed_by_a_live_run_is_left_alone(inbox_url: str) -> None:
-    box = Inbox(inbox_url)
+    box = Inbox(OutputStore(inbox_url))
     box.store.write_text_atomic("m.csv", "image_url,prompt\n")
     box.store.write_text_atomic("processing/m.csv.claim", "other-run")
     assert box.claim("m.csv", "mine") is None

@@ -90,7 +90,8 @@ def test_a_run_name_typed_in_the_ui_is_kept(flow_env, emulator, tmp_path, images
     from flows.batch import generate_videos as flow
 
     m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
-    params = {"manifest": str(m), "output": str(tmp_path / "out"), "dry_run": True}
+    # as the UI's run form sends it: the batch options as one object
+    params = {"manifest": str(m), "options": {"output": str(tmp_path / "out"), "dry_run": True}}
 
     async def create(name: str | None):
         async with get_client() as client:

@@ -1,0 +1,177 @@
+"""The nightly inbox: manifests dropped in a folder or object-store prefix, each run once.
+
+Users drop manifests (`*.csv`, `*.jsonl`, `*.json`) at the inbox's top level (default
+`{output}/inbox/`). A nightly run:
+
+1. lists them, and claims each one before touching it: an exclusive claim marker
+   (`processing/{name}.claim`, created with an atomic create-if-absent: a hard link locally,
+   `If-None-Match: *` on S3), then a move to `processing/{claim}/{name}`. Two overlapping runs
+   never take the same file, and a file is never processed twice;
+2. checks the manifest (readable, required columns, at least one valid row); a manifest that
+   fails goes to `failed/{claim}/{name}` with `{name}.report.json` beside it, and costs nothing;
+3. runs it (the flow's job);
+4. moves it to `done/{claim}/{name}` with `{name}.run.json` (the run's id, results file,
+   counts), or to `failed/{claim}/` with a report if the run itself failed.
+
+A run that dies between claiming and moving leaves `processing/{name}.claim` behind, which keeps
+a re-dropped file of that name waiting: delete the marker to release it.
+
+Plain functions over an `OutputStore`; no Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from hailuo_batch.manifest import ItemDefaults, ManifestError, load_manifest
+from hailuo_batch.storage import OutputStore
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json")
+Outcome = Literal["done", "failed"]
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A manifest this run owns: its dropped name and where it sits while being processed."""
+
+    name: str
+    claim_id: str
+    key: str
+
+
+@dataclass
+class ManifestCheck:
+    """Whether a claimed manifest can be run, and why not."""
+
+    ok: bool
+    error: str | None = None
+    row_errors: list[str] = field(default_factory=list)
+    valid_rows: int = 0
+    total_rows: int = 0
+
+
+def default_inbox(output: str) -> str:
+    """`{output}/inbox/` for a path or URL."""
+    return f"{output.rstrip('/')}/inbox/"
+
+
+def run_name_for(name: str) -> str:
+    """A flow run name after the manifest's file name (safe for Prefect's name templating)."""
+    return "nightly-" + (_UNSAFE.sub("-", name).strip("-") or "manifest")
+
+
+class Inbox:
+    """A folder or object-store prefix of manifests, with exclusive claims across runs."""
+
+    def __init__(self, store: OutputStore) -> None:
+        self.store = store
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    def pending(self) -> list[str]:
+        """Names of the manifests waiting at the top level, in name order."""
+        return [
+            name
+            for name in self.store.list(recursive=False)
+            if name.lower().endswith(MANIFEST_SUFFIXES) and not name.startswith(".")
+        ]
+
+    def claim(self, name: str, claim_id: str) -> Claim | None:
+        """Take `name` out of the inbox for this run; None if another run has it (or had it)."""
+        marker = f"processing/{name}.claim"
+        if not self.store.create_exclusive(marker, claim_id.encode()):
+            return None
+        key = f"processing/{claim_id}/{name}"
+        try:
+            self.store.move(name, key)
+        except FileNotFoundError:
+            return None  # processed by a run that listed it before us and released the marker
+        finally:
+            self.store.delete(marker)
+        return Claim(name=name, claim_id=claim_id, key=key)
+
+    def url_of(self, claim: Claim) -> str:
+        return self.store.url_for(claim.key)
+
+    def check(self, claim: Claim, defaults: ItemDefaults) -> ManifestCheck:
+        """Read the claimed manifest as the batch flow will (nothing is paid here)."""
+        return check_manifest(self.url_of(claim), defaults, self.store.storage_options or None)
+
+    def finish(self, claim: Claim, outcome: Outcome, record: dict[str, Any]) -> str:
+        """Move the manifest to `done/` or `failed/` and write its record beside it.
+
+        Returns the URL of the record (`{name}.run.json` when done, `{name}.report.json` else).
+        """
+        folder = f"{outcome}/{claim.claim_id}"
+        self.store.move(claim.key, f"{folder}/{claim.name}")
+        suffix = "run.json" if outcome == "done" else "report.json"
+        record_key = f"{folder}/{claim.name}.{suffix}"
+        self.store.write_text_atomic(record_key, json.dumps(record, indent=2, default=str) + "\n")
+        self.store.prune(f"processing/{claim.claim_id}")  # kept while another manifest is there
+        return self.store.url_for(record_key)
+
+
+def check_manifest(
+    url: str, defaults: ItemDefaults, storage_options: dict[str, Any] | None
+) -> ManifestCheck:
+    """Read the manifest as the batch flow will; it must have at least one valid row."""
+    try:
+        manifest = load_manifest(url, defaults, storage_options)
+    except (ManifestError, OSError, ValueError) as exc:
+        return ManifestCheck(ok=False, error=str(exc))
+    row_errors = [str(e) for e in manifest.errors]
+    if not manifest.items:
+        return ManifestCheck(
+            ok=False,
+            error=f"no valid rows among {manifest.total_rows}",
+            row_errors=row_errors,
+            total_rows=manifest.total_rows,
+        )
+    return ManifestCheck(
+        ok=True,
+        row_errors=row_errors,
+        valid_rows=len(manifest.items),
+        total_rows=manifest.total_rows,
+    )
+
+
+def new_report(inbox_url: str) -> dict[str, Any]:
+    """A night's report: the manifests done, failed and taken by another run."""
+    return {"inbox": inbox_url, "done": [], "failed": [], "taken": []}
+
+
+def nightly_outcome(report: dict[str, Any]) -> tuple[Literal["completed", "failed"], str, str]:
+    """The nightly run's state (kind, name, message) from its report.
+
+    One bad manifest does not fail the night when others ran: `Completed` named
+    `CompletedWithFailures`, naming the bad files. `Failed` only when manifests failed and none
+    ran to a completed run.
+    """
+    done, failed = report["done"], report["failed"]
+    processed = f"{len(done)} manifest(s) processed"
+    if not failed:
+        return "completed", "Completed", processed
+    bad = f"{len(failed)} manifest(s) failed: {', '.join(r['manifest'] for r in failed)}"
+    if done:
+        return "completed", "CompletedWithFailures", f"{processed}; {bad}"
+    return "failed", "Failed", bad
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The night's report as the markdown artifact shows it."""
+    lines = [f"# nightly-batch: {report['inbox']}", ""]
+    if not (report["done"] or report["failed"] or report["taken"]):
+        return "\n".join([*lines, "No new manifests."]) + "\n"
+    lines += ["| manifest | outcome | run | record |", "|---|---|---|---|"]
+    for outcome in ("done", "failed"):
+        for r in report[outcome]:
+            detail = r.get("flow_run_name") or r.get("error") or ""
+            lines.append(f"| {r['manifest']} | {outcome} | {detail} | {r['record']} |")
+    lines += [f"| {name} | taken by another run | | |" for name in report["taken"]]
+    return "\n".join(lines) + "\n"

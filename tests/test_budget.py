@@ -1,0 +1,42 @@
+"""The balance policy before the first payment, as a plain function on the run's budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from hailuo_batch.apixo import ApixoError, AuthenticationError
+from hailuo_batch.budget import Budget, InsufficientBalance, Stop, apply_balance
+
+
+def test_an_affordable_batch_keeps_the_cap():
+    b = Budget(cap_usd=3.0)
+    assert apply_balance(b, 2.0, 10.0, fit_to_balance=False, api_url="u") is None
+    assert b.cap_usd == 3.0 and b.stopped is None
+
+
+def test_unknown_balance_changes_nothing():
+    b = Budget()
+    assert apply_balance(b, 50.0, None, fit_to_balance=False, api_url="u") is None
+    assert b.cap_usd is None
+
+
+def test_too_expensive_fails_before_spending_unless_fit_to_balance():
+    with pytest.raises(InsufficientBalance, match="fit_to_balance"):
+        apply_balance(Budget(), 20.0, 5.0, fit_to_balance=False, api_url="u")
+    b = Budget()
+    warning = apply_balance(b, 20.0, 5.0, fit_to_balance=True, api_url="u")
+    assert b.cap_usd == 5.0 and warning and "submitting what fits" in warning
+    capped = Budget(cap_usd=2.0)  # a lower max_cost_usd stays the cap
+    assert apply_balance(capped, 20.0, 5.0, fit_to_balance=True, api_url="u") is None
+    assert capped.cap_usd == 2.0
+
+
+def test_401_and_no_answer_stop_the_run():
+    b = Budget()
+    apply_balance(b, 1.0, None, AuthenticationError("bad key"), fit_to_balance=False, api_url="u")
+    assert b.stopped is not None and b.stopped[0] == Stop.AUTH
+    assert b.stopped[1].startswith("AUTH_FAILED")
+    b = Budget()
+    apply_balance(b, 1.0, None, ApixoError("down"), fit_to_balance=False, api_url="http://x")
+    assert b.stopped is not None and b.stopped[0] == Stop.UNREACHABLE
+    assert "http://x" in b.stopped[1] and "nothing was submitted" in b.stopped[1]
