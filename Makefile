@@ -16,9 +16,10 @@ $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
 
-# Rebuilt only when the lock or the project metadata changes; `uv sync --frozen` installs exactly the lock.
+# Rebuilt only when the lock or the project metadata changes; `uv sync --frozen` installs exactly the
+# lock, with the `emulator` extra (numpy) that the demo, the tests and the benchmarks need.
 $(VENV)/.installed: uv.lock pyproject.toml | $(UV)
-	$(UV) sync --frozen --python $(PYTHON)
+	$(UV) sync --frozen --all-extras --python $(PYTHON)
 	@touch $@
 
 install: $(VENV)/.installed

@@ -524,7 +524,15 @@ def _summary_of(state: Any) -> dict[str, Any] | None:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from hailuo_batch.emulator import EmulatorConfig, serve
+    try:
+        from hailuo_batch.emulator import EmulatorConfig, serve
+    except ModuleNotFoundError as exc:  # numpy comes with the `emulator` extra only
+        print(
+            f"error: the emulator needs {exc.name}: install hailuo-batch[emulator] "
+            "(`make install` does)",
+            file=sys.stderr,
+        )
+        return 2
 
     serve(
         EmulatorConfig(
