@@ -8,7 +8,7 @@ from typing import Any, Literal
 import fsspec
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, Failed
 
 from flows.batch import generate_videos
 from flows.runtime import blocking, open_store
@@ -16,36 +16,19 @@ from hailuo_batch.apixo import Mode, Provider
 from hailuo_batch.options import BatchOptions, RunOptions
 from hailuo_batch.rerun import (
     DEFAULT_RERUN_STATUSES,
+    outcome_markdown,
     output_of_results,
     rerun_row,
+    run_id_of_results,
     select_for_rerun,
+    selection_markdown,
     to_manifest_jsonl,
 )
 from hailuo_batch.results import ItemStatus, from_jsonl
 from hailuo_batch.settings import get_settings
+from hailuo_batch.storage import OutputStore
 
-
-def run_id_of_results(results_url: str) -> str:
-    """`{output}/runs/{run_id}/results.jsonl` -> `run_id` (else the file's name)."""
-    parts = results_url.rstrip("/").rsplit("/", 3)
-    if len(parts) == 4 and parts[1] == "runs":
-        return parts[2]
-    return parts[-1]
-
-
-def outcome_markdown(state: State[Any], summary: Any) -> str:
-    """What the rerun's generate-videos run did: its state, counts by status, results file."""
-    lines = [f"\n## outcome: {state.name}\n"]
-    if state.message:
-        lines.append(f"\n{state.message}\n")
-    if isinstance(summary, dict):
-        counts = {k: v for k, v in (summary.get("by_status") or {}).items() if v}
-        if counts:
-            lines.append("\n| status | items |\n|---|---|\n")
-            lines += [f"| {k} | {v} |\n" for k, v in sorted(counts.items())]
-        if summary.get("results"):
-            lines.append(f"\nresults: `{summary['results']}`\n")
-    return "".join(lines)
+ABOUT = "Which items this rerun takes from the previous run, and what happened"
 
 
 @flow(name="rerun-failed", log_prints=True)
@@ -78,36 +61,20 @@ async def rerun_failed(
         options: How the rerun runs, as for generate-videos (output: by default the one of
             `results`; a storage block's S3 options also reach the results file).
     """
-    logger = get_run_logger()
     store = await open_store(
         options.output or output_of_results(results), options.storage_block, get_settings()
     )
-    previous = await blocking(_read_results, results, store.storage_options)
-    chosen, left_out = select_for_rerun(previous, statuses=statuses, fail_codes=fail_codes, ids=ids)
-    for why in left_out:
-        logger.warning("not rerun: %s", why)
-    logger.info("rerun of %s: %d of %d items match", results, len(chosen), len(previous))
-    rows = [
-        rerun_row(r, mode=mode, duration=duration, provider=provider, prompt_suffix=prompt_suffix)
-        for r in chosen
-    ]
-    key = f"reruns/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-manifest.jsonl"
-    await blocking(store.write_text_atomic, key, to_manifest_jsonl(rows))
-    selection_md = (
-        f"# {'dry run of a ' if options.dry_run else ''}rerun of `{results}`\n\n{len(chosen)} "
-        f"items selected (statuses {', '.join(map(str, statuses))}); manifest "
-        f"`{store.url_for(key)}`.\n" + "".join(f"\n- not rerun: {w}" for w in left_out)
+    overrides = {"mode": mode, "duration": duration, "provider": provider}
+    selected, manifest_url, selection_md = await _write_selection(
+        store, results, (statuses, fail_codes, ids), overrides, prompt_suffix, options.dry_run
     )
-    if not rows:
-        logger.info("nothing to rerun")
-        await acreate_markdown_artifact(
-            selection_md + "\n\nnothing to rerun.",
-            description="Which items this rerun takes from the previous run, and what happened",
-        )
+    if not selected:
+        get_run_logger().info("nothing to rerun")
+        await acreate_markdown_artifact(selection_md + "\n\nnothing to rerun.", description=ABOUT)
         return {"selected": 0, "results": None}
     child = generate_videos.with_options(flow_run_name=f"rerun-{run_id_of_results(results)}")
     state = await child(
-        manifest=store.url_for(key),
+        manifest=manifest_url,
         options=BatchOptions(**{**options.model_dump(), "output": store.url}),
         force=True,
         resubmit_lost=resubmit_lost,
@@ -115,15 +82,38 @@ async def rerun_failed(
         return_state=True,
     )
     summary = await state.aresult(raise_on_failure=False)
-    await acreate_markdown_artifact(
-        selection_md + outcome_markdown(state, summary),
-        description="Which items this rerun takes from the previous run, and what happened",
-    )
+    outcome_md = outcome_markdown(state.name, state.message, summary)
+    await acreate_markdown_artifact(selection_md + outcome_md, description=ABOUT)
     if state.is_completed():
         if state.name == "Completed":
             return summary
         return Completed(name=state.name, message=state.message, data=summary)
     return Failed(name=state.name, message=state.message, data=summary)
+
+
+async def _write_selection(
+    store: OutputStore,
+    results: str,
+    pick: tuple[list[ItemStatus], list[str] | None, list[str] | None],
+    overrides: dict[str, Any],
+    prompt_suffix: str | None,
+    dry_run: bool,
+) -> tuple[int, str, str]:
+    """Select the items to rerun and write them as a manifest under `reruns/`; returns how
+    many, the manifest's URL and the markdown that says what was selected."""
+    logger = get_run_logger()
+    statuses, fail_codes, ids = pick
+    previous = await blocking(_read_results, results, store.storage_options)
+    chosen, left_out = select_for_rerun(previous, statuses=statuses, fail_codes=fail_codes, ids=ids)
+    for why in left_out:
+        logger.warning("not rerun: %s", why)
+    logger.info("rerun of %s: %d of %d items match", results, len(chosen), len(previous))
+    rows = [rerun_row(r, prompt_suffix=prompt_suffix, **overrides) for r in chosen]
+    key = f"reruns/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-manifest.jsonl"
+    await blocking(store.write_text_atomic, key, to_manifest_jsonl(rows))
+    url = store.url_for(key)
+    md = selection_markdown(results, len(chosen), statuses, url, left_out, dry_run=dry_run)
+    return len(rows), url, md
 
 
 def _read_results(url: str, storage_options: dict[str, Any]) -> list[Any]:

@@ -76,3 +76,43 @@ def rerun_row(
 
 def to_manifest_jsonl(rows: Iterable[dict[str, Any]]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def run_id_of_results(results_url: str) -> str:
+    """`{output}/runs/{run_id}/results.jsonl` -> `run_id` (else the file's name)."""
+    parts = results_url.rstrip("/").rsplit("/", 3)
+    if len(parts) == 4 and parts[1] == "runs":
+        return parts[2]
+    return parts[-1]
+
+
+def selection_markdown(
+    results_url: str,
+    chosen: int,
+    statuses: Iterable[ItemStatus | str],
+    manifest_url: str,
+    left_out: Iterable[str],
+    *,
+    dry_run: bool = False,
+) -> str:
+    """The rerun's artifact, first part: what it takes from the previous run."""
+    return (
+        f"# {'dry run of a ' if dry_run else ''}rerun of `{results_url}`\n\n{chosen} items "
+        f"selected (statuses {', '.join(map(str, statuses))}); manifest `{manifest_url}`.\n"
+        + "".join(f"\n- not rerun: {w}" for w in left_out)
+    )
+
+
+def outcome_markdown(state_name: str | None, message: str | None, summary: Any) -> str:
+    """The rerun's artifact, second part: its run's state, counts by status, results file."""
+    lines = [f"\n## outcome: {state_name}\n"]
+    if message:
+        lines.append(f"\n{message}\n")
+    if isinstance(summary, dict):
+        counts = {k: v for k, v in (summary.get("by_status") or {}).items() if v}
+        if counts:
+            lines.append("\n| status | items |\n|---|---|\n")
+            lines += [f"| {k} | {v} |\n" for k, v in sorted(counts.items())]
+        if summary.get("results"):
+            lines.append(f"\nresults: `{summary['results']}`\n")
+    return "".join(lines)
