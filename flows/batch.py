@@ -11,9 +11,11 @@ import logging
 import time
 import typing
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
@@ -29,12 +31,12 @@ from flows.report import (
     publish_report,
     write_results,
 )
-from flows.runtime import Runtime, open_runtime, running
-from flows.tasks import read_balance, read_manifest, watch_callbacks
+from flows.runtime import Runtime, open_runtime, running, save_stats
+from flows.tasks import read_balance, read_manifest
 from hailuo_batch.apixo import RequestType
 from hailuo_batch.artifacts import keeps_run_name
 from hailuo_batch.budget import Budget, InsufficientBalance, Stop, apply_balance
-from hailuo_batch.callbacks import CallbackStore, callback_url_for
+from hailuo_batch.callbacks import CallbackStore, CallbackWaiter, callback_url_for
 from hailuo_batch.ledger import Ledger, LedgerUnavailable
 from hailuo_batch.manifest import Manifest, ManifestError, ManifestItem
 from hailuo_batch.options import BatchOptions, RunOptions, split_options
@@ -44,6 +46,8 @@ from hailuo_batch.policy import Prices
 from hailuo_batch.results import ItemResult, summarize
 from hailuo_batch.settings import get_settings
 from hailuo_batch.verdict import run_verdict
+
+ItemRunner = Callable[[ManifestItem], Awaitable[ItemResult]]
 
 
 def new_run_id() -> str:
@@ -103,9 +107,9 @@ async def generate_videos(
             checks=asyncio.Semaphore(max(4, options.concurrency)),
         )
         await rt.blocking(run.ledger.heartbeat)  # a lease before any claim; a dead store fails
-        jobs = [lambda: _keep_lease(run)]
-        if rt.callbacks is not None:
-            jobs.append(lambda: watch_callbacks(rt))
+        jobs = [lambda: _keep_lease(run), lambda: _watch_records(rt)]
+        if rt.waiter is not None:
+            jobs.append(rt.waiter.run)
         try:
             async with running(*jobs):
                 return await _run_batch(run, manifest, options, rerun_of, started)
@@ -145,7 +149,7 @@ async def _run_batch(
         await progress.finished(r)
         return r
 
-    results += await asyncio.gather(*(_one(i) for i in parsed.items))
+    results += await _run_items(run.run_id, parsed.items, _one, run.rt.settings.items_per_flow_run)
     balance_after, stopped = None, run.budget.stopped
     if not options.dry_run and (stopped is None or stopped[0] == Stop.BALANCE):
         balance_after = (await read_balance()).usd
@@ -165,10 +169,56 @@ async def _run_batch(
         max_cost_usd=run.budget.cap_usd,
         stopped=run.budget.stopped[1] if run.budget.stopped else None,
         concurrency=run.slots.limit.summary(),
+        generation_s=_learned(run.rt),
+        held_for_prefect_s=round(run.rt.recorder.waited_s, 1),
         rerun_of=rerun_of,
     )
+    if not options.dry_run:
+        await run.rt.blocking(save_stats, run.rt)
     await _report(run.run_id, results, summary, keys)
     return final_state(run, summary, options)
+
+
+#: the parts of the large runs going on in this process: run id -> (parts, how to run an item)
+_PARTS: dict[str, tuple[list[list[ManifestItem]], ItemRunner]] = {}
+
+
+async def _run_items(
+    run_id: str, items: list[ManifestItem], one: ItemRunner, size: int
+) -> list[ItemResult]:
+    """Run every item; a batch of more than `size` items runs as child flow runs of at most
+    `size` items each (`run_part`), so no run's graph passes what the Prefect UI shows. The
+    parts share this run's budget, slots, ledger and report."""
+    if len(items) <= size:
+        return await asyncio.gather(*(one(i) for i in items))
+    parts = [items[k : k + size] for k in range(0, len(items), size)]
+    _PARTS[run_id] = (parts, one)
+    name = flow_run.get_name()
+    try:
+        done = await asyncio.gather(
+            *(
+                run_part.with_options(flow_run_name=f"{name}-part-{k + 1}-of-{len(parts)}")(
+                    run_id, k
+                )
+                for k in range(len(parts))
+            )
+        )
+    finally:
+        del _PARTS[run_id]
+    return [r for part in done for r in part]
+
+
+@flow(name="generate-videos-part", log_prints=True)
+async def run_part(run_id: str, part: int) -> list[ItemResult]:
+    """One part of a large generate-videos run, in the parent's process: its items' submits
+    and polls are this flow run's task runs.
+
+    Args:
+        run_id: The parent run's id.
+        part: Which part (from 0).
+    """
+    parts, one = _PARTS[run_id]
+    return await asyncio.gather(*(one(i) for i in parts[part]))
 
 
 async def _guard_money(
@@ -219,6 +269,13 @@ async def _report(
     )
 
 
+def _learned(rt: Runtime) -> dict[str, Any]:
+    """What the run knows of the provider's generation time (it plans the status reads)."""
+    stats = rt.board.stats
+    q = {f"p{int(p * 100)}": stats.quantile(p) for p in (0.05, 0.5, 0.95)}
+    return {"samples": stats.count, **{k: round(v, 1) for k, v in q.items() if v is not None}}
+
+
 def _enable_callbacks(rt: Runtime) -> None:
     """Callback mode needs the receiver's public URL, its secret and the delivery store."""
     s = rt.settings
@@ -231,12 +288,36 @@ def _enable_callbacks(rt: Runtime) -> None:
     rt.callback_url = callback_url_for(s.callback_url, token)
     rt.client.add_secret(token)  # never in a message, result, ledger or log line
     rt.client.add_secret(rt.callback_url)
-    rt.callbacks = CallbackStore(s.callback_store)
+    deliveries = CallbackStore(s.callback_store)
+    rt.waiter = CallbackWaiter(
+        deliveries, s.callback_check_s, blocking=rt.blocking, warn=get_run_logger().warning
+    )
     get_run_logger().info(
         "callback mode: deliveries read from %s; backstop status poll every %.0f s",
-        rt.callbacks.store.url_for(""),
+        deliveries.url,
         s.callback_backstop_s,
     )
+
+
+async def _watch_records(rt: Runtime) -> None:
+    """Tell the run how many of its task runs (its child runs' included) the Prefect server
+    has recorded as finished, so it holds new items while the server is far behind. If the
+    count cannot be read, the run is not held."""
+    me = flow_run.get_id()
+    finished = {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]}}}
+    async with get_client() as client:
+        while me is not None:
+            await asyncio.sleep(2.0)
+            try:
+                total = 0
+                for runs in ({"id": {"any_": [me]}}, {"parent_flow_run_id": {"any_": [me]}}):
+                    body = {"flow_runs": runs, "task_runs": finished}
+                    answer = await client._client.post("/task_runs/count", json=body)
+                    total += int(answer.json())
+            except (httpx.HTTPError, ValueError, TypeError) as exc:
+                rt.log("task runs recorded: not known (%s)", exc, level=logging.DEBUG)
+                total = rt.recorder.finished
+            rt.recorder.recorded_now(total)
 
 
 async def _global_limit_exists(name: str) -> bool:

@@ -155,6 +155,7 @@ async def _plan_and_live(b: RunState, v: Preflight) -> ItemResult:
     if done is not None:
         return done
     assert v.request is not None  # only valid items get here
+    await b.rt.recorder.wait_ready()  # the Prefect server keeps up with this run's records
     async with b.slots.slot() as slot, _provider_slot(b):
         out = await live_item(
             start_record(item, rec, plan),
@@ -181,6 +182,7 @@ class FlowEffects:
         self.b, self.item = b, item
         self.expected = expected  # the record as this run last saw or wrote it
         self.slot = slot  # this item's place among the submissions the provider accepts
+        self.sent_at: float | None = None  # when the last POST was sent
 
     async def save(self, rec: LedgerRecord) -> LedgerRecord:
         if rec.fail_msg:  # a provider's message may echo a signed URL or a token
@@ -194,14 +196,18 @@ class FlowEffects:
 
     async def submit(self, request: GenerateRequest) -> str:
         sub = await submit_item(self.item, request)
+        self.b.rt.recorder.task_finished()
         if sub.task_id is None:
             assert sub.error is not None
             raise sub.error
         self.slot.accepted()
+        self.sent_at = sub.sent_at
         return sub.task_id
 
     async def poll(self, task_id: str, *, immediate: bool) -> TaskStatus:
-        polled = await poll_item(self.item, task_id, immediate=immediate)
+        sent_at = None if immediate else self.sent_at
+        polled = await poll_item(self.item, task_id, immediate=immediate, sent_at=sent_at)
+        self.b.rt.recorder.task_finished()
         if polled.status is None:
             assert polled.error is not None
             raise polled.error

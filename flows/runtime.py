@@ -8,22 +8,31 @@ holds clients and growing dicts.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 from prefect import get_run_logger
 
-from hailuo_batch.apixo import ApixoClient, TaskStatus
-from hailuo_batch.callbacks import CallbackStore
+from hailuo_batch.apixo import ApixoClient
+from hailuo_batch.callbacks import CallbackWaiter
 from hailuo_batch.netguard import GuardedTransport
 from hailuo_batch.options import RunOptions
+from hailuo_batch.pacing import RecorderLag, StatsBoard
+from hailuo_batch.policy import PollSchedule
+from hailuo_batch.polling import (
+    STATS_KEY,
+    LearnedTicker,
+    ScheduleTicker,
+    Ticker,
+    callback_schedules,
+    stats_board,
+)
 from hailuo_batch.settings import Settings, check_output_url
 from hailuo_batch.storage import OutputStore
 
@@ -46,12 +55,12 @@ class Runtime:
     client: ApixoClient
     store: OutputStore
     limiter: anyio.CapacityLimiter
-    # callback mode: the secret callback URL (never a parameter, log line or result), the
-    # delivery store, and what the watcher has seen so far
+    board: StatsBoard  # generation times seen so far: they plan the status reads
+    recorder: RecorderLag  # how far the Prefect server's records are behind this run
+    # callback mode: the secret callback URL (never a parameter, log line or result) and the
+    # waiter that reads deliveries and wakes the items
     callback_url: str | None = None
-    callbacks: CallbackStore | None = None
-    events: dict[str, asyncio.Event] = field(default_factory=dict)
-    delivered: dict[str, TaskStatus] = field(default_factory=dict)
+    waiter: CallbackWaiter | None = None
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await blocking(fn, *args, limiter=self.limiter)
@@ -64,6 +73,17 @@ class Runtime:
     def log(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
         """A run log line, scrubbed of secrets."""
         get_run_logger().log(level, self.scrub(msg % args if args else msg))
+
+    def ticker(self, task_id: str, sent_at: float | None, immediate: bool) -> Ticker:
+        """When to read `task_id`'s status: learned from this run's (and earlier runs')
+        generation times, or in callback mode on a delivery, with a slow poll as backstop."""
+        guidance = PollSchedule.from_settings(self.settings)
+        if self.waiter is None:
+            return LearnedTicker(self.board, started=sent_at, immediate=immediate)
+        backstop, fallback = callback_schedules(
+            guidance, self.settings.callback_backstop_s, immediate=immediate
+        )
+        return ScheduleTicker(backstop, task_id=task_id, waiter=self.waiter, fallback=fallback)
 
 
 def runtime() -> Runtime:
@@ -102,6 +122,22 @@ async def open_client(credentials_block: str | None, settings: Settings) -> Apix
     return creds.get_client(settings, **kwargs)
 
 
+def _read_stats(store: OutputStore) -> bytes | None:
+    """The generation times earlier runs into this output saw (None: none, or unreadable)."""
+    try:
+        return store.read_bytes(STATS_KEY) if store.exists(STATS_KEY) else None
+    except OSError:
+        return None
+
+
+def save_stats(rt: Runtime) -> None:
+    """Keep the generation times for the next run into this output (best effort)."""
+    try:
+        rt.store.write_text_atomic(STATS_KEY, rt.board.stats.to_json())
+    except OSError as exc:
+        rt.log("generation times not saved: %s", exc, level=logging.WARNING)
+
+
 @asynccontextmanager
 async def open_runtime(options: RunOptions, settings: Settings) -> AsyncIterator[Runtime]:
     """The run's runtime, current for its tasks until the run ends; a missing key or a bad
@@ -110,7 +146,10 @@ async def open_runtime(options: RunOptions, settings: Settings) -> AsyncIterator
     try:
         store = await open_store(options.output, options.storage_block, settings)
         # threads for blocking calls: one per item in flight plus a few for checks and reports
-        rt = Runtime(settings, client, store, anyio.CapacityLimiter(options.concurrency + 4))
+        limiter = anyio.CapacityLimiter(options.concurrency + 4)
+        earlier = await blocking(_read_stats, store, limiter=limiter)
+        board = stats_board(earlier, PollSchedule.from_settings(settings))
+        rt = Runtime(settings, client, store, limiter, board, RecorderLag(settings.max_record_lag))
         token = _CURRENT.set(rt)
         try:
             yield rt

@@ -1,45 +1,30 @@
 """The Prefect tasks of an item's life and the run's API calls, named after their functions.
 
-Tasks return typed outcomes (`Submitted`, `Polled`, `Stored`, `Balance`, a `ManifestError`)
-instead of raising for expected fates: a refused POST or a video that is not an MP4 is not a
+Tasks return typed outcomes (`Submitted`, `PollResult`, `Balance`, a `ManifestError`) instead
+of raising for expected fates: a refused POST or a video that is not an MP4 is not a
 crash, and Prefect prints a traceback for every task that raises. They take only small
 parameters (items, ids, URLs) and reach the run's client and store through `runtime()`.
 Blocking calls run in worker threads (`Runtime.blocking`), so the flow's event loop keeps many
-items in flight without a thread per wait.
+items in flight without a thread per wait. An item's submit and poll are task runs; storing its
+video is not (each task run costs the Prefect server more than the step is worth to see).
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
-import anyio
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.runtime import Runtime, runtime
-from hailuo_batch.apixo import (
-    ApixoError,
-    AuthenticationError,
-    GenerateRequest,
-    NotFoundError,
-    RequestType,
-    TaskState,
-    TaskStatus,
-)
-from hailuo_batch.apixo.errors import (
-    ApixoTransportError,
-    NotAnEnvelopeError,
-    UnexpectedResponseError,
-)
+from flows.runtime import runtime
+from hailuo_batch.apixo import ApixoError, AuthenticationError, GenerateRequest, RequestType
+from hailuo_batch.apixo.errors import ApixoTransportError
+from hailuo_batch.fetch import Stored, fetch_video
 from hailuo_batch.manifest import ItemDefaults, Manifest, ManifestError, ManifestItem, load_manifest
-from hailuo_batch.policy import PollSchedule
-from hailuo_batch.steps import POLL_TIMEOUT, TASK_NOT_FOUND, TaskLost
-from hailuo_batch.storage import StoredObject
-from hailuo_batch.video import verify_mp4
+from hailuo_batch.polling import PollResult, watch_task
 
 
 @task(cache_policy=NO_CACHE)
@@ -66,6 +51,7 @@ async def read_manifest(url: str, defaults: ItemDefaults) -> Manifest | Manifest
 class Submitted:
     task_id: str | None
     error: ApixoError | None = None
+    sent_at: float = 0.0  # the clock just before the POST: a task's generation starts there
 
 
 @task(task_run_name="submit-{item.id}", cache_policy=NO_CACHE)
@@ -77,187 +63,55 @@ async def submit_item(item: ManifestItem, request: GenerateRequest) -> Submitted
         request = request.model_copy(
             update={"request_type": RequestType.CALLBACK, "callback_url": rt.callback_url}
         )
+    sent_at = time.monotonic()
     try:
         task_id = await rt.blocking(rt.client.submit, request)
     except ApixoError as exc:
         rt.log("item %s not submitted: %s", item.id, exc, level=logging.WARNING)
-        return Submitted(None, exc)
+        return Submitted(None, exc, sent_at)
     get_run_logger().info("item %s submitted as %s", item.id, task_id)
-    return Submitted(task_id)
-
-
-@dataclass
-class Polled:
-    """A terminal status, or the error that ended the reads (`steps.on_poll_error` maps it)."""
-
-    status: TaskStatus | None
-    reads: int
-    error: Exception | None = None
+    return Submitted(task_id, sent_at=sent_at)
 
 
 @task(task_run_name="poll-{item.id}-{task_id}", cache_policy=NO_CACHE)
-async def poll_item(item: ManifestItem, task_id: str, immediate: bool = False) -> Polled:
-    """Read the task's status on the provider's schedule until it ends or the deadline passes.
-
-    `immediate` (a resumed task, already under way) reads at once instead of after the
-    initial wait.
+async def poll_item(
+    item: ManifestItem, task_id: str, immediate: bool = False, sent_at: float | None = None
+) -> PollResult:
+    """Wait for the task's end (`polling.watch_task`): status reads planned from the generation
+    times seen so far, counted from `sent_at` (the POST); `immediate` (a resumed task) reads at
+    once. In callback mode a delivery wakes it and a slow poll is the backstop.
 
     One task run per item with its own loop (not a Prefect retry per read), so a long batch
     does not flood Prefect's event stream with a state change for every status read.
     """
     rt = runtime()
-    s = rt.settings
-    schedule = PollSchedule.from_settings(s)
-    if rt.callbacks is not None:
-        # callback mode: a delivery wakes us; a slow status poll is the backstop for lost ones
-        schedule = dataclasses.replace(
-            schedule,
-            initial_s=max(schedule.initial_s, s.callback_backstop_s),
-            interval_s=s.callback_backstop_s,
-            max_interval_s=s.callback_backstop_s,
-            backoff=1.0,
-        )
-    if immediate:
-        schedule = dataclasses.replace(schedule, initial_s=0.0)
-    started = time.monotonic()
-    reads = 0
-    wake = rt.events.setdefault(task_id, asyncio.Event()) if rt.callbacks is not None else None
-    if wake is not None and task_id in rt.delivered:
-        wake.set()  # delivered before we started waiting
-    delays = schedule.delays()
-    try:
-        while (delay := next(delays, None)) is not None:
-            woken = False
-            if wake is not None:
-                with anyio.move_on_after(delay):
-                    await wake.wait()
-                woken = wake.is_set()
-                wake.clear()
-            else:
-                await asyncio.sleep(delay)
-            reads += 1
-            try:
-                # never trust a callback: a status read confirms it (and gives a fresh URL)
-                status = await rt.blocking(rt.client.get_status, task_id)
-            except AuthenticationError as exc:
-                return Polled(None, reads, exc)
-            except NotFoundError as exc:
-                if time.monotonic() - started < s.not_found_grace_s + schedule.initial_s:
-                    continue
-                return Polled(None, reads, TaskLost(TASK_NOT_FOUND, rt.scrub(str(exc))))
-            except NotAnEnvelopeError as exc:
-                # a proxy's page instead of an answer, past the read retries: likely transient
-                rt.log("status read for %s: %s", task_id, exc, level=logging.WARNING)
-                continue
-            except UnexpectedResponseError as exc:
-                # malformed or foreign: fail the item now; its ledger keeps the taskId
-                return Polled(None, reads, exc)
-            except ApixoError as exc:
-                # the client already retried this read within its budget; try again next tick
-                rt.log("status read for %s failed: %s", task_id, exc, level=logging.WARNING)
-                continue
-            if status.state in (TaskState.SUCCESS, TaskState.FAILED):
-                return Polled(status, reads)
-            if woken:
-                # a callback the provider's own status does not confirm (forged, or early):
-                # the genuine one may now be dropped as a duplicate, so poll this task normally
-                get_run_logger().warning(
-                    "task %s: callback not confirmed (state %s); polling it instead",
-                    task_id,
-                    status.state,
-                )
-                remaining = schedule.timeout_s - (time.monotonic() - started)
-                delays = PollSchedule(
-                    initial_s=s.poll_interval_s,
-                    interval_s=s.poll_interval_s,
-                    backoff=s.poll_backoff,
-                    max_interval_s=s.poll_max_interval_s,
-                    timeout_s=max(0.0, remaining),
-                ).delays()
-                wake = None
-    finally:
-        rt.events.pop(task_id, None)
-        rt.delivered.pop(task_id, None)
-    return Polled(
-        None,
-        reads,
-        TaskLost(POLL_TIMEOUT, f"no final state after {schedule.timeout_s:.0f} s"),
+    return await watch_task(
+        task_id,
+        lambda t: rt.blocking(rt.client.get_status, t),
+        rt.ticker(task_id, sent_at, immediate),
+        not_found_grace_s=rt.settings.not_found_grace_s,
+        warn=partial(rt.log, level=logging.WARNING),
+        scrub=rt.scrub,
     )
 
 
-async def watch_callbacks(rt: Runtime) -> None:
-    """Callback mode: look for new deliveries every few seconds and wake their pollers.
-
-    One listing per tick for the whole run (not a read per item); deliveries for tasks this
-    run does not wait on are ignored.
-    """
-    assert rt.callbacks is not None
-    known: set[str] = set()
-    while True:
-        try:
-            new = await rt.blocking(rt.callbacks.poll_new, known)
-        except (OSError, ValueError) as exc:
-            get_run_logger().warning("cannot read callback deliveries: %s", exc)
-            new = {}
-        for task_id, status in new.items():
-            if status.is_terminal:
-                known.add(task_id)
-                rt.delivered[task_id] = status
-                if task_id in rt.events:
-                    rt.events[task_id].set()
-        await asyncio.sleep(rt.settings.callback_check_s)
-
-
-@dataclass
-class Stored:
-    """A verified video in the store, or why not (`steps.on_store_error` maps it)."""
-
-    stored: StoredObject | None
-    error: Exception | None = None
-    attempts: int = 1
-
-
-@task(task_run_name="store-{item.id}", cache_policy=NO_CACHE)
 async def store_video(item: ManifestItem, result_url: str, key: str, sweep: bool = False) -> Stored:
-    """Stream the result into `key`: verified length, a real MP4 that decodes, never partial.
-
-    `sweep` (an item resumed from an earlier run) first removes the temporaries a killed
-    writer left for this key (only this key's own). The client retries opening the download;
-    a stream that breaks half-way, bytes that are not a video or a store that fails are
-    retried here from the start, twice, after `store_retry_delay_s` and 5x that (nothing
-    unverified is ever visible under `key`). An expected fate is returned, not raised: the
-    item's result says why, without a traceback in the log.
-    """
+    """Fetch the result into `key`, verified (`fetch.fetch_video`), retried after
+    `store_retry_delay_s` and 5x that. Not a task run: an item's submit and poll are."""
     rt = runtime()
-
-    def _copy() -> StoredObject:
-        if sweep and rt.store.remove_temp_files(key):  # a killed run's half-written temp file
-            rt.log("item %s: removed a partial download left by a crash", item.id)
-        with rt.client.stream_download(result_url) as download:
-            return rt.store.write_stream_atomic(
-                key, download.iter_bytes(), expected_size=download.content_length, verify=verify_mp4
-            )
-
     d = rt.settings.store_retry_delay_s
-    error: Exception | None = None
-    for attempt, pause in enumerate((d, 5 * d, None), start=1):
-        try:
-            stored = await rt.blocking(_copy)
-        except Exception as exc:  # noqa: BLE001 - download, verification and store failures alike
-            error = exc
-            rt.log(
-                "item %s: video not stored (attempt %d of 3): %s",
-                item.id,
-                attempt,
-                exc,
-                level=logging.WARNING,
-            )
-            if pause is not None:
-                await asyncio.sleep(pause)
-            continue
-        rt.log("item %s stored at %s (%d bytes)", item.id, stored.url, stored.size)
-        return Stored(stored, attempts=attempt)
-    return Stored(None, error, attempts=3)
+
+    def log(msg: str) -> None:
+        rt.log("item %s: %s", item.id, msg, level=logging.WARNING)
+
+    out = await rt.blocking(
+        lambda: fetch_video(
+            rt.client, rt.store, result_url, key, sweep=sweep, retry_delays=(d, 5 * d), log=log
+        )
+    )
+    if out.stored is not None:
+        rt.log("item %s stored at %s (%d bytes)", item.id, out.stored.url, out.stored.size)
+    return out
 
 
 @dataclass

@@ -234,6 +234,24 @@ class Settings(BaseSettings):
         description="While a run goes, a new version of its item table artifact this often.",
     )
 
+    # --- the Prefect server --------------------------------------------------------------------
+    max_record_lag: int = Field(
+        1000,
+        ge=10,
+        description=(
+            "Hold new items while this many of the run's finished task runs are not yet "
+            "recorded by the Prefect server (its event queue drops past 10,000 events)."
+        ),
+    )
+    items_per_flow_run: int = Field(
+        2000,
+        ge=1,
+        description=(
+            "Larger batches run as child flow runs of at most this many items, so each run's "
+            "graph stays under the Prefect UI's 10,000-node limit."
+        ),
+    )
+
     def retry_policy(self) -> RetryPolicy:
         """The apixo client's bounds on retries of one call."""
         return RetryPolicy(
