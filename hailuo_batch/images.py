@@ -15,6 +15,7 @@ import os
 import re
 import ssl
 import stat
+import threading
 import time
 import unicodedata
 from collections.abc import Callable
@@ -241,10 +242,20 @@ def _with_size(info: ImageInfo, size: int | None) -> ImageInfo:
     return ImageInfo(format=info.format, width=info.width, height=info.height, size_bytes=size)
 
 
+_SSL_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
-def _ssl_context() -> ssl.SSLContext:
-    """One TLS context for every image fetch: loading the CA bundle costs ~40 ms of CPU."""
+def _make_ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """One TLS context for every image fetch: loading the CA bundle costs ~40 ms of CPU. Under
+    a lock: the threads checking images at once would otherwise all miss the cache and each
+    build one."""
+    with _SSL_LOCK:
+        return _make_ssl_context()
 
 
 def _inspect_http(url: str, *, settings: Settings) -> ImageInfo:

@@ -205,13 +205,13 @@ def callback_schedules(
 
 
 def learned_plan(guidance: PollSchedule) -> LearnedPollPlan:
-    """The learned plan under the provider's guidance: probes and the shortest interval never
-    start later or read slower than the guidance itself would (keeps scaled-down setups fast)."""
-    defaults = LearnedPollPlan()
+    """The learned plan under the provider's guidance, in its units: the first probe at 1/30 of
+    the guidance's first wait (2 s of 60 s) and reads at most every 1/60 of its interval
+    (0.25 s of 15 s), so a scaled-down setup (tests, the benchmark) scales them too."""
     return LearnedPollPlan(
         guidance=guidance,
-        probe_first_s=max(1e-3, min(defaults.probe_first_s, guidance.initial_s)),
-        min_interval_s=max(1e-3, min(defaults.min_interval_s, guidance.interval_s)),
+        probe_first_s=max(1e-3, guidance.initial_s / 30),
+        min_interval_s=max(1e-3, guidance.interval_s / 60),
     )
 
 

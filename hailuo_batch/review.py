@@ -189,6 +189,10 @@ def video_store_key(store: OutputStore, video: str | None) -> str | None:
 TILE_W, TILE_H, LABEL_H, GAP = 192, 108, 22, 4
 JPEG_MAX_SIDE = 65_500
 
+#: the review page shows this many items at most (problem items first): a person reviews
+#: hundreds of clips, not ten thousand, and posters cost a decode each
+MAX_CARDS = 500
+
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
@@ -445,6 +449,7 @@ def render_review_page(
     poster_href: Callable[[ItemResult], str | None],
     contact_sheet_href: str | None,
     contact_sheet_size: tuple[int, int] | None = None,
+    max_cards: int = MAX_CARDS,
 ) -> str:
     """The review page of one run: a header with counts by status and totals, then one card
     per item, problem items first (poster and playable video, id, row, coloured status, the
@@ -483,10 +488,15 @@ def render_review_page(
             f'<img src="{_e(sheet)}"{width} alt="contact sheet of run {_e(run_id)}"></a></div>'
         )
     cards = "".join(
-        _card(r, _safe_href(video_href(r)), _safe_href(poster_href(r))) for r in ordered
+        _card(r, _safe_href(video_href(r)), _safe_href(poster_href(r))) for r in ordered[:max_cards]
     )
     if not cards:
         cards = "<p>This run has no items.</p>"
+    elif len(ordered) > max_cards:
+        cards += (
+            f'<p class="more">The first {max_cards:,} of {len(ordered):,} items are shown, '
+            "problem items first; every item is in the run's results.jsonl and item table.</p>"
+        )
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
@@ -522,16 +532,23 @@ def relative_href(from_key: str, to_key: str) -> str:
 
 
 def publish_review(
-    store: OutputStore, run_id: str, results: Sequence[ItemResult], *, workers: int = 4
+    store: OutputStore,
+    run_id: str,
+    results: Sequence[ItemResult],
+    *,
+    workers: int = 4,
+    max_cards: int = MAX_CARDS,
 ) -> ReviewOutputs:
     """Write the previews of a run into `store`: a poster beside every video of this store that
-    the results name (an existing poster is kept), `runs/{run_id}/contact-sheet.jpg` and
-    `runs/{run_id}/index.html`. A missing video gets no link and no poster, an undecodable one
-    no poster; neither raises. Errors writing the sheet or the page are raised."""
+    the page shows (an existing poster is kept), `runs/{run_id}/contact-sheet.jpg` and
+    `runs/{run_id}/index.html`, for the first `max_cards` items in review order (the page says
+    how many it leaves out; its counts and totals cover every item). A missing video gets no
+    link and no poster, an undecodable one no poster; neither raises. Errors writing the sheet
+    or the page are raised."""
     page = run_key(run_id, PAGE_NAME)
-    ordered = review_order(results)
-    keys = {id(r): video_store_key(store, r.video) for r in ordered}
-    wanted = sorted({k for k in keys.values() if k})
+    ordered = review_order(results)[:max_cards]
+    keys = {id(r): video_store_key(store, r.video) for r in results}
+    wanted = sorted({k for r in ordered if (k := keys[id(r)])})
     made: dict[str, _Poster] = {}
     if wanted:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -545,7 +562,10 @@ def publish_review(
 
     def video_for(r: ItemResult) -> str | None:
         key = keys[id(r)]
-        return relative_href(page, key) if key and poster_of(r).video_found else None
+        checked = key in made  # a shown item's video was looked for; others are trusted
+        return (
+            relative_href(page, key) if key and (poster_of(r).video_found or not checked) else None
+        )
 
     def poster_for(r: ItemResult) -> str | None:
         target = poster_of(r).key
@@ -566,6 +586,7 @@ def publish_review(
         poster_href=poster_for,
         contact_sheet_href=relative_href(page, sheet_key) if sheet_key else None,
         contact_sheet_size=sheet_size,
+        max_cards=max_cards,
     )
     store.write_text_atomic(page, text)
     posters = {r.id: key for r in ordered if (key := poster_of(r).key)}

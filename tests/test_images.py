@@ -360,3 +360,27 @@ def test_redirect_to_a_private_address_is_refused(
         inspect_image(
             f"{http_base}/redirect/x?to={target}", settings=settings(allow_private_networks=False)
         )
+
+
+def test_image_checks_share_one_tls_context_even_when_started_together() -> None:
+    """Building a TLS context costs ~40 ms of CPU: threads that start checking images at the
+    same moment must not each build one."""
+    import threading
+
+    from hailuo_batch import images
+
+    images._make_ssl_context.cache_clear()
+    got: list[object] = []
+    barrier = threading.Barrier(8)
+
+    def check() -> None:
+        barrier.wait()
+        got.append(images._ssl_context())
+
+    threads = [threading.Thread(target=check) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(c) for c in got}) == 1
+    assert images._make_ssl_context.cache_info().misses == 1

@@ -304,11 +304,11 @@ def test_waiter_checks_the_store_and_survives_an_unreadable_one(tmp_path: Path) 
 # --- learning --------------------------------------------------------------------------------
 
 
-def test_learned_plan_never_probes_slower_than_a_scaled_down_guidance() -> None:
-    fast = learned_plan(PollSchedule(initial_s=0.05, interval_s=0.01, timeout_s=5))
-    assert fast.probe_first_s == 0.05 and fast.min_interval_s == 0.01
+def test_learned_plan_scales_its_probes_with_the_guidance() -> None:
     real = learned_plan(PollSchedule())
     assert real.probe_first_s == 2.0 and real.min_interval_s == 0.25
+    fast = learned_plan(PollSchedule(initial_s=3.0, interval_s=0.75, timeout_s=30))  # x0.05
+    assert fast.probe_first_s == pytest.approx(0.1) and fast.min_interval_s == pytest.approx(0.0125)
 
 
 def test_a_learned_ticker_records_successful_generation_times_and_frees_its_probe() -> None:

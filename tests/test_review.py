@@ -538,6 +538,24 @@ def test_publish_review_keeps_existing_posters(local_store: OutputStore, tmp_pat
     assert local_store.exists("runs/r1/index.html") and local_store.exists("runs/r2/index.html")
 
 
+def test_a_large_runs_page_shows_the_first_problem_items_and_says_so(
+    local_store: OutputStore, tmp_path: Path
+) -> None:
+    """Past `max_cards` items the page, its posters and its sheet stop (a 10,000-item run
+    would otherwise decode every video and hold a gigantic sheet); counts still cover all."""
+    results = stored_run(local_store, tmp_path)
+    out = publish_review(local_store, "big", results, max_cards=3)
+    page = Page(local_store.read_text(out.page_key))
+    assert len(page.cards) == 3  # problem items first: inv, bad, then the first success
+    assert page.card_of("inv") is not None and page.card_of("bad") is not None
+    assert out.posters == {"ok-a": "videos/ok-a~poster.jpg"}
+    assert not local_store.exists("videos/ok-b/0123456789ab~poster.jpg")  # not shown: no decode
+    text = local_store.read_text(out.page_key)
+    assert "The first 3 of 7 items are shown" in text and "7 items" in text
+    fmt, (w, _h) = image_size(local_store.read_bytes("runs/big/contact-sheet.jpg"))
+    assert fmt == "JPEG" and w == review.GAP + 3 * (review.TILE_W + review.GAP)  # 3 tiles
+
+
 def test_publish_review_of_no_results(local_store: OutputStore) -> None:
     out = publish_review(local_store, "empty", [])
     assert out == ReviewOutputs(f"runs/empty/{review.PAGE_NAME}", None, {})
