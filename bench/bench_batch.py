@@ -380,6 +380,7 @@ def run_mode(mode: str, items: int, args: argparse.Namespace, workroot: Path) ->
             api = prefect_env["PREFECT_API_URL"]
             env.update(prefect_env)
             env.update(scaled_settings(args.time_scale, args.source))
+            env.update(kv.split("=", 1) for kv in args.flow_env)
             env["HAILUO_ALLOW_PRIVATE_NETWORKS"] = "1"  # the emulator serves the image on loopback
             cmd = [str(BIN / "hailuo-batch"), "run", str(manifest), "--output", str(out)]
             cmd += ["--concurrency", str(args.concurrency)]
@@ -726,6 +727,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
     p.add_argument("--keep", action="store_true", help="keep the work folders (logs, outputs)")
+    p.add_argument(
+        "--flow-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for the flow modes, e.g. HAILUO_MAX_RECORD_LAG=100000000 (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = p.parse_args(argv)
     if args.quick:
@@ -758,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     workroot = Path(tempfile.mkdtemp(prefix="hailuo-bench-"))
     args.source = export_ref(args.ref, workroot / "source") if args.ref else None
     setup["scaled_settings"] = scaled_settings(args.time_scale, args.source)
+    setup["flow_env"] = args.flow_env
     try:
         for items in args.items:
             for mode in modes:
