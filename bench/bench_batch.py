@@ -442,14 +442,22 @@ def measure(
     }
 
 
-def count_task_runs(api: str) -> dict[str, int]:
-    """Task runs the Prefect server holds after the run, by state type."""
-    counts = {}
+def count_task_runs(api: str) -> dict[str, Any]:
+    """Task runs the Prefect server holds after the run, by state type; and whether the run
+    graph of every flow run loads (the UI refuses graphs past 10,000 nodes)."""
+    counts: dict[str, Any] = {}
     with httpx.Client(base_url=api, timeout=60) as c:
         counts["total"] = int(c.post("/task_runs/count", json={}).json())
         for state in ("COMPLETED", "FAILED", "RUNNING", "PENDING", "SCHEDULED", "CRASHED"):
             body = {"task_runs": {"state": {"type": {"any_": [state]}}}}
             counts[state.lower()] = int(c.post("/task_runs/count", json=body).json())
+        runs = c.post("/flow_runs/filter", json={"limit": 200}).json()
+        graphs = [c.get(f"/flow_runs/{r['id']}/graph-v2") for r in runs]
+        counts["flow_runs"] = len(runs)
+        counts["graphs_loaded"] = sum(1 for g in graphs if g.status_code == 200)
+        counts["largest_graph_nodes"] = max(
+            (len(g.json().get("nodes", [])) for g in graphs if g.status_code == 200), default=0
+        )
     return counts
 
 
@@ -626,6 +634,11 @@ COLUMNS = [
     ("cpu busy", "all those processes' CPU / (makespan x cores)"),
     ("machine busy", "the whole machine's CPU use over the makespan (more: others ran too)"),
     ("peak RSS", "subject's peak resident memory, MB"),
+    (
+        "task runs kept",
+        "task runs the Prefect server holds after the run / of them COMPLETED / left RUNNING or "
+        "PENDING; graphs: flow runs whose run graph loads / flow runs",
+    ),
 ]
 
 
@@ -656,7 +669,16 @@ def row(fig: dict[str, Any]) -> list[str]:
         num(fig["cpu_busy"], ".0%"),
         num(fig.get("machine_busy"), ".0%"),
         num(fig["peak_rss_mb"], ".0f"),
+        _kept(fig.get("prefect_task_runs")),
     ]
+
+
+def _kept(t: dict[str, Any] | None) -> str:
+    if not t:
+        return "n/a"
+    stuck = t.get("running", 0) + t.get("pending", 0)
+    graphs = f"; graphs {t['graphs_loaded']}/{t['flow_runs']}" if "flow_runs" in t else ""
+    return f"{t['total']:,} / {t.get('completed', 0):,} / {stuck}{graphs}"
 
 
 def markdown(figs: list[dict[str, Any]]) -> str:
