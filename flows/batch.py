@@ -1,7 +1,4 @@
-"""The batch flow: manifest -> check -> submit -> poll -> store -> report.
-
-Run it with `hailuo-batch run MANIFEST --output URL`, from a deployment, or as a function.
-"""
+"""The batch flow: manifest -> check -> submit -> poll -> store -> report."""
 
 from __future__ import annotations
 
@@ -9,10 +6,10 @@ import asyncio
 import contextlib
 import logging
 import time
-import typing
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import httpx
@@ -24,30 +21,29 @@ from prefect.states import Completed, Failed, State
 
 from flows.item import GLOBAL_LIMIT, RunState, check_and_run
 from flows.report import (
-    Progress,
     artifact_keys,
-    publish_item_table,
     publish_previews,
     publish_report,
+    start_progress,
     write_results,
 )
-from flows.runtime import Runtime, open_runtime, running, save_stats
+from flows.runtime import Runtime, open_runtime, running
 from flows.tasks import read_balance, read_manifest
-from hailuo_batch.apixo import RequestType
 from hailuo_batch.artifacts import keeps_run_name
 from hailuo_batch.budget import Budget, InsufficientBalance, Stop, apply_balance
-from hailuo_batch.callbacks import CallbackStore, CallbackWaiter, callback_url_for
-from hailuo_batch.ledger import Ledger, LedgerUnavailable
+from hailuo_batch.ledger import Ledger, LedgerUnavailable, keep_lease, planned_spend
 from hailuo_batch.manifest import Manifest, ManifestError, ManifestItem
-from hailuo_batch.options import BatchOptions, RunOptions, split_options
+from hailuo_batch.options import BatchOptions, flow_parameters
 from hailuo_batch.outcomes import invalid_rows
 from hailuo_batch.pacing import AdaptiveLimit, AdaptiveSlots
 from hailuo_batch.policy import Prices
-from hailuo_batch.results import ItemResult, summarize
+from hailuo_batch.polling import save_stats
+from hailuo_batch.results import ItemResult, run_summary
 from hailuo_batch.settings import get_settings
 from hailuo_batch.verdict import run_verdict
 
 ItemRunner = Callable[[ManifestItem], Awaitable[ItemResult]]
+Job = Callable[[], Coroutine[Any, Any, Any]]
 
 
 def new_run_id() -> str:
@@ -89,8 +85,6 @@ async def generate_videos(
     started = time.monotonic()
     settings = get_settings()
     async with open_runtime(options, settings) as rt:
-        if options.request_type == RequestType.CALLBACK:
-            _enable_callbacks(rt)
         run_id = new_run_id()
         get_run_logger().info("run %s: manifest %s -> %s", run_id, manifest, rt.store.url)
         run = RunState(
@@ -107,9 +101,12 @@ async def generate_videos(
             checks=asyncio.Semaphore(max(4, options.concurrency)),
         )
         await rt.blocking(run.ledger.heartbeat)  # a lease before any claim; a dead store fails
-        jobs = [lambda: _keep_lease(run), lambda: _watch_records(rt)]
-        if rt.waiter is not None:
-            jobs.append(rt.waiter.run)
+        lease = partial(
+            keep_lease, run.ledger, blocking=rt.blocking, warn=rt.warn,
+            lapsed=partial(run.budget.stop, Stop.LEASE),
+        )  # fmt: skip
+        jobs: list[Job] = [lease, partial(_watch_records, rt)]
+        jobs += [rt.waiter.run] if rt.waiter else []
         try:
             async with running(*jobs):
                 return await _run_batch(run, manifest, options, rerun_of, started)
@@ -127,15 +124,7 @@ async def _run_batch(
         return Failed(name="BadManifest", message=f"run {run.run_id}: {parsed}")
     results = invalid_rows(parsed.errors, run.run_id)
     keys = await artifact_keys(manifest)
-    progress = Progress(
-        parsed.total_rows,
-        run.run_id,
-        table=lambda so_far: publish_item_table(
-            run.run_id, so_far, keys[0], partial_of=parsed.total_rows
-        ),
-        table_every_s=run.rt.settings.table_every_s,
-    )
-    await progress.start()
+    progress = await start_progress(run.run_id, parsed.total_rows, keys[0])
     for r in results:
         await progress.finished(r)
     try:
@@ -154,27 +143,24 @@ async def _run_batch(
     if not options.dry_run and (stopped is None or stopped[0] == Stop.BALANCE):
         balance_after = (await read_balance()).usd
     results.sort(key=lambda r: r.row)
-    summary = summarize(
+    summary = run_summary(
         results,
         run_id=run.run_id,
         wall_time_s=time.monotonic() - started,
         balance_before=balance_before,
         balance_after=balance_after,
-    )
-    summary.update(
+        budget=run.budget,
+        estimate_usd=run.would_cost_usd if options.dry_run else estimate,
         manifest=manifest,
         output=run.rt.store.url,
         dry_run=options.dry_run,
-        estimated_batch_cost_usd=round(run.would_cost_usd if options.dry_run else estimate, 4),
-        max_cost_usd=run.budget.cap_usd,
-        stopped=run.budget.stopped[1] if run.budget.stopped else None,
         concurrency=run.slots.limit.summary(),
-        generation_s=_learned(run.rt),
+        generation_s=run.rt.board.stats.summary(),
         held_for_prefect_s=round(run.rt.recorder.waited_s, 1),
         rerun_of=rerun_of,
     )
     if not options.dry_run:
-        await run.rt.blocking(save_stats, run.rt)
+        await run.rt.blocking(save_stats, run.rt.store, run.rt.board.stats, run.rt.warn)
     await _report(run.run_id, results, summary, keys)
     return final_state(run, summary, options)
 
@@ -186,9 +172,8 @@ _PARTS: dict[str, tuple[list[list[ManifestItem]], ItemRunner]] = {}
 async def _run_items(
     run_id: str, items: list[ManifestItem], one: ItemRunner, size: int
 ) -> list[ItemResult]:
-    """Run every item; a batch of more than `size` items runs as child flow runs of at most
-    `size` items each (`run_part`), so no run's graph passes what the Prefect UI shows. The
-    parts share this run's budget, slots, ledger and report."""
+    """Run every item; more than `size` items run as child flow runs (`run_part`) of `size`
+    items each, so no run's graph passes what the Prefect UI shows."""
     if len(items) <= size:
         return await asyncio.gather(*(one(i) for i in items))
     parts = [items[k : k + size] for k in range(0, len(items), size)]
@@ -224,13 +209,11 @@ async def run_part(run_id: str, part: int) -> list[ItemResult]:
 async def _guard_money(
     run: RunState, parsed: Manifest, options: BatchOptions, invalid: int
 ) -> tuple[float, float | None]:
-    """Estimate what is left to submit (from each row's mode and duration: no image check has
-    to finish first) and apply the balance policy; returns the estimate and the balance.
-
-    401 or an API that does not answer stop the run here; `InsufficientBalance` before
-    anything is paid unless `fit_to_balance`.
-    """
-    estimate = await run.rt.blocking(_estimate_new_spend, run, parsed.items)
+    """Estimate what is left to submit and apply the balance policy (`apply_balance`);
+    returns the estimate and the balance."""
+    estimate = await run.rt.blocking(
+        planned_spend, run.ledger, parsed.items, run.plan, run.unit_cost
+    )
     get_run_logger().info(
         "%d rows to check, %d invalid; estimated cost of what is left to submit $%.2f",
         len(parsed.items),
@@ -269,40 +252,9 @@ async def _report(
     )
 
 
-def _learned(rt: Runtime) -> dict[str, Any]:
-    """What the run knows of the provider's generation time (it plans the status reads)."""
-    stats = rt.board.stats
-    q = {f"p{int(p * 100)}": stats.quantile(p) for p in (0.05, 0.5, 0.95)}
-    return {"samples": stats.count, **{k: round(v, 1) for k, v in q.items() if v is not None}}
-
-
-def _enable_callbacks(rt: Runtime) -> None:
-    """Callback mode needs the receiver's public URL, its secret and the delivery store."""
-    s = rt.settings
-    if not s.callback_url or s.callback_token is None:
-        raise ValueError(
-            "request_type callback needs HAILUO_CALLBACK_URL (the receiver's public base URL) "
-            "and HAILUO_CALLBACK_TOKEN (its secret); start one with `hailuo-batch receiver`"
-        )
-    token = s.callback_token.get_secret_value()
-    rt.callback_url = callback_url_for(s.callback_url, token)
-    rt.client.add_secret(token)  # never in a message, result, ledger or log line
-    rt.client.add_secret(rt.callback_url)
-    deliveries = CallbackStore(s.callback_store)
-    rt.waiter = CallbackWaiter(
-        deliveries, s.callback_check_s, blocking=rt.blocking, warn=get_run_logger().warning
-    )
-    get_run_logger().info(
-        "callback mode: deliveries read from %s; backstop status poll every %.0f s",
-        deliveries.url,
-        s.callback_backstop_s,
-    )
-
-
 async def _watch_records(rt: Runtime) -> None:
-    """Tell the run how many of its task runs (its child runs' included) the Prefect server
-    has recorded as finished, so it holds new items while the server is far behind. If the
-    count cannot be read, the run is not held."""
+    """Tell the run how many of its (and its parts') task runs the Prefect server has
+    recorded as finished: it holds new items while the server is far behind."""
     me = flow_run.get_id()
     finished = {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]}}}
     async with get_client() as client:
@@ -334,43 +286,6 @@ async def _global_limit_exists(name: str) -> bool:
     return bool(limit.active)
 
 
-async def _keep_lease(run: RunState) -> None:
-    """Renew this run's lease so other runs leave its claimed items alone.
-
-    Each renewal retries storage failures with backoff; a failed renewal is logged and tried
-    again on the next beat. If the lease could lapse before it is renewed, the run stops
-    submitting (other runs may then take its items) and says so; in-flight items go on.
-    """
-    ledger = run.ledger
-    while True:
-        await asyncio.sleep(max(0.5, ledger.lease_ttl_s / 8))
-        try:
-            await run.rt.blocking(ledger.heartbeat)
-        except LedgerUnavailable as exc:
-            run.rt.log("lease renewal failed, trying again: %s", exc, level=logging.WARNING)
-        if not ledger.lease_fresh():
-            run.budget.stop(
-                Stop.LEASE,
-                f"the run's lease could not be renewed for {ledger.lease_ttl_s * 0.75:.0f} s "
-                "(output store unreachable?): stopped submitting so that no other run pays "
-                "for the same items",
-            )
-
-
-def _estimate_new_spend(run: RunState, items: list[ManifestItem]) -> float:
-    """Estimated cost of the rows this run still has to submit (resume-aware; rows whose image
-    turns out invalid are counted, so the estimate errs on the safe side)."""
-    total = 0.0
-    for item in items:
-        try:
-            plan = run.plan(item, run.ledger.get(item.id))
-        except LedgerUnavailable:
-            continue  # the item itself says so when it runs; it is never submitted blind
-        if plan.action == "submit":
-            total += run.unit_cost(item)
-    return total
-
-
 def final_state(run: RunState, summary: dict[str, Any], options: BatchOptions) -> Any:
     """The run's state: its type and name say at a glance whether every item made it."""
     v = run_verdict(
@@ -389,20 +304,6 @@ def final_state(run: RunState, summary: dict[str, Any], options: BatchOptions) -
         return summary
     make = Completed if v.kind == "completed" else Failed
     return make(name=v.name, message=v.message, data=summary)
-
-
-def flow_parameters(flow_fn: Any, **params: Any) -> dict[str, Any]:
-    """`params` for `flow_fn`, with flat batch options (`output=`, `concurrency=`, ...) folded
-    into its `options` parameter, so callers may pass them either way."""
-    model = typing.get_type_hints(flow_fn.fn).get("options")
-    if not (isinstance(model, type) and issubclass(model, RunOptions)):
-        return params
-    given, rest = split_options(model, params)
-    if given is not None:
-        if "options" in rest:
-            raise TypeError("pass the batch options either flat or as options=, not both")
-        rest["options"] = given
-    return rest
 
 
 def run_flow_sync(flow_fn: Any, **params: Any) -> State[Any]:

@@ -1,17 +1,11 @@
 """One item in a run: check its image, claim it, plan it from the ledger, live it, release it.
-
-The decisions live in the library (`validation.preflight`, `ledger.plan_item`, `steps`,
-`lifecycle.live_item`); this module only supplies the effects, as Prefect tasks, and turns the
-outcome into a result line.
-"""
+The decisions are the library's (`preflight`, `plan_item`, `live_item`); this supplies effects."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -26,8 +20,9 @@ from hailuo_batch.ledger import (
     LedgerRecord,
     LedgerUnavailable,
     Plan,
+    claim_or_wait,
     plan_item,
-    stored_key,
+    stored_intact,
 )
 from hailuo_batch.lifecycle import LifePolicy, live_item
 from hailuo_batch.manifest import ManifestItem
@@ -109,7 +104,7 @@ async def run_item(b: RunState, v: Preflight) -> ItemResult:
     """
     item = v.item
     try:
-        owner = await _claim(b, item)
+        owner = await claim_or_wait(b.ledger, item.id, b.rt.blocking)
     except LedgerUnavailable as exc:
         return not_submitted(
             item, b.run_id, f"not submitted: the item could not be claimed: {exc}", ledger=True
@@ -130,16 +125,6 @@ async def run_item(b: RunState, v: Preflight) -> ItemResult:
             await b.rt.blocking(b.ledger.release, item.id)
 
 
-async def _claim(b: RunState, item: ManifestItem) -> str | None:
-    ttl = b.ledger.lease_ttl_s
-    deadline = time.monotonic() + ttl + 1
-    owner = await b.rt.blocking(b.ledger.claim, item.id)
-    while owner is not None and time.monotonic() < deadline:
-        await asyncio.sleep(min(2.0, ttl / 4))
-        owner = await b.rt.blocking(b.ledger.claim, item.id)
-    return owner
-
-
 async def _plan_and_live(b: RunState, v: Preflight) -> ItemResult:
     item, unit_cost = v.item, b.unit_cost(v.item)
     rec = await b.rt.blocking(b.ledger.get, item.id)
@@ -147,7 +132,7 @@ async def _plan_and_live(b: RunState, v: Preflight) -> ItemResult:
     if (
         plan.action == "done"
         and rec is not None
-        and not await b.rt.blocking(_stored_intact, b, rec)
+        and not await b.rt.blocking(stored_intact, b.rt.store, rec)
     ):
         note = "stored video missing or damaged: fetching it again"
         plan = Plan("poll", note=note, attempts=rec.attempts)
@@ -243,12 +228,3 @@ async def _provider_slot(b: RunState) -> AsyncIterator[None]:
         return
     async with global_concurrency(GLOBAL_LIMIT, occupy=1, strict=False):
         yield
-
-
-def _stored_intact(b: RunState, rec: LedgerRecord) -> bool:
-    """The stored video is there with the bytes the ledger recorded (size, then sha256)."""
-    key = stored_key(rec)
-    store = b.rt.store
-    if not store.exists(key) or store.size(key) != rec.bytes:
-        return False
-    return rec.sha256 is None or hashlib.sha256(store.read_bytes(key)).hexdigest() == rec.sha256

@@ -1,12 +1,8 @@
-"""The nightly flow: every new manifest dropped in an inbox becomes one generate-videos run.
-
-The inbox itself (claims, checks, moves, the night's report and state) is
-`hailuo_batch.inbox`; this flow runs its steps as Prefect tasks and each manifest as a subflow.
-"""
+"""The nightly flow: every new manifest in the inbox (`hailuo_batch.inbox`) becomes one
+generate-videos run."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -23,10 +19,12 @@ from hailuo_batch.inbox import (
     ManifestCheck,
     Outcome,
     default_inbox,
+    new_record,
     new_report,
     nightly_outcome,
     report_markdown,
     run_name_for,
+    run_record,
 )
 from hailuo_batch.manifest import ItemDefaults
 from hailuo_batch.options import BatchOptions
@@ -61,18 +59,12 @@ async def _run_one(
 ) -> tuple[Outcome, dict[str, Any]]:
     """Check and run one claimed manifest; returns where it goes and its record."""
     logger = get_run_logger()
-    record: dict[str, Any] = {
-        "manifest": claim.name,
-        "claim": claim.claim_id,
-        "nightly_flow_run_id": str(flow_run.get_id()),
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    record = new_record(claim, str(flow_run.get_id()))
     check = await check_manifest(inbox, claim, options.item_defaults())
     record.update(total_rows=check.total_rows, row_errors=check.row_errors)
     if not check.ok:
         logger.warning("manifest %s refused: %s", claim.name, check.error)
         return "failed", {**record, "stage": "validation", "error": check.error}
-
     name = run_name_for(claim.name)
     try:
         state: State[Any] = await generate_videos.with_options(flow_run_name=name)(
@@ -82,19 +74,7 @@ async def _run_one(
     except Exception as exc:  # recorded in the manifest's report; the nightly run goes on
         logger.exception("manifest %s: the run could not start", claim.name)
         return "failed", {**record, "stage": "run", "error": f"{type(exc).__name__}: {exc}"}
-    summary = result if isinstance(result, dict) else {}
-    record.update(
-        flow_run_id=str(state.state_details.flow_run_id),
-        flow_run_name=name,
-        state=state.type.value,
-        run_id=summary.get("run_id"),
-        results=summary.get("results"),
-        by_status=summary.get("by_status"),
-    )
-    if state.is_completed():
-        return "done", record
-    error = state.message or (str(result) if isinstance(result, BaseException) else "run failed")
-    return "failed", {**record, "stage": "run", "error": error}
+    return run_record(record, name, state, result)
 
 
 @flow(name="nightly-batch", log_prints=True)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
 
-import fsspec
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.states import Completed, Failed
@@ -18,15 +17,11 @@ from hailuo_batch.rerun import (
     DEFAULT_RERUN_STATUSES,
     outcome_markdown,
     output_of_results,
-    rerun_row,
     run_id_of_results,
-    select_for_rerun,
-    selection_markdown,
-    to_manifest_jsonl,
+    write_selection,
 )
-from hailuo_batch.results import ItemStatus, from_jsonl
+from hailuo_batch.results import ItemStatus
 from hailuo_batch.settings import get_settings
-from hailuo_batch.storage import OutputStore
 
 ABOUT = "Which items this rerun takes from the previous run, and what happened"
 
@@ -64,17 +59,24 @@ async def rerun_failed(
     store = await open_store(
         options.output or output_of_results(results), options.storage_block, get_settings()
     )
-    overrides = {"mode": mode, "duration": duration, "provider": provider}
-    selected, manifest_url, selection_md = await _write_selection(
-        store, results, (statuses, fail_codes, ids), overrides, prompt_suffix, options.dry_run
-    )
-    if not selected:
-        get_run_logger().info("nothing to rerun")
-        await acreate_markdown_artifact(selection_md + "\n\nnothing to rerun.", description=ABOUT)
+    sel = await blocking(
+        partial(
+            write_selection, store, results, statuses=statuses, fail_codes=fail_codes, ids=ids,
+            overrides={"mode": mode, "duration": duration, "provider": provider},
+            prompt_suffix=prompt_suffix, dry_run=options.dry_run,
+        )
+    )  # fmt: skip
+    logger = get_run_logger()
+    for why in sel.left_out:
+        logger.warning("not rerun: %s", why)
+    logger.info("rerun of %s: %d of %d items match", results, sel.chosen, sel.total)
+    if not sel.chosen:
+        logger.info("nothing to rerun")
+        await acreate_markdown_artifact(sel.markdown + "\n\nnothing to rerun.", description=ABOUT)
         return {"selected": 0, "results": None}
     child = generate_videos.with_options(flow_run_name=f"rerun-{run_id_of_results(results)}")
     state = await child(
-        manifest=manifest_url,
+        manifest=sel.manifest_url,
         options=BatchOptions(**{**options.model_dump(), "output": store.url}),
         force=True,
         resubmit_lost=resubmit_lost,
@@ -83,39 +85,9 @@ async def rerun_failed(
     )
     summary = await state.aresult(raise_on_failure=False)
     outcome_md = outcome_markdown(state.name, state.message, summary)
-    await acreate_markdown_artifact(selection_md + outcome_md, description=ABOUT)
+    await acreate_markdown_artifact(sel.markdown + outcome_md, description=ABOUT)
     if state.is_completed():
         if state.name == "Completed":
             return summary
         return Completed(name=state.name, message=state.message, data=summary)
     return Failed(name=state.name, message=state.message, data=summary)
-
-
-async def _write_selection(
-    store: OutputStore,
-    results: str,
-    pick: tuple[list[ItemStatus], list[str] | None, list[str] | None],
-    overrides: dict[str, Any],
-    prompt_suffix: str | None,
-    dry_run: bool,
-) -> tuple[int, str, str]:
-    """Select the items to rerun and write them as a manifest under `reruns/`; returns how
-    many, the manifest's URL and the markdown that says what was selected."""
-    logger = get_run_logger()
-    statuses, fail_codes, ids = pick
-    previous = await blocking(_read_results, results, store.storage_options)
-    chosen, left_out = select_for_rerun(previous, statuses=statuses, fail_codes=fail_codes, ids=ids)
-    for why in left_out:
-        logger.warning("not rerun: %s", why)
-    logger.info("rerun of %s: %d of %d items match", results, len(chosen), len(previous))
-    rows = [rerun_row(r, prompt_suffix=prompt_suffix, **overrides) for r in chosen]
-    key = f"reruns/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-manifest.jsonl"
-    await blocking(store.write_text_atomic, key, to_manifest_jsonl(rows))
-    url = store.url_for(key)
-    md = selection_markdown(results, len(chosen), statuses, url, left_out, dry_run=dry_run)
-    return len(rows), url, md
-
-
-def _read_results(url: str, storage_options: dict[str, Any]) -> list[Any]:
-    with fsspec.open(url, "rt", encoding="utf-8", **storage_options) as fh:
-        return from_jsonl(fh.read())

@@ -1,10 +1,5 @@
-"""What the tasks of one flow run share, and how they reach it.
-
-The `Runtime` (settings, apixo client, output store, thread limiter) is opened once per run from
-the options and the blocks they name, and handed to tasks through a context variable rather
-than as a task parameter: Prefect walks every parameter of every task call, and the runtime
-holds clients and growing dicts.
-"""
+"""What the tasks of one flow run share: the `Runtime`, opened once per run, reached through a
+context variable (Prefect walks every task parameter; the runtime holds clients)."""
 
 from __future__ import annotations
 
@@ -19,18 +14,14 @@ import anyio
 import anyio.to_thread
 from prefect import get_run_logger
 
-from hailuo_batch.apixo import ApixoClient
-from hailuo_batch.callbacks import CallbackWaiter
+from hailuo_batch.apixo import ApixoClient, RequestType
+from hailuo_batch.callbacks import CallbackWaiter, callback_mode
 from hailuo_batch.netguard import GuardedTransport
 from hailuo_batch.options import RunOptions
 from hailuo_batch.pacing import RecorderLag, StatsBoard
 from hailuo_batch.policy import PollSchedule
 from hailuo_batch.polling import (
-    STATS_KEY,
-    LearnedTicker,
-    ScheduleTicker,
-    Ticker,
-    callback_schedules,
+    load_stats,
     stats_board,
 )
 from hailuo_batch.settings import Settings, check_output_url
@@ -74,16 +65,8 @@ class Runtime:
         """A run log line, scrubbed of secrets."""
         get_run_logger().log(level, self.scrub(msg % args if args else msg))
 
-    def ticker(self, task_id: str, sent_at: float | None, immediate: bool) -> Ticker:
-        """When to read `task_id`'s status: learned from this run's (and earlier runs')
-        generation times, or in callback mode on a delivery, with a slow poll as backstop."""
-        guidance = PollSchedule.from_settings(self.settings)
-        if self.waiter is None:
-            return LearnedTicker(self.board, started=sent_at, immediate=immediate)
-        backstop, fallback = callback_schedules(
-            guidance, self.settings.callback_backstop_s, immediate=immediate
-        )
-        return ScheduleTicker(backstop, task_id=task_id, waiter=self.waiter, fallback=fallback)
+    def warn(self, msg: str) -> None:
+        self.log(msg, level=logging.WARNING)
 
 
 def runtime() -> Runtime:
@@ -94,8 +77,8 @@ def runtime() -> Runtime:
 async def open_store(
     output: str | None, storage_block: str | None, settings: Settings
 ) -> OutputStore:
-    """The output store: `output`, else the OutputStorage block's URL, else HAILUO_OUTPUT; with
-    the block's S3 options whenever a block is named."""
+    """`output`, else the OutputStorage block's URL, else HAILUO_OUTPUT (with the block's S3
+    options whenever a block is named)."""
     if not storage_block:
         return OutputStore(check_output_url(output or settings.output))
     from blocks.apixo import OutputStorage
@@ -105,11 +88,8 @@ async def open_store(
 
 
 async def open_client(credentials_block: str | None, settings: Settings) -> ApixoClient:
-    """The run's apixo client: the ApixoCredentials block's key and URL, else the environment's.
-
-    Result URLs may point anywhere, so downloads go through the same private-address guard as
-    image checks; a submit's 429 reaches the run's limiter at once instead of being retried.
-    """
+    """The ApixoCredentials block's client, else the environment's; downloads guarded like image
+    checks, a submit's 429 handed to the run's limiter at once."""
     kwargs: dict[str, Any] = {
         "download_transport": GuardedTransport(allow_private=settings.allow_private_networks),
         "retry_rate_limited_submits": False,
@@ -122,22 +102,6 @@ async def open_client(credentials_block: str | None, settings: Settings) -> Apix
     return creds.get_client(settings, **kwargs)
 
 
-def _read_stats(store: OutputStore) -> bytes | None:
-    """The generation times earlier runs into this output saw (None: none, or unreadable)."""
-    try:
-        return store.read_bytes(STATS_KEY) if store.exists(STATS_KEY) else None
-    except OSError:
-        return None
-
-
-def save_stats(rt: Runtime) -> None:
-    """Keep the generation times for the next run into this output (best effort)."""
-    try:
-        rt.store.write_text_atomic(STATS_KEY, rt.board.stats.to_json())
-    except OSError as exc:
-        rt.log("generation times not saved: %s", exc, level=logging.WARNING)
-
-
 @asynccontextmanager
 async def open_runtime(options: RunOptions, settings: Settings) -> AsyncIterator[Runtime]:
     """The run's runtime, current for its tasks until the run ends; a missing key or a bad
@@ -147,9 +111,18 @@ async def open_runtime(options: RunOptions, settings: Settings) -> AsyncIterator
         store = await open_store(options.output, options.storage_block, settings)
         # threads for blocking calls: one per item in flight plus a few for checks and reports
         limiter = anyio.CapacityLimiter(options.concurrency + 4)
-        earlier = await blocking(_read_stats, store, limiter=limiter)
+        earlier = await blocking(load_stats, store, limiter=limiter)
         board = stats_board(earlier, PollSchedule.from_settings(settings))
         rt = Runtime(settings, client, store, limiter, board, RecorderLag(settings.max_record_lag))
+        if options.request_type == RequestType.CALLBACK:
+            rt.callback_url, rt.waiter = callback_mode(
+                settings, add_secret=client.add_secret, blocking=rt.blocking, warn=rt.warn
+            )
+            get_run_logger().info(
+                "callback mode: deliveries read from %s; backstop status poll every %.0f s",
+                rt.waiter.store.url,
+                settings.callback_backstop_s,
+            )
         token = _CURRENT.set(rt)
         try:
             yield rt
@@ -161,11 +134,8 @@ async def open_runtime(options: RunOptions, settings: Settings) -> AsyncIterator
 
 @asynccontextmanager
 async def running(*jobs: Callable[[], Coroutine[Any, Any, Any]]) -> AsyncIterator[None]:
-    """Run `jobs` in the background while the body runs; they are cancelled when it ends.
-
-    An anyio task group: a job that fails ends the body too, and nothing outlives the run. A
-    single error comes out as itself, not wrapped in an exception group.
-    """
+    """Run `jobs` in an anyio task group while the body runs, cancelled when it ends; a job's
+    failure ends the body too, and a single error comes out unwrapped."""
     try:
         async with anyio.create_task_group() as group:
             for job in jobs:

@@ -1,13 +1,6 @@
-"""The Prefect tasks of an item's life and the run's API calls, named after their functions.
-
-Tasks return typed outcomes (`Submitted`, `PollResult`, `Balance`, a `ManifestError`) instead
-of raising for expected fates: a refused POST or a video that is not an MP4 is not a
-crash, and Prefect prints a traceback for every task that raises. They take only small
-parameters (items, ids, URLs) and reach the run's client and store through `runtime()`.
-Blocking calls run in worker threads (`Runtime.blocking`), so the flow's event loop keeps many
-items in flight without a thread per wait. An item's submit and poll are task runs; storing its
-video is not (each task run costs the Prefect server more than the step is worth to see).
-"""
+"""The Prefect tasks of an item's life and the run's API calls. They return typed outcomes
+instead of raising for expected fates (Prefect prints a traceback for every task that raises),
+take small parameters and reach the run's client and store through `runtime()`."""
 
 from __future__ import annotations
 
@@ -24,7 +17,7 @@ from hailuo_batch.apixo import ApixoError, AuthenticationError, GenerateRequest,
 from hailuo_batch.apixo.errors import ApixoTransportError
 from hailuo_batch.fetch import Stored, fetch_video
 from hailuo_batch.manifest import ItemDefaults, Manifest, ManifestError, ManifestItem, load_manifest
-from hailuo_batch.polling import PollResult, watch_task
+from hailuo_batch.polling import PollResult, ticker_for, watch_task
 
 
 @task(cache_policy=NO_CACHE)
@@ -88,7 +81,9 @@ async def poll_item(
     return await watch_task(
         task_id,
         lambda t: rt.blocking(rt.client.get_status, t),
-        rt.ticker(task_id, sent_at, immediate),
+        ticker_for(
+            task_id, rt.board, rt.waiter, rt.settings.callback_backstop_s, sent_at, immediate
+        ),
         not_found_grace_s=rt.settings.not_found_grace_s,
         warn=partial(rt.log, level=logging.WARNING),
         scrub=rt.scrub,

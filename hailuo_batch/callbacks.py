@@ -22,7 +22,7 @@ import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import anyio.to_thread
@@ -30,6 +30,9 @@ from pydantic import ValidationError
 
 from hailuo_batch.apixo.models import TaskStatus
 from hailuo_batch.storage import OutputStore
+
+if TYPE_CHECKING:
+    from hailuo_batch.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -250,3 +253,28 @@ class CallbackWaiter:
         while True:
             await self.check()
             await asyncio.sleep(self.check_s)
+
+
+def callback_mode(
+    settings: Settings,
+    *,
+    add_secret: Callable[[str], None],
+    blocking: Callable[..., Awaitable[Any]] | None = None,
+    warn: Callable[[str], None] = log.warning,
+) -> tuple[str, CallbackWaiter]:
+    """A run's secret callback URL and its waiter, from HAILUO_CALLBACK_URL, _TOKEN and _STORE.
+
+    The token and the URL go to `add_secret` (the client's scrubber): never in a message,
+    result, ledger or log line.
+    """
+    if not settings.callback_url or settings.callback_token is None:
+        raise ValueError(
+            "request_type callback needs HAILUO_CALLBACK_URL (the receiver's public base URL) "
+            "and HAILUO_CALLBACK_TOKEN (its secret); start one with `hailuo-batch receiver`"
+        )
+    token = settings.callback_token.get_secret_value()
+    url = callback_url_for(settings.callback_url, token)
+    add_secret(token)
+    add_secret(url)
+    deliveries = CallbackStore(settings.callback_store)
+    return url, CallbackWaiter(deliveries, settings.callback_check_s, blocking=blocking, warn=warn)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from hailuo_batch.manifest import ItemDefaults, ManifestError, load_manifest
@@ -139,6 +140,39 @@ def check_manifest(
         valid_rows=len(manifest.items),
         total_rows=manifest.total_rows,
     )
+
+
+def new_record(claim: Claim, nightly_flow_run_id: str) -> dict[str, Any]:
+    """The start of a manifest's record (`{name}.run.json` or `.report.json`): its claim, the
+    nightly run that took it and when."""
+    return {
+        "manifest": claim.name,
+        "claim": claim.claim_id,
+        "nightly_flow_run_id": nightly_flow_run_id,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def run_record(
+    record: dict[str, Any], flow_run_name: str, state: Any, result: Any
+) -> tuple[Outcome, dict[str, Any]]:
+    """Where a manifest goes after its generate-videos run, and its record: the run's flow run,
+    state, run id, results file and counts. `state` is the run's final Prefect state, `result`
+    its data (the summary, or the exception of a run that crashed)."""
+    summary = result if isinstance(result, dict) else {}
+    record = {
+        **record,
+        "flow_run_id": str(state.state_details.flow_run_id),
+        "flow_run_name": flow_run_name,
+        "state": state.type.value,
+        "run_id": summary.get("run_id"),
+        "results": summary.get("results"),
+        "by_status": summary.get("by_status"),
+    }
+    if state.is_completed():
+        return "done", record
+    error = state.message or (str(result) if isinstance(result, BaseException) else "run failed")
+    return "failed", {**record, "stage": "run", "error": error}
 
 
 def new_report(inbox_url: str) -> dict[str, Any]:

@@ -17,17 +17,22 @@ run reports the item as uncertain (and resubmits it or holds it, per `HAILUO_UNC
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
 from hailuo_batch.storage import OutputStore, video_key
+
+if TYPE_CHECKING:
+    from hailuo_batch.manifest import ManifestItem
 
 UncertainPolicy = Literal["resubmit", "hold"]
 T = TypeVar("T")
@@ -349,3 +354,71 @@ def _fingerprint(rec: LedgerRecord | None) -> tuple[object, ...] | None:
     if rec is None:
         return None
     return (rec.state, rec.task_id, rec.attempts, rec.run_id, rec.updated_at)
+
+
+Blocking = Callable[..., Awaitable[Any]]
+
+
+async def keep_lease(
+    ledger: Ledger,
+    *,
+    blocking: Blocking,
+    warn: Callable[[str], None],
+    lapsed: Callable[[str], None],
+) -> None:
+    """Renew the run's lease every eighth of its TTL until cancelled.
+
+    A failed renewal is warned about and tried again on the next beat. Once the lease could
+    have lapsed, `lapsed` is told why (the run stops submitting; other runs may take its items).
+    """
+    while True:
+        await asyncio.sleep(max(0.5, ledger.lease_ttl_s / 8))
+        try:
+            await blocking(ledger.heartbeat)
+        except LedgerUnavailable as exc:
+            warn(f"lease renewal failed, trying again: {exc}")
+        if not ledger.lease_fresh():
+            lapsed(
+                f"the run's lease could not be renewed for {ledger.lease_ttl_s * 0.75:.0f} s "
+                "(output store unreachable?): stopped submitting so that no other run pays "
+                "for the same items"
+            )
+
+
+async def claim_or_wait(ledger: Ledger, item_id: str, blocking: Blocking) -> str | None:
+    """Claim the item; while another run holds it, try again for up to one lease period (a
+    crashed run's claim goes stale in that time). None: claimed; else the live owner."""
+    ttl = ledger.lease_ttl_s
+    deadline = time.monotonic() + ttl + 1
+    owner: str | None = await blocking(ledger.claim, item_id)
+    while owner is not None and time.monotonic() < deadline:
+        await asyncio.sleep(min(2.0, ttl / 4))
+        owner = await blocking(ledger.claim, item_id)
+    return owner
+
+
+def stored_intact(store: OutputStore, rec: LedgerRecord) -> bool:
+    """The stored video is there with the bytes the ledger recorded (size, then sha256)."""
+    key = stored_key(rec)
+    if not store.exists(key) or store.size(key) != rec.bytes:
+        return False
+    return rec.sha256 is None or hashlib.sha256(store.read_bytes(key)).hexdigest() == rec.sha256
+
+
+def planned_spend(
+    ledger: Ledger,
+    items: Iterable[ManifestItem],
+    plan: Callable[[ManifestItem, LedgerRecord | None], Plan],
+    unit_cost: Callable[[ManifestItem], float],
+) -> float:
+    """Estimated cost of the items a run still has to submit (resume-aware). An item whose
+    record cannot be read is left out: it says so when it runs, and is never submitted blind."""
+    total = 0.0
+    for item in items:
+        try:
+            action = plan(item, ledger.get(item.id)).action
+        except LedgerUnavailable:
+            continue
+        if action == "submit":
+            total += unit_cost(item)
+    return total

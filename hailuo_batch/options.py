@@ -8,6 +8,7 @@ Prefect UI's run form shows them, with their choices, defaults and descriptions,
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -98,3 +99,17 @@ def split_options(
     mine = {k: params[k] for k in params if k in model.model_fields}
     rest = {k: v for k, v in params.items() if k not in mine}
     return (model(**mine) if mine else None), rest
+
+
+def flow_parameters(flow_fn: Any, **params: Any) -> dict[str, Any]:
+    """`params` for `flow_fn` (a flow or a function), with flat batch options (`output=`,
+    `concurrency=`, ...) folded into its `options` parameter: callers may pass them either way."""
+    model = typing.get_type_hints(getattr(flow_fn, "fn", flow_fn)).get("options")
+    if not (isinstance(model, type) and issubclass(model, RunOptions)):
+        return params
+    given, rest = split_options(model, params)
+    if given is not None:
+        if "options" in rest:
+            raise TypeError("pass the batch options either flat or as options=, not both")
+        rest["options"] = given
+    return rest

@@ -155,6 +155,11 @@ class GenerationStats:
         index = bisect.bisect_left(cumulative, q * cumulative[-1] * (1 - 1e-12))
         return values[min(index, len(values) - 1)]
 
+    def summary(self) -> dict[str, Any]:
+        """What a run's summary says of the generation time: samples, p5, p50, p95 (seconds)."""
+        q = {f"p{int(p * 100)}": self.quantile(p) for p in (0.05, 0.5, 0.95)}
+        return {"samples": self.count, **{k: round(v, 1) for k, v in q.items() if v is not None}}
+
     def to_json(self) -> str:
         """The small stats file: `{"format": 1, "samples": [seconds, ... oldest first]}`."""
         return json.dumps(

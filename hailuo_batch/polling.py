@@ -40,6 +40,7 @@ from hailuo_batch.pacing import (
 )
 from hailuo_batch.policy import PollSchedule
 from hailuo_batch.steps import POLL_TIMEOUT, TASK_NOT_FOUND, TaskLost
+from hailuo_batch.storage import OutputStore
 
 #: where a run keeps the generation times it observed, for the next run into the same output
 STATS_KEY = "stats/generation.json"
@@ -204,6 +205,23 @@ def callback_schedules(
     return backstop, dataclasses.replace(guidance, initial_s=guidance.interval_s)
 
 
+def ticker_for(
+    task_id: str,
+    board: StatsBoard,
+    waiter: CallbackWaiter | None,
+    backstop_s: float,
+    sent_at: float | None,
+    immediate: bool,
+) -> Ticker:
+    """When to read `task_id`'s status: learned from the generation times on `board` (counted
+    from `sent_at`, the POST), or with a `waiter` (callback mode) on a delivery, with a slow
+    poll every `backstop_s` as backstop. `immediate`: a resumed task, read at once."""
+    if waiter is None:
+        return LearnedTicker(board, started=sent_at, immediate=immediate)
+    backstop, fallback = callback_schedules(board.plan.guidance, backstop_s, immediate=immediate)
+    return ScheduleTicker(backstop, task_id=task_id, waiter=waiter, fallback=fallback)
+
+
 def learned_plan(guidance: PollSchedule) -> LearnedPollPlan:
     """The learned plan under the provider's guidance, in its units: the first probe at 1/30 of
     the guidance's first wait (2 s of 60 s) and reads at most every 1/60 of its interval
@@ -213,6 +231,22 @@ def learned_plan(guidance: PollSchedule) -> LearnedPollPlan:
         probe_first_s=max(1e-3, guidance.initial_s / 30),
         min_interval_s=max(1e-3, guidance.interval_s / 60),
     )
+
+
+def load_stats(store: OutputStore) -> bytes | None:
+    """The generation times earlier runs into this output saw (None: none, or unreadable)."""
+    try:
+        return store.read_bytes(STATS_KEY) if store.exists(STATS_KEY) else None
+    except OSError:
+        return None
+
+
+def save_stats(store: OutputStore, stats: GenerationStats, warn: Callable[[str], None]) -> None:
+    """Keep the generation times for the next run into this output (best effort)."""
+    try:
+        store.write_text_atomic(STATS_KEY, stats.to_json())
+    except OSError as exc:
+        warn(f"generation times not saved: {exc}")
 
 
 def stats_board(earlier: str | bytes | None, guidance: PollSchedule) -> StatsBoard:

@@ -1,10 +1,16 @@
-"""In-process progress listeners: the CLI shows a bar while the flow runs in the same process."""
+"""A run's progress: counts of finished items, pushed to the run's progress artifact, its item
+table and in-process listeners (the CLI shows a bar while the flow runs in the same process)."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hailuo_batch.results import ItemResult
 
 Listener = Callable[["ProgressState"], None]
 _listeners: list[Listener] = []
@@ -38,3 +44,48 @@ def remove_listener(fn: Listener) -> None:
 def notify(state: ProgressState) -> None:
     for fn in list(_listeners):
         fn(state)
+
+
+class Progress:
+    """Counts finished items; pushes the share done (at most every 2 s, and at the end), logs
+    every tenth, tells the listeners and, every `table_every_s` seconds while items finish,
+    hands the results so far (by row) to `table`, so a person sees reasons during a long run."""
+
+    def __init__(
+        self,
+        total: int,
+        run_id: str,
+        *,
+        push: Callable[[float], Awaitable[object]] | None = None,
+        table: Callable[[list[ItemResult]], Awaitable[object]] | None = None,
+        table_every_s: float = 10.0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.state = ProgressState(total=total, run_id=run_id)
+        self.results: list[ItemResult] = []
+        self._push, self._table, self._log = push, table, log
+        self._table_every_s = table_every_s
+        self._last_push = 0.0
+        self._last_table = time.monotonic()
+        notify(self.state)
+
+    async def finished(self, result: ItemResult) -> None:
+        state = self.state
+        state.done += 1
+        state.by_status[str(result.status)] += 1
+        self.results.append(result)
+        notify(state)
+        now = time.monotonic()
+        if self._push and (now - self._last_push > 2 or state.done == state.total):
+            self._last_push = now
+            await self._push(100.0 * state.fraction)
+        if self._log and state.done % max(1, state.total // 10) == 0:
+            self._log(f"progress: {state.line()}")
+        # the final table comes with the report
+        if (
+            self._table
+            and now - self._last_table > self._table_every_s
+            and state.done < state.total
+        ):
+            self._last_table = now
+            await self._table(sorted(self.results, key=lambda r: r.row))

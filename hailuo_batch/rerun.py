@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
-from hailuo_batch.results import ItemResult, ItemStatus
+import fsspec
+
+from hailuo_batch.results import ItemResult, ItemStatus, from_jsonl
+from hailuo_batch.storage import OutputStore
 
 DEFAULT_RERUN_STATUSES = (ItemStatus.FAILED, ItemStatus.NOT_SUBMITTED, ItemStatus.UNCERTAIN)
 
@@ -116,3 +121,44 @@ def outcome_markdown(state_name: str | None, message: str | None, summary: Any) 
         if summary.get("results"):
             lines.append(f"\nresults: `{summary['results']}`\n")
     return "".join(lines)
+
+
+def read_results(url: str, storage_options: dict[str, Any] | None = None) -> list[ItemResult]:
+    """A previous run's results file, from any fsspec URL."""
+    with fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {})) as fh:
+        return from_jsonl(fh.read())
+
+
+@dataclass
+class Selection:
+    """What a rerun takes from the previous run: the manifest written for it and why."""
+
+    chosen: int
+    total: int
+    manifest_url: str
+    markdown: str
+    left_out: list[str] = field(default_factory=list)
+
+
+def write_selection(
+    store: OutputStore,
+    results_url: str,
+    *,
+    statuses: Iterable[ItemStatus | str] = DEFAULT_RERUN_STATUSES,
+    fail_codes: Iterable[str] | None = None,
+    ids: Iterable[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    prompt_suffix: str | None = None,
+    dry_run: bool = False,
+) -> Selection:
+    """Select the items of `results_url` to rerun and write them as a manifest under `reruns/`
+    of `store` (`overrides`: mode, duration, provider for every row)."""
+    statuses = list(statuses)
+    previous = read_results(results_url, store.storage_options)
+    chosen, left_out = select_for_rerun(previous, statuses=statuses, fail_codes=fail_codes, ids=ids)
+    rows = [rerun_row(r, prompt_suffix=prompt_suffix, **(overrides or {})) for r in chosen]
+    key = f"reruns/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-manifest.jsonl"
+    store.write_text_atomic(key, to_manifest_jsonl(rows))
+    url = store.url_for(key)
+    md = selection_markdown(results_url, len(chosen), statuses, url, left_out, dry_run=dry_run)
+    return Selection(len(rows), len(previous), url, md, list(left_out))

@@ -9,13 +9,21 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from enum import StrEnum
-from typing import Any
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
 from hailuo_batch.policy import percentile
+
+if TYPE_CHECKING:
+    from hailuo_batch.budget import Budget
+
+#: where the results go when the output store stays unreachable at the end of a run
+FALLBACK_RESULTS_DIR = "hailuo-results"
 
 
 class ItemStatus(StrEnum):
@@ -213,3 +221,66 @@ def results_as_table(
 
 def dumps(summary: dict[str, Any]) -> str:
     return json.dumps(summary, indent=2, sort_keys=True) + "\n"
+
+
+def run_summary(
+    results: list[ItemResult],
+    *,
+    run_id: str,
+    wall_time_s: float,
+    balance_before: float | None,
+    balance_after: float | None,
+    budget: Budget,
+    estimate_usd: float,
+    **facts: Any,
+) -> dict[str, Any]:
+    """`summarize` plus what the run set out to spend, its cap, why it stopped, and `facts`."""
+    summary = summarize(
+        results,
+        run_id=run_id,
+        wall_time_s=wall_time_s,
+        balance_before=balance_before,
+        balance_after=balance_after,
+    )
+    stopped = budget.stopped
+    summary.update(
+        estimated_batch_cost_usd=round(estimate_usd, 4),
+        max_cost_usd=budget.cap_usd,
+        stopped=stopped[1] if stopped else None,
+        **facts,
+    )
+    return summary
+
+
+def write_results(
+    store: Any,
+    run_id: str,
+    results: list[ItemResult],
+    summary: dict[str, Any],
+    *,
+    fallback_dir: str = FALLBACK_RESULTS_DIR,
+    retry_delays: Sequence[float] | None = None,
+) -> tuple[str, Exception | None]:
+    """Write results.jsonl and summary.json under `runs/{run_id}/` of `store` (atomically, with
+    the ledger's retries); returns the results file's URL.
+
+    If the store stays unreachable they go to `{fallback_dir}/{run_id}/` on this machine instead,
+    `summary["results_fallback"]` says where, and the store's error is returned with that URL:
+    the results are never lost with the store.
+    """
+    from hailuo_batch.ledger import STORE_RETRY_DELAYS_S, LedgerUnavailable, with_retries
+    from hailuo_batch.storage import OutputStore, run_key
+
+    files = {"results.jsonl": to_jsonl(results), "summary.json": dumps(summary)}
+    delays = STORE_RETRY_DELAYS_S if retry_delays is None else retry_delays
+    try:
+        for name, text in files.items():
+            key = run_key(run_id, name)
+            with_retries(partial(store.write_text_atomic, key, text), key, delays=delays)
+        return store.url_for(run_key(run_id, "results.jsonl")), None
+    except LedgerUnavailable as exc:
+        fallback = OutputStore(str(Path(fallback_dir).absolute()))
+        for name, text in files.items():
+            fallback.write_text_atomic(f"{run_id}/{name}", text)
+        summary["results_fallback"] = url = fallback.url_for(f"{run_id}/results.jsonl")
+        return url, exc

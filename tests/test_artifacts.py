@@ -6,7 +6,9 @@ import re
 
 import pytest
 
-from hailuo_batch.artifacts import MAX_SLUG, manifest_stem, report_keys, slugify
+from hailuo_batch.artifacts import MAX_SLUG, manifest_stem, report_keys, slugify, video_link
+from hailuo_batch.results import ItemResult
+from hailuo_batch.storage import OutputStore
 
 KEY = re.compile(r"^[a-z0-9-]+$")
 
@@ -65,3 +67,22 @@ def test_a_name_a_person_gave_is_kept_a_generated_one_is_replaced():
         assert not keeps_run_name(generated)
     for given in ("November re-shoot", "client-x-2026-11", "nightly-first.csv", "Kiwi", "rerun-1"):
         assert keeps_run_name(given)
+
+
+def _stored(video):
+    return ItemResult(id="a", row=1, status="succeeded", video=video)
+
+
+def test_a_local_video_link_is_its_path(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    path = store.url_for("videos/a.mp4")
+    assert video_link(store, 3600, _stored(path)) == path
+    assert video_link(store, 3600, _stored(None)) is None
+
+
+def test_a_video_on_s3_gets_a_presigned_link_and_others_keep_their_url(s3_env):
+    store = OutputStore(f"s3://{s3_env}/out")
+    link = video_link(store, 3600, _stored(store.url_for("videos/a.mp4")))
+    assert link.startswith("http") and "Signature" in link and "Expires" in link
+    elsewhere = "s3://other-bucket/videos/a.mp4"
+    assert video_link(store, 3600, _stored(elsewhere)) == elsewhere  # not under this output

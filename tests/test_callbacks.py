@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from hailuo_batch.apixo import TaskState
-from hailuo_batch.callbacks import CallbackStore, callback_url_for
+from hailuo_batch.callbacks import CallbackStore, callback_mode, callback_url_for
+from hailuo_batch.settings import Settings
 
 TOKEN = "tok-0123456789abcdefXYZ"
 
@@ -171,3 +172,22 @@ def test_store_on_s3(s3_env: str) -> None:
     assert status is not None and status.fail_code == "CONTENT_VIOLATION"
     assert reader.get("task_missing") is None
     assert reader.store.list() == ["deliveries/task_s3.json", "deliveries/task_s3b.json"]
+
+
+def test_callback_mode_hands_out_the_secret_url_and_hides_it(tmp_path: Path) -> None:
+    settings = Settings(
+        callback_url="https://hooks.example.com",
+        callback_token=TOKEN,
+        callback_store=str(tmp_path / "cb"),
+        callback_check_s=0.5,
+    )
+    secrets: list[str] = []
+    url, waiter = callback_mode(settings, add_secret=secrets.append)
+    assert url == f"https://hooks.example.com/callbacks/{TOKEN}"
+    assert secrets == [TOKEN, url]  # scrubbed from every message from now on
+    assert waiter.check_s == 0.5 and waiter.store.url.endswith("cb")
+
+
+def test_callback_mode_without_receiver_settings_says_what_to_set() -> None:
+    with pytest.raises(ValueError, match=r"HAILUO_CALLBACK_URL.*HAILUO_CALLBACK_TOKEN"):
+        callback_mode(Settings(callback_url=None, callback_token=None), add_secret=print)

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
-from hailuo_batch.inbox import Inbox, default_inbox, report_markdown, run_name_for
+from hailuo_batch.inbox import (
+    Claim,
+    Inbox,
+    default_inbox,
+    new_record,
+    report_markdown,
+    run_name_for,
+    run_record,
+)
 from hailuo_batch.manifest import ItemDefaults
 from hailuo_batch.storage import OutputStore
 
@@ -36,3 +45,33 @@ def test_names_and_report() -> None:
     assert run_name_for("Q4 orders.csv") == "nightly-Q4-orders.csv"
     md = report_markdown({"inbox": "x", "done": [], "failed": [], "taken": []})
     assert "No new manifests." in md
+
+
+def _state(completed: bool, message: str | None = None) -> SimpleNamespace:
+    """What a Prefect State tells of a finished run."""
+    return SimpleNamespace(
+        state_details=SimpleNamespace(flow_run_id="fr-1"),
+        type=SimpleNamespace(value="COMPLETED" if completed else "FAILED"),
+        is_completed=lambda: completed,
+        message=message,
+    )
+
+
+def test_a_manifests_record_says_which_run_took_it_and_how_it_ended() -> None:
+    record = new_record(Claim("night.csv", "c1", "processing/c1/night.csv"), "nightly-1")
+    assert record["manifest"] == "night.csv" and record["claim"] == "c1"
+    assert record["nightly_flow_run_id"] == "nightly-1" and record["at"].startswith("20")
+    summary = {"run_id": "r1", "results": "out/runs/r1/results.jsonl", "by_status": {"ok": 1}}
+    outcome, done = run_record(record, "nightly-night.csv", _state(True), summary)
+    assert outcome == "done" and "error" not in done
+    assert (done["flow_run_id"], done["state"], done["run_id"]) == ("fr-1", "COMPLETED", "r1")
+    assert done["results"] == "out/runs/r1/results.jsonl" and done["manifest"] == "night.csv"
+
+
+def test_a_failed_run_sends_its_manifest_to_failed_with_the_reason() -> None:
+    record = new_record(Claim("n.csv", "c1", "k"), "nightly-1")
+    outcome, failed = run_record(record, "x", _state(False, "2 items failed"), {"run_id": "r"})
+    assert outcome == "failed" and (failed["stage"], failed["error"]) == ("run", "2 items failed")
+    _, crashed = run_record(record, "x", _state(False), RuntimeError("worker died"))
+    assert crashed["error"] == "worker died" and crashed["run_id"] is None
+    assert run_record(record, "x", _state(False), None)[1]["error"] == "run failed"

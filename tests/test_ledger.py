@@ -1,16 +1,25 @@
+import asyncio
+import hashlib
 import json
 import time
 
+import anyio
 import pytest
 
+from hailuo_batch.apixo import Mode, Provider
 from hailuo_batch.ledger import (
     Ledger,
     LedgerCorrupt,
     LedgerRecord,
     LedgerState,
     LedgerUnavailable,
+    claim_or_wait,
+    keep_lease,
     plan_item,
+    planned_spend,
+    stored_intact,
 )
+from hailuo_batch.manifest import ManifestItem
 from hailuo_batch.storage import OutputStore
 
 H = "a" * 64
@@ -237,3 +246,87 @@ def test_a_changed_row_says_which_paid_task_of_the_old_inputs_has_no_stored_vide
 def test_a_changed_row_says_an_earlier_charge_is_possible(state):
     p = plan_item(rec(state, attempts=1), "b" * 64)
     assert p.action == "submit" and "possible charge" in p.note
+
+
+async def _sync(fn, *args):
+    return fn(*args)
+
+
+def test_a_lease_that_stays_unrenewed_stops_the_run_with_a_reason(tmp_path):
+    flaky = FlakyStore(OutputStore(str(tmp_path / "o")))
+    led = Ledger(flaky, "r1", lease_ttl_s=1.0, retry_delays_s=())
+    warnings, stops = [], []
+
+    async def main():
+        led.heartbeat()
+        flaky.fail = 100  # the store goes away
+        with anyio.move_on_after(2.5):
+            await keep_lease(led, blocking=_sync, warn=warnings.append, lapsed=stops.append)
+
+    asyncio.run(main())
+    assert warnings and "lease renewal failed, trying again" in warnings[0]
+    assert stops and "stopped submitting" in stops[0]
+
+
+def test_a_renewed_lease_never_stops_the_run(tmp_path):
+    led = Ledger(OutputStore(str(tmp_path / "o")), "r1", lease_ttl_s=1.0)
+    stops = []
+
+    async def main():
+        led.heartbeat()
+        with anyio.move_on_after(1.5):
+            await keep_lease(led, blocking=_sync, warn=stops.append, lapsed=stops.append)
+
+    asyncio.run(main())
+    assert stops == [] and led.lease_alive("r1")
+
+
+def test_an_item_held_by_a_live_run_is_waited_for_then_left_to_it(tmp_path):
+    store = OutputStore(str(tmp_path / "o"))
+    other = Ledger(store, "run-b", lease_ttl_s=0.4)
+    other.heartbeat()
+    assert other.claim("x") is None
+    mine = Ledger(store, "run-a", lease_ttl_s=0.4)
+    started = time.monotonic()
+    assert asyncio.run(claim_or_wait(mine, "x", _sync)) is None  # b's lease went stale
+    assert time.monotonic() - started >= 0.3
+    store.write_text_atomic("leases/run-a.json", json.dumps({"run_id": "run-a", "beat": 2e9}))
+    late = Ledger(store, "run-c", lease_ttl_s=0.2)
+    assert asyncio.run(claim_or_wait(late, "x", _sync)) == "run-a"  # alive: left to its owner
+    assert asyncio.run(claim_or_wait(mine, "y", _sync)) is None
+
+
+def test_a_stored_video_counts_only_with_the_recorded_bytes(tmp_path):
+    store = OutputStore(str(tmp_path / "o"))
+    data = b"video bytes"
+    r = rec(LedgerState.STORED, task_id="t", video_key="videos/x.mp4", bytes=len(data))
+    assert not stored_intact(store, r)  # missing
+    store.write_bytes_atomic("videos/x.mp4", data)
+    assert stored_intact(store, r)
+    assert stored_intact(store, r.model_copy(update={"sha256": hashlib.sha256(data).hexdigest()}))
+    assert not stored_intact(store, r.model_copy(update={"sha256": "0" * 64}))  # damaged
+    assert not stored_intact(store, r.model_copy(update={"bytes": 3}))  # truncated
+
+
+def test_the_spend_estimate_counts_only_items_still_to_submit(tmp_path):
+    store = OutputStore(str(tmp_path / "o"))
+    led = Ledger(store, "r1")
+    items = [
+        ManifestItem(
+            id=i,
+            row=n,
+            image_url="https://x/a.png",
+            prompt="p",
+            mode=Mode.STANDARD,
+            duration=6,
+            provider=Provider.AUTO,
+        )
+        for n, i in enumerate(["new", "done", "broken"], start=1)
+    ]
+    led.put(LedgerRecord(id="done", input_hash=items[1].input_hash, state=LedgerState.STORED))
+    store.write_text_atomic("ledger/broken.json", "{not json")
+
+    def plan(item, record):
+        return plan_item(record, item.input_hash)
+
+    assert planned_spend(led, items, plan, lambda item: 0.25) == 0.25  # only "new"

@@ -49,3 +49,17 @@ def test_flat_options_fold_into_the_options_parameter():
     with pytest.raises(TypeError):
         flow_parameters(generate_videos, manifest="m", options=BatchOptions(), dry_run=True)
     assert split_options(RunOptions, {"x": 1}) == (None, {"x": 1})
+
+
+def run_with(manifest: str, options: RunOptions = RunOptions()) -> None:
+    """A plain function taking options, as a flow does."""
+
+
+def test_flat_options_fold_for_plain_functions_too():
+    from hailuo_batch.options import flow_parameters as fold
+
+    assert fold(run_with, manifest="m", dry_run=True) == {
+        "manifest": "m",
+        "options": RunOptions(dry_run=True),
+    }
+    assert fold(print, sep="-") == {"sep": "-"}  # nothing to fold into

@@ -89,6 +89,14 @@ def test_stats_file_round_trip_is_small():
     assert json.loads(text)["format"] == 1
 
 
+def test_summary_says_how_long_generations_took():
+    assert GenerationStats().summary() == {"samples": 0}
+    summary = GenerationStats([float(s) for s in range(1, 101)], half_life=1e9).summary()
+    assert summary["samples"] == 100
+    assert summary["p5"] <= summary["p50"] <= summary["p95"]
+    assert summary["p50"] == pytest.approx(50, abs=1)
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -31,11 +31,15 @@ from hailuo_batch.polling import (
     ScheduleTicker,
     callback_schedules,
     learned_plan,
+    load_stats,
     read_error_end,
+    save_stats,
     stats_board,
+    ticker_for,
     watch_task,
 )
 from hailuo_batch.steps import POLL_TIMEOUT, TASK_NOT_FOUND, TaskLost
+from hailuo_batch.storage import OutputStore
 
 FAST = PollSchedule(initial_s=0.0, interval_s=0.001, backoff=1.0, max_interval_s=0.001, timeout_s=5)
 
@@ -346,3 +350,32 @@ def test_stats_board_starts_from_an_unreadable_stats_file_as_new() -> None:
     for junk in (None, b"", b"{not json", b'{"format": 99}', '{"format":1,"samples":[-1,"x"]}'):
         board = stats_board(junk, PollSchedule())
         assert isinstance(board, StatsBoard) and board.stats.count == 0
+
+
+def test_generation_times_carry_over_to_the_next_run_into_the_same_output(tmp_path: Path) -> None:
+    store = OutputStore(str(tmp_path / "out"))
+    assert load_stats(store) is None  # a first run starts with none
+    warnings: list[str] = []
+    save_stats(store, GenerationStats([30.0, 40.0]), warnings.append)
+    assert warnings == []
+    assert GenerationStats.from_json(load_stats(store)).samples == [30.0, 40.0]
+
+
+def test_an_unwritable_output_loses_the_stats_with_a_warning_not_the_run(tmp_path: Path) -> None:
+    store = OutputStore(str(tmp_path / "out"))
+    (tmp_path / "out" / "stats").write_text("a file where the stats folder goes")
+    warnings: list[str] = []
+    save_stats(store, GenerationStats([30.0]), warnings.append)
+    assert load_stats(store) is None
+    assert len(warnings) == 1 and warnings[0].startswith("generation times not saved")
+
+
+def test_the_ticker_is_learned_unless_callbacks_wake_the_item(tmp_path: Path) -> None:
+    board = stats_board(None, FAST)
+    assert isinstance(
+        ticker_for("t1", board, None, 30.0, sent_at=None, immediate=False), LearnedTicker
+    )
+    waiter = CallbackWaiter(CallbackStore(str(tmp_path / "cb")), 0.01)
+    ticker = ticker_for("t1", board, waiter, 30.0, sent_at=None, immediate=True)
+    assert isinstance(ticker, ScheduleTicker)
+    assert ticker.timeout_s == FAST.timeout_s  # the provider's guidance still bounds the wait

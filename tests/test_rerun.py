@@ -1,7 +1,16 @@
+import json
+
 import pytest
 
-from hailuo_batch.rerun import output_of_results, rerun_row, select_for_rerun
-from hailuo_batch.results import ItemResult
+from hailuo_batch.rerun import (
+    output_of_results,
+    read_results,
+    rerun_row,
+    select_for_rerun,
+    write_selection,
+)
+from hailuo_batch.results import ItemResult, to_jsonl
+from hailuo_batch.storage import OutputStore
 
 
 def r(i, status, code=None, **kw):
@@ -70,3 +79,40 @@ def test_output_of_results():
     assert output_of_results("/data/out/runs/r1/results.jsonl") == "/data/out"
     with pytest.raises(ValueError, match="pass the output"):
         output_of_results("/data/results.jsonl")
+
+
+@pytest.fixture
+def previous(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_text_atomic("runs/r1/results.jsonl", to_jsonl(RESULTS))
+    return store
+
+
+def test_a_previous_runs_results_are_read_back(previous):
+    assert read_results(previous.url_for("runs/r1/results.jsonl")) == RESULTS
+
+
+def test_the_selection_is_written_as_a_manifest_beside_the_runs(previous):
+    url = previous.url_for("runs/r1/results.jsonl")
+    sel = write_selection(
+        previous, url, fail_codes=["GENERATION_FAILED", "PROMPT_TOO_LONG"],
+        overrides={"mode": "pro"}, prompt_suffix=" again", dry_run=True,
+    )  # fmt: skip
+    assert (sel.chosen, sel.total, sel.left_out) == (2, 8, [])
+    assert "/reruns/" in sel.manifest_url and sel.manifest_url.endswith("-manifest.jsonl")
+    with open(sel.manifest_url, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    assert [(x["id"], x["mode"], x["prompt"]) for x in rows] == [
+        ("i2", "pro", "p2 again"),
+        ("i3", "pro", "p3 again"),
+    ]
+    assert sel.markdown.startswith(f"# dry run of a rerun of `{url}`")
+    assert "2 items selected" in sel.markdown
+
+
+def test_rows_without_inputs_are_left_out_with_a_reason(previous):
+    sel = write_selection(previous, previous.url_for("runs/r1/results.jsonl"))
+    assert sel.chosen == 4 and sel.left_out == [
+        "row 8 (row-8): no inputs recorded (invalid manifest row)"
+    ]
+    assert "not rerun: row 8" in sel.markdown

@@ -2,14 +2,18 @@ import json
 
 import pytest
 
+from hailuo_batch.budget import Budget, Stop
 from hailuo_batch.results import (
     ItemResult,
     ItemStatus,
     from_jsonl,
+    run_summary,
     summarize,
     summary_markdown,
     to_jsonl,
+    write_results,
 )
+from hailuo_batch.storage import OutputStore
 
 
 def _r(i, status, **kw):
@@ -97,3 +101,48 @@ def test_summary_names_every_item_that_did_not_succeed_with_its_reason():
     assert s["problems_total"] == 25 and len(s["problems"]) == 20  # the first 20, then a count
     assert s["problems"][0]["reason"] == "GENERATION_FAILED m0"
     assert all(p["status"] == "failed" for p in s["problems"])
+
+
+def test_run_summary_says_what_the_run_meant_to_spend_and_why_it_stopped():
+    budget = Budget(cap_usd=1.0)
+    budget.stop(Stop.BALANCE, "balance exhausted")
+    rs = [_r(1, ItemStatus.SUCCEEDED, run_cost_usd=0.19)]
+    s = run_summary(
+        rs, run_id="r1", wall_time_s=1.0, balance_before=None, balance_after=None,
+        budget=budget, estimate_usd=0.38001, manifest="m.csv",
+    )  # fmt: skip
+    assert s["by_status"]["succeeded"] == 1 and s["estimated_cost_usd"] == 0.19
+    assert (s["estimated_batch_cost_usd"], s["max_cost_usd"]) == (0.38, 1.0)
+    assert s["stopped"] == "balance exhausted" and s["manifest"] == "m.csv"
+    assert run_summary(
+        [], run_id="r", wall_time_s=0, balance_before=1, balance_after=1, budget=Budget(),
+        estimate_usd=0,
+    )["stopped"] is None  # fmt: skip
+
+
+def test_results_are_written_under_the_run_folder(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    summary = {"run_id": "r1"}
+    url, error = write_results(store, "r1", [_r(1, ItemStatus.FAILED)], summary)
+    assert error is None and url.endswith("runs/r1/results.jsonl")
+    assert from_jsonl(store.read_text("runs/r1/results.jsonl"))[0].status == "failed"
+    assert json.loads(store.read_text("runs/r1/summary.json")) == {"run_id": "r1"}
+
+
+class _DeadStore:
+    """An output store that stays unreachable."""
+
+    def write_text_atomic(self, key, text):
+        raise OSError("store unreachable")
+
+
+def test_results_outlive_an_unreachable_store_on_this_machine(tmp_path):
+    summary = {"run_id": "r1"}
+    url, error = write_results(
+        _DeadStore(), "r1", [_r(1, ItemStatus.SUCCEEDED)], summary,
+        fallback_dir=str(tmp_path / "local"), retry_delays=(),
+    )  # fmt: skip
+    assert "store unreachable" in str(error)
+    assert url == summary["results_fallback"] and url.endswith("local/r1/results.jsonl")
+    assert len(from_jsonl((tmp_path / "local" / "r1" / "results.jsonl").read_text())) == 1
+    assert (tmp_path / "local" / "r1" / "summary.json").exists()
