@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed, State
+from prefect.states import Failed, State
 
 from flows.item import GLOBAL_LIMIT, RunState, check_and_run
 from flows.report import (
@@ -27,7 +27,7 @@ from flows.report import (
     start_progress,
     write_results,
 )
-from flows.runtime import Runtime, open_runtime, running
+from flows.runtime import Runtime, end_state, open_runtime, running
 from flows.tasks import read_balance, read_manifest
 from hailuo_batch.artifacts import keeps_run_name
 from hailuo_batch.budget import Budget, InsufficientBalance, Stop, apply_balance
@@ -178,16 +178,10 @@ async def _run_items(
         return await asyncio.gather(*(one(i) for i in items))
     parts = [items[k : k + size] for k in range(0, len(items), size)]
     _PARTS[run_id] = (parts, one)
-    name = flow_run.get_name()
+    name, n = flow_run.get_name(), len(parts)
+    runs = [run_part.with_options(flow_run_name=f"{name}-part-{k + 1}-of-{n}") for k in range(n)]
     try:
-        done = await asyncio.gather(
-            *(
-                run_part.with_options(flow_run_name=f"{name}-part-{k + 1}-of-{len(parts)}")(
-                    run_id, k
-                )
-                for k in range(len(parts))
-            )
-        )
+        done = await asyncio.gather(*(run(run_id, k) for k, run in enumerate(runs)))
     finally:
         del _PARTS[run_id]
     return [r for part in done for r in part]
@@ -214,12 +208,8 @@ async def _guard_money(
     estimate = await run.rt.blocking(
         planned_spend, run.ledger, parsed.items, run.plan, run.unit_cost
     )
-    get_run_logger().info(
-        "%d rows to check, %d invalid; estimated cost of what is left to submit $%.2f",
-        len(parsed.items),
-        invalid,
-        estimate,
-    )
+    msg = "%d rows to check, %d invalid; estimated cost of what is left to submit $%.2f"
+    get_run_logger().info(msg, len(parsed.items), invalid, estimate)
     if options.dry_run:
         return estimate, None
     read = await read_balance()
@@ -298,12 +288,7 @@ def final_state(run: RunState, summary: dict[str, Any], options: BatchOptions) -
         dry_run=options.dry_run,
         would_cost_usd=summary["estimated_batch_cost_usd"],
     )
-    if v.name == "Completed":
-        # a plain return value: Prefect hands it back to the caller as is (a returned State's
-        # data can be dropped when the server answers the state proposal with its own state)
-        return summary
-    make = Completed if v.kind == "completed" else Failed
-    return make(name=v.name, message=v.message, data=summary)
+    return end_state(v.kind == "completed", v.name, v.message, summary)
 
 
 def run_flow_sync(flow_fn: Any, **params: Any) -> State[Any]:

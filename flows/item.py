@@ -96,12 +96,8 @@ async def check_and_run(b: RunState, item: ManifestItem) -> ItemResult:
 
 
 async def run_item(b: RunState, v: Preflight) -> ItemResult:
-    """Claim the item, run it, release the claim. Never raises for the item's own troubles.
-
-    An item claimed by another run is waited for up to one lease period (a crashed run's
-    claim goes stale in that time and is taken over); if its owner is still alive after
-    that, the item is left to it.
-    """
+    """Claim the item (`claim_or_wait`), run it, release the claim; never raises for the item's
+    own troubles."""
     item = v.item
     try:
         owner = await claim_or_wait(b.ledger, item.id, b.rt.blocking)
@@ -218,11 +214,8 @@ class FlowEffects:
 
 @contextlib.asynccontextmanager
 async def _provider_slot(b: RunState) -> AsyncIterator[None]:
-    """A slot of the Prefect global concurrency limit `apixo`, when that limit exists.
-
-    Acquiring goes through the Prefect server for every item, one request at a time per
-    process, so it is skipped entirely when no limit is configured (see README, Benchmarks).
-    """
+    """A slot of the Prefect global concurrency limit `apixo`, only when it exists: acquiring
+    costs a server request per item (see README, Benchmarks)."""
     if not b.use_global_limit:
         yield
         return

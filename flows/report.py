@@ -42,11 +42,8 @@ async def start_progress(run_id: str, total: int, table_key: str) -> Progress:
 
 @task(cache_policy=NO_CACHE)
 async def write_results(run_id: str, results: list[ItemResult], summary: dict[str, Any]) -> str:
-    """Write results.jsonl and summary.json under {output}/runs/{run_id}/ (atomically).
-
-    If the output store stays unreachable, they go to `./hailuo-results/{run_id}/` on this
-    machine instead, and the run says so: the results are never lost with the store.
-    """
+    """Write results.jsonl and summary.json under {output}/runs/{run_id}/ (atomically), else,
+    if the output store stays unreachable, under `./hailuo-results/{run_id}/` on this machine."""
     rt = runtime()
     url, error = await rt.blocking(write_run_results, rt.store, run_id, results, summary)
     if error is not None:
@@ -107,11 +104,8 @@ async def publish_item_table(
 
 @task(cache_policy=NO_CACHE)
 async def publish_previews(run_id: str, results: list[ItemResult]) -> tuple[str, str] | None:
-    """Posters beside the videos, a contact sheet and the review page `runs/{run_id}/index.html`.
-
-    Returns the page's URL and the markdown that links it (None if the store refused them:
-    previews never fail a run).
-    """
+    """Posters beside the videos, a contact sheet and the review page `runs/{run_id}/index.html`;
+    returns its URL and the markdown that links it (None if the store refused: never fails)."""
     rt = runtime()
 
     def _publish() -> tuple[str, str]:

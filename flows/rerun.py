@@ -7,10 +7,9 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
-from prefect.states import Completed, Failed
 
 from flows.batch import generate_videos
-from flows.runtime import blocking, open_store
+from flows.runtime import blocking, end_state, open_store
 from hailuo_batch.apixo import Mode, Provider
 from hailuo_batch.options import BatchOptions, RunOptions
 from hailuo_batch.rerun import (
@@ -56,9 +55,8 @@ async def rerun_failed(
         options: How the rerun runs, as for generate-videos (output: by default the one of
             `results`; a storage block's S3 options also reach the results file).
     """
-    store = await open_store(
-        options.output or output_of_results(results), options.storage_block, get_settings()
-    )
+    output = options.output or output_of_results(results)
+    store = await open_store(output, options.storage_block, get_settings())
     sel = await blocking(
         partial(
             write_selection, store, results, statuses=statuses, fail_codes=fail_codes, ids=ids,
@@ -86,8 +84,4 @@ async def rerun_failed(
     summary = await state.aresult(raise_on_failure=False)
     outcome_md = outcome_markdown(state.name, state.message, summary)
     await acreate_markdown_artifact(sel.markdown + outcome_md, description=ABOUT)
-    if state.is_completed():
-        if state.name == "Completed":
-            return summary
-        return Completed(name=state.name, message=state.message, data=summary)
-    return Failed(name=state.name, message=state.message, data=summary)
+    return end_state(state.is_completed(), state.name, state.message, summary)

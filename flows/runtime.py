@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 from prefect import get_run_logger
+from prefect.states import Completed, Failed
 
 from hailuo_batch.apixo import ApixoClient, RequestType
 from hailuo_batch.callbacks import CallbackWaiter, callback_mode
@@ -67,6 +68,15 @@ class Runtime:
 
     def warn(self, msg: str) -> None:
         self.log(msg, level=logging.WARNING)
+
+
+def end_state(completed: bool, name: str | None, message: str | None, data: Any) -> Any:
+    """A flow's return: `data` itself when all went well (Prefect hands a plain value back as is;
+    a returned State's data can be dropped when the server answers with its own state), else a
+    Completed or Failed state named `name`."""
+    if completed and name == "Completed":
+        return data
+    return (Completed if completed else Failed)(name=name, message=message, data=data)
 
 
 def runtime() -> Runtime:

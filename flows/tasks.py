@@ -30,13 +30,8 @@ async def read_manifest(url: str, defaults: ItemDefaults) -> Manifest | Manifest
     except ManifestError as exc:
         rt.log("manifest %s refused: %s", url, exc, level=logging.ERROR)
         return exc
-    rt.log(
-        "manifest %s: %d rows, %d valid, %d row errors",
-        url,
-        manifest.total_rows,
-        len(manifest.items),
-        len(manifest.errors),
-    )
+    counts = (manifest.total_rows, len(manifest.items), len(manifest.errors))
+    rt.log("manifest %s: %d rows, %d valid, %d row errors", url, *counts)
     return manifest
 
 
@@ -70,13 +65,8 @@ async def submit_item(item: ManifestItem, request: GenerateRequest) -> Submitted
 async def poll_item(
     item: ManifestItem, task_id: str, immediate: bool = False, sent_at: float | None = None
 ) -> PollResult:
-    """Wait for the task's end (`polling.watch_task`): status reads planned from the generation
-    times seen so far, counted from `sent_at` (the POST); `immediate` (a resumed task) reads at
-    once. In callback mode a delivery wakes it and a slow poll is the backstop.
-
-    One task run per item with its own loop (not a Prefect retry per read), so a long batch
-    does not flood Prefect's event stream with a state change for every status read.
-    """
+    """Wait for the task's end (`polling.watch_task`): reads planned from the generation times
+    seen so far, or woken by a callback. One task run per item, not a Prefect retry per read."""
     rt = runtime()
     return await watch_task(
         task_id,
