@@ -58,7 +58,6 @@ demo-stop: install
 	$(BIN)/python -m hailuo_batch.demo stop
 
 bench: install
-	$(BIN)/python bench/bench_batch.py --items 100
 	$(BIN)/python bench/bench_batch.py --items 1000
 
 clean:
