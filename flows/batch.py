@@ -99,6 +99,7 @@ async def generate_videos(
             use_global_limit=await _global_limit_exists(GLOBAL_LIMIT),
             dry_run=options.dry_run,
             checks=asyncio.Semaphore(max(4, options.concurrency)),
+            ahead=asyncio.Semaphore(max(8, 2 * options.concurrency)),
         )
         await rt.blocking(run.ledger.heartbeat)  # a lease before any claim; a dead store fails
         lease = partial(

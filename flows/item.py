@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from prefect.concurrency.asyncio import concurrency as global_concurrency
@@ -59,6 +59,9 @@ class RunState:
     use_global_limit: bool = False  # the Prefect global concurrency limit `apixo` exists
     dry_run: bool = False
     checks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
+    # items checked and not yet given a slot: checks keep just ahead of the submissions, so a
+    # batch of any size holds a bounded number of items (and threads) at once
+    ahead: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     would_cost_usd: float = 0.0  # a dry run: what submitting its valid items would cost
 
     def plan(self, item: ManifestItem, rec: LedgerRecord | None) -> Plan:
@@ -77,6 +80,24 @@ class RunState:
 async def check_and_run(b: RunState, item: ManifestItem) -> ItemResult:
     """Check the item's image (plain threaded work, not a task run), then run it unless it is
     invalid or this is a dry run: submissions start as soon as the first rows are checked."""
+    await b.ahead.acquire()
+    released = False
+
+    def started() -> None:  # the item has its slot, or is done: the next one may be checked
+        nonlocal released
+        if not released:
+            released = True
+            b.ahead.release()
+
+    try:
+        return await _check_and_run(b, item, started)
+    finally:
+        started()
+
+
+async def _check_and_run(
+    b: RunState, item: ManifestItem, started: Callable[[], None]
+) -> ItemResult:
     async with b.checks:
         rt = b.rt
         v = await rt.blocking(
@@ -92,10 +113,12 @@ async def check_and_run(b: RunState, item: ManifestItem) -> ItemResult:
     if b.dry_run:
         b.would_cost_usd += b.unit_cost(item)
         return not_submitted(item, b.run_id, "dry run")
-    return await run_item(b, v)
+    return await run_item(b, v, started)
 
 
-async def run_item(b: RunState, v: Preflight) -> ItemResult:
+async def run_item(
+    b: RunState, v: Preflight, started: Callable[[], None] = lambda: None
+) -> ItemResult:
     """Claim the item (`claim_or_wait`), run it, release the claim; never raises for the item's
     own troubles."""
     item = v.item
@@ -109,7 +132,7 @@ async def run_item(b: RunState, v: Preflight) -> ItemResult:
         why = f"being processed by concurrent run {owner}; not touched by this run"
         return not_submitted(item, b.run_id, why)
     try:
-        return await _plan_and_live(b, v)
+        return await _plan_and_live(b, v, started)
     except LedgerUnavailable as exc:
         why = f"not submitted: the ledger could not be read: {exc}"
         return not_submitted(item, b.run_id, why, ledger=True)
@@ -121,7 +144,7 @@ async def run_item(b: RunState, v: Preflight) -> ItemResult:
             await b.rt.blocking(b.ledger.release, item.id)
 
 
-async def _plan_and_live(b: RunState, v: Preflight) -> ItemResult:
+async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None]) -> ItemResult:
     item, unit_cost = v.item, b.unit_cost(v.item)
     rec = await b.rt.blocking(b.ledger.get, item.id)
     plan = b.plan(item, rec)
@@ -138,6 +161,7 @@ async def _plan_and_live(b: RunState, v: Preflight) -> ItemResult:
     assert v.request is not None  # only valid items get here
     await b.rt.recorder.wait_ready()  # the Prefect server keeps up with this run's records
     async with b.slots.slot() as slot, _provider_slot(b):
+        started()
         out = await live_item(
             start_record(item, rec, plan),
             v.request,

@@ -48,8 +48,9 @@ def notify(state: ProgressState) -> None:
 
 class Progress:
     """Counts finished items; pushes the share done (at most every 2 s, and at the end), logs
-    every tenth, tells the listeners and, every `table_every_s` seconds while items finish,
-    hands the results so far (by row) to `table`, so a person sees reasons during a long run."""
+    every tenth, tells the listeners and, every `table_every_s` seconds and 5% of the items
+    while items finish, hands the results so far (by row) to `table`, so a person sees reasons
+    during a long run."""
 
     def __init__(
         self,
@@ -67,6 +68,7 @@ class Progress:
         self._table_every_s = table_every_s
         self._last_push = 0.0
         self._last_table = time.monotonic()
+        self._table_done = 0
         notify(self.state)
 
     async def finished(self, result: ItemResult) -> None:
@@ -81,11 +83,15 @@ class Progress:
             await self._push(100.0 * state.fraction)
         if self._log and state.done % max(1, state.total // 10) == 0:
             self._log(f"progress: {state.line()}")
-        # the final table comes with the report
+        # at most 20 versions while the run goes, each after another 5% of the items: every
+        # version holds every row so far, so a version per time tick alone would cost
+        # O(items^2) over a long batch (and flood the Prefect server); the final table comes
+        # with the report
         if (
             self._table
             and now - self._last_table > self._table_every_s
+            and state.done - self._table_done >= max(1, state.total // 20)
             and state.done < state.total
         ):
-            self._last_table = now
+            self._last_table, self._table_done = now, state.done
             await self._table(sorted(self.results, key=lambda r: r.row))

@@ -65,3 +65,21 @@ def test_progress_pushes_at_most_every_two_seconds_but_always_at_the_end():
 
     asyncio.run(main())
     assert pushed == [2.0, 100.0]
+
+
+def test_a_long_batch_publishes_at_most_twenty_partial_tables():
+    """Each partial table holds every row so far: one per time tick would cost O(items^2) over
+    a long batch; one per 5% of the items keeps the total rows published linear."""
+    sizes: list[int] = []
+
+    async def table(so_far: list[ItemResult]) -> None:
+        sizes.append(len(so_far))
+
+    async def main() -> None:
+        p = Progress(1000, "run-1", table=table, table_every_s=0.0)
+        for row in range(1000):
+            await p.finished(result(row))
+
+    asyncio.run(main())
+    assert len(sizes) == 19 and sizes[0] == 50 and sizes[-1] == 950  # the last comes at the end
+    assert sum(sizes) < 10 * 1000
