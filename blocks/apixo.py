@@ -9,6 +9,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from hailuo_batch.apixo import DEFAULT_BASE_URL, ApixoClient
+from hailuo_batch.netguard import GuardedTransport
 from hailuo_batch.settings import Settings, check_output_url, get_settings
 from hailuo_batch.storage import OutputStore
 
@@ -75,3 +76,25 @@ class OutputStorage(Block):
         if client_kwargs:
             opts["client_kwargs"] = client_kwargs
         return opts
+
+
+async def open_store(output: str | None, block: str | None, settings: Settings) -> OutputStore:
+    """`output`, else the OutputStorage block `block`'s URL, else HAILUO_OUTPUT (with the block's
+    S3 options whenever a block is named)."""
+    if not block:
+        return OutputStore(check_output_url(output or settings.output))
+    storage: OutputStorage = await OutputStorage.aload(block)  # type: ignore[assignment]
+    return storage.get_store(output)
+
+
+async def open_client(block: str | None, settings: Settings) -> ApixoClient:
+    """The ApixoCredentials block `block`'s client, else the environment's; downloads guarded
+    like image checks, a submit's 429 handed to the run's limiter at once."""
+    kwargs: dict[str, Any] = {
+        "download_transport": GuardedTransport(allow_private=settings.allow_private_networks),
+        "retry_rate_limited_submits": False,
+    }
+    if not block:
+        return settings.apixo_client(**kwargs)
+    creds: ApixoCredentials = await ApixoCredentials.aload(block)  # type: ignore[assignment]
+    return creds.get_client(settings, **kwargs)

@@ -27,10 +27,11 @@ from flows.report import (
     start_progress,
     write_results,
 )
-from flows.runtime import Runtime, end_state, open_runtime, running
+from flows.runtime import Runtime, end_state, open_runtime
 from flows.tasks import read_balance, read_manifest
 from hailuo_batch.artifacts import keeps_run_name
 from hailuo_batch.budget import Budget, InsufficientBalance, Stop, apply_balance
+from hailuo_batch.jobs import running
 from hailuo_batch.ledger import Ledger, LedgerUnavailable, keep_lease, planned_spend
 from hailuo_batch.manifest import Manifest, ManifestError, ManifestItem
 from hailuo_batch.options import BatchOptions, flow_parameters

@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from prefect.concurrency.asyncio import concurrency as global_concurrency
 
@@ -42,6 +43,7 @@ from hailuo_batch.storage import StoredObject
 from hailuo_batch.validation import Preflight, preflight
 
 GLOBAL_LIMIT = "apixo"
+T = TypeVar("T")
 
 
 @dataclass
@@ -202,28 +204,20 @@ class FlowEffects:
     async def submit(self, request: GenerateRequest) -> str:
         sub = await submit_item(self.item, request)
         self.b.rt.recorder.task_finished()
-        if sub.task_id is None:
-            assert sub.error is not None
-            raise sub.error
+        task_id = _or_raise(sub.task_id, sub.error)
         self.slot.accepted()
         self.sent_at = sub.sent_at
-        return sub.task_id
+        return task_id
 
     async def poll(self, task_id: str, *, immediate: bool) -> TaskStatus:
         sent_at = None if immediate else self.sent_at
         polled = await poll_item(self.item, task_id, immediate=immediate, sent_at=sent_at)
         self.b.rt.recorder.task_finished()
-        if polled.status is None:
-            assert polled.error is not None
-            raise polled.error
-        return polled.status
+        return _or_raise(polled.status, polled.error)
 
     async def store(self, url: str, key: str, *, sweep: bool) -> StoredObject:
         out = await store_video(self.item, url, key, sweep=sweep)
-        if out.stored is None:
-            assert out.error is not None
-            raise out.error
-        return out.stored
+        return _or_raise(out.stored, out.error)
 
     async def choose_key(self, rec: LedgerRecord) -> str:
         store = self.b.rt.store
@@ -234,6 +228,13 @@ class FlowEffects:
         what the provider accepts, and this item goes ahead of items not yet refused."""
         self.b.rt.log("item %s: rate limited (429), waiting for a slot", self.item.id)
         await self.slot.rate_limited(wait_s)
+
+
+def _or_raise(value: T | None, error: Exception | None) -> T:
+    """A task's typed outcome back into the value or the error `live_item` expects."""
+    if value is None:
+        raise error or RuntimeError("a task returned neither a value nor an error")
+    return value
 
 
 @contextlib.asynccontextmanager

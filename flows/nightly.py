@@ -11,8 +11,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
+from blocks.apixo import open_store
 from flows.batch import generate_videos, new_run_id
-from flows.runtime import blocking, open_store
 from hailuo_batch.inbox import (
     Claim,
     Inbox,
@@ -26,6 +26,7 @@ from hailuo_batch.inbox import (
     run_name_for,
     run_record,
 )
+from hailuo_batch.jobs import blocking
 from hailuo_batch.manifest import ItemDefaults
 from hailuo_batch.options import BatchOptions
 from hailuo_batch.settings import get_settings

@@ -8,9 +8,11 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
 
+from blocks.apixo import open_store
 from flows.batch import generate_videos
-from flows.runtime import blocking, end_state, open_store
+from flows.runtime import end_state
 from hailuo_batch.apixo import Mode, Provider
+from hailuo_batch.jobs import blocking
 from hailuo_batch.options import BatchOptions, RunOptions
 from hailuo_batch.rerun import (
     DEFAULT_RERUN_STATUSES,

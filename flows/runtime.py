@@ -4,39 +4,29 @@ context variable (Prefect walks every task parameter; the runtime holds clients)
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
-import anyio.to_thread
 from prefect import get_run_logger
 from prefect.states import Completed, Failed
 
+from blocks.apixo import open_client, open_store
 from hailuo_batch.apixo import ApixoClient, RequestType
 from hailuo_batch.callbacks import CallbackWaiter, callback_mode
-from hailuo_batch.netguard import GuardedTransport
+from hailuo_batch.jobs import blocking
 from hailuo_batch.options import RunOptions
 from hailuo_batch.pacing import RecorderLag, StatsBoard
 from hailuo_batch.policy import PollSchedule
-from hailuo_batch.polling import (
-    load_stats,
-    stats_board,
-)
-from hailuo_batch.settings import Settings, check_output_url
+from hailuo_batch.polling import load_stats, stats_board
+from hailuo_batch.settings import Settings
 from hailuo_batch.storage import OutputStore
 
 T = TypeVar("T")
 _CURRENT: ContextVar[Runtime] = ContextVar("hailuo_batch_runtime")
-
-
-async def blocking(
-    fn: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter | None = None
-) -> T:
-    """Run a blocking call (the sync apixo client, fsspec) in a worker thread."""
-    return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
 
 @dataclass
@@ -84,34 +74,6 @@ def runtime() -> Runtime:
     return _CURRENT.get()
 
 
-async def open_store(
-    output: str | None, storage_block: str | None, settings: Settings
-) -> OutputStore:
-    """`output`, else the OutputStorage block's URL, else HAILUO_OUTPUT (with the block's S3
-    options whenever a block is named)."""
-    if not storage_block:
-        return OutputStore(check_output_url(output or settings.output))
-    from blocks.apixo import OutputStorage
-
-    block: OutputStorage = await OutputStorage.aload(storage_block)  # type: ignore[assignment]
-    return block.get_store(output)
-
-
-async def open_client(credentials_block: str | None, settings: Settings) -> ApixoClient:
-    """The ApixoCredentials block's client, else the environment's; downloads guarded like image
-    checks, a submit's 429 handed to the run's limiter at once."""
-    kwargs: dict[str, Any] = {
-        "download_transport": GuardedTransport(allow_private=settings.allow_private_networks),
-        "retry_rate_limited_submits": False,
-    }
-    if not credentials_block:
-        return settings.apixo_client(**kwargs)
-    from blocks.apixo import ApixoCredentials
-
-    creds: ApixoCredentials = await ApixoCredentials.aload(credentials_block)  # type: ignore[assignment]
-    return creds.get_client(settings, **kwargs)
-
-
 @asynccontextmanager
 async def open_runtime(options: RunOptions, settings: Settings) -> AsyncIterator[Runtime]:
     """The run's runtime, current for its tasks until the run ends; a missing key or a bad
@@ -140,21 +102,3 @@ async def open_runtime(options: RunOptions, settings: Settings) -> AsyncIterator
             _CURRENT.reset(token)
     finally:
         client.close()
-
-
-@asynccontextmanager
-async def running(*jobs: Callable[[], Coroutine[Any, Any, Any]]) -> AsyncIterator[None]:
-    """Run `jobs` in an anyio task group while the body runs, cancelled when it ends; a job's
-    failure ends the body too, and a single error comes out unwrapped."""
-    try:
-        async with anyio.create_task_group() as group:
-            for job in jobs:
-                group.start_soon(job)
-            try:
-                yield
-            finally:
-                group.cancel_scope.cancel()
-    except BaseExceptionGroup as errors:
-        if len(errors.exceptions) == 1:
-            raise errors.exceptions[0] from None
-        raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from flows.runtime import running
+from hailuo_batch.jobs import running
 
 
 def test_jobs_run_with_the_body_and_are_cancelled_after_it():
