@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -37,13 +37,13 @@ from hailuo_batch.manifest import Manifest, ManifestError, ManifestItem
 from hailuo_batch.options import BatchOptions, flow_parameters
 from hailuo_batch.outcomes import invalid_rows
 from hailuo_batch.pacing import AdaptiveLimit, AdaptiveSlots
+from hailuo_batch.parts import ItemRunner, Parts
 from hailuo_batch.policy import Prices
 from hailuo_batch.polling import save_stats
 from hailuo_batch.results import ItemResult, run_summary
 from hailuo_batch.settings import get_settings
 from hailuo_batch.verdict import run_verdict
 
-ItemRunner = Callable[[ManifestItem], Awaitable[ItemResult]]
 Job = Callable[[], Coroutine[Any, Any, Any]]
 
 
@@ -167,8 +167,9 @@ async def _run_batch(
     return final_state(run, summary, options)
 
 
-#: the parts of the large runs going on in this process: run id -> (parts, how to run an item)
-_PARTS: dict[str, tuple[list[list[ManifestItem]], ItemRunner]] = {}
+#: the large runs going on in this process, by run id
+_PARTS: dict[str, Parts] = {}
+CHILD_RETRY_PAUSES_S = (5.0, 20.0)
 
 
 async def _run_items(
@@ -178,28 +179,39 @@ async def _run_items(
     items each, so no run's graph passes what the Prefect UI shows."""
     if len(items) <= size:
         return await asyncio.gather(*(one(i) for i in items))
-    parts = [items[k : k + size] for k in range(0, len(items), size)]
-    _PARTS[run_id] = (parts, one)
-    name, n = flow_run.get_name(), len(parts)
-    runs = [run_part.with_options(flow_run_name=f"{name}-part-{k + 1}-of-{n}") for k in range(n)]
+    parts = _PARTS[run_id] = Parts(items, size, one)
+    name, n = flow_run.get_name(), len(parts.parts)
     try:
-        done = await asyncio.gather(*(run(run_id, k) for k, run in enumerate(runs)))
+        await asyncio.gather(*(_child(run_id, k, f"{name}-part-{k + 1}-of-{n}") for k in range(n)))
+        return await parts.in_order()
     finally:
         del _PARTS[run_id]
-    return [r for part in done for r in part]
+
+
+async def _child(run_id: str, part: int, name: str) -> None:
+    """Run `part` as a child flow run; if the Prefect server refuses it three times (503 under
+    load), what is left of the part runs in this flow run instead: the batch goes on."""
+    for pause in (*CHILD_RETRY_PAUSES_S, None):
+        try:
+            await run_part.with_options(flow_run_name=name)(run_id, part)
+            return
+        except Exception as exc:  # noqa: BLE001 - the server's refusal must not end the batch
+            then = "trying again" if pause else "running its items in this run"
+            get_run_logger().warning("child run %s failed (%s); %s", name, exc, then)
+            await asyncio.sleep(pause or 0)
+    await _PARTS[run_id].run_left(part)
 
 
 @flow(name="generate-videos-part", log_prints=True)
-async def run_part(run_id: str, part: int) -> list[ItemResult]:
+async def run_part(run_id: str, part: int) -> int:
     """One part of a large generate-videos run, in the parent's process: its items' submits
-    and polls are this flow run's task runs.
+    and polls are this flow run's task runs. Returns how many items it ran.
 
     Args:
         run_id: The parent run's id.
         part: Which part (from 0).
     """
-    parts, one = _PARTS[run_id]
-    return await asyncio.gather(*(one(i) for i in parts[part]))
+    return await _PARTS[run_id].run_left(part)
 
 
 async def _guard_money(

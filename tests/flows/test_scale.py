@@ -121,3 +121,42 @@ def test_polling_learns_the_generation_time_and_keeps_it_for_the_next_run(
     second_reads, second_lag = run("second")
     assert second_reads < first_reads / 2, (first_reads, second_reads)
     assert second_lag < 0.2
+
+
+def test_a_child_run_the_server_refuses_is_tried_again_then_run_in_the_parent(
+    flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch
+):
+    """A Prefect server under load may answer 503 to the creation of a child run: the batch
+    goes on (three tries, then the part's items run in the parent run), every row once."""
+    import flows.batch as batch
+
+    monkeypatch.setenv("HAILUO_ITEMS_PER_FLOW_RUN", "3")
+    monkeypatch.setattr(batch, "CHILD_RETRY_PAUSES_S", (0.01, 0.01))
+    get_settings.cache_clear()
+    real, tries = batch.run_part, []
+
+    class Refusing:
+        def with_options(self, **kw):
+            child = real.with_options(**kw)
+
+            async def call(run_id: str, part: int) -> int:
+                tries.append(part)
+                if part == 1:
+                    raise RuntimeError("Server error '503 Service Unavailable'")
+                return await child(run_id, part)
+
+            return call
+
+    monkeypatch.setattr(batch, "run_part", Refusing())
+    manifest = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 7))
+    before = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"]
+    state = generate_videos(
+        manifest=str(manifest), output=str(tmp_path / "out"), concurrency=4, return_state=True
+    )
+    assert state.is_completed(), state.message
+    res = results_of(state.result())
+    assert sorted(res) == sorted(f"i{k}" for k in range(7))
+    assert all(r.status == "succeeded" for r in res.values())
+    assert sorted(tries) == [0, 1, 1, 1, 2]
+    after = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"]
+    assert after - before == 7  # one POST per item: none ran twice
