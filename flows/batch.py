@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -12,22 +11,15 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-import httpx
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
+from flows import report
 from flows.item import GLOBAL_LIMIT, RunState, check_and_run
-from flows.report import (
-    artifact_keys,
-    publish_previews,
-    publish_report,
-    start_progress,
-    write_results,
-)
-from flows.runtime import Runtime, end_state, open_runtime
+from flows.runtime import end_state, open_runtime
 from flows.tasks import read_balance, read_manifest
 from hailuo_batch.artifacts import keeps_run_name
 from hailuo_batch.budget import Budget, InsufficientBalance, Stop, apply_balance
@@ -107,7 +99,7 @@ async def generate_videos(
             keep_lease, run.ledger, blocking=rt.blocking, warn=rt.warn,
             lapsed=partial(run.budget.stop, Stop.LEASE),
         )  # fmt: skip
-        jobs: list[Job] = [lease, partial(_watch_records, rt)]
+        jobs: list[Job] = [lease, partial(rt.recorder.follow, _count_recorded)]
         jobs += [rt.waiter.run] if rt.waiter else []
         try:
             async with running(*jobs):
@@ -125,8 +117,8 @@ async def _run_batch(
     if isinstance(parsed, ManifestError):  # nothing was paid: one clean message
         return Failed(name="BadManifest", message=f"run {run.run_id}: {parsed}")
     results = invalid_rows(parsed.errors, run.run_id)
-    keys = await artifact_keys(manifest)
-    progress = await start_progress(run.run_id, parsed.total_rows, keys[0])
+    keys = await report.artifact_keys(manifest)
+    progress = await report.start_progress(run.run_id, parsed.total_rows, keys[0])
     for r in results:
         await progress.finished(r)
     try:
@@ -175,8 +167,7 @@ CHILD_RETRY_PAUSES_S = (5.0, 20.0)
 async def _run_items(
     run_id: str, items: list[ManifestItem], one: ItemRunner, size: int
 ) -> list[ItemResult]:
-    """Run every item; more than `size` items run as child flow runs (`run_part`) of `size`
-    items each, so no run's graph passes what the Prefect UI shows."""
+    """Run every item; past `size` items, in child runs of `size` (graphs the UI can show)."""
     if len(items) <= size:
         return await asyncio.gather(*(one(i) for i in items))
     parts = _PARTS[run_id] = Parts(items, size, one)
@@ -189,8 +180,7 @@ async def _run_items(
 
 
 async def _child(run_id: str, part: int, name: str) -> None:
-    """Run `part` as a child flow run; if the Prefect server refuses it three times (503 under
-    load), what is left of the part runs in this flow run instead: the batch goes on."""
+    """Run `part` as a child run; refused three times (503 under load), it runs here instead."""
     for pause in (*CHILD_RETRY_PAUSES_S, None):
         try:
             await run_part.with_options(flow_run_name=name)(run_id, part)
@@ -228,13 +218,9 @@ async def _guard_money(
         return estimate, None
     read = await read_balance()
     warning = apply_balance(
-        run.budget,
-        estimate,
-        read.usd,
-        read.error,
-        fit_to_balance=options.fit_to_balance,
-        api_url=run.rt.client.base_url,
-    )
+        run.budget, estimate, read.usd, read.error,
+        fit_to_balance=options.fit_to_balance, api_url=run.rt.client.base_url,
+    )  # fmt: skip
     if warning:
         get_run_logger().warning(warning)
     return estimate, read.usd
@@ -244,36 +230,30 @@ async def _report(
     run_id: str, results: list[ItemResult], summary: dict[str, Any], keys: tuple[str, str]
 ) -> None:
     """Results files, review page, item table and summary artifacts."""
-    results_url = await write_results(run_id, results, summary)
-    review = await publish_previews(run_id, results)
+    results_url = await report.write_results(run_id, results, summary)
+    review = await report.publish_previews(run_id, results)
     review_md = ""
     if review is not None:
         summary["review_page"], review_md = review
     summary["results"] = results_url
-    await publish_report(run_id, results, summary, results_url, keys, extra_md=review_md)
+    await report.publish_report(run_id, results, summary, results_url, keys, extra_md=review_md)
     get_run_logger().info(
         "run %s done: %s; results at %s", run_id, summary["by_status"], results_url
     )
 
 
-async def _watch_records(rt: Runtime) -> None:
-    """Tell the run how many of its (and its parts') task runs the Prefect server has
-    recorded as finished: it holds new items while the server is far behind."""
-    me = flow_run.get_id()
-    finished = {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]}}}
+async def _count_recorded() -> int:
+    """Finished task runs of this run and its child runs that the Prefect server has recorded."""
+    me, done = flow_run.get_id(), ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]
     async with get_client() as client:
-        while me is not None:
-            await asyncio.sleep(2.0)
-            try:
-                total = 0
-                for runs in ({"id": {"any_": [me]}}, {"parent_flow_run_id": {"any_": [me]}}):
-                    body = {"flow_runs": runs, "task_runs": finished}
-                    answer = await client._client.post("/task_runs/count", json=body)
-                    total += int(answer.json())
-            except (httpx.HTTPError, ValueError, TypeError) as exc:
-                rt.log("task runs recorded: not known (%s)", exc, level=logging.DEBUG)
-                total = rt.recorder.finished
-            rt.recorder.recorded_now(total)
+        counts = [
+            await client._client.post(
+                "/task_runs/count",
+                json={"flow_runs": runs, "task_runs": {"state": {"type": {"any_": done}}}},
+            )
+            for runs in ({"id": {"any_": [me]}}, {"parent_flow_run_id": {"any_": [me]}})
+        ]
+    return sum(int(c.json()) for c in counts)
 
 
 async def _global_limit_exists(name: str) -> bool:

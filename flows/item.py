@@ -14,6 +14,7 @@ from prefect.concurrency.asyncio import concurrency as global_concurrency
 
 from flows.runtime import Runtime
 from flows.tasks import poll_item, store_video, submit_item
+from hailuo_batch import outcomes
 from hailuo_batch.apixo import GenerateRequest, TaskStatus
 from hailuo_batch.budget import Budget
 from hailuo_batch.ledger import (
@@ -27,14 +28,6 @@ from hailuo_batch.ledger import (
 )
 from hailuo_batch.lifecycle import LifePolicy, live_item
 from hailuo_batch.manifest import ManifestItem
-from hailuo_batch.outcomes import (
-    from_outcome,
-    internal_error,
-    invalid_image,
-    not_submitted,
-    planned_result,
-    start_record,
-)
 from hailuo_batch.pacing import AdaptiveSlots, Slot
 from hailuo_batch.policy import Prices, estimate_cost
 from hailuo_batch.results import ItemResult
@@ -111,10 +104,10 @@ async def _check_and_run(
         )  # fmt: skip
     if not v.ok:
         rt.log("item %s invalid: %s", item.id, "; ".join(v.errors), level=logging.WARNING)
-        return invalid_image(v, b.run_id)
+        return outcomes.invalid_image(v, b.run_id)
     if b.dry_run:
         b.would_cost_usd += b.unit_cost(item)
-        return not_submitted(item, b.run_id, "dry run")
+        return outcomes.not_submitted(item, b.run_id, "dry run")
     return await run_item(b, v, started)
 
 
@@ -127,20 +120,20 @@ async def run_item(
     try:
         owner = await claim_or_wait(b.ledger, item.id, b.rt.blocking)
     except LedgerUnavailable as exc:
-        return not_submitted(
+        return outcomes.not_submitted(
             item, b.run_id, f"not submitted: the item could not be claimed: {exc}", ledger=True
         )
     if owner is not None:
         why = f"being processed by concurrent run {owner}; not touched by this run"
-        return not_submitted(item, b.run_id, why)
+        return outcomes.not_submitted(item, b.run_id, why)
     try:
         return await _plan_and_live(b, v, started)
     except LedgerUnavailable as exc:
         why = f"not submitted: the ledger could not be read: {exc}"
-        return not_submitted(item, b.run_id, why, ledger=True)
+        return outcomes.not_submitted(item, b.run_id, why, ledger=True)
     except Exception as exc:  # noqa: BLE001 - one item's bug must not lose every row's result
         b.rt.log("item %s: unexpected error: %r", item.id, exc, level=logging.ERROR)
-        return internal_error(item, b.run_id, exc, b.rt.scrub)
+        return outcomes.internal_error(item, b.run_id, exc, b.rt.scrub)
     finally:
         with contextlib.suppress(LedgerUnavailable):  # a stale claim expires with the lease
             await b.rt.blocking(b.ledger.release, item.id)
@@ -157,7 +150,7 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
     ):
         note = "stored video missing or damaged: fetching it again"
         plan = Plan("poll", note=note, attempts=rec.attempts)
-    done = planned_result(item, rec, plan, unit_cost, b.run_id, b.rt.scrub)
+    done = outcomes.planned_result(item, rec, plan, unit_cost, b.run_id, b.rt.scrub)
     if done is not None:
         return done
     assert v.request is not None  # only valid items get here
@@ -165,7 +158,7 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
     async with b.slots.slot() as slot, _provider_slot(b):
         started()
         out = await live_item(
-            start_record(item, rec, plan),
+            outcomes.start_record(item, rec, plan),
             v.request,
             unit_cost=unit_cost,
             budget=b.budget,
@@ -177,7 +170,7 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
             resumed=plan.action == "poll",
             sweep=plan.action == "poll",
         )
-    return from_outcome(item, out, plan, unit_cost, b.run_id, b.rt.scrub)
+    return outcomes.from_outcome(item, out, plan, unit_cost, b.run_id, b.rt.scrub)
 
 
 class FlowEffects:

@@ -13,19 +13,8 @@ from prefect.states import Completed, Failed, State
 
 from blocks.apixo import open_store
 from flows.batch import generate_videos, new_run_id
-from hailuo_batch.inbox import (
-    Claim,
-    Inbox,
-    ManifestCheck,
-    Outcome,
-    default_inbox,
-    new_record,
-    new_report,
-    nightly_outcome,
-    report_markdown,
-    run_name_for,
-    run_record,
-)
+from hailuo_batch import inbox as ib
+from hailuo_batch.inbox import Claim, Inbox, ManifestCheck, Outcome
 from hailuo_batch.jobs import blocking
 from hailuo_batch.manifest import ItemDefaults
 from hailuo_batch.options import BatchOptions
@@ -60,13 +49,13 @@ async def _run_one(
 ) -> tuple[Outcome, dict[str, Any]]:
     """Check and run one claimed manifest; returns where it goes and its record."""
     logger = get_run_logger()
-    record = new_record(claim, str(flow_run.get_id()))
+    record = ib.new_record(claim, str(flow_run.get_id()))
     check = await check_manifest(inbox, claim, options.item_defaults())
     record.update(total_rows=check.total_rows, row_errors=check.row_errors)
     if not check.ok:
         logger.warning("manifest %s refused: %s", claim.name, check.error)
         return "failed", {**record, "stage": "validation", "error": check.error}
-    name = run_name_for(claim.name)
+    name = ib.run_name_for(claim.name)
     try:
         state: State[Any] = await generate_videos.with_options(flow_run_name=name)(
             manifest=inbox.url_of(claim), options=options, return_state=True
@@ -75,7 +64,7 @@ async def _run_one(
     except Exception as exc:  # recorded in the manifest's report; the nightly run goes on
         logger.exception("manifest %s: the run could not start", claim.name)
         return "failed", {**record, "stage": "run", "error": f"{type(exc).__name__}: {exc}"}
-    return run_record(record, name, state, result)
+    return ib.run_record(record, name, state, result)
 
 
 @flow(name="nightly-batch", log_prints=True)
@@ -93,11 +82,11 @@ async def nightly_batch(
     """
     logger = get_run_logger()
     out = await open_store(options.output, options.storage_block, get_settings())
-    box = Inbox(OutputStore(inbox or default_inbox(out.url), out.storage_options or None))
+    box = Inbox(OutputStore(inbox or ib.default_inbox(out.url), out.storage_options or None))
     names = await blocking(box.pending)
     logger.info("inbox %s: %d new manifest(s)", box.url, len(names))
     claim_id = new_run_id()  # UTC time + short flow run id: sortable, unique per run
-    report = new_report(box.url)
+    report = ib.new_report(box.url)
     for name in names:
         claim = await claim_manifest(box, name, claim_id)
         if claim is None:
@@ -108,7 +97,7 @@ async def nightly_batch(
         record_url = await finish_manifest(box, claim, outcome, record)
         report[outcome].append({"manifest": name, "record": record_url, **record})
 
-    await acreate_markdown_artifact(report_markdown(report), description="nightly-batch report")
-    kind, state_name, message = nightly_outcome(report)
+    await acreate_markdown_artifact(ib.report_markdown(report), description="nightly-batch report")
+    kind, state_name, message = ib.nightly_outcome(report)
     make = Completed if kind == "completed" else Failed
     return make(name=state_name, message=message, data=report)  # type: ignore[return-value]

@@ -7,13 +7,7 @@ import logging
 from functools import partial
 from typing import Any
 
-from prefect import get_run_logger, task
-from prefect.artifacts import (
-    acreate_markdown_artifact,
-    acreate_progress_artifact,
-    acreate_table_artifact,
-    aupdate_progress_artifact,
-)
+from prefect import artifacts, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runtime import runtime
@@ -27,13 +21,13 @@ from hailuo_batch.review import publish_review, review_markdown
 async def start_progress(run_id: str, total: int, table_key: str) -> Progress:
     """The run's progress: a progress artifact, log lines and, while items finish, new
     versions of the item table `table_key`."""
-    artifact = await acreate_progress_artifact(
+    artifact = await artifacts.acreate_progress_artifact(
         0.0, key=None, description=f"hailuo-batch run {run_id}: items finished"
     )
     return Progress(
         total,
         run_id,
-        push=partial(aupdate_progress_artifact, artifact),
+        push=partial(artifacts.aupdate_progress_artifact, artifact),
         table=partial(publish_item_table, run_id, key=table_key, partial_of=total),
         table_every_s=runtime().settings.table_every_s,
         log=get_run_logger().info,
@@ -66,7 +60,7 @@ async def publish_report(
     the Artifacts page shows one key's history rather than two new keys per run)."""
     items_key, summary_key = keys
     await publish_item_table(run_id, results, items_key)
-    await acreate_markdown_artifact(
+    await artifacts.acreate_markdown_artifact(
         summary_markdown(summary, results_url=results_url) + extra_md,
         key=summary_key,
         description=f"Summary of run {run_id}",
@@ -97,7 +91,7 @@ async def publish_item_table(
     table = await rt.blocking(results_as_table, results, partial(video_link, rt.store, expiry))
     links = "" if rt.store.is_local else f"; video links expire after {expiry / 3600:g} h"
     so_far = f" ({len(results)} of {partial_of} finished so far)" if partial_of else ""
-    await acreate_table_artifact(
+    await artifacts.acreate_table_artifact(
         table, key=key, description=f"Items of run {run_id}{so_far}{links}"
     )
 

@@ -11,16 +11,10 @@ from prefect.artifacts import acreate_markdown_artifact
 from blocks.apixo import open_store
 from flows.batch import generate_videos
 from flows.runtime import end_state
+from hailuo_batch import rerun as reruns
 from hailuo_batch.apixo import Mode, Provider
 from hailuo_batch.jobs import blocking
 from hailuo_batch.options import BatchOptions, RunOptions
-from hailuo_batch.rerun import (
-    DEFAULT_RERUN_STATUSES,
-    outcome_markdown,
-    output_of_results,
-    run_id_of_results,
-    write_selection,
-)
 from hailuo_batch.results import ItemStatus
 from hailuo_batch.settings import get_settings
 
@@ -30,7 +24,7 @@ ABOUT = "Which items this rerun takes from the previous run, and what happened"
 @flow(name="rerun-failed", log_prints=True)
 async def rerun_failed(
     results: str,
-    statuses: list[ItemStatus] = list(DEFAULT_RERUN_STATUSES),  # noqa: B006
+    statuses: list[ItemStatus] = list(reruns.DEFAULT_RERUN_STATUSES),  # noqa: B006
     fail_codes: list[str] | None = None,
     ids: list[str] | None = None,
     mode: Mode | None = None,
@@ -57,12 +51,12 @@ async def rerun_failed(
         options: How the rerun runs, as for generate-videos (output: by default the one of
             `results`; a storage block's S3 options also reach the results file).
     """
-    output = options.output or output_of_results(results)
+    output = options.output or reruns.output_of_results(results)
     store = await open_store(output, options.storage_block, get_settings())
     sel = await blocking(
         partial(
-            write_selection, store, results, statuses=statuses, fail_codes=fail_codes, ids=ids,
-            overrides={"mode": mode, "duration": duration, "provider": provider},
+            reruns.write_selection, store, results, statuses=statuses, fail_codes=fail_codes,
+            ids=ids, overrides={"mode": mode, "duration": duration, "provider": provider},
             prompt_suffix=prompt_suffix, dry_run=options.dry_run,
         )
     )  # fmt: skip
@@ -74,7 +68,7 @@ async def rerun_failed(
         logger.info("nothing to rerun")
         await acreate_markdown_artifact(sel.markdown + "\n\nnothing to rerun.", description=ABOUT)
         return {"selected": 0, "results": None}
-    child = generate_videos.with_options(flow_run_name=f"rerun-{run_id_of_results(results)}")
+    child = generate_videos.with_options(flow_run_name=f"rerun-{reruns.run_id_of_results(results)}")
     state = await child(
         manifest=sel.manifest_url,
         options=BatchOptions(**{**options.model_dump(), "output": store.url}),
@@ -84,6 +78,6 @@ async def rerun_failed(
         return_state=True,
     )
     summary = await state.aresult(raise_on_failure=False)
-    outcome_md = outcome_markdown(state.name, state.message, summary)
+    outcome_md = reruns.outcome_markdown(state.name, state.message, summary)
     await acreate_markdown_artifact(sel.markdown + outcome_md, description=ABOUT)
     return end_state(state.is_completed(), state.name, state.message, summary)

@@ -61,9 +61,9 @@ class Runtime:
 
 
 def end_state(completed: bool, name: str | None, message: str | None, data: Any) -> Any:
-    """A flow's return: `data` itself when all went well (Prefect hands a plain value back as is;
-    a returned State's data can be dropped when the server answers with its own state), else a
-    Completed or Failed state named `name`."""
+    """A flow's return: `data` itself when all went well, else a state named `name`."""
+    # a plain value comes back to the caller as is; a returned State's data can be dropped when
+    # the server answers the state proposal with its own state
     if completed and name == "Completed":
         return data
     return (Completed if completed else Failed)(name=name, message=message, data=data)

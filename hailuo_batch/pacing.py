@@ -43,7 +43,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -807,6 +807,17 @@ class RecorderLag:
             self._ready.clear()
         else:
             self._ready.set()
+
+    async def follow(self, count: Callable[[], Awaitable[int]], every_s: float = 2.0) -> None:
+        """Every `every_s` seconds, take `count()` (the finished task runs the orchestrator has
+        recorded) until cancelled; a count that fails holds nothing (taken as caught up)."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                recorded = await count()
+            except Exception:  # noqa: BLE001 - an unknown count must never hold the run forever
+                recorded = self.finished
+            self.recorded_now(recorded)
 
     async def wait_ready(self) -> None:
         """Return once the orchestrator is within `max_lag` task runs of this run."""

@@ -734,3 +734,29 @@ def test_recorder_lag_property_ready_exactly_when_within_bounds(
             lag.recorded_now(recorded)
         assert lag._ready.is_set() == (lag.lag <= 4)
         assert lag.worst_lag >= lag.lag >= 0
+
+
+def test_recorder_lag_follows_the_count_and_never_holds_on_a_failed_count() -> None:
+    from hailuo_batch.pacing import RecorderLag
+
+    answers: list[int | Exception] = [2, RuntimeError("503"), 5]
+
+    async def count() -> int:
+        answer = answers.pop(0) if answers else 5
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def scenario() -> list[int]:
+        lag = RecorderLag(max_lag=10)
+        lag.task_finished(40)
+        seen = []
+        job = asyncio.ensure_future(lag.follow(count, every_s=0.001))
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+            seen.append(lag.recorded)
+        job.cancel()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen[-1] == 40  # the failed count released the run (taken as caught up)
