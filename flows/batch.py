@@ -19,15 +19,15 @@ from prefect.states import Failed, State
 
 from flows import report
 from flows.item import GLOBAL_LIMIT, RunState, check_and_run
-from flows.runtime import end_state, open_runtime
+from flows.runtime import end_state, open_runtime, runtime
 from flows.tasks import read_balance, read_manifest
+from hailuo_batch import outcomes
 from hailuo_batch.artifacts import keeps_run_name
 from hailuo_batch.budget import Budget, InsufficientBalance, Stop, apply_balance
 from hailuo_batch.jobs import running
 from hailuo_batch.ledger import Ledger, LedgerUnavailable, keep_lease, planned_spend
 from hailuo_batch.manifest import Manifest, ManifestError, ManifestItem
 from hailuo_batch.options import BatchOptions, flow_parameters
-from hailuo_batch.outcomes import invalid_rows
 from hailuo_batch.pacing import AdaptiveLimit, AdaptiveSlots
 from hailuo_batch.parts import ItemRunner, Parts
 from hailuo_batch.policy import Prices
@@ -99,7 +99,7 @@ async def generate_videos(
             keep_lease, run.ledger, blocking=rt.blocking, warn=rt.warn,
             lapsed=partial(run.budget.stop, Stop.LEASE),
         )  # fmt: skip
-        jobs: list[Job] = [lease, partial(rt.recorder.follow, _count_recorded)]
+        jobs: list[Job] = [lease, partial(rt.recorder.follow, _count_recorded, warn=rt.warn)]
         jobs += [rt.waiter.run] if rt.waiter else []
         try:
             async with running(*jobs):
@@ -116,7 +116,7 @@ async def _run_batch(
     parsed = await read_manifest(manifest, options.item_defaults())
     if isinstance(parsed, ManifestError):  # nothing was paid: one clean message
         return Failed(name="BadManifest", message=f"run {run.run_id}: {parsed}")
-    results = invalid_rows(parsed.errors, run.run_id)
+    results = outcomes.invalid_rows(parsed.errors, run.run_id)
     keys = await report.artifact_keys(manifest)
     progress = await report.start_progress(run.run_id, parsed.total_rows, keys[0])
     for r in results:
@@ -129,7 +129,10 @@ async def _run_batch(
 
     async def _one(item: ManifestItem) -> ItemResult:
         r = await check_and_run(run, item)
-        await progress.finished(r)
+        try:
+            await progress.finished(r)
+        except Exception as exc:  # noqa: BLE001 - a refused artifact must not touch the item
+            run.rt.warn(f"progress not published: {exc}")
         return r
 
     results += await _run_items(run.run_id, parsed.items, _one, run.rt.settings.items_per_flow_run)
@@ -167,16 +170,19 @@ CHILD_RETRY_PAUSES_S = (5.0, 20.0)
 async def _run_items(
     run_id: str, items: list[ManifestItem], one: ItemRunner, size: int
 ) -> list[ItemResult]:
-    """Run every item; past `size` items, in child runs of `size` (graphs the UI can show)."""
-    if len(items) <= size:
-        return await asyncio.gather(*(one(i) for i in items))
-    parts = _PARTS[run_id] = Parts(items, size, one)
-    name, n = flow_run.get_name(), len(parts.parts)
-    try:
-        await asyncio.gather(*(_child(run_id, k, f"{name}-part-{k + 1}-of-{n}") for k in range(n)))
-        return await parts.in_order()
-    finally:
-        del _PARTS[run_id]
+    """Every item once (in child runs past `size` items); one that raised ends INTERNAL_ERROR."""
+    scrub = runtime().scrub
+    parts = Parts(items, size, one, lambda i, exc: outcomes.internal_error(i, run_id, exc, scrub))
+    if len(parts.parts) > 1:
+        _PARTS[run_id] = parts
+        name, n = flow_run.get_name(), len(parts.parts)
+        try:
+            await asyncio.gather(
+                *(_child(run_id, k, f"{name}-part-{k + 1}-of-{n}") for k in range(n))
+            )
+        finally:
+            del _PARTS[run_id]
+    return await parts.in_order()  # starts what a failed child run never started
 
 
 async def _child(run_id: str, part: int, name: str) -> None:
@@ -189,18 +195,11 @@ async def _child(run_id: str, part: int, name: str) -> None:
             then = "trying again" if pause else "running its items in this run"
             get_run_logger().warning("child run %s failed (%s); %s", name, exc, then)
             await asyncio.sleep(pause or 0)
-    await _PARTS[run_id].run_left(part)
 
 
 @flow(name="generate-videos-part", log_prints=True)
 async def run_part(run_id: str, part: int) -> int:
-    """One part of a large generate-videos run, in the parent's process: its items' submits
-    and polls are this flow run's task runs. Returns how many items it ran.
-
-    Args:
-        run_id: The parent run's id.
-        part: Which part (from 0).
-    """
+    """Part `part` of the large run `run_id`: its items' submits and polls, in its process."""
     return await _PARTS[run_id].run_left(part)
 
 

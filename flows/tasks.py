@@ -89,11 +89,10 @@ async def store_video(item: ManifestItem, result_url: str, key: str, sweep: bool
     def log(msg: str) -> None:
         rt.log("item %s: %s", item.id, msg, level=logging.WARNING)
 
-    out = await rt.blocking(
-        lambda: fetch_video(
-            rt.client, rt.store, result_url, key, sweep=sweep, retry_delays=(d, 5 * d), log=log
-        )
-    )
+    out = await fetch_video(
+        rt.client, rt.store, result_url, key,
+        sweep=sweep, retry_delays=(d, 5 * d), log=log, blocking=rt.blocking,
+    )  # fmt: skip
     if out.stored is not None:
         rt.log("item %s stored at %s (%d bytes)", item.id, out.stored.url, out.stored.size)
     return out

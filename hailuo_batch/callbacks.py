@@ -243,7 +243,7 @@ class CallbackWaiter:
         """One look at the delivery store (a listing, then a read per new delivery)."""
         try:
             new = await self._blocking(self.store.poll_new, set(self._known))
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any store error: the backstop poll goes on
             self._warn(f"cannot read callback deliveries: {exc}")
             return
         self.seen(new)

@@ -1,13 +1,15 @@
 """Fetching a finished task's video into the store: streamed, verified, retried, never partial.
 
-Blocking (the sync apixo client and fsspec): the flow runs `fetch_video` in a worker thread.
+Each attempt is blocking (the sync apixo client and fsspec) and runs in a worker thread; the
+waits between attempts are on the event loop.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hailuo_batch.apixo import ApixoClient
 from hailuo_batch.storage import OutputStore, StoredObject
@@ -23,7 +25,15 @@ class Stored:
     attempts: int = 1
 
 
-def fetch_video(
+def fetch_once(client: ApixoClient, store: OutputStore, url: str, key: str) -> StoredObject:
+    """One blocking attempt: stream `url` into `key`, verified (length, an MP4 that decodes)."""
+    with client.stream_download(url) as download:
+        return store.write_stream_atomic(
+            key, download.iter_bytes(), expected_size=download.content_length, verify=verify_mp4
+        )
+
+
+async def fetch_video(
     client: ApixoClient,
     store: OutputStore,
     url: str,
@@ -32,7 +42,7 @@ def fetch_video(
     sweep: bool,
     retry_delays: Sequence[float],
     log: Callable[[str], None],
-    sleep: Callable[[float], None] = time.sleep,
+    blocking: Callable[..., Awaitable[Any]],
 ) -> Stored:
     """Stream `url` into `key`: verified length, a real MP4 that decodes, nothing unverified
     ever visible under `key`.
@@ -40,25 +50,19 @@ def fetch_video(
     `sweep` (an item resumed from an earlier run) first removes the temporaries a killed writer
     left for this key (only this key's own). The client retries opening the download; a stream
     that breaks half-way, bytes that are not a video or a store that fails are tried again from
-    the start after each of `retry_delays`. An expected fate is returned, not raised.
+    the start after each of `retry_delays`, waiting on the event loop (a thread is held only
+    while bytes move). Each attempt runs through `blocking`. An expected fate is returned.
     """
-    if sweep and store.remove_temp_files(key):
+    if sweep and await blocking(store.remove_temp_files, key):
         log(f"removed a partial download of {key} left by a crash")
     error: Exception | None = None
     tries = len(retry_delays) + 1
     for attempt, pause in enumerate([*retry_delays, None], start=1):
         try:
-            with client.stream_download(url) as download:
-                stored = store.write_stream_atomic(
-                    key,
-                    download.iter_bytes(),
-                    expected_size=download.content_length,
-                    verify=verify_mp4,
-                )
-            return Stored(stored, attempts=attempt)
+            return Stored(await blocking(fetch_once, client, store, url, key), attempts=attempt)
         except Exception as exc:  # noqa: BLE001 - download, verification and store failures alike
             error = exc
             log(f"video for {key} not stored (attempt {attempt} of {tries}): {exc}")
             if pause is not None:
-                sleep(pause)
+                await asyncio.sleep(pause)
     return Stored(None, error, attempts=tries)

@@ -772,18 +772,26 @@ class RecorderLag:
     of them the orchestrator has recorded as finished (`recorded`). While the difference passes
     `max_lag`, new items wait (`wait_ready`) and the items in flight go on: a run never gets so
     far ahead of the server that the server's event queue overflows and drops task runs. It
-    costs time only when the server is the bottleneck; `waited_s` says how much.
+    costs time only when the server is the bottleneck; `waited_s` is the wall time new items
+    were held. A count that stops rising while items are held (a server that records nothing,
+    or dropped records before) is given up on after `stall_s`: the run goes on and says so.
     """
 
-    def __init__(self, max_lag: int, *, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, max_lag: int, *, stall_s: float = 60.0, clock: Clock = time.monotonic
+    ) -> None:
         if max_lag < 1:
             raise ValueError("max_lag must be at least 1")
         self.max_lag = max_lag
+        self.stall_s = stall_s
         self.clock = clock
         self.finished = 0
         self.recorded = 0
-        self.waited_s = 0.0
         self.worst_lag = 0
+        self._offset = 0  # records given up on after a stall
+        self._held_s = 0.0
+        self._closed_at: float | None = None
+        self._rose_at = clock()
         self._ready = asyncio.Event()
         self._ready.set()
 
@@ -791,38 +799,61 @@ class RecorderLag:
     def lag(self) -> int:
         return max(0, self.finished - self.recorded)
 
+    @property
+    def waited_s(self) -> float:
+        """Wall time new items have been held so far."""
+        now = self.clock()
+        return self._held_s + (now - self._closed_at if self._closed_at is not None else 0.0)
+
     def task_finished(self, n: int = 1) -> None:
         """`n` more task runs of this run ended on this side."""
         self.finished += n
         self._update()
 
-    def recorded_now(self, recorded: int) -> None:
-        """The orchestrator reports `recorded` finished task runs for this run."""
-        self.recorded = max(self.recorded, recorded)
+    def recorded_now(self, count: int) -> None:
+        """The orchestrator reports `count` finished task runs for this run."""
+        if count + self._offset > self.recorded:
+            self.recorded = count + self._offset
+            self._rose_at = self.clock()
         self._update()
 
     def _update(self) -> None:
         self.worst_lag = max(self.worst_lag, self.lag)
-        if self.lag > self.max_lag:
+        if self.lag > self.max_lag and self._closed_at is None:
+            self._closed_at = self.clock()
             self._ready.clear()
-        else:
+        elif self.lag <= self.max_lag and self._closed_at is not None:
+            self._held_s += self.clock() - self._closed_at
+            self._closed_at = None
             self._ready.set()
 
-    async def follow(self, count: Callable[[], Awaitable[int]], every_s: float = 2.0) -> None:
+    async def follow(
+        self,
+        count: Callable[[], Awaitable[int]],
+        every_s: float = 2.0,
+        warn: Callable[[str], None] = lambda msg: None,
+    ) -> None:
         """Every `every_s` seconds, take `count()` (the finished task runs the orchestrator has
-        recorded) until cancelled; a count that fails holds nothing (taken as caught up)."""
+        recorded) until cancelled. A count that fails holds nothing (taken as caught up); one
+        that has not risen for `stall_s` while items are held is given up on, with a warning."""
         while True:
             await asyncio.sleep(every_s)
             try:
-                recorded = await count()
+                counted = await count()
             except Exception:  # noqa: BLE001 - an unknown count must never hold the run forever
-                recorded = self.finished
-            self.recorded_now(recorded)
+                self.recorded, self._rose_at = max(self.recorded, self.finished), self.clock()
+                self._update()
+                continue
+            stalled = self.clock() - self._rose_at > self.stall_s
+            if self._closed_at is not None and stalled:
+                warn(
+                    f"the Prefect server recorded no task run of this run for {self.stall_s:.0f} s "
+                    f"({self.lag} behind): going on without waiting for it; the results file "
+                    "and the ledger stay complete, the server's view of this run may not be"
+                )
+                self._offset = self.finished - counted
+            self.recorded_now(counted)
 
     async def wait_ready(self) -> None:
         """Return once the orchestrator is within `max_lag` task runs of this run."""
-        if self._ready.is_set():
-            return
-        started = self.clock()
         await self._ready.wait()
-        self.waited_s += self.clock() - started

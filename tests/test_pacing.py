@@ -760,3 +760,29 @@ def test_recorder_lag_follows_the_count_and_never_holds_on_a_failed_count() -> N
 
     seen = asyncio.run(scenario())
     assert seen[-1] == 40  # the failed count released the run (taken as caught up)
+
+
+def test_recorder_lag_gives_up_on_a_count_that_stops_rising_and_says_so() -> None:
+    """A server that records nothing (services off, records dropped before) must not hold the
+    run forever: after `stall_s` without a rise while items are held, the run goes on."""
+    from hailuo_batch.pacing import RecorderLag
+
+    warned: list[str] = []
+
+    async def count() -> int:
+        return 3  # stuck
+
+    async def scenario() -> tuple[bool, float]:
+        lag = RecorderLag(max_lag=10, stall_s=0.05)
+        lag.task_finished(30)
+        job = asyncio.ensure_future(lag.follow(count, every_s=0.01, warn=warned.append))
+        await asyncio.wait_for(lag.wait_ready(), 2.0)  # released, not held forever
+        held = lag.waited_s
+        lag.task_finished(5)  # later records count again from where it gave up
+        await asyncio.sleep(0.03)
+        job.cancel()
+        return lag._ready.is_set(), held
+
+    ready, held = asyncio.run(scenario())
+    assert ready and 0.04 < held < 1.0
+    assert warned and "recorded no task run" in warned[0]

@@ -296,7 +296,7 @@ def test_waiter_checks_the_store_and_survives_an_unreadable_one(tmp_path: Path) 
     assert event.is_set()
 
     def broken(*a: object) -> None:
-        raise OSError("store down")
+        raise RuntimeError("store down (an error type that is not an OSError)")
 
     warned: list[str] = []
     sick = CallbackWaiter(store, check_s=0.01, warn=warned.append)
