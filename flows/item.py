@@ -1,5 +1,4 @@
-"""One item in a run: check its image, claim it, plan it from the ledger, live it, release it.
-The decisions are the library's (`preflight`, `plan_item`, `live_item`); this supplies effects."""
+"""One item: check its image, claim it, plan it, live it (`lifecycle.live_item`), release it."""
 
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ from hailuo_batch.manifest import ManifestItem
 from hailuo_batch.pacing import AdaptiveSlots, Slot
 from hailuo_batch.policy import Prices, estimate_cost
 from hailuo_batch.results import ItemResult
-from hailuo_batch.steps import choose_video_key
+from hailuo_batch.steps import LeaseLapsed, choose_video_key
 from hailuo_batch.storage import StoredObject
 from hailuo_batch.validation import Preflight, preflight
 
@@ -195,6 +194,8 @@ class FlowEffects:
         return await self.b.rt.blocking(self.b.ledger.still_ours, self.item.id, self.expected)
 
     async def submit(self, request: GenerateRequest) -> str:
+        if not self.b.ledger.lease_fresh():  # the `submitting` write may have taken a while
+            raise LeaseLapsed("this run's lease lapsed before the POST: not sent")
         sub = await submit_item(self.item, request)
         self.b.rt.recorder.task_finished()
         task_id = _or_raise(sub.task_id, sub.error)

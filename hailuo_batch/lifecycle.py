@@ -224,12 +224,13 @@ class _Life:
                 if step.refund:
                     self.budget.refund(self.unit)
                     self.run_posts -= 1
-                    await self.save(
-                        state=step.ledger,
-                        attempts=before.attempts,
-                        fail_code=step.fail_code,
-                        fail_msg=step.fail_msg,
-                    )
+                    if step.ledger is not None:  # None: the record is not ours to write
+                        await self.save(
+                            state=step.ledger,
+                            attempts=before.attempts,
+                            fail_code=step.fail_code,
+                            fail_msg=step.fail_msg,
+                        )
                 elif step.ledger is not None:
                     await self.save(state=step.ledger, fail_msg=step.fail_msg)
                 if step.next != "wait":

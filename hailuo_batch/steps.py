@@ -60,6 +60,11 @@ class TaskLost(Exception):
         self.message = message
 
 
+class LeaseLapsed(Exception):
+    """The run's lease went stale after its last ownership check (a slow ledger write, a store
+    outage): the POST was not sent, and another run may own the item now."""
+
+
 @dataclass(frozen=True)
 class Step:
     """What an event leads to.
@@ -106,6 +111,11 @@ def on_submit_error(
             fail_msg=str(err),
             uncertain=True,
         )
+    if isinstance(err, LeaseLapsed):  # nothing sent; the record may be another run's by now
+        return Step(
+            "end", refund=True, status=ItemStatus.NOT_SUBMITTED, fail_code=CLAIM_LOST,
+            fail_msg=str(err), signal=Stop.LEASE,
+        )  # fmt: skip
     # every other refusal: nothing was created, the reservation goes back
     back = Step(
         "end",

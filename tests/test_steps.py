@@ -204,3 +204,15 @@ def test_a_401_on_a_result_download_stops_the_run():
         "AUTH_FAILED",
         Stop.AUTH,
     )
+
+
+def test_a_lease_that_lapsed_before_the_post_sends_nothing_and_leaves_the_record_alone() -> None:
+    """The `submitting` write can be slow (a store outage): if the lease went stale meanwhile,
+    another run may own the item and have written its record; this run must neither POST nor
+    write that record back, and it stops submitting."""
+    from hailuo_batch.budget import Stop
+    from hailuo_batch.steps import CLAIM_LOST, LeaseLapsed, on_submit_error
+
+    step = on_submit_error(LeaseLapsed("lapsed"), 1)
+    assert step.refund and step.ledger is None and step.signal == Stop.LEASE
+    assert step.status == "not_submitted" and step.fail_code == CLAIM_LOST
