@@ -1,15 +1,10 @@
-"""Large batches: child runs of bounded size, records the Prefect server keeps, and polling that
-learns the generation time from earlier runs into the same output."""
+"""Large batches: child runs of bounded size, and the records the Prefect server keeps."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import statistics
-from pathlib import Path
 
 import httpx
-import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -17,10 +12,8 @@ from prefect.client.schemas.filters import (
     FlowRunFilterParentFlowRunId,
 )
 
-from hailuo_batch.emulator import EmulatorConfig
-from hailuo_batch.polling import STATS_KEY
 from hailuo_batch.settings import get_settings
-from tests.flows.flowkit import API_KEY, generate_videos, items, results_of, write_csv
+from tests.flows.flowkit import generate_videos, items, results_of, write_csv
 
 
 async def child_runs_and_task_states(parent_id) -> tuple[list, dict[str, list[str]]]:
@@ -68,59 +61,6 @@ def test_a_large_batch_runs_as_child_runs_and_the_server_keeps_every_task_run(
     part_tasks = [v for name, v in states.items() if "-part-" in name]
     assert sorted(len(v) for v in part_tasks) == [12, 24, 24]  # a submit and a poll per item
     assert all(s == "COMPLETED" for v in states.values() for s in v), states  # none left RUNNING
-
-
-@pytest.fixture
-def emulator_config(images_dir: Path) -> EmulatorConfig:
-    # generation ~1.5 s: long next to the fast poll schedule of the flow tests
-    return EmulatorConfig(
-        port=0,
-        api_key=API_KEY,
-        time_scale=0.0125,
-        fps=4,
-        files_dir=str(images_dir),
-        seed=3,
-        processing_distribution="lognormal",
-        processing_sigma=0.1,
-    )
-
-
-def test_polling_learns_the_generation_time_and_keeps_it_for_the_next_run(
-    flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch
-):
-    """The first run reads on the provider's schedule (plus a few dense probes) and keeps what
-    it saw in {output}/stats/generation.json; the next run into the same output reads each
-    task near its expected end: fewer reads per item, and still little notice lag."""
-    monkeypatch.setenv("HAILUO_POLL_INITIAL_S", "0.05")
-    monkeypatch.setenv("HAILUO_POLL_INTERVAL_S", "0.05")
-    monkeypatch.setenv("HAILUO_POLL_MAX_INTERVAL_S", "0.05")
-    get_settings.cache_clear()
-    out = tmp_path / "out"
-
-    def run(prefix: str) -> tuple[float, float]:
-        rows = items(images_dir, make_image, emulator, 12, prefix=prefix)
-        manifest = write_csv(tmp_path / f"{prefix}.csv", rows)
-        before = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["status_reads_total"]
-        state = generate_videos(
-            manifest=str(manifest), output=str(out), concurrency=12, return_state=True
-        )
-        assert state.is_completed(), state.message
-        after = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["status_reads_total"]
-        timings = httpx.get(f"{emulator.base_url}/_emulator/timings").json()["tasks"]
-        lags = [
-            t["notice_lag_s"] / t["generation_s"]
-            for t in timings
-            if t["prompt"].startswith(prefix) and t["notice_lag_s"] is not None
-        ]
-        assert len(lags) == 12
-        return (after - before) / 12, statistics.mean(lags)
-
-    first_reads, _ = run("first")
-    kept = json.loads((out / STATS_KEY).read_text())
-    assert len(kept["samples"]) == 12 and all(1.0 < s < 3.0 for s in kept["samples"])
-    second_reads, second_lag = run("second")
-    assert second_reads < first_reads / 2, (first_reads, second_reads)
-    assert second_lag < 0.2
 
 
 def test_a_child_run_the_server_refuses_is_tried_again_then_run_in_the_parent(
