@@ -189,13 +189,15 @@ def test_without_observations_follows_the_provider_guidance():
 
 
 def test_a_probe_without_observations_reads_densely_at_a_constant_ratio():
-    times = read_times(LearnedPollPlan(), GenerationStats(), probe=True)
+    plan = LearnedPollPlan()
+    times = read_times(plan, GenerationStats(), probe=True)
     assert times[0] == 2.0
     pairs = list(itertools.pairwise(times[:-1]))  # the last read is at the give-up time
     assert all(b - a >= 0.25 - 1e-9 for a, b in pairs)  # never closer than min_interval_s
-    ratios = [b / a for a, b in pairs if a >= 2.5]
+    # past the point where the ratio's step is longer than min_interval_s
+    ratios = [b / a for a, b in pairs if a * plan.lag_target > 0.25]
     assert len(ratios) > 40
-    assert ratios == pytest.approx([1.1] * len(ratios))
+    assert ratios == pytest.approx([plan.ratio] * len(ratios))
     assert times[-1] == 600.0  # the guidance's give-up time, read exactly then
 
 
@@ -206,15 +208,16 @@ def test_learned_schedule_notices_every_item_past_the_first_read_within_the_lag(
     times = read_times(plan, stats)
     first = plan.first_read_s(stats)
     assert times[0] == pytest.approx(first)
-    # the first read sits near the 2 % quantile: about 2 % of items end before first / 1.1
-    early = sum(s < first / 1.1 for s in stats.samples) / stats.count
-    assert 0.003 <= early <= 0.04
-    # every generation time after the first read is noticed within 10 % of itself
+    # the first read sits near the `late_fraction` (3 %) quantile: about that share of items end
+    # too early to be noticed within the lag target
+    early = sum(s < first / plan.ratio for s in stats.samples) / stats.count
+    assert 0.005 <= early <= 0.05
+    # every generation time after the first read is noticed within the lag target (9 %)
     for g in [first * (1 + i / 50) for i in range(1, 200)]:
         if g >= times[-1]:
             break
         notice = next(t for t in times if t >= g)
-        assert (notice - g) / g < 0.1 + 1e-9
+        assert (notice - g) / g < plan.lag_target + 1e-9
     # and the schedule scales with the provider: nothing fixed in seconds
     assert median * 0.3 < first < median * 0.6
 
@@ -241,16 +244,18 @@ def test_few_observations_put_the_first_read_well_before_them():
 def test_first_read_follows_an_early_tail_the_lognormal_fit_misses():
     # a fast route answers 5 % of tasks in 2 s; the rest take ~100 s
     stats = GenerationStats([2.0] * 25 + [100.0] * 475, half_life=1e9)
-    assert LearnedPollPlan().first_read_s(stats) == pytest.approx(2.2)
+    plan = LearnedPollPlan()
+    assert plan.first_read_s(stats) == pytest.approx(2.0 * plan.ratio)
 
 
 def test_an_item_waiting_on_guidance_is_read_at_once_when_learning_says_it_is_late():
     plan = LearnedPollPlan()
     stats = lognormal_stats(10)
     # an item that never read (it waited for the guidance's 60 s) when 10 s tasks are learned
-    assert plan.next_read_at(0.0, 0, stats) < 5
+    assert plan.next_read_at(0.0, 0, stats) == pytest.approx(plan.first_read_s(stats))
+    assert plan.first_read_s(stats) < 6  # not the guidance's 60 s
     # one that read at 30 s continues at the ratio
-    assert plan.next_read_at(30.0, 3, stats) == pytest.approx(33.0)
+    assert plan.next_read_at(30.0, 3, stats) == pytest.approx(30.0 * plan.ratio)
 
 
 def test_probes_only_while_nothing_is_learned():
