@@ -280,6 +280,8 @@ async def watch_task(
                 if end is not None:
                     return PollResult(None, reads, end)
                 warn(scrub(f"status read for {task_id} failed, reading again later: {exc}"))
+                if woken:  # the callback's news must not wait for the slow backstop
+                    ticker.unconfirmed()
                 continue
             if status.is_terminal:
                 ticker.ended(status)

@@ -285,6 +285,24 @@ def test_an_unconfirmed_callback_drops_the_waiter_and_polls_on_the_fallback() ->
     assert any("not confirmed" in w for w in warnings)
 
 
+def test_a_callback_whose_confirming_read_fails_is_read_again_soon_not_at_the_backstop() -> None:
+    waiter = CallbackWaiter(CallbackStore("memory://polling-test-2"), check_s=1.0)
+    backstop, fallback = callback_schedules(FAST, backstop_s=30.0, immediate=False)
+    warnings: list[str] = []
+
+    async def scenario() -> tuple[int, TaskState | None]:
+        ticker = ScheduleTicker(backstop, task_id="t1", waiter=waiter, fallback=fallback)
+        waiter.seen({"t1": status(TaskState.SUCCESS)})
+        read = Script([ServerError("502", 502), status(TaskState.SUCCESS)])
+        result = await asyncio.wait_for(  # the backstop would read again after 30 s
+            watch_task("t1", read, ticker, not_found_grace_s=30, warn=warnings.append), 2.0
+        )
+        return result.reads, result.status.state if result.status else None
+
+    assert run(scenario()) == (2, TaskState.SUCCESS)
+    assert any("failed, reading again" in w for w in warnings)
+
+
 def test_waiter_checks_the_store_and_survives_an_unreadable_one(tmp_path: Path) -> None:
     store = CallbackStore(str(tmp_path / "cb"))
     body = {"code": 200, "data": {"taskId": "t1", "state": "success", "createTime": 1,
