@@ -175,9 +175,11 @@ def export_ref(ref: str, into: Path) -> Path:
 
 
 @contextmanager
-def prefect_server(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]]]:
-    """A started `prefect server` on loopback with a temporary PREFECT_HOME; yields the process
-    and the PREFECT_* variables a client needs."""
+def prefect_server(
+    workdir: Path, extra: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str]]]:
+    """A started `prefect server` on loopback with a temporary PREFECT_HOME (and the `extra`
+    variables, `--server-env`); yields the process and the PREFECT_* variables a client needs."""
     port = free_port()
     home = workdir / "prefect-home"
     home.mkdir()
@@ -188,7 +190,7 @@ def prefect_server(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], dic
     }
     log = workdir / "prefect-server.log"
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    proc = spawn(cmd, log, {**base_env(), **env})
+    proc = spawn(cmd, log, {**base_env(), **env, **(extra or {})})
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", proc, log, timeout_s=180)
         yield proc, {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
@@ -375,7 +377,9 @@ def run_mode(mode: str, items: int, args: argparse.Namespace, workroot: Path) ->
             cmd = [sys.executable, str(BENCH / "plain_script.py"), str(manifest), str(out)]
             cmd += ["--concurrency", str(args.concurrency)]
         else:
-            server, prefect_env = stack.enter_context(prefect_server(workdir))
+            server, prefect_env = stack.enter_context(
+                prefect_server(workdir, dict(kv.split("=", 1) for kv in args.server_env))
+            )
             groups["prefect_server"] = server.pid
             api = prefect_env["PREFECT_API_URL"]
             env.update(prefect_env)
@@ -756,6 +760,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="a setting for the flow modes, e.g. HAILUO_MAX_RECORD_LAG=100000000 (repeatable)",
     )
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for the Prefect server, e.g. PREFECT_SERVER_LOGGING_LEVEL=WARNING",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = p.parse_args(argv)
     if args.quick:
@@ -789,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     args.source = export_ref(args.ref, workroot / "source") if args.ref else None
     setup["scaled_settings"] = scaled_settings(args.time_scale, args.source)
     setup["flow_env"] = args.flow_env
+    setup["server_env"] = args.server_env
     try:
         for items in args.items:
             for mode in modes:
