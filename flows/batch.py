@@ -12,14 +12,14 @@ from functools import partial
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import PrefectClient, get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
 from flows import report
 from flows.item import GLOBAL_LIMIT, RunState, check_and_run
-from flows.runtime import end_state, open_runtime, runtime
+from flows.runtime import Runtime, end_state, open_runtime, runtime
 from flows.tasks import read_balance, read_manifest
 from hailuo_batch import outcomes
 from hailuo_batch.artifacts import keeps_run_name
@@ -99,7 +99,7 @@ async def generate_videos(
             keep_lease, run.ledger, blocking=rt.blocking, warn=rt.warn,
             lapsed=partial(run.budget.stop, Stop.LEASE),
         )  # fmt: skip
-        jobs: list[Job] = [lease, partial(rt.recorder.follow, _count_recorded, warn=rt.warn)]
+        jobs: list[Job] = [lease, partial(_follow_records, rt)]
         jobs += [rt.waiter.run] if rt.waiter else []
         try:
             async with running(*jobs):
@@ -241,17 +241,22 @@ async def _report(
     )
 
 
-async def _count_recorded() -> int:
+async def _follow_records(rt: Runtime) -> None:
+    """Keep the run's back-pressure (`RecorderLag`) on what the Prefect server has recorded."""
+    async with get_client() as client:
+        await rt.recorder.follow(partial(_count_recorded, client), warn=rt.warn)
+
+
+async def _count_recorded(client: PrefectClient) -> int:
     """Finished task runs of this run and its child runs that the Prefect server has recorded."""
     me, done = flow_run.get_id(), ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]
-    async with get_client() as client:
-        counts = [
-            await client._client.post(
-                "/task_runs/count",
-                json={"flow_runs": runs, "task_runs": {"state": {"type": {"any_": done}}}},
-            )
-            for runs in ({"id": {"any_": [me]}}, {"parent_flow_run_id": {"any_": [me]}})
-        ]
+    counts = [
+        await client._client.post(
+            "/task_runs/count",
+            json={"flow_runs": runs, "task_runs": {"state": {"type": {"any_": done}}}},
+        )
+        for runs in ({"id": {"any_": [me]}}, {"parent_flow_run_id": {"any_": [me]}})
+    ]
     return sum(int(c.json()) for c in counts)
 
 

@@ -110,9 +110,7 @@ async def _check_and_run(
     return await run_item(b, v, started)
 
 
-async def run_item(
-    b: RunState, v: Preflight, started: Callable[[], None] = lambda: None
-) -> ItemResult:
+async def run_item(b: RunState, v: Preflight, started: Callable[[], None]) -> ItemResult:
     """Claim the item (`claim_or_wait`), run it, release the claim; never raises for the item's
     own troubles."""
     item = v.item
