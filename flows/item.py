@@ -146,7 +146,7 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
         and not await b.rt.blocking(stored_intact, b.rt.store, rec)
     ):
         note = "stored video missing or damaged: fetching it again"
-        plan = Plan("poll", note=note, attempts=rec.attempts)
+        plan = Plan("poll", note=note, attempts=rec.attempts, resubmits=plan.resubmits)
     done = outcomes.planned_result(item, rec, plan, unit_cost, b.run_id, b.rt.scrub)
     if done is not None:
         return done

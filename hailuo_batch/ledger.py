@@ -22,7 +22,7 @@ import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -62,7 +62,11 @@ class LedgerRecord(BaseModel):
     state: LedgerState
     task_id: str | None = None
     task_ids: list[str] = []
-    attempts: int = 0
+    attempts: int = 0  # POSTs that may have cost money, over every run (the results' cost)
+    # resubmissions after a transient failCode since the item's last forced run: what
+    # HAILUO_TRANSIENT_MAX_RESUBMITS bounds. POSTs of unknown outcome are not counted here (each
+    # is reported uncertain by its run), so they never use up the resubmission a failure needs
+    resubmits: int = 0
     fail_code: str | None = None
     fail_msg: str | None = None
     video: str | None = None
@@ -88,6 +92,9 @@ class Plan:
     is known: poll it, never resubmit), "done" (stored: verify, do not download again),
     "cached" (a final failure from an earlier run), "hold" (uncertain, left for a person).
     keep_video: the key of a paid video of *other* inputs under this id: never overwrite it.
+    resubmits: the transient resubmissions the item has already used (`policy.after_failure`):
+    the record's count, or 0 in a forced run: a rerun is the user's decision to pay again for
+    the item, and it gets the whole budget, as a first run does.
     """
 
     action: Literal["submit", "poll", "done", "cached", "hold"]
@@ -95,6 +102,7 @@ class Plan:
     uncertain: bool = False
     attempts: int = 0
     keep_video: str | None = None
+    resubmits: int = 0
 
 
 def plan_item(
@@ -129,26 +137,28 @@ def plan_item(
                 "a taskId (possible charge)"
             )
         return Plan("submit", note=note, keep_video=kept)
-    prior = record.attempts
+    plan = _plan_same_inputs(
+        record, force=force, uncertain_policy=uncertain_policy, resubmit_lost=resubmit_lost
+    )
+    return replace(plan, attempts=record.attempts, resubmits=0 if force else record.resubmits)
+
+
+def _plan_same_inputs(
+    record: LedgerRecord, *, force: bool, uncertain_policy: UncertainPolicy, resubmit_lost: bool
+) -> Plan:
+    """`plan_item` for a record of the same inputs (attempts and resubmits are set by it)."""
     if record.state == LedgerState.STORED:
-        return Plan("done", note=f"already stored by run {record.run_id}", attempts=prior)
+        return Plan("done", note=f"already stored by run {record.run_id}")
     if record.state in (LedgerState.SUBMITTED, LedgerState.SUCCEEDED):
-        return Plan(
-            "poll", note=f"resumed task {record.task_id} of run {record.run_id}", attempts=prior
-        )
+        return Plan("poll", note=f"resumed task {record.task_id} of run {record.run_id}")
     if record.state in (LedgerState.SUBMITTING, LedgerState.UNCERTAIN):
         note = (
             f"run {record.run_id} may have submitted it without recording a taskId "
             "(possible duplicate charge)"
         )
         if force or uncertain_policy == "resubmit":
-            return Plan("submit", note=note + "; resubmitted", uncertain=True, attempts=prior)
-        return Plan(
-            "hold",
-            note=note + "; held (HAILUO_UNCERTAIN_POLICY=hold)",
-            uncertain=True,
-            attempts=prior,
-        )
+            return Plan("submit", note=note + "; resubmitted", uncertain=True)
+        return Plan("hold", note=note + "; held (HAILUO_UNCERTAIN_POLICY=hold)", uncertain=True)
     if record.state == LedgerState.LOST:
         if resubmit_lost:
             return Plan(
@@ -156,19 +166,17 @@ def plan_item(
                 note=f"task {record.task_id} is gone at the provider; resubmitted "
                 "(possible duplicate charge)",
                 uncertain=True,
-                attempts=prior,
             )
         return Plan(
             "poll",
             note=f"task {record.task_id} was lost in run {record.run_id}: read again "
             "(--resubmit-lost pays for a new task)",
-            attempts=prior,
         )
     if record.state in TERMINAL:
         if force:
-            return Plan("submit", note=f"rerun of {record.state} item", attempts=prior)
-        return Plan("cached", note=f"final in run {record.run_id}", attempts=prior)
-    return Plan("submit", attempts=prior)  # NOT_SUBMITTED: nothing was created
+            return Plan("submit", note=f"rerun of {record.state} item")
+        return Plan("cached", note=f"final in run {record.run_id}")
+    return Plan("submit")  # NOT_SUBMITTED: nothing was created
 
 
 def _now() -> str:

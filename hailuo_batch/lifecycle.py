@@ -7,7 +7,9 @@ logic that decides what gets paid for runs the same in both.
 
 Invariants it keeps (tested as properties in tests/test_lifecycle.py):
 - a POST happens only after the reservation, the claim check and a durable `submitting`
-  record; so an item is POSTed at most once per run unless its outcome is reported uncertain;
+  record; so an item is POSTed at most once, plus its transient resubmissions (at most
+  `max_resubmits` since its last forced run, counted in `LedgerRecord.resubmits`), plus once per
+  run that reports it uncertain;
 - the budget's spend never passes its cap;
 - it returns exactly one `Outcome` per call, whatever the provider answers.
 """
@@ -267,14 +269,17 @@ class _Life:
         self.last_status = st
         step = on_task_final(
             st,
-            self.rec.attempts,
+            self.rec.resubmits,
             overrides=self.policy.failcode_overrides,
             max_resubmits=self.policy.max_resubmits,
         )
         self.signal(step)
         if step.next == "submit":
             await self.save(
-                state=LedgerState.NOT_SUBMITTED, fail_code=st.fail_code, fail_msg=st.fail_msg
+                state=LedgerState.NOT_SUBMITTED,
+                resubmits=self.rec.resubmits + 1,  # durable before the POST, like `attempts`
+                fail_code=st.fail_code,
+                fail_msg=st.fail_msg,
             )
             self.notes.append(f"transient {st.fail_code}: resubmitted")
             return None

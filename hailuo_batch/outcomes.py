@@ -116,13 +116,14 @@ def planned_result(
 def start_record(item: ManifestItem, rec: LedgerRecord | None, plan: Plan) -> LedgerRecord:
     """Where an item's life starts: its record when a task is to be polled, else a new one."""
     if plan.action == "poll" and rec is not None:
-        return rec
+        return rec.model_copy(update={"resubmits": plan.resubmits})  # 0 in a forced run
     return LedgerRecord(
         id=item.id,
         input_hash=item.input_hash,
         # an earlier possible charge stays on record until a POST is accepted
         state=LedgerState.UNCERTAIN if plan.uncertain else LedgerState.NOT_SUBMITTED,
         attempts=plan.attempts,
+        resubmits=plan.resubmits,
         # every task this id ever had stays on record, the earlier inputs' ones included
         task_ids=rec.task_ids if rec is not None else [],
     )

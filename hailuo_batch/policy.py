@@ -125,15 +125,20 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
-def after_failure(fail_class: FailClass, attempts: int, max_resubmits: int) -> str:
+def after_failure(fail_class: FailClass, resubmits: int, max_resubmits: int) -> str:
     """What to do with an item whose task ended `failed`.
 
-    Returns "skip" (content policy: record, never resubmit), "resubmit" (transient, attempts left),
-    "stop_submitting" (the provider says the balance is gone) or "fail".
+    `resubmits`: the resubmissions after a transient failure the item has already used (since its
+    last forced run, see `ledger.Plan`). Only those count against `max_resubmits`: a POST whose
+    outcome was unknown is reported uncertain by its run and paid for under that report, so it
+    never uses up the resubmission the first task that really ran and failed is owed.
+
+    Returns "skip" (content policy: record, never resubmit), "resubmit" (transient, resubmissions
+    left), "stop_submitting" (the provider says the balance is gone) or "fail".
     """
     if fail_class == "content":
         return "skip"
-    if fail_class == "transient" and attempts <= max_resubmits:
+    if fail_class == "transient" and resubmits < max_resubmits:
         return "resubmit"
     if fail_class == "balance":
         return "stop_submitting"

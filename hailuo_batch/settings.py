@@ -170,7 +170,11 @@ class Settings(BaseSettings):
 
     # --- failure policy -----------------------------------------------------------------------
     transient_max_resubmits: int = Field(
-        2, ge=0, le=10, description="Resubmissions of an item after a transient failCode."
+        2,
+        ge=0,
+        le=10,
+        description="Resubmissions of an item after a transient failCode (POSTs of unknown "
+        "outcome do not count: they are reported uncertain; a rerun starts the count again).",
     )
     failcode_policy: dict[str, FailClass] = Field(
         default_factory=dict,

@@ -186,12 +186,13 @@ def on_poll_error(err: Exception) -> Step:
 
 def on_task_final(
     st: TaskStatus,
-    attempts: int,
+    resubmits: int,
     *,
     overrides: Mapping[str, FailClass] | None = None,
     max_resubmits: int = 2,
 ) -> Step:
-    """A task that ended: store its video, resubmit it, or record its failure."""
+    """A task that ended: store its video, resubmit it, or record its failure. `resubmits`: the
+    transient resubmissions the item has used (`LedgerRecord.resubmits`, not its POSTs)."""
     if st.state == TaskState.SUCCESS:
         if not st.result_urls:
             return Step(
@@ -203,7 +204,7 @@ def on_task_final(
             )
         return Step("store", ledger=LedgerState.SUCCEEDED)
     fail_class = classify_fail_code(st.fail_code, overrides)
-    action = after_failure(fail_class, attempts, max_resubmits)
+    action = after_failure(fail_class, resubmits, max_resubmits)
     failed = Step(
         "end",
         ledger=LedgerState.FAILED,

@@ -77,6 +77,30 @@ def test_refused_submission_is_submitted_again():
     assert plan_item(rec(LedgerState.NOT_SUBMITTED), H).action == "submit"
 
 
+ALL_STATES = list(LedgerState)
+
+
+@pytest.mark.parametrize("state", ALL_STATES)
+def test_a_resumed_item_keeps_its_transient_resubmissions_and_its_attempts(state):
+    p = plan_item(rec(state, task_id="t", attempts=3, resubmits=1), H)
+    assert (p.attempts, p.resubmits) == (3, 1)  # a resume never widens the budget
+
+
+@pytest.mark.parametrize("state", ALL_STATES)
+def test_a_forced_rerun_gives_the_item_the_whole_resubmit_budget_again(state):
+    # a rerun is the user's decision to pay again for the item: a transient failure of the
+    # task it polls or submits is resubmitted as in a first run; its paid attempts stay counted
+    p = plan_item(rec(state, task_id="t", attempts=3, resubmits=2), H, force=True)
+    assert (p.attempts, p.resubmits) == (3, 0)
+
+
+def test_a_record_written_before_resubmits_were_counted_reads_as_none_used():
+    old = LedgerRecord.model_validate(
+        {"id": "x", "input_hash": H, "state": "submitted", "task_id": "t", "attempts": 2}
+    )
+    assert old.resubmits == 0 and plan_item(old, H).resubmits == 0
+
+
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path):
     if request.param == "local":

@@ -6,8 +6,11 @@ POSTs that did or did not create a task, lost tasks, malformed answers, non-vide
 ledger fails writes at random, and runs are killed at random points and resumed by a new run
 that plans each item from the ledger, as `hailuo-batch run` does. After every sequence:
 
-- an item is POSTed while an earlier task of it may still be alive only when some run
-  reported it uncertain (no silent duplicate charge);
+- an item is POSTed while an earlier task of it may still be alive only by a run that reports
+  it uncertain, or after a run reported that task as a possible charge (a transient
+  resubmission after an uncertain resubmission): no silent duplicate charge;
+- an item's tasks are at most one, plus one per failed task read (the transient resubmissions),
+  plus one per run that planned it uncertain: the soak's accounting;
 - no run's reserved spend ever passes its cap, and the tasks it created fit under the cap;
 - every call returns exactly one outcome; a succeeded item's video is one the provider made
   for its last task and was verified.
@@ -30,6 +33,8 @@ from hailuo_batch.apixo import (
     GenerateRequest,
     InsufficientCreditsError,
     InvalidRequestError,
+    Mode,
+    Provider,
     TaskState,
     TaskStatus,
 )
@@ -40,13 +45,23 @@ from hailuo_batch.apixo.errors import (
     UnexpectedResponseError,
 )
 from hailuo_batch.budget import Budget
-from hailuo_batch.ledger import LedgerRecord, LedgerState, LedgerUnavailable, plan_item
+from hailuo_batch.ledger import (
+    TERMINAL,
+    LedgerRecord,
+    LedgerState,
+    LedgerUnavailable,
+    Plan,
+    plan_item,
+)
 from hailuo_batch.lifecycle import LifePolicy, live_item
+from hailuo_batch.manifest import ManifestItem
+from hailuo_batch.outcomes import start_record
 from hailuo_batch.results import ItemStatus
 from hailuo_batch.steps import TaskLost
 from hailuo_batch.storage import StoredObject
 
 UNIT = 0.19
+MAX_RESUBMITS = 2
 REQUEST = GenerateRequest(
     input=GenerateInput(
         mode="standard-image-to-video",  # type: ignore[arg-type]
@@ -113,10 +128,17 @@ class World:
     posts: dict[str, list[str | None]] = field(default_factory=dict)  # item -> task per POST
     duplicates: dict[str, int] = field(default_factory=dict)
     unflagged_duplicates: list[str] = field(default_factory=list)
+    # item -> its tasks a run has reported as possible charges (it planned the item uncertain)
+    reported: dict[str, set[str]] = field(default_factory=dict)
     ledger: dict[str, LedgerRecord] = field(default_factory=dict)
     stored: dict[str, str] = field(default_factory=dict)  # key -> task id of the verified video
     calls: itertools.count = field(default_factory=itertools.count)
     ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    poll_faults: list[bool] = field(default_factory=list)  # True: one untrustworthy status read
+    failed_reads: dict[str, set[str]] = field(default_factory=dict)  # item -> tasks read failed
+    # what each run planned for each item (with the record's state then) and how it ended
+    plans: list[tuple[str, str, Plan, LedgerState | None]] = field(default_factory=list)
+    ends: list[tuple[str, str, ItemStatus, str | None]] = field(default_factory=list)
 
     def _next(self, script: list[str], default: str) -> str:
         return script.pop(0) if script else default
@@ -133,6 +155,9 @@ class Effects:
     ) -> None:
         self.w, self.item, self.run, self.created = world, item, run, created
         self.flagged = flagged  # this run planned the item as uncertain (and reports it)
+        if flagged:  # its result names every earlier task of the item as a possible charge
+            posts = world.posts.get(item, [])
+            world.reported.setdefault(item, set()).update(t for t in posts if t)
 
     async def save(self, rec: LedgerRecord) -> LedgerRecord:
         self.w.tick()
@@ -158,7 +183,8 @@ class Effects:
             self.created.append(task_id)
             if alive:
                 self.w.duplicates[self.item] = self.w.duplicates.get(self.item, 0) + 1
-                if not self.flagged:
+                unreported = set(alive) - self.w.reported.get(self.item, set())
+                if unreported and not self.flagged:
                     self.w.unflagged_duplicates.append(f"{self.item} in {self.run}")
         self.w.posts.setdefault(self.item, []).append(task_id)
         errors: dict[str, Exception] = {
@@ -179,6 +205,8 @@ class Effects:
 
     async def poll(self, task_id: str, *, immediate: bool) -> TaskStatus:
         self.w.tick()
+        if self.w.poll_faults and self.w.poll_faults.pop(0):
+            raise UnexpectedResponseError("a proxy's page instead of the status")
         task = self.w.tasks[task_id]
         if task.outcome == "lost":
             task.failed = True  # the provider forgot it: it will never be delivered
@@ -192,6 +220,7 @@ class Effects:
                 task_id=task_id, state=TaskState.SUCCESS, result_urls=[f"https://cdn/{task_id}"]
             )
         task.failed = True
+        self.w.failed_reads.setdefault(self.item, set()).add(task_id)
         return TaskStatus(task_id=task_id, state=TaskState.FAILED, fail_code=task.outcome)
 
     async def store(self, url: str, key: str, *, sweep: bool) -> StoredObject:
@@ -209,40 +238,46 @@ class Effects:
         self.w.tick()
 
 
+def manifest_item(item: str) -> ManifestItem:
+    return ManifestItem(
+        id=item, row=1, image_url="https://example.com/a.jpg", prompt="p",
+        mode=Mode.STANDARD, duration=6, provider=Provider.AUTO,
+    )  # fmt: skip
+
+
 async def one_run(
-    world: World, items: list[str], run: str, cap: float | None, resubmit_lost: bool
+    world: World,
+    items: list[str],
+    run: str,
+    cap: float | None,
+    resubmit_lost: bool,
+    *,
+    force: bool = False,
 ) -> tuple[dict[str, tuple[ItemStatus, bool]], Budget, list[str]]:
-    """A run over every item, items one after another; stops at a kill."""
+    """A run over every item, items one after another; stops at a kill. `force`: a rerun."""
     budget = Budget(cap_usd=cap)
     created: list[str] = []
     fates: dict[str, tuple[ItemStatus, bool]] = {}
     for item in items:
+        m = manifest_item(item)
         rec = world.ledger.get(item)
-        plan = plan_item(rec, "h" * 64, resubmit_lost=resubmit_lost)
+        plan = plan_item(rec, m.input_hash, force=force, resubmit_lost=resubmit_lost)
+        world.plans.append((run, item, plan, rec.state if rec is not None else None))
         if plan.action in ("done", "cached", "hold"):
             fates[item] = (ItemStatus.SUCCEEDED, plan.uncertain)  # untouched by this run
             continue
-        start = (
-            rec
-            if plan.action == "poll" and rec is not None
-            else LedgerRecord(
-                id=item,
-                input_hash="h" * 64,
-                state=LedgerState.UNCERTAIN if plan.uncertain else LedgerState.NOT_SUBMITTED,
-                attempts=plan.attempts,
-            )
-        )
         fx = Effects(world, item, run, created, flagged=plan.uncertain)
         out = await live_item(
-            start,
+            start_record(m, rec, plan),  # where the flow starts an item's life
             REQUEST,
             unit_cost=UNIT,
             budget=budget,
             fx=fx,
-            policy=LifePolicy(max_resubmits=2, rate_limit_patience_s=5.0),
+            policy=LifePolicy(max_resubmits=MAX_RESUBMITS, rate_limit_patience_s=5.0),
             resumed=plan.action == "poll",
         )
         fates[item] = (out.status, plan.uncertain or out.uncertain)
+        world.ends.append((run, item, out.status, out.fail_code))
         assert budget.cap_usd is None or budget.spent_usd <= budget.cap_usd + 1e-9
         if out.status == ItemStatus.SUCCEEDED:
             assert out.stored is not None
@@ -293,8 +328,15 @@ def test_money_and_data_invariants_hold_under_any_provider_and_faults(
             assert budget.spent_usd <= cap + 1e-9
         assert set(fates) == set(items)  # one fate per item
     # a POST while an earlier task of the item may be alive is a possible duplicate charge:
-    # only a run that planned (and so reports) the item as uncertain may make one
+    # only a run that planned (and so reports) the item as uncertain may make one, or any run
+    # once such a report named that task
     assert world.unflagged_duplicates == []
+    # the soak's accounting: one POST, its transient resubmissions, one per uncertain run
+    for item in items:
+        tasks = sum(1 for t in world.posts.get(item, []) if t is not None)
+        uncertain_runs = {run for run, i, plan, _ in world.plans if i == item and plan.uncertain}
+        failed_reads = len(world.failed_reads.get(item, ()))
+        assert tasks <= 1 + failed_reads + len(uncertain_runs), (item, world.posts)
 
 
 def test_a_kill_between_post_and_record_is_reported_uncertain_by_the_next_run() -> None:
@@ -363,3 +405,140 @@ def test_a_run_that_lost_its_claim_does_not_post() -> None:
 
     assert asyncio.run(go()) == ItemStatus.NOT_SUBMITTED
     assert world.posts == {}
+
+
+# --- the transient resubmission budget -------------------------------------------------------
+# The provider fails the first tasks of an item that really run (`[flaky:CODE]` in the
+# emulator); POSTs of unknown outcome and kills come before. Those POSTs are reported uncertain
+# by their runs; they must not use up the resubmissions the first failed task is owed.
+
+SOAK_SUBMIT = st.sampled_from(
+    ["accept", "accept", "accept", "429", "503", "not_sent", "ambiguous_created",
+     "ambiguous_not_created"]
+)  # fmt: skip
+
+
+def _kill_tolerant_run(world: World, run: str, *, force: bool = False) -> None:
+    try:
+        asyncio.run(one_run(world, ["a"], run, None, False, force=force))
+    except Killed:
+        pass
+
+
+def _faults_off(world: World) -> None:
+    for script in (world.submit_script, world.download_script, world.poll_faults):
+        script.clear()
+    world.ledger_faults.clear()
+    world.kill_at.clear()
+
+
+def _created(world: World) -> int:
+    return sum(1 for t in world.posts.get("a", []) if t is not None)
+
+
+def test_posts_of_unknown_outcome_do_not_use_up_the_resubmission_a_failure_is_owed() -> None:
+    # the soak's flake: run0 is killed while its POST waits (nothing reached the provider: the
+    # record says `submitting`), run1's POST is dropped before the provider took it
+    # (`uncertain`); the first task that runs, in run2, fails transiently. 2 POSTs were made
+    # before it, but no resubmission: it is resubmitted and the item succeeds.
+    world = World(["ambiguous_not_created"], ["GENERATION_FAILED"], [], [], kill_at={2})
+    _kill_tolerant_run(world, "run0")
+    assert (world.ledger["a"].state, world.posts) == (LedgerState.SUBMITTING, {})
+    fates, _, _ = asyncio.run(one_run(world, ["a"], "run1", None, False))
+    assert fates["a"] == (ItemStatus.UNCERTAIN, True)
+    fates, _, _ = asyncio.run(one_run(world, ["a"], "run2", None, False))
+    assert fates["a"] == (ItemStatus.SUCCEEDED, True)
+    rec = world.ledger["a"]
+    assert (rec.attempts, rec.resubmits) == (4, 1)  # every POST is still counted as paid
+    assert _created(world) == 2 and world.unflagged_duplicates == []
+
+
+def _used_up(world: World) -> LedgerRecord:
+    """An item whose last task failed transiently after both resubmissions were used."""
+    fates, _, _ = asyncio.run(one_run(world, ["a"], "run0", None, False))
+    assert fates["a"][0] == ItemStatus.FAILED and _created(world) == 1 + MAX_RESUBMITS
+    return world.ledger["a"]
+
+
+def test_a_resume_never_widens_the_budget_but_a_rerun_gives_it_again() -> None:
+    world = World([], ["GENERATION_FAILED"] * 4, [], [], set())
+    rec = _used_up(world)
+    assert (rec.state, rec.resubmits, rec.fail_code) == (
+        LedgerState.FAILED, MAX_RESUBMITS, "GENERATION_FAILED",
+    )  # fmt: skip
+    fates, _, _ = asyncio.run(one_run(world, ["a"], "run1", None, False))
+    assert fates["a"][0] == ItemStatus.SUCCEEDED and _created(world) == 3  # cached: no POST
+    # the user reruns it: one POST (their decision), whose transient failure is resubmitted
+    fates, _, _ = asyncio.run(one_run(world, ["a"], "rerun", None, False, force=True))
+    assert fates["a"][0] == ItemStatus.SUCCEEDED
+    assert _created(world) == 5 and world.ledger["a"].resubmits == 1
+
+
+def test_a_rerun_of_an_item_whose_failure_was_never_recorded_resubmits_it() -> None:
+    # the record still says `submitted` with the failed task (its last write was lost in a
+    # store outage) and the budget is used up: a resume reads the failure and ends the item
+    # failed; a rerun, which the user asked for, resubmits it
+    world = World([], ["GENERATION_FAILED"] * 3, [], [], set())
+    rec = _used_up(world)
+    world.ledger["a"] = rec.model_copy(update={"state": LedgerState.SUBMITTED})
+    fates, _, _ = asyncio.run(one_run(world, ["a"], "run1", None, False))
+    assert fates["a"][0] == ItemStatus.FAILED and _created(world) == 3
+    world.ledger["a"] = rec.model_copy(update={"state": LedgerState.SUBMITTED})
+    fates, _, _ = asyncio.run(one_run(world, ["a"], "rerun", None, False, force=True))
+    assert fates["a"][0] == ItemStatus.SUCCEEDED and _created(world) == 4
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    failures=st.integers(0, 2 * MAX_RESUBMITS + 2),
+    submit_script=st.lists(SOAK_SUBMIT, max_size=16),
+    poll_faults=st.lists(st.booleans(), max_size=12),
+    download_script=st.lists(DOWNLOAD, max_size=6),
+    ledger_faults=st.lists(st.booleans(), max_size=30),
+    kill_at=st.sets(st.integers(0, 40), max_size=3),
+    runs=st.integers(1, 4),
+)
+def test_transient_failures_get_their_resubmissions_whatever_came_before(
+    failures: int,
+    submit_script: list[str],
+    poll_faults: list[bool],
+    download_script: list[str],
+    ledger_faults: list[bool],
+    kill_at: set[int],
+    runs: int,
+) -> None:
+    """Runs and resumes under the soak's faults (429, 503, POSTs not sent or of unknown
+    outcome, untrustworthy status reads, bad downloads, ledger outages, kills); the provider
+    fails the first `failures` tasks that run. Then the faults stop and the user reruns it."""
+    world = World(submit_script, ["GENERATION_FAILED"] * failures, download_script,
+                  ledger_faults, kill_at, poll_faults=poll_faults)  # fmt: skip
+    for run in range(runs):
+        _kill_tolerant_run(world, f"run{run}")
+    resumed_posts = _created(world)
+    # the provider failing no more tasks than the budget, no run gives the item up for it
+    if failures <= MAX_RESUBMITS:
+        assert not [e for e in world.ends if e[3] == "GENERATION_FAILED"], world.ends
+    # a resume never widens the budget: one POST, its resubmissions, one per uncertain run
+    uncertain_runs = len({run for run, _, plan, _ in world.plans if plan.uncertain})
+    assert resumed_posts <= 1 + MAX_RESUBMITS + uncertain_runs
+
+    _faults_off(world)
+    before = world.ledger.get("a")
+    owed = len(world.final_script)  # failures the provider has still to give
+    _kill_tolerant_run(world, "rerun", force=True)
+    rerun_posts = _created(world) - resumed_posts
+    rerun_plan = world.plans[-1][2]
+    if rerun_plan.action == "poll" and before is not None and before.task_id is not None:
+        owed += world.tasks[before.task_id].outcome == "GENERATION_FAILED"  # the task it reads
+    rerun_end = [e for e in world.ends if e[0] == "rerun"]
+    if before is not None and before.state == LedgerState.STORED:
+        assert rerun_posts == 0  # a rerun never pays again for a stored video
+    elif owed <= MAX_RESUBMITS:
+        assert rerun_end[0][2] == ItemStatus.SUCCEEDED, (before, rerun_end)
+    else:
+        assert rerun_end[0][2:] == (ItemStatus.FAILED, "GENERATION_FAILED")
+    # the rerun pays for one POST, the user's decision (none when it polls a known task), and
+    # at most the whole budget of resubmissions again; nothing silent
+    paid_again = 0 if rerun_plan.action == "poll" else 1
+    assert rerun_posts <= paid_again + MAX_RESUBMITS
+    assert before is None or before.state not in TERMINAL or rerun_plan.action == "submit"

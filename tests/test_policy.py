@@ -49,14 +49,14 @@ def test_policy_override_moves_a_code():
 
 
 def test_after_failure_bounds_transient_resubmits():
-    assert after_failure("transient", attempts=1, max_resubmits=2) == "resubmit"
-    assert after_failure("transient", attempts=2, max_resubmits=2) == "resubmit"
-    assert after_failure("transient", attempts=3, max_resubmits=2) == "fail"
-    assert after_failure("transient", attempts=1, max_resubmits=0) == "fail"
-    assert after_failure("content", attempts=1, max_resubmits=5) == "skip"
-    assert after_failure("bad_input", attempts=1, max_resubmits=5) == "fail"
-    assert after_failure("unknown", attempts=1, max_resubmits=5) == "fail"
-    assert after_failure("balance", attempts=1, max_resubmits=5) == "stop_submitting"
+    assert after_failure("transient", resubmits=0, max_resubmits=2) == "resubmit"
+    assert after_failure("transient", resubmits=1, max_resubmits=2) == "resubmit"
+    assert after_failure("transient", resubmits=2, max_resubmits=2) == "fail"
+    assert after_failure("transient", resubmits=0, max_resubmits=0) == "fail"
+    assert after_failure("content", resubmits=0, max_resubmits=5) == "skip"
+    assert after_failure("bad_input", resubmits=0, max_resubmits=5) == "fail"
+    assert after_failure("unknown", resubmits=0, max_resubmits=5) == "fail"
+    assert after_failure("balance", resubmits=0, max_resubmits=5) == "stop_submitting"
 
 
 def test_default_schedule_follows_provider_guidance():

@@ -84,27 +84,28 @@ def _final(state: TaskState, **kw: object) -> TaskStatus:
 
 
 def test_success_goes_to_store_and_success_without_url_fails() -> None:
-    ok = on_task_final(_final(TaskState.SUCCESS, result_urls=["https://cdn/x.mp4"]), 1)
+    ok = on_task_final(_final(TaskState.SUCCESS, result_urls=["https://cdn/x.mp4"]), 0)
     assert (ok.next, ok.ledger) == ("store", LedgerState.SUCCEEDED)
-    bad = on_task_final(_final(TaskState.SUCCESS), 1)
+    bad = on_task_final(_final(TaskState.SUCCESS), 0)
     assert (bad.status, bad.fail_code) == (ItemStatus.FAILED, "NO_RESULT_URL")
 
 
 @pytest.mark.parametrize(
-    ("code", "attempts", "next_", "status", "signal"),
+    ("code", "resubmits", "next_", "status", "signal"),
     [
-        ("NSFW", 1, "end", ItemStatus.SKIPPED, None),
+        ("NSFW", 0, "end", ItemStatus.SKIPPED, None),
+        ("GENERATION_FAILED", 0, "submit", None, None),
         ("GENERATION_FAILED", 1, "submit", None, None),
-        ("GENERATION_FAILED", 3, "end", ItemStatus.FAILED, None),  # resubmits used up
-        ("INVALID_PROMPT", 1, "end", ItemStatus.FAILED, None),
-        ("INSUFFICIENT_CREDITS", 1, "end", ItemStatus.FAILED, Stop.BALANCE),
-        ("SOMETHING_NEW", 1, "end", ItemStatus.FAILED, None),
+        ("GENERATION_FAILED", 2, "end", ItemStatus.FAILED, None),  # resubmits used up
+        ("INVALID_PROMPT", 0, "end", ItemStatus.FAILED, None),
+        ("INSUFFICIENT_CREDITS", 0, "end", ItemStatus.FAILED, Stop.BALANCE),
+        ("SOMETHING_NEW", 0, "end", ItemStatus.FAILED, None),
     ],
 )
 def test_failed_tasks_follow_the_failcode_policy(
-    code: str, attempts: int, next_: str, status: ItemStatus | None, signal: Stop | None
+    code: str, resubmits: int, next_: str, status: ItemStatus | None, signal: Stop | None
 ) -> None:
-    step = on_task_final(_final(TaskState.FAILED, fail_code=code, fail_msg="m"), attempts)
+    step = on_task_final(_final(TaskState.FAILED, fail_code=code, fail_msg="m"), resubmits)
     assert (step.next, step.status, step.signal) == (next_, status, signal)
     assert step.fail_code == code and step.fail_msg == "m"
 
@@ -112,7 +113,7 @@ def test_failed_tasks_follow_the_failcode_policy(
 def test_a_failcode_moved_by_the_user_is_honoured() -> None:
     st = _final(TaskState.FAILED, fail_code="GENERATION_FAILED")
     assert (
-        on_task_final(st, 1, overrides={"GENERATION_FAILED": "content"}).status
+        on_task_final(st, 0, overrides={"GENERATION_FAILED": "content"}).status
         == ItemStatus.SKIPPED
     )
 

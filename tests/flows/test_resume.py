@@ -99,6 +99,35 @@ def test_uncertain_item_can_be_held(
     assert emulator.stats()["submissions"] == 0
 
 
+def test_posts_of_unknown_outcome_leave_a_flaky_item_its_resubmission(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    """The soak's flake: a run killed while its POST waited (nothing reached the provider), a
+    resumed run whose POST gets an HTTP 500 (outcome unknown, nothing created), then a rerun
+    whose POST creates the first task, which fails transiently. Two POSTs of unknown outcome
+    came before, but no resubmission: the rerun resubmits it and pays for what it reports."""
+    (images_dir / "a.jpg").write_bytes(make_image(640, 360).read_bytes())
+    prompt = "f [flaky:GENERATION_FAILED]"
+    row = {"id": "i0", "image_url": f"{emulator.base_url}/files/a.jpg", "prompt": prompt}
+    m = write_csv(tmp_path / "m.csv", [row])
+    out = tmp_path / "out"
+    _uncertain_record(out, m)  # run 1, killed
+    emulator.script_faults("submit", "500")
+    second = generate_videos(manifest=str(m), output=str(out))
+    r = results_of(second.result(raise_on_failure=False))["i0"]
+    assert (r.status, r.fail_code, r.attempts) == ("uncertain", "AMBIGUOUS_SUBMIT", 2)
+    assert emulator.stats()["submissions"] == 0  # neither POST created a task
+
+    state = run_flow_sync(rerun_failed, results=second.result(raise_on_failure=False)["results"])
+    assert state.is_completed(), state.message
+    r = results_of(state.result())["i0"]
+    assert r.status == "succeeded" and r.uncertain, r
+    assert "transient GENERATION_FAILED: resubmitted" in r.note
+    assert r.attempts == 4  # every POST stays counted as possibly paid
+    # one task, its transient resubmission; the rerun reported the possible charges
+    assert emulator.stats()["submissions_by_prompt"] == {prompt: 2}
+
+
 def test_dropped_submit_is_uncertain_not_retried(
     flow_env, emulator, tmp_path, images_dir, make_image
 ):
