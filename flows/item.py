@@ -153,6 +153,8 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
     assert v.request is not None  # only valid items get here
     await b.rt.recorder.wait_ready()  # the Prefect server keeps up with this run's records
     async with b.slots.slot() as slot, _provider_slot(b):
+        # again with the slot: items that queued for a slot passed the check before it closed
+        await b.rt.recorder.wait_ready()
         started()
         out = await live_item(
             outcomes.start_record(item, rec, plan),
