@@ -7,39 +7,18 @@ the tests do.
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from deploy_helpers import (
     API_KEY,
-    PREFECT,
     PrefectServer,
-    free_port,
     picture,
-    stop_group,
-    tail,
+    started_prefect_server,
 )
 
 from hailuo_batch.emulator import EmulatorConfig, EmulatorHandle, run_emulator
-
-
-def _clean_env(home: Path, api: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "APIXO_"))}
-    env = {k: v for k, v in env.items() if not k.startswith("HAILUO_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_CLI_PROMPT="false",
-        PREFECT_LOGGING_LEVEL="INFO",
-    )
-    if api:
-        env["PREFECT_API_URL"] = api
-    return env
 
 
 @pytest.fixture(scope="session")
@@ -48,30 +27,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
     root = tmp_path_factory.mktemp("prefect")
     home = root / "home"
     home.mkdir()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = root / "server.log"
-    server = PrefectServer(url, home, log, _clean_env(home, f"{url}/api"))
-    proc = server.spawn(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        log,
-        _clean_env(home, None),
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not start:\n{tail(log)}")
-            time.sleep(0.3)
+    with started_prefect_server(home, root / "server.log") as server:
         yield server
-    finally:
-        for p in reversed(server.started):
-            stop_group(p)
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+import pytest
 from PIL import Image, ImageDraw
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
@@ -117,6 +120,55 @@ class PrefectServer:
             )
         self.started.append(proc)
         return proc
+
+
+def clean_env(home: Path, api: str | None = None) -> dict[str, str]:
+    """This process's environment without Prefect's, apixo's or this project's settings, with
+    its own PREFECT_HOME (and PREFECT_API_URL `api`)."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "APIXO_", "HAILUO_"))
+    }
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_CLI_PROMPT="false",
+        PREFECT_LOGGING_LEVEL="INFO",
+    )
+    if api:
+        env["PREFECT_API_URL"] = api
+    return env
+
+
+@contextmanager
+def started_prefect_server(
+    home: Path, log: Path, server_env: dict[str, str] | None = None
+) -> Iterator[PrefectServer]:
+    """`prefect server start` on 127.0.0.1 and a free port (SQLite in `home`, `server_env` on
+    top of `clean_env`), healthy before it is yielded; it and what it started stop after."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = PrefectServer(url, home, log, clean_env(home, f"{url}/api"))
+    proc = server.spawn(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        log,
+        {**clean_env(home), **(server_env or {})},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"prefect server did not start:\n{tail(log)}")
+            time.sleep(0.3)
+        yield server
+    finally:
+        for p in reversed(server.started):
+            stop_group(p)
 
 
 def picture(path: Path, size: tuple[int, int], hue: int) -> None:

@@ -24,7 +24,6 @@ the server's records only through its REST API, after a bounded catch-up wait.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -39,11 +38,9 @@ import pytest
 from hailuo_batch.emulator import EmulatorConfig
 from hailuo_batch.results import from_jsonl
 from tests.deployments.deploy_helpers import (
-    PREFECT,
     REPO,
     PrefectServer,
-    free_port,
-    stop_group,
+    started_prefect_server,
     tail,
 )
 from tests.flows.flowkit import API_KEY, FAST_FLOW_ENV, items, write_csv
@@ -64,60 +61,15 @@ DROPPED = "Subscription queue is full"
 DONE = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
-def _clean_env(home: Path) -> dict[str, str]:
-    """This process's environment without Prefect's, apixo's or this project's settings."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PREFECT_", "APIXO_", "HAILUO_")) and k != "PYTHONPATH"
-    }
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_CLI_PROMPT="false",
-        PREFECT_LOGGING_LEVEL="INFO",
-    )
-    return env
-
-
 @pytest.fixture
 def small_broker_server(tmp_path: Path) -> Iterator[PrefectServer]:
     """`prefect server start` (SQLite in its own PREFECT_HOME, a free port) whose subscription
     queues hold QUEUE messages; its log says the patch is in place."""
     home = tmp_path / "server-home"
     home.mkdir()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
-    server_env = {
-        **_clean_env(home),
-        "PYTHONPATH": str(SMALL_BROKER),
-        "HAILUO_TEST_BROKER_QUEUE": str(QUEUE),
-    }
-    client_home = tmp_path / "client-home"
-    client_home.mkdir()
-    server = PrefectServer(
-        url, home, log, {**_clean_env(client_home), "PREFECT_API_URL": f"{url}/api"}
-    )
-    proc = server.spawn(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], log, server_env
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not start:\n{tail(log)}")
-            time.sleep(0.3)
+    broker = {"PYTHONPATH": str(SMALL_BROKER), "HAILUO_TEST_BROKER_QUEUE": str(QUEUE)}
+    with started_prefect_server(home, tmp_path / "server.log", broker) as server:
         yield server
-    finally:
-        for p in reversed(server.started):
-            stop_group(p)
 
 
 @pytest.fixture
