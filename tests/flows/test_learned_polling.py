@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 
 import httpx
 import pytest
@@ -13,22 +12,20 @@ import pytest
 from hailuo_batch.emulator import EmulatorConfig
 from hailuo_batch.polling import STATS_KEY
 from hailuo_batch.settings import get_settings
-from tests.flows.flowkit import API_KEY, generate_videos, items, write_csv
+from tests.flows.flowkit import generate_videos, items, write_csv
 
 
 @pytest.fixture
-def emulator_config(images_dir: Path) -> EmulatorConfig:
+def emulator_config(emulator_config: EmulatorConfig) -> EmulatorConfig:
     # generation ~3 s: 60 reads on the 0.05 s schedule below, so the first run reads many times
     # even when a loaded machine slows every read down (then it reads less often, not more)
-    return EmulatorConfig(
-        port=0,
-        api_key=API_KEY,
-        time_scale=0.025,
-        fps=4,
-        files_dir=str(images_dir),
-        seed=3,
-        processing_distribution="lognormal",
-        processing_sigma=0.1,
+    return emulator_config.model_copy(
+        update={
+            "time_scale": 0.025,
+            "seed": 3,
+            "processing_distribution": "lognormal",
+            "processing_sigma": 0.1,
+        }
     )
 
 

@@ -73,17 +73,9 @@ def small_broker_server(tmp_path: Path) -> Iterator[PrefectServer]:
 
 
 @pytest.fixture
-def emulator_config(images_dir: Path) -> EmulatorConfig:
-    return EmulatorConfig(
-        port=0,
-        api_key=API_KEY,
-        time_scale=0.002,  # a 120 s generation takes 0.24 s
-        queue_s=0.0,
-        concurrency=1000,  # the provider never refuses: the flow's pace is the server's
-        fps=4,
-        files_dir=str(images_dir),
-        seed=1,
-    )
+def emulator_config(emulator_config: EmulatorConfig) -> EmulatorConfig:
+    # no queue, and the provider never refuses: the flow's pace is the server's
+    return emulator_config.model_copy(update={"queue_s": 0.0, "concurrency": 1000})
 
 
 def run_batch(
