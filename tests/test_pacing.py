@@ -595,10 +595,10 @@ def test_adaptive_slots_honour_retry_after_before_granting_anything():
         during_cooldown = list(got)
         now[0] = 0.02  # it has now: the timer's pump grants again
         for _ in range(200):
-            if len(got) == 2:
+            if len(got) >= 2:
                 break
             await asyncio.sleep(0.005)
-        after_cooldown = list(got)
+        after_cooldown = list(got)[:2]  # c may follow at once when the limit allows two
         release["a"].set()
         release["c"].set()
         await asyncio.gather(a, b, c)
@@ -791,3 +791,4 @@ def test_recorder_lag_gives_up_on_a_count_that_stops_rising_and_says_so() -> Non
     ready, held = asyncio.run(scenario())
     assert ready and 0.04 < held < 1.0
     assert warned and "recorded no task run" in warned[0]
+
