@@ -3,45 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-import uuid
-from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.client.orchestration import PrefectClient, get_client
-from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
 from flows import report
-from flows.item import GLOBAL_LIMIT, RunState, check_and_run
-from flows.runtime import Runtime, end_state, open_runtime, runtime
+from flows.item import RunState, check_and_run
+from flows.parts import run_items
+from flows.run import new_run_id, opened_run
+from flows.runtime import end_state
 from flows.tasks import read_balance, read_manifest
 from hailuo_batch import outcomes
 from hailuo_batch.artifacts import keeps_run_name
-from hailuo_batch.budget import Budget, InsufficientBalance, Stop, apply_balance
-from hailuo_batch.jobs import running
-from hailuo_batch.ledger import Ledger, LedgerUnavailable, keep_lease, planned_spend
+from hailuo_batch.budget import InsufficientBalance, Stop, apply_balance
+from hailuo_batch.ledger import planned_spend
 from hailuo_batch.manifest import Manifest, ManifestError, ManifestItem
 from hailuo_batch.options import BatchOptions, flow_parameters
-from hailuo_batch.pacing import AdaptiveLimit, AdaptiveSlots
-from hailuo_batch.parts import ItemRunner, Parts
-from hailuo_batch.policy import Prices
+from hailuo_batch.parts import PartJob
 from hailuo_batch.polling import save_stats
 from hailuo_batch.results import ItemResult, run_summary
-from hailuo_batch.settings import get_settings
 from hailuo_batch.verdict import run_verdict
 
-Job = Callable[[], Coroutine[Any, Any, Any]]
-
-
-def new_run_id() -> str:
-    fr_id = flow_run.get_id() or uuid.uuid4().hex
-    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{str(fr_id).replace('-', '')[:8]}"
+__all__ = ["generate_videos", "new_run_id", "run_generate_videos"]
 
 
 def run_name() -> str:
@@ -76,43 +63,18 @@ async def generate_videos(
         rerun_of: Results file of the run this one reruns (for the report).
     """
     started = time.monotonic()
-    settings = get_settings()
-    async with open_runtime(options, settings) as rt:
-        run_id = new_run_id()
-        get_run_logger().info("run %s: manifest %s -> %s", run_id, manifest, rt.store.url)
-        run = RunState(
-            rt,
-            Ledger(rt.store, run_id, lease_ttl_s=settings.lease_ttl_s),
-            run_id,
-            Prices.from_settings(settings),
-            AdaptiveSlots(AdaptiveLimit(ceiling=options.concurrency)),
-            budget=Budget(cap_usd=options.max_cost_usd),
-            force=force,
-            resubmit_lost=resubmit_lost,
-            use_global_limit=await _global_limit_exists(GLOBAL_LIMIT),
-            dry_run=options.dry_run,
-            checks=asyncio.Semaphore(max(4, options.concurrency)),
-            ahead=asyncio.Semaphore(max(8, 2 * options.concurrency)),
-        )
-        await rt.blocking(run.ledger.heartbeat)  # a lease before any claim; a dead store fails
-        lease = partial(
-            keep_lease, run.ledger, blocking=rt.blocking, warn=rt.warn,
-            lapsed=partial(run.budget.stop, Stop.LEASE),
-        )  # fmt: skip
-        jobs: list[Job] = [lease, partial(_follow_records, rt)]
-        jobs += [rt.waiter.run] if rt.waiter else []
-        try:
-            async with running(*jobs):
-                return await _run_batch(run, manifest, options, rerun_of, started)
-        finally:
-            with contextlib.suppress(LedgerUnavailable):  # an unended lease simply expires
-                await rt.blocking(run.ledger.end_lease)
+    run_id = new_run_id()
+    get_run_logger().info("run %s: manifest %s", run_id, manifest)
+    async with opened_run(
+        options, run_id, force=force, resubmit_lost=resubmit_lost, dry_run=options.dry_run
+    ) as run:
+        job = PartJob(manifest=manifest, options=options, force=force, resubmit_lost=resubmit_lost)
+        return await _run_batch(run, job, rerun_of, started)
 
 
-async def _run_batch(
-    run: RunState, manifest: str, options: BatchOptions, rerun_of: str | None, started: float
-) -> Any:
+async def _run_batch(run: RunState, job: PartJob, rerun_of: str | None, started: float) -> Any:
     """Read the manifest, guard the money, run every row, report; the run's final state."""
+    manifest, options = job.manifest, job.options
     parsed = await read_manifest(manifest, options.item_defaults())
     if isinstance(parsed, ManifestError):  # nothing was paid: one clean message
         return Failed(name="BadManifest", message=f"run {run.run_id}: {parsed}")
@@ -127,15 +89,18 @@ async def _run_batch(
         get_run_logger().error("run %s: %s", run.run_id, exc)
         return Failed(name="InsufficientBalance", message=str(exc))
 
-    async def _one(item: ManifestItem) -> ItemResult:
-        r = await check_and_run(run, item)
+    async def _publish(r: ItemResult) -> None:
         try:
             await progress.finished(r)
         except Exception as exc:  # noqa: BLE001 - a refused artifact must not touch the item
             run.rt.warn(f"progress not published: {exc}")
+
+    async def _one(item: ManifestItem) -> ItemResult:
+        r = await check_and_run(run, item)
+        await _publish(r)
         return r
 
-    results += await _run_items(run.run_id, parsed.items, _one, run.rt.settings.items_per_flow_run)
+    results += await run_items(run, parsed.items, _one, job, published=_publish)
     balance_after, stopped = None, run.budget.stopped
     if not options.dry_run and (stopped is None or stopped[0] == Stop.BALANCE):
         balance_after = (await read_balance()).usd
@@ -152,6 +117,7 @@ async def _run_batch(
         output=run.rt.store.url,
         dry_run=options.dry_run,
         concurrency=run.slots.limit.summary(),
+        parts_on_workers=run.parts_on_workers or None,
         generation_s=run.rt.board.stats.summary(),
         held_for_prefect_s=round(run.rt.recorder.waited_s, 1),
         rerun_of=rerun_of,
@@ -160,47 +126,6 @@ async def _run_batch(
         await run.rt.blocking(save_stats, run.rt.store, run.rt.board.stats, run.rt.warn)
     await _report(run.run_id, results, summary, keys)
     return final_state(run, summary, options)
-
-
-#: the large runs going on in this process, by run id
-_PARTS: dict[str, Parts] = {}
-CHILD_RETRY_PAUSES_S = (5.0, 20.0)
-
-
-async def _run_items(
-    run_id: str, items: list[ManifestItem], one: ItemRunner, size: int
-) -> list[ItemResult]:
-    """Every item once (in child runs past `size` items); one that raised ends INTERNAL_ERROR."""
-    scrub = runtime().scrub
-    parts = Parts(items, size, one, lambda i, exc: outcomes.internal_error(i, run_id, exc, scrub))
-    if len(parts.parts) > 1:
-        _PARTS[run_id] = parts
-        name, n = flow_run.get_name(), len(parts.parts)
-        try:
-            await asyncio.gather(
-                *(_child(run_id, k, f"{name}-part-{k + 1}-of-{n}") for k in range(n))
-            )
-        finally:
-            del _PARTS[run_id]
-    return await parts.in_order()  # starts what a failed child run never started
-
-
-async def _child(run_id: str, part: int, name: str) -> None:
-    """Run `part` as a child run; refused three times (503 under load), it runs here instead."""
-    for pause in (*CHILD_RETRY_PAUSES_S, None):
-        try:
-            await run_part.with_options(flow_run_name=name)(run_id, part)
-            return
-        except Exception as exc:  # noqa: BLE001 - the server's refusal must not end the batch
-            then = "trying again" if pause else "running its items in this run"
-            get_run_logger().warning("child run %s failed (%s); %s", name, exc, then)
-            await asyncio.sleep(pause or 0)
-
-
-@flow(name="generate-videos-part", log_prints=True)
-async def run_part(run_id: str, part: int) -> int:
-    """Part `part` of the large run `run_id`: its items' submits and polls, in its process."""
-    return await _PARTS[run_id].run_left(part)
 
 
 async def _guard_money(
@@ -239,39 +164,6 @@ async def _report(
     get_run_logger().info(
         "run %s done: %s; results at %s", run_id, summary["by_status"], results_url
     )
-
-
-async def _follow_records(rt: Runtime) -> None:
-    """Keep the run's back-pressure (`RecorderLag`) on what the Prefect server has recorded."""
-    async with get_client() as client:
-        await rt.recorder.follow(partial(_count_recorded, client), warn=rt.warn)
-
-
-async def _count_recorded(client: PrefectClient) -> int:
-    """Finished task runs of this run and its child runs that the Prefect server has recorded."""
-    me, done = flow_run.get_id(), ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]
-    counts = [
-        await client._client.post(
-            "/task_runs/count",
-            json={"flow_runs": runs, "task_runs": {"state": {"type": {"any_": done}}}},
-        )
-        for runs in ({"id": {"any_": [me]}}, {"parent_flow_run_id": {"any_": [me]}})
-    ]
-    return sum(int(c.json()) for c in counts)
-
-
-async def _global_limit_exists(name: str) -> bool:
-    """Whether the Prefect global concurrency limit `name` exists and is active."""
-    async with get_client() as client:
-        try:
-            limit = await client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            get_run_logger().info(
-                "no global concurrency limit %r: items limited per run only", name
-            )
-            return False
-    get_run_logger().info("global concurrency limit %r: %s slots", name, limit.limit)
-    return bool(limit.active)
 
 
 def final_state(run: RunState, summary: dict[str, Any], options: BatchOptions) -> Any:

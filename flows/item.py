@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from prefect.concurrency.asyncio import concurrency as global_concurrency
 
@@ -57,6 +57,8 @@ class RunState:
     # batch of any size holds a bounded number of items (and threads) at once
     ahead: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     would_cost_usd: float = 0.0  # a dry run: what submitting its valid items would cost
+    # a large run's parts that ran on workers: name, final state, items, learned concurrency
+    parts_on_workers: list[dict[str, Any]] = field(default_factory=list)
 
     def plan(self, item: ManifestItem, rec: LedgerRecord | None) -> Plan:
         return plan_item(

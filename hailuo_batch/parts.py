@@ -9,9 +9,16 @@ started again in the same run (a second start could POST it twice).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
 
+from pydantic import BaseModel, ConfigDict
+
+from hailuo_batch.ledger import LedgerRecord
 from hailuo_batch.manifest import ManifestItem
+from hailuo_batch.options import BatchOptions
 from hailuo_batch.results import ItemResult
 
 ItemRunner = Callable[[ManifestItem], Awaitable[ItemResult]]
@@ -54,6 +61,14 @@ class Parts:
             if not self._going:
                 self._idle.set()
 
+    def take(self, results: list[ItemResult]) -> None:
+        """Results a child run elsewhere produced: their items count as started here."""
+        rows = {i.row for part in self.parts for i in part}
+        for r in results:
+            if r.row in rows and r.row not in self.started:
+                self.started.add(r.row)
+                self.results[r.row] = r
+
     async def run_left(self, part: int) -> int:
         """Start what was never started of `part` and wait for it; returns how many items."""
         todo = self.left(part)
@@ -67,3 +82,144 @@ class Parts:
             await self.run_left(part)
         await self._idle.wait()
         return [self.results[i.row] for part in self.parts for i in part]
+
+
+# --- parts on the work pool's workers ------------------------------------------------------------
+
+
+class PartJob(BaseModel):
+    """What a child run on a worker needs to run its part of a large batch by itself: the
+    manifest (read again there), the rows that are its part, its options (with its share of
+    the run's cap and concurrency), and the run's force and resubmit_lost."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    manifest: str
+    options: BatchOptions
+    rows: list[int] = []
+    force: bool = False
+    resubmit_lost: bool = False
+
+
+def part_run_id(run_id: str, part: int) -> str:
+    """The run id (ledger records, lease) of part `part` (from 0) of run `run_id`."""
+    return f"{run_id}-part-{part + 1}"
+
+
+def part_folder(run_id: str, part: int) -> str:
+    """Where, under `runs/`, a part run on a worker leaves its results for the parent."""
+    return f"{run_id}/parts/{part + 1}"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a large run's parts go: `on_workers` (child runs of the part deployment, started
+    by the work pool's workers) or in the run's own process; `why` says which and why."""
+
+    on_workers: bool
+    why: str
+
+
+def place_parts(
+    n_parts: int,
+    *,
+    deployment: str,
+    deployed: bool,
+    found: bool,
+    local_paths: list[str],
+    dry_run: bool = False,
+) -> Placement:
+    """Child runs go to the workers only when every one of them can reach what the run reads
+    and writes: the run came from a deployment (so a work pool exists), the part deployment
+    exists, and neither the manifest nor the output is a local path (on another machine a
+    local output would be another ledger: items paid twice)."""
+    here = "in this run's process"
+    if n_parts < 2:
+        return Placement(False, "one part")
+    if dry_run:
+        return Placement(False, f"{n_parts} parts {here} (a dry run submits nothing)")
+    if not deployment:
+        return Placement(False, f"{n_parts} parts {here} (HAILUO_PART_DEPLOYMENT is empty)")
+    if not deployed:
+        return Placement(
+            False, f"{n_parts} parts {here} (this run was not started from a deployment)"
+        )
+    if not found:
+        return Placement(False, f"{n_parts} parts {here} (no deployment {deployment!r})")
+    if local_paths:
+        listed = ", ".join(local_paths)
+        return Placement(
+            False, f"{n_parts} parts {here} (local paths other workers may not see: {listed})"
+        )
+    return Placement(True, f"{n_parts} parts on the workers of {deployment!r}")
+
+
+def share_caps(costs: list[float], cap: float | None) -> list[float | None]:
+    """Each part's spending cap: `cap` shared in proportion to the parts' estimated costs
+    (equally when nothing is estimated), rounded down to a micro-dollar so that the shares
+    never add up to more than `cap`."""
+    if cap is None:
+        return [None] * len(costs)
+    total = sum(costs)
+    weights = costs if total > 0 else [1.0] * len(costs)
+    whole = sum(weights)
+    return [math.floor(cap * w / whole * 1e6) / 1e6 for w in weights]
+
+
+def cap_left(share: float | None, spent_at_most: float) -> float | None:
+    """What is left of a part's cap once its child run ended without results: the share less
+    an upper bound of what the child may have spent (never below 0)."""
+    return None if share is None else max(0.0, share - spent_at_most)
+
+
+def spent_at_most(
+    records: Iterable[tuple[LedgerRecord | Exception | None, float]],
+    child_id: str,
+    *,
+    max_posts: int,
+) -> float:
+    """An upper bound of what the child run `child_id` spent, from the ledger records of its
+    part's items (each with its unit price) read once it ended: every POST recorded for an item
+    it wrote last (any run's: more, never less), and `max_posts` POSTs for a record that could
+    not be read."""
+    spent = 0.0
+    for rec, unit in records:
+        if isinstance(rec, Exception):
+            spent += unit * max_posts
+        elif rec is not None and rec.run_id == child_id:
+            spent += unit * rec.attempts
+    return spent
+
+
+ChildStep = Literal["wait", "ended", "cancel", "dead"]
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def watch_child(
+    state: str | None,
+    *,
+    scheduled_for_s: float,
+    started_for_s: float,
+    lease_alive: bool,
+    start_timeout_s: float,
+    lease_ttl_s: float,
+) -> ChildStep:
+    """What the parent does about a child run on a worker, from its state type: "ended" (a
+    final state), "cancel" (still waiting for a worker after `start_timeout_s`), "dead" (taken
+    up by a worker twice a lease's life ago and holding no live lease: its process is gone
+    and nobody said so; its claims are free to take), else "wait"."""
+    if state in FINAL_STATES:
+        return "ended"
+    if state in (None, "SCHEDULED"):
+        return "cancel" if scheduled_for_s > start_timeout_s else "wait"
+    if started_for_s > 2 * lease_ttl_s and not lease_alive:
+        return "dead"
+    return "wait"
+
+
+def part_concurrency(concurrency: int, n_parts: int) -> tuple[int, int]:
+    """(each child run's `concurrency`, how many child runs at once): the run's bound shared, so
+    that the children together never have more items in flight than the run was allowed (with
+    fewer slots than parts, the parts run a few at a time)."""
+    at_once = max(1, min(n_parts, concurrency))
+    return max(1, concurrency // at_once), at_once

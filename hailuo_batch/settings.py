@@ -255,6 +255,22 @@ class Settings(BaseSettings):
             "graph stays under the Prefect UI's 10,000-node limit."
         ),
     )
+    part_deployment: str = Field(
+        "generate-videos-part/generate-videos-part",
+        description=(
+            "Deployment of the part flow: a deployed run whose manifest and output are not "
+            "local files starts its child runs through it, on the work pool's workers ('' "
+            "keeps every part in the run's own process)."
+        ),
+    )
+    part_start_timeout_s: float = Field(
+        180.0,
+        gt=0,
+        description=(
+            "A child run no worker has started after this long is cancelled and its part "
+            "runs in the parent's process."
+        ),
+    )
 
     def retry_policy(self) -> RetryPolicy:
         """The apixo client's bounds on retries of one call."""

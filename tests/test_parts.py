@@ -9,8 +9,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hailuo_batch.apixo import Mode, Provider
+from hailuo_batch.budget import Budget
+from hailuo_batch.ledger import LedgerRecord, LedgerState
 from hailuo_batch.manifest import ManifestItem
-from hailuo_batch.parts import Parts
+from hailuo_batch.parts import (
+    Parts,
+    Placement,
+    cap_left,
+    part_concurrency,
+    place_parts,
+    share_caps,
+    spent_at_most,
+    watch_child,
+)
 from hailuo_batch.results import ItemResult, ItemStatus
 
 
@@ -93,3 +104,144 @@ def test_failed_child_runs_and_failing_items_never_start_an_item_twice(
     assert sorted(starts) == list(range(12))  # each started exactly once
     crashed = {starts[n] for n in crash_at if n < len(starts)}
     assert {r.row for r in results if r.status == ItemStatus.FAILED} == crashed
+
+
+# --- parts on the work pool's workers ------------------------------------------------------------
+
+
+def place(n: int = 3, **kw: object) -> Placement:
+    given = {"deployment": "generate-videos-part/generate-videos-part", "deployed": True,
+             "found": True, "local_paths": []}  # fmt: skip
+    return place_parts(n, **{**given, **kw})  # type: ignore[arg-type]
+
+
+def test_parts_go_to_the_workers_only_when_every_worker_can_reach_the_run() -> None:
+    assert place().on_workers
+    assert "on the workers of 'generate-videos-part/generate-videos-part'" in place().why
+    for kw, said in [
+        ({"deployment": ""}, "HAILUO_PART_DEPLOYMENT is empty"),
+        ({"deployed": False}, "not started from a deployment"),
+        ({"found": False}, "no deployment 'generate-videos-part/generate-videos-part'"),
+        ({"local_paths": ["/data/m.csv"]}, "local paths other workers may not see: /data/m.csv"),
+        ({"dry_run": True}, "a dry run submits nothing"),
+    ]:
+        p = place(**kw)
+        assert not p.on_workers and said in p.why and "in this run's process" in p.why
+    assert not place(1).on_workers
+
+
+@given(
+    costs=st.lists(st.floats(0, 50, allow_nan=False), min_size=1, max_size=12),
+    cap=st.none() | st.floats(0, 1000, allow_nan=False),
+)
+def test_part_caps_share_the_run_cap_by_cost_and_never_add_up_past_it(
+    costs: list[float], cap: float | None
+) -> None:
+    caps = share_caps(costs, cap)
+    assert len(caps) == len(costs)
+    if cap is None:
+        assert caps == [None] * len(costs)
+        return
+    shares = [c for c in caps if c is not None]
+    assert all(c >= 0 for c in shares) and sum(shares) <= cap + 1e-9
+    weights = costs if sum(costs) > 0 else [1.0] * len(costs)
+    for share, w in zip(shares, weights, strict=True):  # in proportion, to a micro-dollar
+        assert abs(share - cap * w / sum(weights)) <= 1e-6 + 1e-9 * cap
+
+
+@given(concurrency=st.integers(1, 500), n=st.integers(1, 60))
+def test_child_runs_together_never_have_more_in_flight_than_the_run(
+    concurrency: int, n: int
+) -> None:
+    each, at_once = part_concurrency(concurrency, n)
+    assert each >= 1 and 1 <= at_once <= n
+    assert each * at_once <= concurrency
+    if concurrency >= n:  # enough slots: every part at once, the slots shared
+        assert at_once == n and each == concurrency // n
+
+
+def rec(run_id: str, attempts: int) -> LedgerRecord:
+    return LedgerRecord(
+        id="x", input_hash="h", state=LedgerState.SUBMITTED, attempts=attempts, run_id=run_id
+    )
+
+
+def test_what_a_failed_child_may_have_spent_is_bounded_from_above() -> None:
+    records = [
+        (rec("R-part-2", 2), 0.3),  # written last by the child: every POST recorded
+        (rec("R-part-1", 5), 0.3),  # another part's: not this child's
+        (None, 0.3),  # never touched
+        (OSError("unreadable"), 0.5),  # unknown: the most a run may POST
+    ]
+    assert spent_at_most(records, "R-part-2", max_posts=3) == pytest.approx(0.6 + 1.5)
+    assert cap_left(2.0, 2.1) == 0.0 and cap_left(2.0, 0.5) == 1.5 and cap_left(None, 9) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), n=st.integers(1, 6), cap=st.floats(0, 20, allow_nan=False))
+def test_children_and_the_parent_finishing_their_parts_never_spend_past_the_cap(
+    data: st.DataObject, n: int, cap: float
+) -> None:
+    """Each child spends within its share (its own Budget), some crash without results after
+    spending; the parent takes back what a crashed child cannot have spent (from its ledger
+    records, whose attempts may include earlier runs' POSTs) and finishes those parts itself,
+    submitting while its budget allows. The total never passes the run's cap."""
+    unit = st.sampled_from([0.19, 0.32, 0.45])
+    costs = [sum(data.draw(st.lists(unit, min_size=1, max_size=8))) for _ in range(n)]
+    caps = share_caps(costs, cap)
+    parent = Budget(cap_usd=cap)
+    parent.spent_usd += sum(c or 0.0 for c in caps)  # handed to the children
+    total = 0.0
+    for k in range(n):
+        child = Budget(cap_usd=caps[k])
+        posts = [data.draw(unit) for _ in range(data.draw(st.integers(0, 10)))]
+        records = []
+        for price in posts:
+            if child.reserve(price) is None:
+                total += price
+                earlier = data.draw(st.integers(0, 2))  # POSTs of earlier runs on the item
+                records.append((rec(f"R-part-{k + 1}", 1 + earlier), price))
+        if data.draw(st.booleans()):  # crashed without results: the parent takes over
+            spent = spent_at_most(records, f"R-part-{k + 1}", max_posts=3)
+            parent.refund(cap_left(caps[k], spent) or 0.0)
+    for price in data.draw(st.lists(unit, max_size=40)):  # the parent finishing parts
+        if parent.reserve(price) is None:
+            total += price
+    assert total <= cap + 1e-6
+
+
+def test_results_from_a_child_run_elsewhere_count_as_started() -> None:
+    async def one(i: ManifestItem) -> ItemResult:
+        raise AssertionError(f"row {i.row} ran again")
+
+    async def main() -> list[ItemResult]:
+        parts = Parts([item(r) for r in range(6)], 3, one, failed)
+        done = [ItemResult(id=f"i{r}", row=r, status=ItemStatus.SUCCEEDED) for r in range(6)]
+        parts.take([*done, ItemResult(id="stray", row=99, status=ItemStatus.SUCCEEDED)])
+        assert parts.left(0) == [] and parts.left(1) == []
+        return await parts.in_order()
+
+    assert [r.row for r in asyncio.run(main())] == list(range(6))
+
+
+def watch(state: str | None, **kw: float | bool) -> str:
+    given: dict[str, float | bool] = {
+        "scheduled_for_s": 0.0, "started_for_s": 0.0, "lease_alive": True,
+        "start_timeout_s": 180.0, "lease_ttl_s": 120.0,
+    }  # fmt: skip
+    return watch_child(state, **{**given, **kw})  # type: ignore[arg-type]
+
+
+def test_the_parent_waits_for_a_child_run_and_notices_one_that_never_started_or_died() -> None:
+    for final in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+        assert watch(final) == "ended"
+    assert watch("SCHEDULED", scheduled_for_s=179) == "wait"
+    assert watch("SCHEDULED", scheduled_for_s=181) == "cancel"
+    assert watch(None, scheduled_for_s=181) == "cancel"
+    # taken up by a worker: never cancelled, however long it has waited
+    assert watch("PENDING", scheduled_for_s=999, started_for_s=10) == "wait"
+    assert watch("RUNNING", scheduled_for_s=999, started_for_s=3600, lease_alive=True) == "wait"
+    # its process is gone without a word: no live lease long after it started
+    assert watch("RUNNING", started_for_s=239, lease_alive=False) == "wait"  # still starting
+    assert watch("RUNNING", started_for_s=241, lease_alive=False) == "dead"
+    assert watch("PENDING", started_for_s=241, lease_alive=False) == "dead"

@@ -8,6 +8,7 @@ import json
 import re
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+import s3fs
 from deploy_helpers import (
     API_KEY,
     POOL,
@@ -41,6 +43,7 @@ SAVE_CREDENTIALS = (  # the block-creation command of deployments/README.md
 
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+ITEMS_PER_PART = 2
 MODES = ["standard-image-to-video", "pro-image-to-video"]
 PROVIDERS = ["auto", "value", "official"]
 
@@ -86,6 +89,8 @@ def worker(work_pool: PrefectServer) -> Iterator[Path]:
         "HAILUO_PROJECT_DIR": str(REPO),
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+        # a batch of more than 2 items is a large one here: its parts go to the workers
+        "HAILUO_ITEMS_PER_FLOW_RUN": str(ITEMS_PER_PART),
     }
     proc = s.spawn([PREFECT, "worker", "start", "--pool", POOL, "--name", "test-worker"], log, env)
     try:
@@ -315,6 +320,80 @@ def test_deployment_run_takes_the_options_as_one_json_param(
     results = {r.id: r for r in from_jsonl(results_file.read_text())}
     assert set(results) == set(ids)
     assert {r.mode for r in results.values()} == {"pro-image-to-video"}
+
+
+SAVE_STORAGE = (  # an OutputStorage block for the moto server, as deployments/README.md shows
+    "import os, sys; from blocks import OutputStorage; "
+    "OutputStorage(url=sys.argv[1], endpoint_url=sys.argv[2], access_key_id='testing', "
+    "secret_access_key='testing', region='us-east-1').save('moto-store', overwrite=True)"
+)
+
+
+def test_a_large_batch_runs_its_parts_on_the_workers_into_one_results_file(
+    deployed: Deployed, worker: Path, emulator: EmulatorHandle, moto_server: str
+) -> None:
+    """A batch of more than HAILUO_ITEMS_PER_FLOW_RUN items, manifest and output in S3, started
+    from the deployment: each part is a flow run of `generate-videos-part` that the worker
+    starts in a process of its own; the parent writes one results file, one POST per item."""
+    s = deployed.server
+    bucket = f"parts-{uuid.uuid4().hex[:8]}"
+    fs = s3fs.S3FileSystem(
+        key="testing", secret="testing", client_kwargs={"endpoint_url": moto_server},
+        skip_instance_cache=True,
+    )  # fmt: skip
+    fs.mkdir(bucket)
+    ids = [f"clip-{k}" for k in range(5)]
+    pictures = ["dusk.jpg", "tower.png", "garden.jpg"]
+    lines = ["id,image_url,prompt"] + [
+        f"{i},{emulator.base_url}/files/{pictures[k % 3]},slow pan {k}" for k, i in enumerate(ids)
+    ]
+    fs.pipe(f"{bucket}/in/manifest.csv", ("\n".join(lines) + "\n").encode())
+    s.run([sys.executable, "-c", SAVE_STORAGE, f"s3://{bucket}/out", moto_server])
+    before = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"]
+
+    dep = deployed.deployments["generate-videos"]
+    options = {"credentials_block": "apixo", "storage_block": "moto-store", "concurrency": 4}
+    params = {"manifest": f"s3://{bucket}/in/manifest.csv", "options": options}
+    created = api_post(s, f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})
+    run = wait_final(s, created["id"], timeout=240)
+    assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{tail(worker, 120)}"
+
+    # three child runs of the part deployment, each started by the worker in its own process
+    part_dep = deployed.deployments["generate-videos-part"]
+    children = api_post(
+        s, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [part_dep["id"]]}}}
+    )
+    children = [c for c in children if c["name"].startswith(run["name"])]
+    assert sorted(c["name"].rsplit("-part-", 1)[1] for c in children) == [
+        "1-of-3", "2-of-3", "3-of-3"
+    ]  # fmt: skip
+    assert {c["state"]["type"] for c in children} == {"COMPLETED"}, (
+        f"{[(c['name'], c['state']) for c in children]}\n{tail(worker, 150)}"
+    )
+    assert {c["work_pool_name"] for c in children} == {POOL}
+    pids = {c["infrastructure_pid"] for c in children} | {run["infrastructure_pid"]}
+    assert len(pids) == 4, pids  # four processes: the parent and one per part
+    for c in children:  # linked to the parent, as subflows are
+        link = api_get(s, f"/task_runs/{c['parent_task_run_id']}")
+        assert link["flow_run_id"] == run["id"]
+        tasks = api_post(s, "/task_runs/filter", {"flow_runs": {"id": {"any_": [c["id"]]}}})
+        assert sum(t["name"].startswith("submit-") for t in tasks) == len(
+            c["parameters"]["job"]["rows"]
+        )
+        assert c["parameters"]["job"]["options"]["concurrency"] == 1  # 4 slots, 3 parts
+
+    # one results file with every row, each video stored once, one POST per item
+    [results_file] = [f for f in fs.glob(f"{bucket}/out/runs/*/results.jsonl")]
+    results = {r.id: r for r in from_jsonl(fs.cat(results_file).decode())}
+    assert set(results) == set(ids) and {r.status for r in results.values()} == {"succeeded"}
+    assert len(fs.glob(f"{bucket}/out/runs/*/parts/*/results.jsonl")) == 3
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.glob(f"{bucket}/out/videos/*.mp4")) == sorted(
+        f"{i}.mp4" for i in ids
+    )
+    after = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"]
+    assert after - before == len(ids)
+    summary = json.loads(fs.cat(results_file.replace("results.jsonl", "summary.json")))
+    assert summary["by_status"]["succeeded"] == sum(summary["by_status"].values()) == len(ids)
 
 
 def test_docker_and_kubernetes_job_templates_make_work_pools(deployed: Deployed) -> None:

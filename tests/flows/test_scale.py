@@ -68,7 +68,7 @@ def test_a_child_run_the_server_refuses_is_tried_again_then_run_in_the_parent(
 ):
     """A Prefect server under load may answer 503 to the creation of a child run: the batch
     goes on (three tries, then the part's items run in the parent run), every row once."""
-    import flows.batch as batch
+    import flows.parts as batch
 
     monkeypatch.setenv("HAILUO_ITEMS_PER_FLOW_RUN", "3")
     monkeypatch.setattr(batch, "CHILD_RETRY_PAUSES_S", (0.01, 0.01))

@@ -1,0 +1,87 @@
+"""A large batch whose parts should go to the workers when no worker takes them: each child run
+is cancelled after HAILUO_PART_START_TIMEOUT_S and its part runs in the parent, within the cap.
+
+The Prefect test harness holds a part deployment on a work pool no worker serves; the run counts
+as deployed (`prefect.runtime.deployment.get_id`, the one thing faked: the harness runs flows
+in-process, not from a deployment). Manifest and output are in S3 (moto), as parts on workers
+need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import s3fs
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+import flows.parts
+from hailuo_batch.policy import Prices, estimate_cost
+from hailuo_batch.results import from_jsonl
+from hailuo_batch.settings import get_settings
+from tests.flows.flowkit import generate_videos, items, write_csv
+
+POOL = "nobody-serves-this"
+
+
+async def deploy_parts_nowhere() -> None:
+    async with get_client() as client:
+        await client.create_work_pool(WorkPoolCreate(name=POOL, type="process"), overwrite=True)
+        flow_id = await client.create_flow_from_name("generate-videos-part")
+        await client.create_deployment(
+            flow_id=flow_id,
+            name="generate-videos-part",
+            work_pool_name=POOL,
+            entrypoint="flows/parts.py:run_part",
+        )
+
+
+async def child_runs(parent_id) -> list:
+    async with get_client() as client:
+        return await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])
+            )
+        )
+
+
+def test_parts_no_worker_starts_run_in_the_parent_within_the_cap(
+    flow_env, emulator, s3_env, moto_server, tmp_path, images_dir, make_image, monkeypatch
+):
+    monkeypatch.setenv("HAILUO_ITEMS_PER_FLOW_RUN", "3")
+    monkeypatch.setenv("HAILUO_PART_START_TIMEOUT_S", "1")
+    monkeypatch.setattr(flows.parts, "WATCH_EVERY_S", 0.2)
+    monkeypatch.setattr(flows.parts.deployment, "get_id", lambda: "a-deployment")
+    get_settings.cache_clear()
+    asyncio.run(deploy_parts_nowhere())
+    fs = s3fs.S3FileSystem()
+    local = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 7))
+    fs.put_file(str(local), f"{s3_env}/in/m.csv")
+    unit = estimate_cost("standard-image-to-video", 6, Prices.from_settings(get_settings()))
+    before = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"]
+
+    state = generate_videos(
+        manifest=f"s3://{s3_env}/in/m.csv",
+        output=f"s3://{s3_env}/out",
+        concurrency=4,
+        max_cost_usd=round(4.5 * unit, 4),
+        return_state=True,
+    )
+    summary = state.result(raise_on_failure=False)
+    results = {r.id: r for r in from_jsonl(fs.cat(summary["results"]).decode())}
+    assert sorted(results) == sorted(f"i{k}" for k in range(7))  # one result per row
+    succeeded = sorted(i for i, r in results.items() if r.status == "succeeded")
+    posts = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"] - before
+    # the children's shares came back whole: the parent ran what the cap allows, no more
+    assert len(succeeded) == posts == 4
+    assert summary["max_cost_usd"] == pytest.approx(4.5 * unit)
+    capped = [i for i, r in results.items() if r.status == "not_submitted"]
+    assert len(capped) == 3 and all("max cost" in (results[i].fail_msg or "") for i in capped)
+
+    children = asyncio.run(child_runs(state.state_details.flow_run_id))
+    assert sorted(c.name.rsplit("-part-", 1)[1] for c in children) == ["1-of-3", "2-of-3", "3-of-3"]
+    assert {c.state_type.value for c in children} == {"CANCELLED"}
+    assert all("no worker started it within 1 s" in (c.state.message or "") for c in children)
