@@ -79,6 +79,7 @@ async def _run_batch(run: RunState, job: PartJob, rerun_of: str | None, started:
     if isinstance(parsed, ManifestError):  # nothing was paid: one clean message
         return Failed(name="BadManifest", message=f"run {run.run_id}: {parsed}")
     results = outcomes.invalid_rows(parsed.errors, run.run_id)
+    run.rt.board.plan = run.rt.board.plan.for_batch(len(parsed.items))  # probes it can afford
     keys = await report.artifact_keys(manifest)
     progress = await report.start_progress(run.run_id, parsed.total_rows, keys[0])
     for r in results:

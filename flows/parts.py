@@ -333,6 +333,7 @@ async def _run_part_job(run_id: str, part: int, job: PartJob) -> Any:
             gone = sorted(wanted - {i.row for i in items})[:10]
             msg = f"part {pid}: rows {gone} are no longer valid rows of {job.manifest}"
             return Failed(name="ManifestChanged", message=msg)
+        run.rt.board.plan = run.rt.board.plan.for_batch(len(items))  # probes it can afford
         one, on_error = partial(check_and_run, run), partial(_internal_error, pid)
         results = await Parts(items, max(1, len(items)), one, on_error).in_order()
         summary = {

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -290,6 +291,12 @@ class LearnedPollPlan:
         if low is None:
             return None
         return max(self.min_interval_s, self.ratio * low)
+
+    def for_batch(self, items: int) -> LearnedPollPlan:
+        """This plan with its probes fitted to a batch of `items`: a probe costs ~25 reads, so
+        a batch gets one per 25 items (at least one, at most `probes`): a 6-item batch pays
+        for one probe, not six."""
+        return dataclasses.replace(self, probes=min(self.probes, max(1, items // 25)))
 
     def wants_probe(self, stats: GenerationStats, probes_active: int) -> bool:
         """Whether an item starting to poll now should probe (read densely to learn fast)."""

@@ -792,3 +792,12 @@ def test_recorder_lag_gives_up_on_a_count_that_stops_rising_and_says_so() -> Non
     assert ready and 0.04 < held < 1.0
     assert warned and "recorded no task run" in warned[0]
 
+
+@pytest.mark.parametrize(
+    ("items", "probes"), [(0, 1), (1, 1), (6, 1), (49, 1), (50, 2), (100, 4), (200, 8), (10_000, 8)]
+)
+def test_a_batch_gets_the_probes_it_can_afford(items: int, probes: int) -> None:
+    """A probe costs ~25 status reads: one per 25 items, at least one, at most the plan's."""
+    assert LearnedPollPlan().for_batch(items).probes == probes
+    assert LearnedPollPlan(probes=0).for_batch(items).probes == 0  # probing off stays off
+    assert LearnedPollPlan(probes=3).for_batch(10_000).probes == 3
