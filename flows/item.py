@@ -22,7 +22,7 @@ from hailuo_batch.ledger import (
     LedgerUnavailable,
     Plan,
     claim_or_wait,
-    plan_item,
+    plan_in_batch,
     stored_intact,
 )
 from hailuo_batch.lifecycle import LifePolicy, live_item
@@ -59,11 +59,14 @@ class RunState:
     would_cost_usd: float = 0.0  # a dry run: what submitting its valid items would cost
     # a large run's parts that ran on workers: name, final state, items, learned concurrency
     parts_on_workers: list[dict[str, Any]] = field(default_factory=list)
+    # their run ids: what they decided for an item stands when this run finishes their parts
+    part_runs: frozenset[str] = frozenset()
 
     def plan(self, item: ManifestItem, rec: LedgerRecord | None) -> Plan:
-        return plan_item(
+        return plan_in_batch(
             rec,
             item.input_hash,
+            part_runs=self.part_runs,
             force=self.force,
             uncertain_policy=self.rt.settings.uncertain_policy,
             resubmit_lost=self.resubmit_lost,

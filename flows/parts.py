@@ -12,6 +12,7 @@ the ledger (what the child paid for is polled, not paid again), within what is l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -22,11 +23,10 @@ from fsspec.core import split_protocol
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun
-from prefect.client.schemas.responses import SetStateStatus
 from prefect.deployments import arun_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import deployment, flow_run
-from prefect.states import Cancelled, Failed
+from prefect.states import Cancelled, Completed, Failed
 
 from flows.item import RunState, check_and_run
 from flows.run import opened_run
@@ -34,7 +34,7 @@ from flows.runtime import runtime
 from flows.tasks import read_manifest
 from hailuo_batch import outcomes
 from hailuo_batch.budget import Stop
-from hailuo_batch.ledger import LedgerRecord, LedgerUnavailable
+from hailuo_batch.ledger import LedgerRecord, LedgerUnavailable, with_retries
 from hailuo_batch.manifest import ManifestError, ManifestItem
 from hailuo_batch.pacing import GenerationStats
 from hailuo_batch.parts import (
@@ -43,8 +43,10 @@ from hailuo_batch.parts import (
     Parts,
     Placement,
     cap_left,
+    item_key,
     part_concurrency,
     part_folder,
+    part_items,
     part_run_id,
     place_parts,
     share_caps,
@@ -59,6 +61,7 @@ from hailuo_batch.storage import run_key
 _PARTS: dict[str, Parts] = {}
 CHILD_RETRY_PAUSES_S = (5.0, 20.0)
 WATCH_EVERY_S = 2.0  # how often the parent reads the state of a child run on a worker
+LEASE_READ_EVERY_S = 30.0  # and, once it has run a while, its lease
 
 
 async def run_items(
@@ -76,7 +79,7 @@ async def run_items(
     on_error = partial(_internal_error, run.run_id)
     parts = Parts(items, rt.settings.items_per_flow_run, one, on_error)
     if len(parts.parts) > 1:
-        placement = await _place(len(parts.parts), job.manifest, run)
+        placement = await _place(len(parts.parts), items, job.manifest, run)
         get_run_logger().info("%d items: %s", len(items), placement.why)
         _PARTS[run.run_id] = parts
         try:
@@ -93,24 +96,34 @@ def _internal_error(run_id: str, item: ManifestItem, exc: Exception) -> ItemResu
     return outcomes.internal_error(item, run_id, exc, runtime().scrub)
 
 
-async def _place(n_parts: int, manifest: str, run: RunState) -> Placement:
+async def _place(
+    n_parts: int, items: list[ManifestItem], manifest: str, run: RunState
+) -> Placement:
     name = run.rt.settings.part_deployment
     deployed = bool(deployment.get_id() or flow_run.get_parent_deployment_id())
     found = False
-    if name and deployed:
-        async with get_client() as client:
-            try:
+    if name and deployed and not run.dry_run:
+        try:
+            async with get_client() as client:
                 await client.read_deployment_by_name(name)
-                found = True
-            except ObjectNotFound:
-                pass
-    local = [manifest] if _is_local(manifest) else []
-    local += [run.rt.store.url] if run.rt.store.is_local else []
-    return place_parts(n_parts, deployment=name, deployed=deployed, found=found, local_paths=local)
+            found = True
+        except Exception as exc:  # noqa: BLE001 - not found or not readable: parts stay here
+            get_run_logger().info("part deployment %r not used: %s", name, exc)
+    paths = [manifest, run.rt.store.url, *(i.image_url for i in items)]
+    unshared = list(dict.fromkeys(p for p in paths if not _shared(p)))
+    return place_parts(
+        n_parts, deployment=name, deployed=deployed, found=found,
+        local_paths=unshared[:3] + (["..."] if len(unshared) > 3 else []), dry_run=run.dry_run,
+    )  # fmt: skip
 
 
-def _is_local(url: str) -> bool:
-    return split_protocol(url)[0] in (None, "file", "local")
+#: where every worker of a pool reads the same bytes as the parent (an allow-list: a local
+#: path, memory:// or an unknown scheme stays with the parent)
+SHARED_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https"}
+
+
+def _shared(url: str) -> bool:
+    return split_protocol(url)[0] in SHARED_PROTOCOLS
 
 
 # --- in this process ------------------------------------------------------------------------------
@@ -159,12 +172,14 @@ async def _parts_on_workers(
     published: Callable[[ItemResult], Awaitable[None]],
 ) -> None:
     """Each part as a flow run of the part deployment, a few at a time when the run's
-    concurrency is smaller than the number of parts; their results go into `parts`."""
+    concurrency is smaller than the number of parts; their results go into `parts`, and what a
+    child left is finished by `parts.in_order` here, within what it cannot have spent."""
     n = len(parts.parts)
     costs = [sum(run.unit_cost(i) for i in p) for p in parts.parts]
     caps = share_caps(costs, _cap_free(run))
     for cap in caps:  # handed to the children; what a failed child did not spend comes back
         run.budget.spent_usd += cap or 0.0
+    run.part_runs = frozenset(part_run_id(run.run_id, k) for k in range(n))
     each, at_once = part_concurrency(job.options.concurrency, n)
     gate = asyncio.Semaphore(at_once)
     name = flow_run.get_name()
@@ -172,25 +187,53 @@ async def _parts_on_workers(
     async def one_part(k: int) -> None:
         share = {"concurrency": each, "max_cost_usd": caps[k], "output": run.rt.store.url}
         options = job.options.model_copy(update=share)  # the output as the parent resolved it
-        child = job.model_copy(update={"options": options, "rows": [i.row for i in parts.parts[k]]})
+        rows = parts.parts[k]
+        child = job.model_copy(
+            update={"options": options, "rows": [i.row for i in rows],
+                    "row_keys": [item_key(i) for i in rows]}
+        )  # fmt: skip
         part_name = f"{name}-part-{k + 1}-of-{n}"
         async with gate:
-            got = await _run_on_worker(run, k, child, part_name)
+            try:
+                state, got = await _run_on_worker(run, k, child, part_name)
+            except Exception as exc:  # noqa: BLE001 - one part's trouble must not end the batch
+                state, got = f"not followed ({exc!r})", None
+        entry: dict[str, Any] = {"flow_run": part_name, "state": state, "results": got is not None}
         if got is not None:
-            parts.take(got[0])
+            parts.take(k, got[0])
             _merge_budget(run, got[1])
-            run.parts_on_workers.append({"flow_run": part_name, **got[1]})
+            entry.update(got[1])
             for r in got[0]:
                 await published(r)
-        if parts.left(k):  # finished here, within what the child cannot have spent
-            child_id = part_run_id(run.run_id, k)
-            spent = await run.rt.blocking(_spent_at_most, run, parts.left(k), child_id)
-            run.budget.refund(cap_left(caps[k], spent) or 0.0)
+        run.parts_on_workers.append(entry)
+        if parts.left(k):
+            await _finish_here(run, parts, k, caps[k], part_name)
 
     await asyncio.gather(*(one_part(k) for k in range(n)))
     # the children kept what they learned in the stats file: the parent's save must not undo it
     rt = run.rt
     rt.board.stats = GenerationStats.from_json(await rt.blocking(load_stats, rt.store))
+
+
+async def _finish_here(
+    run: RunState, parts: Parts, k: int, share: float | None, part_name: str
+) -> None:
+    """Take part `k` over (its claim: a child that starts late, or still lives, keeps it), give
+    back what its child cannot have spent; `parts.in_order` then runs what is left here. A part
+    whose child still holds it gets a result per item saying so, and is not touched."""
+    log, child_id, left = get_run_logger(), part_run_id(run.run_id, k), parts.left(k)
+    try:
+        owner = await run.rt.blocking(run.ledger.claim_part, child_id)
+    except LedgerUnavailable as exc:
+        owner = f"unknown (the claim could not be read: {exc})"
+    if owner is not None:
+        why = f"part run {owner} still holds part {k + 1}: not touched by this run"
+        log.warning("%s (%d items)", why, len(left))
+        parts.take(k, [outcomes.not_submitted(i, run.run_id, why) for i in left])
+        return
+    spent = await run.rt.blocking(_spent_at_most, run, left, child_id)
+    run.budget.refund(cap_left(share, spent) or 0.0)
+    log.warning("%s: %d items left, finished in this run", part_name, len(left))
 
 
 def _cap_free(run: RunState) -> float | None:
@@ -200,9 +243,9 @@ def _cap_free(run: RunState) -> float | None:
 
 async def _run_on_worker(
     run: RunState, k: int, job: PartJob, name: str
-) -> tuple[list[ItemResult], dict[str, Any]] | None:
-    """Start part `k` on a worker and wait for it; its results and summary, or None if it never
-    started (cancelled after `HAILUO_PART_START_TIMEOUT_S`) or left none."""
+) -> tuple[str, tuple[list[ItemResult], dict[str, Any]] | None]:
+    """Start part `k` on a worker and wait for it: its final state, and its results and summary
+    (None if it never started, or left none)."""
     rt, log = run.rt, get_run_logger()
     child = None
     for pause in (*CHILD_RETRY_PAUSES_S, None):
@@ -212,51 +255,52 @@ async def _run_on_worker(
                 parameters={"run_id": run.run_id, "part": k, "job": job.model_dump(mode="json")},
                 flow_run_name=name,
                 timeout=0,
-                idempotency_key=f"{flow_run.get_id()}-part-{k}",
+                idempotency_key=f"{run.run_id}-part-{k}",
             )
             break
         except Exception as exc:  # noqa: BLE001 - a refused child run: tried again, then here
             then = "trying again" if pause else "running its items in this run"
             log.warning("child run %s not created (%s); %s", name, exc, then)
             await asyncio.sleep(pause or 0)
-    if child is None:
-        return None
+    if child is None:  # if the server made it after all, it finds the part claimed and stops
+        return "NOT_CREATED", None
     log.info("child run %s (%s) created for %d items", name, child.id, len(job.rows))
     state = await _wait_for(run, child, k, name)
     got = await rt.blocking(_read_part_results, run, k)
     if got is None:
-        log.warning(
-            "child run %s ended %s without results: running what is left of its part here",
-            name, state,
-        )  # fmt: skip
-    return got
+        log.warning("child run %s ended %s without results", name, state)
+    return state, got
 
 
 async def _wait_for(run: RunState, child: FlowRun, k: int, name: str) -> str:
-    """The child run's final state type, once it has one (`watch_child`): a run no worker
-    started in time is cancelled (unless a worker takes it at that very moment), a run whose
-    process died unnoticed is left for the parent to finish."""
+    """The child run's final state type, once it has one (`watch_child`); or why the parent
+    stopped waiting: it never started in time (cancelled, unless a worker takes it at that
+    moment), its process died unnoticed, or the server no longer knows it."""
     log, settings, child_id = get_run_logger(), run.rt.settings, part_run_id(run.run_id, k)
-    created, started = time.monotonic(), None
+    created, running_since, lease_read, alive = time.monotonic(), None, 0.0, True
     async with get_client() as client:
         while True:
             try:
                 st = (await client.read_flow_run(child.id)).state
+            except ObjectNotFound:
+                log.warning("child run %s is gone from the Prefect server", name)
+                return "DELETED"
             except Exception as exc:  # noqa: BLE001 - a busy server: read again
                 log.warning("child run %s: state not read (%s)", name, exc)
                 await asyncio.sleep(WATCH_EVERY_S)
                 continue
             state = None if st is None else str(st.type.value)
-            if state not in (None, "SCHEDULED") and started is None:
-                started = time.monotonic()
             now = time.monotonic()
-            alive = started is None or now - started < 2 * settings.lease_ttl_s
-            if not alive:  # read only when it matters: a lease read is a store request
-                alive = await run.rt.blocking(run.ledger.lease_alive, child_id)
+            if state == "RUNNING" and running_since is None:
+                running_since = now
+            running_for = 0.0 if running_since is None else now - running_since
+            if running_for > 2 * settings.lease_ttl_s and now - lease_read > LEASE_READ_EVERY_S:
+                alive = await run.rt.blocking(_lease_alive, run, child_id)  # a store request
+                lease_read = now
             step = watch_child(
                 state,
-                scheduled_for_s=now - created,
-                started_for_s=0.0 if started is None else now - started,
+                waited_s=now - created,
+                running_for_s=running_for,
                 lease_alive=alive,
                 start_timeout_s=settings.part_start_timeout_s,
                 lease_ttl_s=settings.lease_ttl_s,
@@ -264,42 +308,52 @@ async def _wait_for(run: RunState, child: FlowRun, k: int, name: str) -> str:
             if step == "ended":
                 return str(state)
             if step == "dead":
-                log.warning(
-                    "child run %s is %s but holds no live lease: taken as dead", name, state
-                )
+                msg = "child run %s is %s but holds no live lease: taken as dead"
+                log.warning(msg, name, state)
                 return "DEAD"
             if step == "cancel":
                 why = f"no worker started it within {settings.part_start_timeout_s:.0f} s"
-                if await _cancel(client, child, why):
-                    log.warning("child run %s cancelled: %s", name, why)
-                    return "CANCELLED"
+                await _cancel(client, child, why)  # best effort: the part's claim decides
+                log.warning("child run %s: %s; its part is finished here", name, why)
+                return "NOT_STARTED"
             await asyncio.sleep(WATCH_EVERY_S)
 
 
-async def _cancel(client: PrefectClient, child: FlowRun, why: str) -> bool:
-    """Cancel a scheduled child run; False if a worker took it first (then it goes on)."""
+def _lease_alive(run: RunState, child_id: str) -> bool:
+    """Whether the child's lease is alive; an unreadable one counts as alive (never take a part
+    over on a store blip)."""
     try:
-        result: Any = await client.set_flow_run_state(child.id, Cancelled(message=why))
-    except Exception:  # noqa: BLE001 - not cancelled: keep waiting for it
-        return False
-    return bool(result.status == SetStateStatus.ACCEPT)
+        return run.ledger.lease_alive(child_id)
+    except LedgerUnavailable:
+        return True
+
+
+async def _cancel(client: PrefectClient, child: FlowRun, why: str) -> None:
+    """Cancel a child run that has not started (a worker that takes it at this very moment
+    wins; the part's claim then keeps the two apart)."""
+    with contextlib.suppress(Exception):
+        await client.set_flow_run_state(child.id, Cancelled(message=why))
 
 
 def _read_part_results(run: RunState, k: int) -> tuple[list[ItemResult], dict[str, Any]] | None:
     store, folder = run.rt.store, part_folder(run.run_id, k)
     try:
-        results = from_jsonl(store.read_text(run_key(folder, "results.jsonl")))
-        summary = json.loads(store.read_text(run_key(folder, "summary.json")))
+        texts = [
+            with_retries(partial(store.read_text, key), key)
+            for key in (run_key(folder, "results.jsonl"), run_key(folder, "summary.json"))
+        ]
+        return from_jsonl(texts[0]), json.loads(texts[1])
     except (OSError, ValueError):
         return None
-    return results, summary
 
 
 def _merge_budget(run: RunState, summary: dict[str, Any]) -> None:
-    """A child's cap refusals and stop reasons become the parent's (its verdict names them)."""
+    """A child's cap refusals and stop reasons become the parent's (its verdict names them);
+    not a lost lease: that was the child's, not the parent's."""
     run.budget.capped += int(summary.get("capped", 0))
     for why, message in (summary.get("stops") or {}).items():
-        run.budget.stop(Stop(why), message)
+        if why in {s.value for s in Stop} and why != Stop.LEASE:
+            run.budget.stop(Stop(why), str(message))
 
 
 def _spent_at_most(run: RunState, items: list[ManifestItem], child_id: str) -> float:
@@ -319,20 +373,24 @@ def _spent_at_most(run: RunState, items: list[ManifestItem], child_id: str) -> f
 
 async def _run_part_job(run_id: str, part: int, job: PartJob) -> Any:
     """The part's rows through check, submit, poll and store in a run of its own; its results
-    and a short summary under the parent's run folder, for the parent to collect."""
+    and a short summary under the parent's run folder, for the parent to collect. It holds the
+    part's claim first: a part the parent already took over is left alone."""
     pid = part_run_id(run_id, part)
     async with opened_run(
-        job.options, pid, force=job.force, resubmit_lost=job.resubmit_lost
-    ) as run:
+        job.options, pid, force=job.force, resubmit_lost=job.resubmit_lost,
+        dry_run=job.options.dry_run,
+    ) as run:  # fmt: skip
+        owner = await run.rt.blocking(run.ledger.claim_part, pid)
+        if owner is not None:
+            msg = f"part {pid} is held by run {owner}: nothing done here"
+            return Completed(name="PartTakenOver", message=msg)
         parsed = await read_manifest(job.manifest, job.options.item_defaults())
         if isinstance(parsed, ManifestError):
             return Failed(name="BadManifest", message=f"part {pid}: {parsed}")
-        wanted = set(job.rows)
-        items = [i for i in parsed.items if i.row in wanted]
-        if len(items) != len(wanted):
-            gone = sorted(wanted - {i.row for i in items})[:10]
-            msg = f"part {pid}: rows {gone} are no longer valid rows of {job.manifest}"
-            return Failed(name="ManifestChanged", message=msg)
+        try:
+            items = part_items(parsed.items, job.rows, job.row_keys)
+        except ValueError as exc:  # nothing paid: the parent finishes the part as it read it
+            return Failed(name="ManifestChanged", message=f"part {pid}: {exc}")
         run.rt.board.plan = run.rt.board.plan.for_batch(len(items))  # probes it can afford
         one, on_error = partial(check_and_run, run), partial(_internal_error, pid)
         results = await Parts(items, max(1, len(items)), one, on_error).in_order()

@@ -21,7 +21,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -141,6 +141,31 @@ def plan_item(
         record, force=force, uncertain_policy=uncertain_policy, resubmit_lost=resubmit_lost
     )
     return replace(plan, attempts=record.attempts, resubmits=0 if force else record.resubmits)
+
+
+def plan_in_batch(
+    record: LedgerRecord | None,
+    input_hash: str,
+    *,
+    part_runs: Collection[str],
+    force: bool = False,
+    uncertain_policy: UncertainPolicy = "resubmit",
+    resubmit_lost: bool = False,
+) -> Plan:
+    """`plan_item` for a run finishing the parts its child runs left (`part_runs`: their run
+    ids). A record one of them wrote is this batch's own decision and stands: no forced rerun of
+    what it failed or skipped, no resubmission of what it may have paid for (held and reported
+    uncertain), no new task for a task it lost. What it never submitted is submitted."""
+    if record is None or record.run_id not in part_runs:
+        return plan_item(
+            record, input_hash, force=force, uncertain_policy=uncertain_policy,
+            resubmit_lost=resubmit_lost,
+        )  # fmt: skip
+    plan = plan_item(record, input_hash, uncertain_policy="hold")
+    if plan.action == "submit" and record.state != LedgerState.NOT_SUBMITTED:
+        note = f"part run {record.run_id} left it {record.state} with other inputs; held"
+        return replace(plan, action="hold", note=note, uncertain=True)
+    return plan
 
 
 def _plan_same_inputs(
@@ -308,12 +333,20 @@ class Ledger:
 
         A claim left by a run whose lease has expired (a crashed run) is taken over.
         """
-        key = f"claims/{item_id}.json"
+        return self._claim(f"claims/{item_id}.json")
+
+    def claim_part(self, name: str) -> str | None:
+        """Claim a part of a large batch (`name`: `parts.part_run_id`) for this run, as `claim`
+        does an item: the child run that runs it, or the parent that finishes it, never both.
+        Kept when the run ends (its lease ends, so another run may take it over)."""
+        return self._claim(f"claims/parts/{name}.json")
+
+    def _claim(self, key: str) -> str | None:
         body = json.dumps({"run_id": self.run_id, "at": _now()}).encode()
         for _ in range(3):
             if self._retry(lambda: self.store.create_exclusive(key, body), f"claiming {key}"):
                 return None
-            owner = self.owner(item_id)
+            owner = self._owner(key)
             if owner == "":
                 continue  # released in between: try again
             if owner == self.run_id:
@@ -326,7 +359,9 @@ class Ledger:
 
     def owner(self, item_id: str) -> str | None:
         """The run id in the item's claim; "" when there is no claim, None when unreadable."""
-        key = f"claims/{item_id}.json"
+        return self._owner(f"claims/{item_id}.json")
+
+    def _owner(self, key: str) -> str | None:
         try:
             text = self._retry(lambda: self.store.read_text(key), f"reading {key}")
         except FileNotFoundError:

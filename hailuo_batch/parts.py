@@ -9,7 +9,6 @@ started again in the same run (a second start could POST it twice).
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -61,11 +60,12 @@ class Parts:
             if not self._going:
                 self._idle.set()
 
-    def take(self, results: list[ItemResult]) -> None:
-        """Results a child run elsewhere produced: their items count as started here."""
-        rows = {i.row for part in self.parts for i in part}
+    def take(self, part: int, results: list[ItemResult]) -> None:
+        """Results of `part` a child run elsewhere produced: their items count as started here
+        (a result for a row outside the part, or for another id, is not one of them)."""
+        ids = {i.row: i.id for i in self.parts[part]}
         for r in results:
-            if r.row in rows and r.row not in self.started:
+            if ids.get(r.row) == r.id and r.row not in self.started:
                 self.started.add(r.row)
                 self.results[r.row] = r
 
@@ -97,8 +97,27 @@ class PartJob(BaseModel):
     manifest: str
     options: BatchOptions
     rows: list[int] = []
+    # each row's `item_key` as the parent read it: the child runs a row only if it reads the same
+    row_keys: list[str] = []
     force: bool = False
     resubmit_lost: bool = False
+
+
+def item_key(item: ManifestItem) -> str:
+    """A row as the parent read it: its id and a digest of its inputs."""
+    return f"{item.id}#{item.input_hash[:16]}"
+
+
+def part_items(items: list[ManifestItem], rows: list[int], keys: list[str]) -> list[ManifestItem]:
+    """The items of a part, from a fresh read of the manifest: exactly `rows`, each read as the
+    parent read it; ValueError naming the first rows that changed or are gone."""
+    by_row = {i.row: i for i in items}
+    changed = [
+        r for r, k in zip(rows, keys, strict=True) if r not in by_row or item_key(by_row[r]) != k
+    ]
+    if changed or len(rows) != len(keys):
+        raise ValueError(f"rows {changed[:10]} changed since the batch read the manifest")
+    return [by_row[r] for r in rows]
 
 
 def part_run_id(run_id: str, part: int) -> str:
@@ -155,15 +174,19 @@ def place_parts(
 
 
 def share_caps(costs: list[float], cap: float | None) -> list[float | None]:
-    """Each part's spending cap: `cap` shared in proportion to the parts' estimated costs
-    (equally when nothing is estimated), rounded down to a micro-dollar so that the shares
-    never add up to more than `cap`."""
+    """Each part's spending cap: `cap` given to the parts in manifest order, each at most its
+    estimated cost, as an unsplit run spends it on its items in that order (a share in
+    proportion would leave every part short of one item under a small cap); never more than
+    `cap` in sum."""
     if cap is None:
         return [None] * len(costs)
-    total = sum(costs)
-    weights = costs if total > 0 else [1.0] * len(costs)
-    whole = sum(weights)
-    return [math.floor(cap * w / whole * 1e6) / 1e6 for w in weights]
+    shares: list[float | None] = []
+    left = cap
+    for cost in costs:
+        share = max(0.0, min(left, cost))
+        shares.append(share)
+        left -= share
+    return shares
 
 
 def cap_left(share: float | None, spent_at_most: float) -> float | None:
@@ -198,21 +221,23 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 def watch_child(
     state: str | None,
     *,
-    scheduled_for_s: float,
-    started_for_s: float,
+    waited_s: float,
+    running_for_s: float,
     lease_alive: bool,
     start_timeout_s: float,
     lease_ttl_s: float,
 ) -> ChildStep:
     """What the parent does about a child run on a worker, from its state type: "ended" (a
-    final state), "cancel" (still waiting for a worker after `start_timeout_s`), "dead" (taken
-    up by a worker twice a lease's life ago and holding no live lease: its process is gone
-    and nobody said so; its claims are free to take), else "wait"."""
+    final state), "cancel" (not running after `start_timeout_s`: no worker took it, or its
+    infrastructure never came up), "dead" (running for twice a lease's life and holding no
+    live lease: its process is gone and nobody said so), else "wait". Past "cancel" or "dead"
+    the parent finishes the part only once it holds the part's claim (`Ledger.claim_part`),
+    which a child that starts late, or still lives, keeps from it."""
     if state in FINAL_STATES:
         return "ended"
-    if state in (None, "SCHEDULED"):
-        return "cancel" if scheduled_for_s > start_timeout_s else "wait"
-    if started_for_s > 2 * lease_ttl_s and not lease_alive:
+    if state != "RUNNING":
+        return "cancel" if waited_s > start_timeout_s else "wait"
+    if running_for_s > 2 * lease_ttl_s and not lease_alive:
         return "dead"
     return "wait"
 

@@ -5,6 +5,8 @@ import time
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hailuo_batch.apixo import Mode, Provider
 from hailuo_batch.ledger import (
@@ -15,6 +17,7 @@ from hailuo_batch.ledger import (
     LedgerUnavailable,
     claim_or_wait,
     keep_lease,
+    plan_in_batch,
     plan_item,
     planned_spend,
     stored_intact,
@@ -354,3 +357,40 @@ def test_the_spend_estimate_counts_only_items_still_to_submit(tmp_path):
         return plan_item(record, item.input_hash)
 
     assert planned_spend(led, items, plan, lambda item: 0.25) == 0.25  # only "new"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    state=st.sampled_from(list(LedgerState)),
+    same_inputs=st.booleans(),
+    force=st.booleans(),
+    policy=st.sampled_from(["resubmit", "hold"]),
+    resubmit_lost=st.booleans(),
+    by_part=st.booleans(),
+)
+def test_finishing_a_part_never_pays_again_for_what_its_child_run_decided(
+    state, same_inputs, force, policy, resubmit_lost, by_part
+):
+    """The parent finishing a part its child run left (crashed, results lost) plans a record
+    that child wrote as the child's own decision: it submits only what the child never
+    submitted; what the child may have paid for is held and reported uncertain, whatever
+    the batch's force, uncertain policy or resubmit_lost. Other runs' records plan as usual."""
+    r = LedgerRecord(
+        id="x", input_hash=H, state=state, task_id="t1", task_ids=["t1"], attempts=1,
+        run_id="R-part-2" if by_part else "earlier",
+    )  # fmt: skip
+    h = H if same_inputs else "b" * 64
+    p = plan_in_batch(
+        r, h, part_runs={"R-part-1", "R-part-2"}, force=force, uncertain_policy=policy,
+        resubmit_lost=resubmit_lost,
+    )  # fmt: skip
+    if not by_part:
+        expected = plan_item(
+            r, h, force=force, uncertain_policy=policy, resubmit_lost=resubmit_lost
+        )
+        assert p == expected
+    elif p.action == "submit":
+        assert state == LedgerState.NOT_SUBMITTED
+    if by_part and state in (LedgerState.SUBMITTING, LedgerState.UNCERTAIN):
+        assert p.action == "hold" and p.uncertain
+    assert plan_in_batch(None, h, part_runs={"R-part-2"}, force=force).action == "submit"

@@ -16,7 +16,9 @@ from hailuo_batch.parts import (
     Parts,
     Placement,
     cap_left,
+    item_key,
     part_concurrency,
+    part_items,
     place_parts,
     share_caps,
     spent_at_most,
@@ -134,7 +136,7 @@ def test_parts_go_to_the_workers_only_when_every_worker_can_reach_the_run() -> N
     costs=st.lists(st.floats(0, 50, allow_nan=False), min_size=1, max_size=12),
     cap=st.none() | st.floats(0, 1000, allow_nan=False),
 )
-def test_part_caps_share_the_run_cap_by_cost_and_never_add_up_past_it(
+def test_part_caps_fill_the_parts_in_order_and_never_add_up_past_the_cap(
     costs: list[float], cap: float | None
 ) -> None:
     caps = share_caps(costs, cap)
@@ -143,10 +145,20 @@ def test_part_caps_share_the_run_cap_by_cost_and_never_add_up_past_it(
         assert caps == [None] * len(costs)
         return
     shares = [c for c in caps if c is not None]
-    assert all(c >= 0 for c in shares) and sum(shares) <= cap + 1e-9
-    weights = costs if sum(costs) > 0 else [1.0] * len(costs)
-    for share, w in zip(shares, weights, strict=True):  # in proportion, to a micro-dollar
-        assert abs(share - cap * w / sum(weights)) <= 1e-6 + 1e-9 * cap
+    assert all(0 <= s <= c + 1e-9 for s, c in zip(shares, costs, strict=True))
+    assert sum(shares) <= cap + 1e-9
+    # as an unsplit run: a part gets less than its cost only when the cap is used up
+    for k, (share, cost) in enumerate(zip(shares, costs, strict=True)):
+        if share < cost - 1e-9:
+            assert sum(shares[: k + 1]) == pytest.approx(min(cap, sum(shares)))
+            assert all(x == 0 for x in shares[k + 1 :])
+
+
+def test_a_small_cap_buys_what_an_unsplit_run_would() -> None:
+    """$1 over three parts of $0.50 items: the first part may buy two, not each part a third
+    of a dollar that buys nothing."""
+    assert share_caps([1.0, 1.0, 1.0], 1.0) == [1.0, 0.0, 0.0]
+    assert share_caps([0.5, 2.0, 1.0], 1.7) == pytest.approx([0.5, 1.2, 0.0])
 
 
 @given(concurrency=st.integers(1, 500), n=st.integers(1, 60))
@@ -217,8 +229,12 @@ def test_results_from_a_child_run_elsewhere_count_as_started() -> None:
     async def main() -> list[ItemResult]:
         parts = Parts([item(r) for r in range(6)], 3, one, failed)
         done = [ItemResult(id=f"i{r}", row=r, status=ItemStatus.SUCCEEDED) for r in range(6)]
-        parts.take([*done, ItemResult(id="stray", row=99, status=ItemStatus.SUCCEEDED)])
-        assert parts.left(0) == [] and parts.left(1) == []
+        parts.take(0, done)  # part 0's rows only (0-2)
+        assert parts.left(0) == [] and [i.row for i in parts.left(1)] == [3, 4, 5]
+        wrong_id = ItemResult(id="other", row=3, status=ItemStatus.SUCCEEDED)
+        parts.take(1, [wrong_id, *done[4:]])  # row 3 under another id is not row 3's result
+        assert [i.row for i in parts.left(1)] == [3]
+        parts.take(1, done[3:4])
         return await parts.in_order()
 
     assert [r.row for r in asyncio.run(main())] == list(range(6))
@@ -226,7 +242,7 @@ def test_results_from_a_child_run_elsewhere_count_as_started() -> None:
 
 def watch(state: str | None, **kw: float | bool) -> str:
     given: dict[str, float | bool] = {
-        "scheduled_for_s": 0.0, "started_for_s": 0.0, "lease_alive": True,
+        "waited_s": 0.0, "running_for_s": 0.0, "lease_alive": True,
         "start_timeout_s": 180.0, "lease_ttl_s": 120.0,
     }  # fmt: skip
     return watch_child(state, **{**given, **kw})  # type: ignore[arg-type]
@@ -234,14 +250,24 @@ def watch(state: str | None, **kw: float | bool) -> str:
 
 def test_the_parent_waits_for_a_child_run_and_notices_one_that_never_started_or_died() -> None:
     for final in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-        assert watch(final) == "ended"
-    assert watch("SCHEDULED", scheduled_for_s=179) == "wait"
-    assert watch("SCHEDULED", scheduled_for_s=181) == "cancel"
-    assert watch(None, scheduled_for_s=181) == "cancel"
-    # taken up by a worker: never cancelled, however long it has waited
-    assert watch("PENDING", scheduled_for_s=999, started_for_s=10) == "wait"
-    assert watch("RUNNING", scheduled_for_s=999, started_for_s=3600, lease_alive=True) == "wait"
-    # its process is gone without a word: no live lease long after it started
-    assert watch("RUNNING", started_for_s=239, lease_alive=False) == "wait"  # still starting
-    assert watch("RUNNING", started_for_s=241, lease_alive=False) == "dead"
-    assert watch("PENDING", started_for_s=241, lease_alive=False) == "dead"
+        assert watch(final, waited_s=999, running_for_s=999, lease_alive=False) == "ended"
+    # not running in time (no worker, or infrastructure that never came up): taken over
+    for waiting in (None, "SCHEDULED", "PENDING"):
+        assert watch(waiting, waited_s=179) == "wait"
+        assert watch(waiting, waited_s=181) == "cancel"
+    # running: never cancelled, however long it has run, while its lease lives
+    assert watch("RUNNING", waited_s=9999, running_for_s=3600, lease_alive=True) == "wait"
+    # its process is gone without a word: no live lease long after it started running
+    assert watch("RUNNING", waited_s=9999, running_for_s=239, lease_alive=False) == "wait"
+    assert watch("RUNNING", waited_s=9999, running_for_s=241, lease_alive=False) == "dead"
+
+
+def test_a_child_runs_exactly_the_rows_the_parent_read() -> None:
+    items = [item(r) for r in range(5)]
+    keys = [item_key(i) for i in items]
+    assert part_items(items, [1, 3], [keys[1], keys[3]]) == [items[1], items[3]]
+    changed = [*items[:3], items[3].model_copy(update={"prompt": "edited"}), items[4]]
+    with pytest.raises(ValueError, match=r"rows \[3\] changed"):
+        part_items(changed, [1, 3], [keys[1], keys[3]])
+    with pytest.raises(ValueError, match=r"rows \[7\] changed"):  # gone
+        part_items(items, [7], ["i7#0"])

@@ -19,9 +19,14 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
 import flows.parts
+from hailuo_batch.ledger import Ledger
+from hailuo_batch.manifest import ItemDefaults, load_manifest
+from hailuo_batch.options import BatchOptions
+from hailuo_batch.parts import PartJob, item_key, part_run_id
 from hailuo_batch.policy import Prices, estimate_cost
 from hailuo_batch.results import from_jsonl
 from hailuo_batch.settings import get_settings
+from hailuo_batch.storage import OutputStore
 from tests.flows.flowkit import generate_videos, items, write_csv
 
 POOL = "nobody-serves-this"
@@ -85,3 +90,51 @@ def test_parts_no_worker_starts_run_in_the_parent_within_the_cap(
     assert sorted(c.name.rsplit("-part-", 1)[1] for c in children) == ["1-of-3", "2-of-3", "3-of-3"]
     assert {c.state_type.value for c in children} == {"CANCELLED"}
     assert all("no worker started it within 1 s" in (c.state.message or "") for c in children)
+
+
+def test_a_dry_run_of_a_large_batch_keeps_its_parts_and_pays_nothing(
+    flow_env, emulator, s3_env, tmp_path, images_dir, make_image, monkeypatch
+):
+    monkeypatch.setenv("HAILUO_ITEMS_PER_FLOW_RUN", "3")
+    monkeypatch.setattr(flows.parts.deployment, "get_id", lambda: "a-deployment")
+    get_settings.cache_clear()
+    asyncio.run(deploy_parts_nowhere())
+    fs = s3fs.S3FileSystem()
+    local = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 7))
+    fs.put_file(str(local), f"{s3_env}/in/m.csv")
+    before = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"]
+    state = generate_videos(
+        manifest=f"s3://{s3_env}/in/m.csv", output=f"s3://{s3_env}/out", concurrency=4,
+        dry_run=True, return_state=True,
+    )  # fmt: skip
+    assert httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"] == before
+    summary = state.result(raise_on_failure=False)
+    assert summary["estimated_batch_cost_usd"] > 0 and not summary.get("parts_on_workers")
+    children = asyncio.run(child_runs(state.state_details.flow_run_id))
+    assert children and all(c.deployment_id is None for c in children)  # in this process
+
+
+def test_a_part_run_that_starts_after_the_parent_took_its_part_does_nothing(
+    flow_env, emulator, s3_env, tmp_path, images_dir, make_image
+):
+    """A child run a worker starts late (after the parent gave up waiting and took the part
+    over, or one whose creation the parent never saw confirmed) finds the part's claim held
+    by the live parent and leaves every item alone."""
+    fs = s3fs.S3FileSystem()
+    local = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 3))
+    fs.put_file(str(local), f"{s3_env}/in/m.csv")
+    parent = Ledger(OutputStore(f"s3://{s3_env}/out"), "R", lease_ttl_s=120)
+    parent.heartbeat()
+    assert parent.claim_part(part_run_id("R", 0)) is None  # the parent holds part 1
+    parsed = load_manifest(str(local), ItemDefaults())
+    job = PartJob(
+        manifest=f"s3://{s3_env}/in/m.csv",
+        options=BatchOptions(output=f"s3://{s3_env}/out", concurrency=2),
+        rows=[i.row for i in parsed.items],
+        row_keys=[item_key(i) for i in parsed.items],
+    )
+    before = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"]
+    state = asyncio.run(flows.parts.run_part("R", 0, job, return_state=True))
+    assert state.is_completed() and state.name == "PartTakenOver", state
+    assert "held by run R" in (state.message or "")
+    assert httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"] == before
