@@ -61,6 +61,8 @@ class RunState:
     parts_on_workers: list[dict[str, Any]] = field(default_factory=list)
     # their run ids: what they decided for an item stands when this run finishes their parts
     part_runs: frozenset[str] = frozenset()
+    # what each row still costs to submit (resume-aware), by row: a part's share of the cap
+    planned_costs: dict[int, float] = field(default_factory=dict)
 
     def plan(self, item: ManifestItem, rec: LedgerRecord | None) -> Plan:
         return plan_in_batch(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -48,8 +49,8 @@ from hailuo_batch.parts import (
     part_folder,
     part_items,
     part_run_id,
+    part_share,
     place_parts,
-    share_caps,
     spent_at_most,
     watch_child,
 )
@@ -62,6 +63,7 @@ _PARTS: dict[str, Parts] = {}
 CHILD_RETRY_PAUSES_S = (5.0, 20.0)
 WATCH_EVERY_S = 2.0  # how often the parent reads the state of a child run on a worker
 LEASE_READ_EVERY_S = 30.0  # and, once it has run a while, its lease
+FINISH_RETRY_S = 5.0  # how often the parent tries to take over a part another run holds
 
 
 async def run_items(
@@ -171,43 +173,50 @@ async def _parts_on_workers(
     job: PartJob,
     published: Callable[[ItemResult], Awaitable[None]],
 ) -> None:
-    """Each part as a flow run of the part deployment, a few at a time when the run's
-    concurrency is smaller than the number of parts; their results go into `parts`, and what a
-    child left is finished by `parts.in_order` here, within what it cannot have spent."""
+    """Each part as a flow run of the part deployment, in manifest order, a few at a time when
+    the run's concurrency is smaller than the number of parts; their results go into `parts`,
+    and what a child left is finished by `parts.in_order` here, within what it cannot have
+    spent. One part's trouble never ends the batch."""
     n = len(parts.parts)
-    costs = [sum(run.unit_cost(i) for i in p) for p in parts.parts]
-    caps = share_caps(costs, _cap_free(run))
-    for cap in caps:  # handed to the children; what a failed child did not spend comes back
-        run.budget.spent_usd += cap or 0.0
     run.part_runs = frozenset(part_run_id(run.run_id, k) for k in range(n))
     each, at_once = part_concurrency(job.options.concurrency, n)
-    gate = asyncio.Semaphore(at_once)
+    gate = asyncio.Semaphore(at_once)  # FIFO: the parts start in manifest order
     name = flow_run.get_name()
 
     async def one_part(k: int) -> None:
-        share = {"concurrency": each, "max_cost_usd": caps[k], "output": run.rt.store.url}
-        options = job.options.model_copy(update=share)  # the output as the parent resolved it
         rows = parts.parts[k]
-        child = job.model_copy(
-            update={"options": options, "rows": [i.row for i in rows],
-                    "row_keys": [item_key(i) for i in rows]}
-        )  # fmt: skip
         part_name = f"{name}-part-{k + 1}-of-{n}"
+        entry: dict[str, Any] = {"flow_run": part_name}
         async with gate:
+            cost = sum(run.planned_costs.get(i.row, run.unit_cost(i)) for i in rows)
+            share = part_share(cost, _cap_free(run))
+            run.budget.spent_usd += share or 0.0  # handed to the child, no await in between
             try:
-                state, got = await _run_on_worker(run, k, child, part_name)
+                options = job.options.model_copy(
+                    update={"concurrency": each, "max_cost_usd": share,
+                            "output": run.rt.store.url}  # the output as the parent resolved it
+                )  # fmt: skip
+                child = job.model_copy(
+                    update={"options": options, "rows": [i.row for i in rows],
+                            "row_keys": [item_key(i) for i in rows]}
+                )  # fmt: skip
+                entry["state"], got = await _run_on_worker(run, k, child, part_name)
+                if got is not None:
+                    parts.take(k, got[0])
+                    _merge_budget(run, got[1])
+                    entry.update(got[1])
+                    if not parts.left(k):  # what it did not spend goes to the later parts
+                        spent = float(got[1].get("spent_usd", share or 0.0))
+                        run.budget.refund(cap_left(share, spent) or 0.0)
+                    for r in got[0]:
+                        await published(r)
+                if parts.left(k):
+                    await _finish_here(run, parts, k, share)
             except Exception as exc:  # noqa: BLE001 - one part's trouble must not end the batch
-                state, got = f"not followed ({exc!r})", None
-        entry: dict[str, Any] = {"flow_run": part_name, "state": state, "results": got is not None}
-        if got is not None:
-            parts.take(k, got[0])
-            _merge_budget(run, got[1])
-            entry.update(got[1])
-            for r in got[0]:
-                await published(r)
+                get_run_logger().error("part %s: %r; its items are finished here", part_name, exc)
+                entry["error"] = repr(exc)
+        entry["results"] = not parts.left(k)
         run.parts_on_workers.append(entry)
-        if parts.left(k):
-            await _finish_here(run, parts, k, caps[k], part_name)
 
     await asyncio.gather(*(one_part(k) for k in range(n)))
     # the children kept what they learned in the stats file: the parent's save must not undo it
@@ -215,25 +224,31 @@ async def _parts_on_workers(
     rt.board.stats = GenerationStats.from_json(await rt.blocking(load_stats, rt.store))
 
 
-async def _finish_here(
-    run: RunState, parts: Parts, k: int, share: float | None, part_name: str
-) -> None:
-    """Take part `k` over (its claim: a child that starts late, or still lives, keeps it), give
-    back what its child cannot have spent; `parts.in_order` then runs what is left here. A part
-    whose child still holds it gets a result per item saying so, and is not touched."""
-    log, child_id, left = get_run_logger(), part_run_id(run.run_id, k), parts.left(k)
-    try:
-        owner = await run.rt.blocking(run.ledger.claim_part, child_id)
-    except LedgerUnavailable as exc:
-        owner = f"unknown (the claim could not be read: {exc})"
-    if owner is not None:
-        why = f"part run {owner} still holds part {k + 1}: not touched by this run"
-        log.warning("%s (%d items)", why, len(left))
-        parts.take(k, [outcomes.not_submitted(i, run.run_id, why) for i in left])
-        return
-    spent = await run.rt.blocking(_spent_at_most, run, left, child_id)
-    run.budget.refund(cap_left(share, spent) or 0.0)
-    log.warning("%s: %d items left, finished in this run", part_name, len(left))
+async def _finish_here(run: RunState, parts: Parts, k: int, share: float | None) -> None:
+    """Finish part `k` here once its child is over: take the part's claim (a child killed
+    without a word keeps it until its lease lapses; one that started late, or still lives, keeps
+    it while it runs: its results are taken if they come), give back what the child cannot have
+    spent; `parts.in_order` then runs what is left, from the ledger."""
+    log, child_id = get_run_logger(), part_run_id(run.run_id, k)
+    said = False
+    while parts.left(k):
+        try:
+            owner = await run.rt.blocking(run.ledger.claim_part, child_id)
+        except LedgerUnavailable as exc:
+            owner = f"unknown ({exc})"
+        if owner is None:
+            spent = await run.rt.blocking(_spent_at_most, run, parts.parts[k], child_id)
+            run.budget.refund(cap_left(share, spent) or 0.0)
+            log.warning("part %d: %d items left, finished in this run", k + 1, len(parts.left(k)))
+            return
+        if not said:
+            log.warning("part %d is held by run %s: waiting for it to end", k + 1, owner)
+            said = True
+        got = await run.rt.blocking(_read_part_results, run, k)
+        if got is not None:
+            parts.take(k, got[0])
+            _merge_budget(run, got[1])
+        await asyncio.sleep(FINISH_RETRY_S)
 
 
 def _cap_free(run: RunState) -> float | None:
@@ -299,6 +314,7 @@ async def _wait_for(run: RunState, child: FlowRun, k: int, name: str) -> str:
                 lease_read = now
             step = watch_child(
                 state,
+                ever_running=running_since is not None,
                 waited_s=now - created,
                 running_for_s=running_for,
                 lease_alive=alive,
@@ -381,6 +397,8 @@ async def _run_part_job(run_id: str, part: int, job: PartJob) -> Any:
         dry_run=job.options.dry_run,
     ) as run:  # fmt: skip
         owner = await run.rt.blocking(run.ledger.claim_part, pid)
+        if owner is None and not await run.rt.blocking(run.ledger.lease_alive, run_id):
+            owner = f"nobody: the batch run {run_id} is over"  # it finished the part itself
         if owner is not None:
             msg = f"part {pid} is held by run {owner}: nothing done here"
             return Completed(name="PartTakenOver", message=msg)
@@ -399,6 +417,7 @@ async def _run_part_job(run_id: str, part: int, job: PartJob) -> Any:
             "part_of": run_id,
             "items": len(results),
             "capped": run.budget.capped,
+            "spent_usd": math.ceil(run.budget.spent_usd * 1e6) / 1e6,  # reserved: >= spent
             "stops": {str(why): msg for why, msg in run.budget.stops.items()},
             "concurrency": run.slots.limit.summary(),
         }

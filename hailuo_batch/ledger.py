@@ -448,20 +448,30 @@ def stored_intact(store: OutputStore, rec: LedgerRecord) -> bool:
     return rec.sha256 is None or hashlib.sha256(store.read_bytes(key)).hexdigest() == rec.sha256
 
 
+def planned_costs(
+    ledger: Ledger,
+    items: Iterable[ManifestItem],
+    plan: Callable[[ManifestItem, LedgerRecord | None], Plan],
+    unit_cost: Callable[[ManifestItem], float],
+) -> dict[int, float]:
+    """Each item's estimated cost of what a run still has to submit, by manifest row
+    (resume-aware: 0 for what is stored, polled or final). An item whose record cannot be read
+    costs 0 here: it says so when it runs, and is never submitted blind."""
+    costs: dict[int, float] = {}
+    for item in items:
+        try:
+            submit = plan(item, ledger.get(item.id)).action == "submit"
+        except LedgerUnavailable:
+            submit = False
+        costs[item.row] = unit_cost(item) if submit else 0.0
+    return costs
+
+
 def planned_spend(
     ledger: Ledger,
     items: Iterable[ManifestItem],
     plan: Callable[[ManifestItem, LedgerRecord | None], Plan],
     unit_cost: Callable[[ManifestItem], float],
 ) -> float:
-    """Estimated cost of the items a run still has to submit (resume-aware). An item whose
-    record cannot be read is left out: it says so when it runs, and is never submitted blind."""
-    total = 0.0
-    for item in items:
-        try:
-            action = plan(item, ledger.get(item.id)).action
-        except LedgerUnavailable:
-            continue
-        if action == "submit":
-            total += unit_cost(item)
-    return total
+    """Estimated cost of the items a run still has to submit (`planned_costs`, summed)."""
+    return sum(planned_costs(ledger, items, plan, unit_cost).values())

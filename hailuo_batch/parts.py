@@ -173,20 +173,12 @@ def place_parts(
     return Placement(True, f"{n_parts} parts on the workers of {deployment!r}")
 
 
-def share_caps(costs: list[float], cap: float | None) -> list[float | None]:
-    """Each part's spending cap: `cap` given to the parts in manifest order, each at most its
-    estimated cost, as an unsplit run spends it on its items in that order (a share in
-    proportion would leave every part short of one item under a small cap); never more than
-    `cap` in sum."""
-    if cap is None:
-        return [None] * len(costs)
-    shares: list[float | None] = []
-    left = cap
-    for cost in costs:
-        share = max(0.0, min(left, cost))
-        shares.append(share)
-        left -= share
-    return shares
+def part_share(cost: float, free: float | None) -> float | None:
+    """A part's spending cap when it starts: what is free of the run's cap, at most the part's
+    estimated cost (None: no cap). Parts start in manifest order, so the cap goes to them as an
+    unsplit run spends it on its items; what a child did not spend comes back before later
+    parts start."""
+    return None if free is None else max(0.0, min(cost, free))
 
 
 def cap_left(share: float | None, spent_at_most: float) -> float | None:
@@ -221,6 +213,7 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 def watch_child(
     state: str | None,
     *,
+    ever_running: bool,
     waited_s: float,
     running_for_s: float,
     lease_alive: bool,
@@ -228,15 +221,16 @@ def watch_child(
     lease_ttl_s: float,
 ) -> ChildStep:
     """What the parent does about a child run on a worker, from its state type: "ended" (a
-    final state), "cancel" (not running after `start_timeout_s`: no worker took it, or its
-    infrastructure never came up), "dead" (running for twice a lease's life and holding no
+    final state), "cancel" (never seen running after `start_timeout_s`: no worker took it, or
+    its infrastructure never came up), "dead" (running for twice a lease's life and holding no
     live lease: its process is gone and nobody said so), else "wait". Past "cancel" or "dead"
     the parent finishes the part only once it holds the part's claim (`Ledger.claim_part`),
     which a child that starts late, or still lives, keeps from it."""
     if state in FINAL_STATES:
         return "ended"
-    if state != "RUNNING":
-        return "cancel" if waited_s > start_timeout_s else "wait"
+    if state != "RUNNING":  # a run seen running may be cancelling, paused or awaiting a retry
+        late = not ever_running and waited_s > start_timeout_s
+        return "cancel" if late else "wait"
     if running_for_s > 2 * lease_ttl_s and not lease_alive:
         return "dead"
     return "wait"

@@ -19,8 +19,8 @@ from hailuo_batch.parts import (
     item_key,
     part_concurrency,
     part_items,
+    part_share,
     place_parts,
-    share_caps,
     spent_at_most,
     watch_child,
 )
@@ -132,33 +132,12 @@ def test_parts_go_to_the_workers_only_when_every_worker_can_reach_the_run() -> N
     assert not place(1).on_workers
 
 
-@given(
-    costs=st.lists(st.floats(0, 50, allow_nan=False), min_size=1, max_size=12),
-    cap=st.none() | st.floats(0, 1000, allow_nan=False),
-)
-def test_part_caps_fill_the_parts_in_order_and_never_add_up_past_the_cap(
-    costs: list[float], cap: float | None
-) -> None:
-    caps = share_caps(costs, cap)
-    assert len(caps) == len(costs)
-    if cap is None:
-        assert caps == [None] * len(costs)
-        return
-    shares = [c for c in caps if c is not None]
-    assert all(0 <= s <= c + 1e-9 for s, c in zip(shares, costs, strict=True))
-    assert sum(shares) <= cap + 1e-9
-    # as an unsplit run: a part gets less than its cost only when the cap is used up
-    for k, (share, cost) in enumerate(zip(shares, costs, strict=True)):
-        if share < cost - 1e-9:
-            assert sum(shares[: k + 1]) == pytest.approx(min(cap, sum(shares)))
-            assert all(x == 0 for x in shares[k + 1 :])
-
-
-def test_a_small_cap_buys_what_an_unsplit_run_would() -> None:
-    """$1 over three parts of $0.50 items: the first part may buy two, not each part a third
-    of a dollar that buys nothing."""
-    assert share_caps([1.0, 1.0, 1.0], 1.0) == [1.0, 0.0, 0.0]
-    assert share_caps([0.5, 2.0, 1.0], 1.7) == pytest.approx([0.5, 1.2, 0.0])
+def test_a_part_gets_what_is_free_of_the_cap_up_to_its_cost() -> None:
+    """$1 over parts of $0.50 items: the first part may buy two, as an unsplit run would, not
+    each part a third of a dollar that buys nothing."""
+    assert part_share(1.0, 1.0) == 1.0 and part_share(1.0, 0.0) == 0.0
+    assert part_share(0.5, 1.7) == 0.5 and part_share(2.0, 1.2) == 1.2
+    assert part_share(3.0, None) is None and part_share(1.0, -0.5) == 0.0
 
 
 @given(concurrency=st.integers(1, 500), n=st.integers(1, 60))
@@ -189,33 +168,36 @@ def test_what_a_failed_child_may_have_spent_is_bounded_from_above() -> None:
     assert cap_left(2.0, 2.1) == 0.0 and cap_left(2.0, 0.5) == 1.5 and cap_left(None, 9) is None
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(data=st.data(), n=st.integers(1, 6), cap=st.floats(0, 20, allow_nan=False))
 def test_children_and_the_parent_finishing_their_parts_never_spend_past_the_cap(
     data: st.DataObject, n: int, cap: float
 ) -> None:
-    """Each child spends within its share (its own Budget), some crash without results after
-    spending; the parent takes back what a crashed child cannot have spent (from its ledger
-    records, whose attempts may include earlier runs' POSTs) and finishes those parts itself,
-    submitting while its budget allows. The total never passes the run's cap."""
+    """Parts start in order, each handed what is free of the cap up to its cost; a child
+    spends within its share (its own Budget; its POSTs go to the ledger, whose attempts may
+    include earlier runs'), then either reports (what it reserved comes back, less its spend)
+    or crashes without results (the parent takes back the share less what the ledger says it
+    may have spent). The parent then finishes the crashed parts, submitting while its budget
+    allows. Whatever the order, the total never passes the run's cap."""
     unit = st.sampled_from([0.19, 0.32, 0.45])
-    costs = [sum(data.draw(st.lists(unit, min_size=1, max_size=8))) for _ in range(n)]
-    caps = share_caps(costs, cap)
     parent = Budget(cap_usd=cap)
-    parent.spent_usd += sum(c or 0.0 for c in caps)  # handed to the children
     total = 0.0
     for k in range(n):
-        child = Budget(cap_usd=caps[k])
-        posts = [data.draw(unit) for _ in range(data.draw(st.integers(0, 10)))]
+        cost = sum(data.draw(st.lists(unit, min_size=1, max_size=8)))
+        share = part_share(cost, parent.cap_usd - parent.spent_usd)
+        parent.spent_usd += share or 0.0
+        child = Budget(cap_usd=share)
         records = []
-        for price in posts:
+        for price in [data.draw(unit) for _ in range(data.draw(st.integers(0, 10)))]:
             if child.reserve(price) is None:
                 total += price
                 earlier = data.draw(st.integers(0, 2))  # POSTs of earlier runs on the item
                 records.append((rec(f"R-part-{k + 1}", 1 + earlier), price))
-        if data.draw(st.booleans()):  # crashed without results: the parent takes over
+        if data.draw(st.booleans()):  # reported: its summary's spent_usd
+            parent.refund(cap_left(share, child.spent_usd) or 0.0)
+        else:  # crashed without results: the parent takes over from the ledger
             spent = spent_at_most(records, f"R-part-{k + 1}", max_posts=3)
-            parent.refund(cap_left(caps[k], spent) or 0.0)
+            parent.refund(cap_left(share, spent) or 0.0)
     for price in data.draw(st.lists(unit, max_size=40)):  # the parent finishing parts
         if parent.reserve(price) is None:
             total += price
@@ -242,7 +224,7 @@ def test_results_from_a_child_run_elsewhere_count_as_started() -> None:
 
 def watch(state: str | None, **kw: float | bool) -> str:
     given: dict[str, float | bool] = {
-        "waited_s": 0.0, "running_for_s": 0.0, "lease_alive": True,
+        "ever_running": False, "waited_s": 0.0, "running_for_s": 0.0, "lease_alive": True,
         "start_timeout_s": 180.0, "lease_ttl_s": 120.0,
     }  # fmt: skip
     return watch_child(state, **{**given, **kw})  # type: ignore[arg-type]
@@ -251,15 +233,18 @@ def watch(state: str | None, **kw: float | bool) -> str:
 def test_the_parent_waits_for_a_child_run_and_notices_one_that_never_started_or_died() -> None:
     for final in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
         assert watch(final, waited_s=999, running_for_s=999, lease_alive=False) == "ended"
-    # not running in time (no worker, or infrastructure that never came up): taken over
+    # never running in time (no worker, or infrastructure that never came up): taken over
     for waiting in (None, "SCHEDULED", "PENDING"):
         assert watch(waiting, waited_s=179) == "wait"
         assert watch(waiting, waited_s=181) == "cancel"
-    # running: never cancelled, however long it has run, while its lease lives
-    assert watch("RUNNING", waited_s=9999, running_for_s=3600, lease_alive=True) == "wait"
+    # once seen running, never cancelled: cancelling, paused, awaiting a retry, or running
+    for later in ("CANCELLING", "PAUSED", "SCHEDULED", "PENDING"):
+        assert watch(later, ever_running=True, waited_s=9999) == "wait"
+    running = {"ever_running": True, "waited_s": 9999}
+    assert watch("RUNNING", **running, running_for_s=3600, lease_alive=True) == "wait"
     # its process is gone without a word: no live lease long after it started running
-    assert watch("RUNNING", waited_s=9999, running_for_s=239, lease_alive=False) == "wait"
-    assert watch("RUNNING", waited_s=9999, running_for_s=241, lease_alive=False) == "dead"
+    assert watch("RUNNING", **running, running_for_s=239, lease_alive=False) == "wait"
+    assert watch("RUNNING", **running, running_for_s=241, lease_alive=False) == "dead"
 
 
 def test_a_child_runs_exactly_the_rows_the_parent_read() -> None:

@@ -119,7 +119,7 @@ def test_a_part_run_that_starts_after_the_parent_took_its_part_does_nothing(
 ):
     """A child run a worker starts late (after the parent gave up waiting and took the part
     over, or one whose creation the parent never saw confirmed) finds the part's claim held
-    by the live parent and leaves every item alone."""
+    by the live parent, or the batch run over, and leaves every item alone."""
     fs = s3fs.S3FileSystem()
     local = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 3))
     fs.put_file(str(local), f"{s3_env}/in/m.csv")
@@ -137,4 +137,9 @@ def test_a_part_run_that_starts_after_the_parent_took_its_part_does_nothing(
     state = asyncio.run(flows.parts.run_part("R", 0, job, return_state=True))
     assert state.is_completed() and state.name == "PartTakenOver", state
     assert "held by run R" in (state.message or "")
+    # the batch run is over (its lease ended, so its claim is stale): still nothing is done
+    parent.end_lease()
+    state = asyncio.run(flows.parts.run_part("R", 0, job, return_state=True))
+    assert state.is_completed() and state.name == "PartTakenOver", state
+    assert "the batch run R is over" in (state.message or "")
     assert httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"] == before
