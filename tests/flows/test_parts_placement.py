@@ -100,7 +100,7 @@ def test_a_dry_run_of_a_large_batch_keeps_its_parts_and_pays_nothing(
     get_settings.cache_clear()
     asyncio.run(deploy_parts_nowhere())
     fs = s3fs.S3FileSystem()
-    local = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 7))
+    local = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 4))
     fs.put_file(str(local), f"{s3_env}/in/m.csv")
     before = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"]
     state = generate_videos(
