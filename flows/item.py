@@ -63,6 +63,9 @@ class RunState:
     part_runs: frozenset[str] = frozenset()
     # what each row still costs to submit (resume-aware), by row: a part's share of the cap
     planned_costs: dict[int, float] = field(default_factory=dict)
+    # a part run on a worker: the part's claim, checked before each item starts (the batch run
+    # may have taken the part over while this run's lease looked dead)
+    part_claim: str | None = None
 
     def plan(self, item: ManifestItem, rec: LedgerRecord | None) -> Plan:
         return plan_in_batch(
@@ -162,6 +165,11 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
     async with b.slots.slot() as slot, _provider_slot(b):
         # again with the slot: items that queued for a slot passed the check before it closed
         await b.rt.recorder.wait_ready()
+        if b.part_claim is not None:  # a part run: is the part still this run's?
+            holder = await b.rt.blocking(b.ledger.part_owner, b.part_claim)
+            if holder != b.run_id:
+                why = f"part {b.part_claim} was taken over by run {holder or 'nobody'}"
+                return outcomes.not_submitted(item, b.run_id, f"{why}: not touched")
         started()
         out = await live_item(
             outcomes.start_record(item, rec, plan),

@@ -202,19 +202,21 @@ async def _parts_on_workers(
                 )  # fmt: skip
                 entry["state"], got = await _run_on_worker(run, k, child, part_name)
                 if got is not None:
-                    parts.take(k, got[0])
-                    _merge_budget(run, got[1])
                     entry.update(got[1])
+                    await _take(run, parts, k, got, published)
                     if not parts.left(k):  # what it did not spend goes to the later parts
-                        spent = float(got[1].get("spent_usd", share or 0.0))
+                        spent = _number(got[1].get("spent_usd"), default=share or 0.0)
                         run.budget.refund(cap_left(share, spent) or 0.0)
-                    for r in got[0]:
-                        await published(r)
-                if parts.left(k):
-                    await _finish_here(run, parts, k, share)
             except Exception as exc:  # noqa: BLE001 - one part's trouble must not end the batch
-                get_run_logger().error("part %s: %r; its items are finished here", part_name, exc)
+                get_run_logger().error("part %s: %r", part_name, exc)
                 entry["error"] = repr(exc)
+            try:
+                if parts.left(k):
+                    await _finish_here(run, parts, k, share, published)
+            except Exception as exc:  # noqa: BLE001 - then its items say so, and are not run
+                why = f"part {k + 1} could not be finished here ({exc!r}): run the batch again"
+                get_run_logger().error(why)
+                parts.take(k, [outcomes.not_submitted(i, run.run_id, why) for i in parts.left(k)])
         entry["results"] = not parts.left(k)
         run.parts_on_workers.append(entry)
 
@@ -224,13 +226,35 @@ async def _parts_on_workers(
     rt.board.stats = GenerationStats.from_json(await rt.blocking(load_stats, rt.store))
 
 
-async def _finish_here(run: RunState, parts: Parts, k: int, share: float | None) -> None:
+async def _take(
+    run: RunState,
+    parts: Parts,
+    k: int,
+    got: tuple[list[ItemResult], dict[str, Any]],
+    published: Callable[[ItemResult], Awaitable[None]],
+) -> None:
+    """A child's results and summary into the parent's: each row once, published once."""
+    taken = parts.take(k, got[0])
+    if taken:
+        _merge_budget(run, got[1])
+    for r in taken:
+        await published(r)
+
+
+async def _finish_here(
+    run: RunState,
+    parts: Parts,
+    k: int,
+    share: float | None,
+    published: Callable[[ItemResult], Awaitable[None]],
+) -> None:
     """Finish part `k` here once its child is over: take the part's claim (a child killed
     without a word keeps it until its lease lapses; one that started late, or still lives, keeps
     it while it runs: its results are taken if they come), give back what the child cannot have
-    spent; `parts.in_order` then runs what is left, from the ledger."""
-    log, child_id = get_run_logger(), part_run_id(run.run_id, k)
-    said = False
+    spent; `parts.in_order` then runs what is left, from the ledger. When the claim cannot be
+    read for twice a lease's life, or this run stopped submitting, the part's items say so."""
+    log, child_id, settings = get_run_logger(), part_run_id(run.run_id, k), run.rt.settings
+    said, unknown_since = False, None
     while parts.left(k):
         try:
             owner = await run.rt.blocking(run.ledger.claim_part, child_id)
@@ -241,14 +265,29 @@ async def _finish_here(run: RunState, parts: Parts, k: int, share: float | None)
             run.budget.refund(cap_left(share, spent) or 0.0)
             log.warning("part %d: %d items left, finished in this run", k + 1, len(parts.left(k)))
             return
+        now = time.monotonic()
+        unknown_since = (unknown_since or now) if owner.startswith("unknown") else None
+        stopped = run.budget.stopped
+        if stopped or (unknown_since and now - unknown_since > 2 * settings.lease_ttl_s):
+            why = stopped[1] if stopped else f"the part's claim could not be read: {owner}"
+            why = f"part {k + 1} not finished by this run: {why}; run the batch again"
+            log.error(why)
+            parts.take(k, [outcomes.not_submitted(i, run.run_id, why) for i in parts.left(k)])
+            return
         if not said:
             log.warning("part %d is held by run %s: waiting for it to end", k + 1, owner)
             said = True
         got = await run.rt.blocking(_read_part_results, run, k)
         if got is not None:
-            parts.take(k, got[0])
-            _merge_budget(run, got[1])
+            await _take(run, parts, k, got, published)
         await asyncio.sleep(FINISH_RETRY_S)
+
+
+def _number(value: Any, *, default: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def _cap_free(run: RunState) -> float | None:
@@ -365,9 +404,10 @@ def _read_part_results(run: RunState, k: int) -> tuple[list[ItemResult], dict[st
 
 def _merge_budget(run: RunState, summary: dict[str, Any]) -> None:
     """A child's cap refusals and stop reasons become the parent's (its verdict names them);
-    not a lost lease: that was the child's, not the parent's."""
-    run.budget.capped += int(summary.get("capped", 0))
-    for why, message in (summary.get("stops") or {}).items():
+    not a lost lease: that was the child's, not the parent's. Bad values are left out."""
+    run.budget.capped += int(_number(summary.get("capped"), default=0))
+    stops = summary.get("stops")
+    for why, message in stops.items() if isinstance(stops, dict) else []:
         if why in {s.value for s in Stop} and why != Stop.LEASE:
             run.budget.stop(Stop(why), str(message))
 
@@ -396,7 +436,9 @@ async def _run_part_job(run_id: str, part: int, job: PartJob) -> Any:
         job.options, pid, force=job.force, resubmit_lost=job.resubmit_lost,
         dry_run=job.options.dry_run,
     ) as run:  # fmt: skip
-        owner = await run.rt.blocking(run.ledger.claim_part, pid)
+        owner = await run.rt.blocking(run.ledger.part_owner, pid)
+        if owner != run_id:  # the batch run took the part over: never take it back from it
+            owner = await run.rt.blocking(run.ledger.claim_part, pid)
         if owner is None and not await run.rt.blocking(run.ledger.lease_alive, run_id):
             owner = f"nobody: the batch run {run_id} is over"  # it finished the part itself
         if owner is not None:
@@ -410,6 +452,8 @@ async def _run_part_job(run_id: str, part: int, job: PartJob) -> Any:
         except ValueError as exc:  # nothing paid: the parent finishes the part as it read it
             return Failed(name="ManifestChanged", message=f"part {pid}: {exc}")
         run.rt.board.plan = run.rt.board.plan.for_batch(len(items))  # probes it can afford
+        run.part_runs = frozenset({run_id})  # what the batch run decided for an item stands
+        run.part_claim = pid  # each item checks the part is still this run's before it starts
         one, on_error = partial(check_and_run, run), partial(_internal_error, pid)
         results = await Parts(items, max(1, len(items)), one, on_error).in_order()
         summary = {

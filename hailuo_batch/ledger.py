@@ -341,6 +341,10 @@ class Ledger:
         Kept when the run ends (its lease ends, so another run may take it over)."""
         return self._claim(f"claims/parts/{name}.json")
 
+    def part_owner(self, name: str) -> str | None:
+        """The run id in a part's claim (`claim_part`); "" when none, None when unreadable."""
+        return self._owner(f"claims/parts/{name}.json")
+
     def _claim(self, key: str) -> str | None:
         body = json.dumps({"run_id": self.run_id, "at": _now()}).encode()
         for _ in range(3):

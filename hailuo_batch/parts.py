@@ -60,14 +60,18 @@ class Parts:
             if not self._going:
                 self._idle.set()
 
-    def take(self, part: int, results: list[ItemResult]) -> None:
+    def take(self, part: int, results: list[ItemResult]) -> list[ItemResult]:
         """Results of `part` a child run elsewhere produced: their items count as started here
-        (a result for a row outside the part, or for another id, is not one of them)."""
+        (a result for a row outside the part, for another id, or for a row already started, is
+        not taken); returns those taken."""
         ids = {i.row: i.id for i in self.parts[part]}
+        taken = []
         for r in results:
             if ids.get(r.row) == r.id and r.row not in self.started:
                 self.started.add(r.row)
                 self.results[r.row] = r
+                taken.append(r)
+        return taken
 
     async def run_left(self, part: int) -> int:
         """Start what was never started of `part` and wait for it; returns how many items."""
@@ -228,9 +232,9 @@ def watch_child(
     which a child that starts late, or still lives, keeps from it."""
     if state in FINAL_STATES:
         return "ended"
-    if state != "RUNNING":  # a run seen running may be cancelling, paused or awaiting a retry
-        late = not ever_running and waited_s > start_timeout_s
-        return "cancel" if late else "wait"
+    if not ever_running:
+        return "cancel" if waited_s > start_timeout_s else "wait"
+    # seen running: running, or cancelling, paused, awaiting a retry; never cancelled by us
     if running_for_s > 2 * lease_ttl_s and not lease_alive:
         return "dead"
     return "wait"

@@ -214,7 +214,8 @@ def test_results_from_a_child_run_elsewhere_count_as_started() -> None:
         parts.take(0, done)  # part 0's rows only (0-2)
         assert parts.left(0) == [] and [i.row for i in parts.left(1)] == [3, 4, 5]
         wrong_id = ItemResult(id="other", row=3, status=ItemStatus.SUCCEEDED)
-        parts.take(1, [wrong_id, *done[4:]])  # row 3 under another id is not row 3's result
+        taken = parts.take(1, [wrong_id, *done[4:], done[0]])  # row 3 under another id is
+        assert [r.row for r in taken] == [4, 5]  # not row 3's result; row 0 is not part 1's
         assert [i.row for i in parts.left(1)] == [3]
         parts.take(1, done[3:4])
         return await parts.in_order()
@@ -245,6 +246,9 @@ def test_the_parent_waits_for_a_child_run_and_notices_one_that_never_started_or_
     # its process is gone without a word: no live lease long after it started running
     assert watch("RUNNING", **running, running_for_s=239, lease_alive=False) == "wait"
     assert watch("RUNNING", **running, running_for_s=241, lease_alive=False) == "dead"
+    # so is one stuck cancelling or paused whose process is gone
+    assert watch("CANCELLING", **running, running_for_s=241, lease_alive=False) == "dead"
+    assert watch("PAUSED", **running, running_for_s=241, lease_alive=True) == "wait"
 
 
 def test_a_child_runs_exactly_the_rows_the_parent_read() -> None:

@@ -10,6 +10,8 @@ need.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import httpx
 import pytest
@@ -137,9 +139,53 @@ def test_a_part_run_that_starts_after_the_parent_took_its_part_does_nothing(
     state = asyncio.run(flows.parts.run_part("R", 0, job, return_state=True))
     assert state.is_completed() and state.name == "PartTakenOver", state
     assert "held by run R" in (state.message or "")
-    # the batch run is over (its lease ended, so its claim is stale): still nothing is done
+    # the batch run is over (its lease ended, so its claim is stale): a part it took stays
+    # its own, and a part nobody took is not started either
     parent.end_lease()
-    state = asyncio.run(flows.parts.run_part("R", 0, job, return_state=True))
-    assert state.is_completed() and state.name == "PartTakenOver", state
-    assert "the batch run R is over" in (state.message or "")
+    for part, said in [(0, "held by run R"), (1, "the batch run R is over")]:
+        state = asyncio.run(flows.parts.run_part("R", part, job, return_state=True))
+        assert state.is_completed() and state.name == "PartTakenOver", state
+        assert said in (state.message or "")
     assert httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"] == before
+
+
+def test_a_part_run_stops_starting_items_once_the_batch_run_took_its_part_over(
+    flow_env, emulator, s3_env, tmp_path, images_dir, make_image
+):
+    """A part run whose lease looked dead to the batch run (a long pause, a store blip) may
+    live on after the batch run took its part over: before each item it checks the part is
+    still its own, and leaves the rest to the batch run, each with the reason."""
+    fs = s3fs.S3FileSystem()
+    local = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 5))
+    fs.put_file(str(local), f"{s3_env}/in/m.csv")
+    store = OutputStore(f"s3://{s3_env}/out")
+    parent = Ledger(store, "R", lease_ttl_s=120)
+    parent.heartbeat()
+    parsed = load_manifest(str(local), ItemDefaults())
+    job = PartJob(
+        manifest=f"s3://{s3_env}/in/m.csv",
+        options=BatchOptions(output=f"s3://{s3_env}/out", concurrency=1),
+        rows=[i.row for i in parsed.items],
+        row_keys=[item_key(i) for i in parsed.items],
+    )
+    before = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"]
+    child_id = part_run_id("R", 0)
+
+    def take_over() -> None:  # once the first POST went out, the batch run takes the part
+        for _ in range(3000):
+            if httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"] > before:
+                break
+            time.sleep(0.01)
+        store.delete(f"claims/parts/{child_id}.json")
+        assert parent.claim_part(child_id) is None
+
+    thief = threading.Thread(target=take_over)
+    thief.start()
+    summary = asyncio.run(flows.parts.run_part("R", 0, job))
+    thief.join()
+    results = from_jsonl(fs.cat(f"{s3_env}/out/runs/R/parts/1/results.jsonl").decode())
+    posts = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"] - before
+    left = [r for r in results if r.status == "not_submitted"]
+    assert summary["items"] == len(results) == 5
+    assert 1 <= posts < 5 and len(left) == 5 - posts, [(r.id, r.status) for r in results]
+    assert all("taken over by run R" in (r.fail_msg or "") for r in left)
