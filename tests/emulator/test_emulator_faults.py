@@ -251,7 +251,7 @@ def test_hostile_status_answers(emu: EmulatorHandle, client: httpx.Client) -> No
 
 
 def test_hostile_random_draw_includes_bad_answers(make_emulator: Any) -> None:
-    emu = make_emulator(fault_rate=1.0, seed=7, hostile_faults=True)
+    emu = make_emulator(fault_rate=1.0, seed=7, hostile_faults=True, slow_s=0.01)  # no 2 s waits
     with httpx.Client(base_url=emu.base_url, headers={"Authorization": "Bearer k"}) as c:
         for _ in range(80):
             try:
