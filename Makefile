@@ -18,7 +18,7 @@ $(UV):
 
 # Rebuilt only when the lock or the project metadata changes; `uv sync --frozen` installs exactly the
 # lock, with the `emulator` extra (numpy) that the demo, the tests and the benchmarks need.
-# Compiled to bytecode once (~15 s): where PYTHONDONTWRITEBYTECODE is set, as on CI machines,
+# Compiled to bytecode once (~15 s): where PYTHONDONTWRITEBYTECODE is set (it is on the dev machine),
 # every Prefect server, worker and CLI run would otherwise compile Prefect again (~1.7 s each).
 $(VENV)/.installed: uv.lock pyproject.toml | $(UV)
 	$(UV) sync --frozen --all-extras --compile-bytecode --python $(PYTHON)
