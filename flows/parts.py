@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from fsspec.core import split_protocol
 from prefect import flow, get_run_logger
@@ -57,6 +57,8 @@ from hailuo_batch.parts import (
 from hailuo_batch.polling import load_stats, save_stats
 from hailuo_batch.results import ItemResult, from_jsonl, write_results
 from hailuo_batch.storage import run_key
+
+T = TypeVar("T")
 
 #: the large runs going on in this process, by run id
 _PARTS: dict[str, Parts] = {}
@@ -131,21 +133,31 @@ def _shared(url: str) -> bool:
 # --- in this process ------------------------------------------------------------------------------
 
 
+def _part_name(k: int, n: int) -> str:
+    """The flow run name of part `k` (from 0) of `n` of this run."""
+    return f"{flow_run.get_name()}-part-{k + 1}-of-{n}"
+
+
+async def _tried(call: Callable[[], Awaitable[T]], name: str, failed: str) -> T | None:
+    """`call`'s value, tried again after each of CHILD_RETRY_PAUSES_S (a server answering 503
+    under load must not end the batch); None when every try failed, each said in the log."""
+    for pause in (*CHILD_RETRY_PAUSES_S, None):
+        try:
+            return await call()
+        except Exception as exc:  # noqa: BLE001 - the server's refusal must not end the batch
+            then = "trying again" if pause else "running its items in this run"
+            get_run_logger().warning("child run %s %s (%s); %s", name, failed, exc, then)
+            await asyncio.sleep(pause or 0)
+    return None
+
+
 async def _parts_here(run_id: str, n: int) -> None:
-    name = flow_run.get_name()
-    await asyncio.gather(*(_child(run_id, k, f"{name}-part-{k + 1}-of-{n}") for k in range(n)))
+    await asyncio.gather(*(_child(run_id, k, _part_name(k, n)) for k in range(n)))
 
 
 async def _child(run_id: str, part: int, name: str) -> None:
     """Run `part` as a child run; refused three times (503 under load), it runs here instead."""
-    for pause in (*CHILD_RETRY_PAUSES_S, None):
-        try:
-            await run_part.with_options(flow_run_name=name)(run_id, part)
-            return
-        except Exception as exc:  # noqa: BLE001 - the server's refusal must not end the batch
-            then = "trying again" if pause else "running its items in this run"
-            get_run_logger().warning("child run %s failed (%s); %s", name, exc, then)
-            await asyncio.sleep(pause or 0)
+    await _tried(lambda: run_part.with_options(flow_run_name=name)(run_id, part), name, "failed")
 
 
 @flow(name="generate-videos-part", log_prints=True)
@@ -181,11 +193,10 @@ async def _parts_on_workers(
     run.part_runs = frozenset(part_run_id(run.run_id, k) for k in range(n))
     each, at_once = part_concurrency(job.options.concurrency, n)
     gate = asyncio.Semaphore(at_once)  # FIFO: the parts start in manifest order
-    name = flow_run.get_name()
 
     async def one_part(k: int) -> None:
         rows = parts.parts[k]
-        part_name = f"{name}-part-{k + 1}-of-{n}"
+        part_name = _part_name(k, n)
         entry: dict[str, Any] = {"flow_run": part_name}
         async with gate:
             cost = sum(run.planned_costs.get(i.row, run.unit_cost(i)) for i in rows)
@@ -301,21 +312,15 @@ async def _run_on_worker(
     """Start part `k` on a worker and wait for it: its final state, and its results and summary
     (None if it never started, or left none)."""
     rt, log = run.rt, get_run_logger()
-    child = None
-    for pause in (*CHILD_RETRY_PAUSES_S, None):
-        try:  # the same idempotency key: a creation the server made but did not confirm
-            child = await arun_deployment(  # is found, not made twice
-                rt.settings.part_deployment,
-                parameters={"run_id": run.run_id, "part": k, "job": job.model_dump(mode="json")},
-                flow_run_name=name,
-                timeout=0,
-                idempotency_key=f"{run.run_id}-part-{k}",
-            )
-            break
-        except Exception as exc:  # noqa: BLE001 - a refused child run: tried again, then here
-            then = "trying again" if pause else "running its items in this run"
-            log.warning("child run %s not created (%s); %s", name, exc, then)
-            await asyncio.sleep(pause or 0)
+    create = partial(  # the same idempotency key on each try: a creation the server made but
+        arun_deployment,  # did not confirm is found, not made twice
+        rt.settings.part_deployment,
+        parameters={"run_id": run.run_id, "part": k, "job": job.model_dump(mode="json")},
+        flow_run_name=name,
+        timeout=0,
+        idempotency_key=f"{run.run_id}-part-{k}",
+    )
+    child: FlowRun | None = await _tried(create, name, "not created")
     if child is None:  # if the server made it after all, it finds the part claimed and stops
         return "NOT_CREATED", None
     log.info("child run %s (%s) created for %d items", name, child.id, len(job.rows))
