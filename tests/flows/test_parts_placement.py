@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -55,6 +56,28 @@ async def child_runs(parent_id) -> list:
         )
 
 
+def submissions(emulator) -> int:
+    return int(httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"])
+
+
+def manifest_in_s3(bucket: str, tmp_path, rows) -> tuple[str, Path]:
+    """The rows as a CSV manifest in the bucket (its s3:// URL) and on disk."""
+    local = write_csv(tmp_path / "m.csv", rows)
+    s3fs.S3FileSystem().put_file(str(local), f"{bucket}/in/m.csv")
+    return f"s3://{bucket}/in/m.csv", local
+
+
+def part_job(url: str, local: Path, bucket: str, concurrency: int) -> PartJob:
+    """A job for a part of every row of the manifest, as a batch run would hand it out."""
+    parsed = load_manifest(str(local), ItemDefaults())
+    return PartJob(
+        manifest=url,
+        options=BatchOptions(output=f"s3://{bucket}/out", concurrency=concurrency),
+        rows=[i.row for i in parsed.items],
+        row_keys=[item_key(i) for i in parsed.items],
+    )
+
+
 def test_parts_no_worker_starts_run_in_the_parent_within_the_cap(
     flow_env, emulator, s3_env, moto_server, tmp_path, images_dir, make_image, monkeypatch
 ):
@@ -64,24 +87,22 @@ def test_parts_no_worker_starts_run_in_the_parent_within_the_cap(
     monkeypatch.setattr(flows.parts.deployment, "get_id", lambda: "a-deployment")
     get_settings.cache_clear()
     asyncio.run(deploy_parts_nowhere())
-    fs = s3fs.S3FileSystem()
-    local = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 7))
-    fs.put_file(str(local), f"{s3_env}/in/m.csv")
+    url, _ = manifest_in_s3(s3_env, tmp_path, items(images_dir, make_image, emulator, 7))
     unit = estimate_cost("standard-image-to-video", 6, Prices.from_settings(get_settings()))
-    before = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"]
+    before = submissions(emulator)
 
     state = generate_videos(
-        manifest=f"s3://{s3_env}/in/m.csv",
+        manifest=url,
         output=f"s3://{s3_env}/out",
         concurrency=4,
         max_cost_usd=round(4.5 * unit, 4),
         return_state=True,
     )
     summary = state.result(raise_on_failure=False)
-    results = {r.id: r for r in from_jsonl(fs.cat(summary["results"]).decode())}
+    results = {r.id: r for r in from_jsonl(s3fs.S3FileSystem().cat(summary["results"]).decode())}
     assert sorted(results) == sorted(f"i{k}" for k in range(7))  # one result per row
     succeeded = sorted(i for i, r in results.items() if r.status == "succeeded")
-    posts = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"] - before
+    posts = submissions(emulator) - before
     # the children's shares came back whole: the parent ran what the cap allows, no more
     assert len(succeeded) == posts == 4
     assert summary["max_cost_usd"] == pytest.approx(4.5 * unit)
@@ -101,15 +122,13 @@ def test_a_dry_run_of_a_large_batch_keeps_its_parts_and_pays_nothing(
     monkeypatch.setattr(flows.parts.deployment, "get_id", lambda: "a-deployment")
     get_settings.cache_clear()
     asyncio.run(deploy_parts_nowhere())
-    fs = s3fs.S3FileSystem()
-    local = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 4))
-    fs.put_file(str(local), f"{s3_env}/in/m.csv")
-    before = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"]
+    url, _ = manifest_in_s3(s3_env, tmp_path, items(images_dir, make_image, emulator, 4))
+    before = submissions(emulator)
     state = generate_videos(
-        manifest=f"s3://{s3_env}/in/m.csv", output=f"s3://{s3_env}/out", concurrency=4,
+        manifest=url, output=f"s3://{s3_env}/out", concurrency=4,
         dry_run=True, return_state=True,
     )  # fmt: skip
-    assert httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"] == before
+    assert submissions(emulator) == before
     summary = state.result(raise_on_failure=False)
     assert summary["estimated_batch_cost_usd"] > 0 and not summary.get("parts_on_workers")
     children = asyncio.run(child_runs(state.state_details.flow_run_id))
@@ -122,20 +141,12 @@ def test_a_part_run_that_starts_after_the_parent_took_its_part_does_nothing(
     """A child run a worker starts late (after the parent gave up waiting and took the part
     over, or one whose creation the parent never saw confirmed) finds the part's claim held
     by the live parent, or the batch run over, and leaves every item alone."""
-    fs = s3fs.S3FileSystem()
-    local = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 3))
-    fs.put_file(str(local), f"{s3_env}/in/m.csv")
+    url, local = manifest_in_s3(s3_env, tmp_path, items(images_dir, make_image, emulator, 3))
     parent = Ledger(OutputStore(f"s3://{s3_env}/out"), "R", lease_ttl_s=120)
     parent.heartbeat()
     assert parent.claim_part(part_run_id("R", 0)) is None  # the parent holds part 1
-    parsed = load_manifest(str(local), ItemDefaults())
-    job = PartJob(
-        manifest=f"s3://{s3_env}/in/m.csv",
-        options=BatchOptions(output=f"s3://{s3_env}/out", concurrency=2),
-        rows=[i.row for i in parsed.items],
-        row_keys=[item_key(i) for i in parsed.items],
-    )
-    before = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"]
+    job = part_job(url, local, s3_env, concurrency=2)
+    before = submissions(emulator)
     state = asyncio.run(flows.parts.run_part("R", 0, job, return_state=True))
     assert state.is_completed() and state.name == "PartTakenOver", state
     assert "held by run R" in (state.message or "")
@@ -146,7 +157,7 @@ def test_a_part_run_that_starts_after_the_parent_took_its_part_does_nothing(
         state = asyncio.run(flows.parts.run_part("R", part, job, return_state=True))
         assert state.is_completed() and state.name == "PartTakenOver", state
         assert said in (state.message or "")
-    assert httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"] == before
+    assert submissions(emulator) == before
 
 
 def test_a_part_run_stops_starting_items_once_the_batch_run_took_its_part_over(
@@ -155,25 +166,17 @@ def test_a_part_run_stops_starting_items_once_the_batch_run_took_its_part_over(
     """A part run whose lease looked dead to the batch run (a long pause, a store blip) may
     live on after the batch run took its part over: before each item it checks the part is
     still its own, and leaves the rest to the batch run, each with the reason."""
-    fs = s3fs.S3FileSystem()
-    local = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 5))
-    fs.put_file(str(local), f"{s3_env}/in/m.csv")
+    url, local = manifest_in_s3(s3_env, tmp_path, items(images_dir, make_image, emulator, 5))
     store = OutputStore(f"s3://{s3_env}/out")
     parent = Ledger(store, "R", lease_ttl_s=120)
     parent.heartbeat()
-    parsed = load_manifest(str(local), ItemDefaults())
-    job = PartJob(
-        manifest=f"s3://{s3_env}/in/m.csv",
-        options=BatchOptions(output=f"s3://{s3_env}/out", concurrency=1),
-        rows=[i.row for i in parsed.items],
-        row_keys=[item_key(i) for i in parsed.items],
-    )
-    before = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"]
+    job = part_job(url, local, s3_env, concurrency=1)
+    before = submissions(emulator)
     child_id = part_run_id("R", 0)
 
     def take_over() -> None:  # once the first POST went out, the batch run takes the part
         for _ in range(3000):
-            if httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"] > before:
+            if submissions(emulator) > before:
                 break
             time.sleep(0.01)
         store.delete(f"claims/parts/{child_id}.json")
@@ -183,8 +186,10 @@ def test_a_part_run_stops_starting_items_once_the_batch_run_took_its_part_over(
     thief.start()
     summary = asyncio.run(flows.parts.run_part("R", 0, job))
     thief.join()
-    results = from_jsonl(fs.cat(f"{s3_env}/out/runs/R/parts/1/results.jsonl").decode())
-    posts = httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"] - before
+    results = from_jsonl(
+        s3fs.S3FileSystem().cat(f"{s3_env}/out/runs/R/parts/1/results.jsonl").decode()
+    )
+    posts = submissions(emulator) - before
     left = [r for r in results if r.status == "not_submitted"]
     assert summary["items"] == len(results) == 5
     assert 1 <= posts < 5 and len(left) == 5 - posts, [(r.id, r.status) for r in results]
