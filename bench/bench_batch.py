@@ -70,6 +70,8 @@ BENCH = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: import hailuo_batch/
     sys.path.insert(0, str(ROOT))
 
+from hailuo_batch.orchestrator import server_env  # noqa: E402
+
 API_KEY = "bench-key"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BIN = Path(sys.executable).parent
@@ -377,9 +379,7 @@ def run_mode(mode: str, items: int, args: argparse.Namespace, workroot: Path) ->
             cmd = [sys.executable, str(BENCH / "plain_script.py"), str(manifest), str(out)]
             cmd += ["--concurrency", str(args.concurrency)]
         else:
-            server, prefect_env = stack.enter_context(
-                prefect_server(workdir, dict(kv.split("=", 1) for kv in args.server_env))
-            )
+            server, prefect_env = stack.enter_context(prefect_server(workdir, args.server_settings))
             groups["prefect_server"] = server.pid
             api = prefect_env["PREFECT_API_URL"]
             env.update(prefect_env)
@@ -765,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a setting for the Prefect server, e.g. PREFECT_SERVER_LOGGING_LEVEL=WARNING",
+        help="a setting for the Prefect server on top of hailuo_batch.orchestrator's "
+        "(repeatable), e.g. PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE=1",
     )
     p.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = p.parse_args(argv)
@@ -800,7 +801,12 @@ def main(argv: list[str] | None = None) -> int:
     args.source = export_ref(args.ref, workroot / "source") if args.ref else None
     setup["scaled_settings"] = scaled_settings(args.time_scale, args.source)
     setup["flow_env"] = args.flow_env
-    setup["server_env"] = args.server_env
+    # the project's recording settings for every server it starts, then --server-env on top
+    args.server_settings = {
+        **server_env(os.environ),
+        **dict(kv.split("=", 1) for kv in args.server_env),
+    }
+    setup["server_env"] = args.server_settings
     try:
         for items in args.items:
             for mode in modes:

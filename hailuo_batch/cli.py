@@ -453,8 +453,9 @@ def _prepare_prefect(quiet: bool) -> None:
     """Settle Prefect's process settings; call before `prefect` is first imported.
 
     `quiet`: Prefect logs only warnings and errors, so the final summary is all that is printed.
-    No API URL configured: say in one line that a temporary server is used, and keep that
-    server and this process from sending usage data (`DO_NOT_TRACK`, server analytics off).
+    No API URL configured: say in one line that a temporary server is used, give that server
+    the settings that record task runs in batches (`orchestrator.server_env`), and keep it and
+    this process from sending usage data (`DO_NOT_TRACK`, server analytics off).
     """
     if quiet:
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
@@ -462,6 +463,9 @@ def _prepare_prefect(quiet: bool) -> None:
 
     if get_current_settings().api.url:
         return
+    from hailuo_batch.orchestrator import server_env
+
+    os.environ.update(server_env(os.environ))  # the temporary server inherits them
     os.environ["DO_NOT_TRACK"] = "1"
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     print(TEMPORARY_SERVER_NOTE, file=sys.stderr)

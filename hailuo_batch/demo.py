@@ -20,6 +20,8 @@ from pathlib import Path
 
 import httpx
 
+from hailuo_batch.orchestrator import server_env
+
 DEMO_DIR = Path(os.environ.get("HAILUO_DEMO_DIR", "demo-output")).resolve()
 PREFECT_PORT = int(os.environ.get("HAILUO_DEMO_PREFECT_PORT", "4200"))
 PREFECT_URL = f"http://127.0.0.1:{PREFECT_PORT}"
@@ -40,7 +42,12 @@ def start_prefect_server() -> None:
         return
     home = DEMO_DIR / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        **server_env(os.environ),
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     env.pop("PREFECT_API_URL", None)
     log = (DEMO_DIR / "prefect-server.log").open("ab")
     prefect = Path(sys.executable).with_name("prefect")

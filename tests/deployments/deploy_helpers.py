@@ -22,6 +22,8 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.asyncutils import run_coro_as_sync
 
+from hailuo_batch.orchestrator import RECORDING_SETTINGS
+
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 API_KEY = "sk-deploy-test-SECRET-0123456789"
@@ -144,15 +146,16 @@ def clean_env(home: Path, api: str | None = None) -> dict[str, str]:
 def started_prefect_server(
     home: Path, log: Path, server_env: dict[str, str] | None = None
 ) -> Iterator[PrefectServer]:
-    """`prefect server start` on 127.0.0.1 and a free port (SQLite in `home`, `server_env` on
-    top of `clean_env`), healthy before it is yielded; it and what it started stop after."""
+    """`prefect server start` on 127.0.0.1 and a free port (SQLite in `home`, the project's
+    recording settings and then `server_env` on top of `clean_env`), healthy before it is
+    yielded; it and what it started stop after."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = PrefectServer(url, home, log, clean_env(home, f"{url}/api"))
     proc = server.spawn(
         [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         log,
-        {**clean_env(home), **(server_env or {})},
+        {**clean_env(home), **RECORDING_SETTINGS, **(server_env or {})},
     )
     try:
         deadline = time.monotonic() + 120

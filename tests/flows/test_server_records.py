@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import prefect.settings
 import pytest
 
 from hailuo_batch.emulator import EmulatorConfig
+from hailuo_batch.orchestrator import RECORDING_SETTINGS
 from hailuo_batch.results import from_jsonl
 from tests.deployments.deploy_helpers import (
     REPO,
@@ -68,6 +70,10 @@ def small_broker_server(tmp_path: Path) -> Iterator[PrefectServer]:
     home = tmp_path / "server-home"
     home.mkdir()
     broker = {"PYTHONPATH": str(SMALL_BROKER), "HAILUO_TEST_BROKER_QUEUE": str(QUEUE)}
+    # Prefect's own recorder settings (one event per write), not the project's batched ones
+    # (hailuo_batch.orchestrator): the slow recorder of a server of the user's own is what
+    # overflows, and what the back-pressure must hold against
+    broker |= {name: str(getattr(prefect.settings, name).default()) for name in RECORDING_SETTINGS}
     with started_prefect_server(home, tmp_path / "server.log", broker) as server:
         yield server
 
