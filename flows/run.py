@@ -23,6 +23,7 @@ from hailuo_batch.budget import Budget, Stop
 from hailuo_batch.jobs import running
 from hailuo_batch.ledger import Ledger, LedgerUnavailable, keep_lease
 from hailuo_batch.options import RunOptions
+from hailuo_batch.orchestrator import recording_advice
 from hailuo_batch.pacing import AdaptiveLimit, AdaptiveSlots
 from hailuo_batch.policy import Prices
 from hailuo_batch.settings import get_settings
@@ -49,6 +50,8 @@ async def opened_run(
     settings = get_settings()
     async with open_runtime(options, settings) as rt:
         get_run_logger().info("run %s -> %s", run_id, rt.store.url)
+        if advice := await _recording_advice():
+            rt.warn(advice)
         run = RunState(
             rt,
             Ledger(rt.store, run_id, lease_ttl_s=settings.lease_ttl_s),
@@ -95,6 +98,17 @@ async def _count_recorded(client: PrefectClient) -> int:
         for runs in ({"id": {"any_": [me]}}, {"parent_flow_run_id": {"any_": [me]}})
     ]
     return sum(int(c.json()) for c in counts)
+
+
+async def _recording_advice() -> str | None:
+    """`orchestrator.recording_advice` for the Prefect server this run reports to."""
+    async with get_client() as client:
+        try:
+            answer = await client._client.get("/admin/settings")
+            answer.raise_for_status()
+            return recording_advice(answer.json())
+        except Exception:  # noqa: BLE001 - advice only: a server that will not say is left alone
+            return None
 
 
 async def _global_limit_exists(name: str) -> bool:

@@ -11,11 +11,13 @@ appear in the UI at most a second later. The event persister gets the same treat
 Every Prefect server this project starts (the CLI's temporary one, `make demo`'s, the
 benchmark's, the tests', `deployments/docker-compose.yaml`) runs with these settings; the
 README says how to give them to a server of your own. A value already in the environment wins.
+A run on a server that records one event at a time says so (`recording_advice`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 #: Prefect server settings (environment variables) for recording many short task runs.
 RECORDING_SETTINGS: dict[str, str] = {
@@ -31,3 +33,22 @@ RECORDING_SETTINGS: dict[str, str] = {
 def server_env(environ: Mapping[str, str]) -> dict[str, str]:
     """`RECORDING_SETTINGS`, each overridden by the value `environ` already gives it."""
     return {name: environ.get(name, value) for name, value in RECORDING_SETTINGS.items()}
+
+
+def recording_advice(server_settings: Mapping[str, Any]) -> str | None:
+    """What to tell the user of a run whose Prefect server records task runs one event per
+    database write (Prefect's default), from the server's `GET /admin/settings`; None when its
+    recorder batches, or when the settings do not say (Prefect Cloud has no such endpoint)."""
+    try:
+        recorder = server_settings["server"]["services"]["task_run_recorder"]
+        batch_size = int(recorder["batch_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if batch_size > 1:
+        return None
+    return (
+        "the Prefect server records task runs one event per database write (Prefect's default): "
+        "each item costs it about three times the CPU it needs. Start it with "
+        + " ".join(f"{name}={value}" for name, value in RECORDING_SETTINGS.items())
+        + " (README: 'Prefect server settings')"
+    )

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from hailuo_batch import cli
-from hailuo_batch.orchestrator import RECORDING_SETTINGS, server_env
+from hailuo_batch.orchestrator import RECORDING_SETTINGS, recording_advice, server_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,3 +71,39 @@ def test_a_configured_server_is_left_alone(environ: os._Environ[str]) -> None:
     with prefect.settings.temporary_settings({prefect.settings.PREFECT_API_URL: "http://x/api"}):
         cli._prepare_prefect(quiet=False)
     assert not set(RECORDING_SETTINGS) & set(environ)
+
+
+def _served(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """What a server started with `env` answers to `GET /admin/settings` (its settings, as
+    JSON)."""
+    for name in RECORDING_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return prefect.settings.Settings().model_dump(mode="json")
+
+
+def test_a_server_on_prefect_s_recorder_defaults_gets_advice_naming_every_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    advice = recording_advice(_served({}, monkeypatch))
+    assert advice is not None
+    assert "one event per database write" in advice
+    assert all(f"{name}={value}" in advice for name, value in RECORDING_SETTINGS.items())
+
+
+@pytest.mark.parametrize("batch_size", ["200", "20", "2"])
+def test_a_server_whose_recorder_batches_gets_none(
+    batch_size: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {"PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": batch_size}
+    assert recording_advice(_served(env, monkeypatch)) is None
+    assert recording_advice(_served(server_env({}), monkeypatch)) is None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [{}, {"server": None}, {"server": {"services": {}}}, {"detail": "Not Found"}, []],
+)
+def test_a_server_that_does_not_say_gets_none(answer: object) -> None:
+    assert recording_advice(answer) is None  # type: ignore[arg-type]
