@@ -453,12 +453,15 @@ def _prepare_prefect(quiet: bool) -> None:
     """Settle Prefect's process settings; call before `prefect` is first imported.
 
     `quiet`: Prefect logs only warnings and errors, so the final summary is all that is printed.
+    Output that is not a terminal gets Prefect's log lines uncoloured (no highlighting work).
     No API URL configured: say in one line that a temporary server is used, give that server
     the settings that record task runs in batches (`orchestrator.server_env`), and keep it and
     this process from sending usage data (`DO_NOT_TRACK`, server analytics off).
     """
     if quiet:
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    if not sys.stderr.isatty():  # a log file: no colours to pick, so no highlighting to pay for
+        os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")
     from prefect.settings import get_current_settings
 
     if get_current_settings().api.url:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import prefect.settings
 import pytest
 
-from hailuo_batch.cli import build_parser, main, options_from
+from hailuo_batch.cli import _prepare_prefect, build_parser, main, options_from
 from hailuo_batch.options import BatchOptions
 from hailuo_batch.settings import get_settings
 
@@ -261,3 +264,18 @@ def test_bad_numbers_are_bad_usage_exit_2(bad, capsys):
         build_parser().parse_args(["run", "m.csv", *bad])
     assert exc.value.code == 2
     assert "is not" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "false"), ("true", "true")])
+def test_logs_to_a_file_are_not_highlighted_unless_asked(
+    preset: str | None, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREFECT_LOGGING_COLORS", "unset")  # put back as it was after the test
+    if preset is None:
+        monkeypatch.delenv("PREFECT_LOGGING_COLORS")
+    else:
+        monkeypatch.setenv("PREFECT_LOGGING_COLORS", preset)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, as a log file
+    with prefect.settings.temporary_settings({prefect.settings.PREFECT_API_URL: "http://x/api"}):
+        _prepare_prefect(quiet=False)
+    assert os.environ["PREFECT_LOGGING_COLORS"] == expected
