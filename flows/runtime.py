@@ -22,6 +22,7 @@ from hailuo_batch.options import RunOptions
 from hailuo_batch.pacing import RecorderLag, StatsBoard
 from hailuo_batch.policy import PollSchedule
 from hailuo_batch.polling import load_stats, stats_board
+from hailuo_batch.review import MAX_CARDS
 from hailuo_batch.settings import Settings
 from hailuo_batch.storage import OutputStore
 
@@ -43,6 +44,16 @@ class Runtime:
     # waiter that reads deliveries and wakes the items
     callback_url: str | None = None
     waiter: CallbackWaiter | None = None
+    # videos still to get their poster as they are downloaded: as many as the review page shows
+    # (its posters then need no second read of the video); the page makes any it still lacks
+    posters_left: int = MAX_CARDS
+
+    def take_poster(self) -> bool:
+        """Whether the video about to be downloaded gets its poster in the same pass."""
+        if self.posters_left <= 0:
+            return False
+        self.posters_left -= 1
+        return True
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await blocking(fn, *args, limiter=self.limiter)

@@ -92,6 +92,7 @@ async def store_video(item: ManifestItem, result_url: str, key: str, sweep: bool
     out = await fetch_video(
         rt.client, rt.store, result_url, key,
         sweep=sweep, retry_delays=(d, 5 * d), log=log, blocking=rt.blocking,
+        poster=rt.take_poster(),
     )  # fmt: skip
     if out.stored is not None:
         rt.log("item %s stored at %s (%d bytes)", item.id, out.stored.url, out.stored.size)

@@ -7,13 +7,17 @@ waits between attempts are on the event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hailuo_batch.apixo import ApixoClient
+from hailuo_batch.review import poster_key
 from hailuo_batch.storage import OutputStore, StoredObject
-from hailuo_batch.video import verify_mp4
+from hailuo_batch.video import POSTER_AT_S, VideoInfo, verify_mp4
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,12 +29,38 @@ class Stored:
     attempts: int = 1
 
 
-def fetch_once(client: ApixoClient, store: OutputStore, url: str, key: str) -> StoredObject:
-    """One blocking attempt: stream `url` into `key`, verified (length, an MP4 that decodes)."""
+def fetch_once(
+    client: ApixoClient, store: OutputStore, url: str, key: str, poster: bool = False
+) -> StoredObject:
+    """One blocking attempt: stream `url` into `key`, verified (length, an MP4 that decodes);
+    with `poster`, then the poster the same decoding pass made, beside it (`review.poster_key`),
+    so the review page need not read the video back from the store and decode it again."""
     with client.stream_download(url) as download:
-        return store.write_stream_atomic(
-            key, download.iter_bytes(), expected_size=download.content_length, verify=verify_mp4
+        stored = store.write_stream_atomic(
+            key,
+            download.iter_bytes(),
+            expected_size=download.content_length,
+            verify=_with_poster if poster else verify_mp4,
         )
+    return _poster_stored(store, key, stored)
+
+
+def _with_poster(path: str) -> VideoInfo:
+    return verify_mp4(path, poster_at_s=POSTER_AT_S)
+
+
+def _poster_stored(store: OutputStore, key: str, stored: StoredObject) -> StoredObject:
+    """Write the poster in `stored.info` beside the video, and return `stored` without its
+    bytes. A poster is optional: one that cannot be written, for whatever reason, is left for
+    the review page to make (logged), and never fails the stored video."""
+    info = stored.info
+    if info is None or info.poster is None:
+        return stored
+    try:
+        store.write_bytes_atomic(poster_key(key), info.poster)
+    except Exception as exc:  # noqa: BLE001 - s3fs lets botocore's own errors through too
+        logger.warning("poster of %s not stored (the review page makes it): %s", key, exc)
+    return replace(stored, info=replace(info, poster=None))
 
 
 async def fetch_video(
@@ -43,23 +73,28 @@ async def fetch_video(
     retry_delays: Sequence[float],
     log: Callable[[str], None],
     blocking: Callable[..., Awaitable[Any]],
+    poster: bool = False,
 ) -> Stored:
     """Stream `url` into `key`: verified length, a real MP4 that decodes, nothing unverified
     ever visible under `key`.
 
     `sweep` (an item resumed from an earlier run) first removes the temporaries a killed writer
-    left for this key (only this key's own). The client retries opening the download; a stream
+    left for this key and its poster (only theirs). `poster`: store the video's poster beside
+    it (`fetch_once`). The client retries opening the download; a stream
     that breaks half-way, bytes that are not a video or a store that fails are tried again from
     the start after each of `retry_delays`, waiting on the event loop (a thread is held only
     while bytes move). Each attempt runs through `blocking`. An expected fate is returned.
     """
     if sweep and await blocking(store.remove_temp_files, key):
         log(f"removed a partial download of {key} left by a crash")
+    if sweep:
+        await blocking(store.remove_temp_files, poster_key(key))
     error: Exception | None = None
     tries = len(retry_delays) + 1
     for attempt, pause in enumerate([*retry_delays, None], start=1):
         try:
-            return Stored(await blocking(fetch_once, client, store, url, key), attempts=attempt)
+            stored = await blocking(fetch_once, client, store, url, key, poster)
+            return Stored(stored, attempts=attempt)
         except Exception as exc:  # noqa: BLE001 - download, verification and store failures alike
             error = exc
             log(f"video for {key} not stored (attempt {attempt} of {tries}): {exc}")

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from hailuo_batch.results import ItemResult, ItemStatus
 from hailuo_batch.storage import OutputStore, PresignUnsupported, run_key
+from hailuo_batch.video import POSTER_AT_S, POSTER_MAX_WIDTH, poster_jpeg
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,10 @@ def poster_key(video_key: str) -> str:
 
 
 def extract_poster(
-    video: bytes | str | os.PathLike[str], *, at_s: float = 0.5, max_width: int = 480
+    video: bytes | str | os.PathLike[str],
+    *,
+    at_s: float = POSTER_AT_S,
+    max_width: int = POSTER_MAX_WIDTH,
 ) -> bytes:
     """A JPEG of the frame shown at `at_s` seconds (the last frame of a shorter video), at most
     `max_width` pixels wide (never enlarged). Decodes from the keyframe before `at_s` only.
@@ -109,19 +113,11 @@ def extract_poster(
                     break
             if chosen is None:
                 raise PosterError("the video has no decodable frame")
-            width, height = chosen.width, chosen.height
-            if width > max_width:  # scaled by swscale straight from YUV: ~20x faster than Pillow
-                width, height = max_width, max(1, round(height * max_width / width))
-            image = chosen.reformat(
-                width=width, height=height, format="rgb24", interpolation="AREA"
-            ).to_image()
+            return poster_jpeg(chosen, max_width)
     except PosterError:
         raise
     except (av.FFmpegError, OSError, EOFError, ValueError) as exc:
         raise PosterError(f"cannot decode the video: {exc}") from exc
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=80)
-    return out.getvalue()
 
 
 def store_poster(store: OutputStore, video_key: str) -> str | None:
@@ -160,6 +156,8 @@ def _make_poster(store: OutputStore, video_key: str, *, reuse: bool) -> _Poster:
         return _Poster(False)
     try:
         jpeg = extract_poster(data)
+        if store.is_local:  # what a download killed while writing this poster left in tmp/
+            store.remove_temp_files(target)
         store.write_bytes_atomic(target, jpeg)
     except (OSError, ValueError) as exc:  # PosterError is a ValueError; store errors OSErrors
         logger.warning("no poster for %s: %s", video_key, exc)

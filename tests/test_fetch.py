@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+import pytest
 
 from hailuo_batch.fetch import fetch_video
-from hailuo_batch.storage import StoredObject
+from hailuo_batch.review import POSTER_SUFFIX, extract_poster, poster_key, store_poster
+from hailuo_batch.storage import TEMP_SUFFIX, VARIANT_SEP, OutputStore, StoredObject, temp_token
+from tests.mp4kit import encode_mp4
 
 
 class Download:
@@ -47,14 +51,16 @@ class Store:
         return StoredObject(url=f"/out/{key}", size=len(data), sha256="x")
 
 
-def fetch(client: Client, store: Store, *, sweep: bool = False) -> tuple[Any, list[str]]:
+def fetch(
+    client: Client, store: Store, *, sweep: bool = False, poster: bool = False
+) -> tuple[Any, list[str]]:
     logged: list[str] = []
 
     async def main() -> Any:
         return await fetch_video(
             client, store, "https://r/v.mp4", "videos/a.mp4",  # type: ignore[arg-type]
             sweep=sweep, retry_delays=(0.001, 0.001), log=logged.append,
-            blocking=anyio.to_thread.run_sync,
+            blocking=anyio.to_thread.run_sync, poster=poster,
         )  # fmt: skip
 
     return asyncio.run(main()), logged
@@ -78,5 +84,106 @@ def test_a_download_that_never_works_is_returned_as_its_error_not_raised() -> No
 def test_a_resumed_item_sweeps_its_own_temporaries_first() -> None:
     store = Store()
     out, logged = fetch(Client(failures=0), store, sweep=True)
-    assert store.swept == ["videos/a.mp4"] and out.attempts == 1
+    assert store.swept == ["videos/a.mp4", "videos/a~poster.jpg"] and out.attempts == 1
     assert logged == ["removed a partial download of videos/a.mp4 left by a crash"]
+
+
+# --- the poster beside a stored video ------------------------------------------------------------
+
+
+class VideoClient:
+    """Serves `data` as every download, in two chunks."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    @contextlib.contextmanager
+    def stream_download(self, url: str) -> Iterator[Any]:
+        class _Download:
+            content_length = len(self.data)
+
+            def iter_bytes(_self) -> Iterator[bytes]:
+                yield self.data[:1000]
+                yield self.data[1000:]
+
+        yield _Download()
+
+
+class PostersRefused(OutputStore):
+    """A store that takes videos but fails every poster write (a store fault at the edge)."""
+
+    def write_bytes_atomic(self, key: str, data: bytes) -> StoredObject:
+        if key.endswith(POSTER_SUFFIX):
+            raise OSError("the store is gone for a moment")
+        return super().write_bytes_atomic(key, data)
+
+
+@pytest.fixture
+def video(tmp_path: Path) -> bytes:
+    return encode_mp4(tmp_path / "v.mp4", seconds=2, fps=4)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_stored_video_gets_the_poster_the_check_made_beside_it(
+    where: str, video: bytes, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if where == "local":
+        store = OutputStore(str(tmp_path / "out"))
+    else:
+        bucket = request.getfixturevalue("s3_env")
+        store = OutputStore(f"s3://{bucket}/out", spool_dir=str(tmp_path / "spool"))
+    out, logged = fetch(VideoClient(video), store, poster=True)  # type: ignore[arg-type]
+    assert out.stored is not None and logged == []
+    assert store.read_bytes("videos/a.mp4") == video
+    assert store.read_bytes(poster_key("videos/a.mp4")) == extract_poster(video)
+    assert out.stored.info is not None and out.stored.info.poster is None  # not kept in memory
+
+
+def test_a_poster_the_store_refuses_leaves_the_video_stored_and_says_so(
+    video: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = PostersRefused(str(tmp_path / "out"))
+    out, logged = fetch(VideoClient(video), store, poster=True)  # type: ignore[arg-type]
+    assert out.stored is not None and out.attempts == 1 and logged == []
+    assert store.read_bytes("videos/a.mp4") == video
+    assert not store.exists(poster_key("videos/a.mp4"))
+    assert "poster of videos/a.mp4 not stored (the review page makes it)" in caplog.text
+
+
+def test_without_a_poster_asked_only_the_video_is_stored(video: bytes, tmp_path: Path) -> None:
+    store = OutputStore(str(tmp_path / "out"))
+    out, _ = fetch(VideoClient(video), store)  # type: ignore[arg-type]
+    assert out.stored is not None and store.read_bytes("videos/a.mp4") == video
+    assert not store.exists(poster_key("videos/a.mp4"))
+
+
+def _left_by_a_kill(store: OutputStore, key: str) -> Path:
+    """A temporary as a writer of `key` killed half-way leaves it in the store's tmp/."""
+    tmp = Path(store._temp_dir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / f"{temp_token(key)}{VARIANT_SEP}killed{TEMP_SUFFIX}"
+    path.write_bytes(b"half a JPEG")
+    return path
+
+
+def test_a_resumed_download_sweeps_what_a_kill_left_of_its_poster_too(
+    video: bytes, tmp_path: Path
+) -> None:
+    store = OutputStore(str(tmp_path / "out"))
+    mine = _left_by_a_kill(store, poster_key("videos/a.mp4"))
+    other = _left_by_a_kill(store, poster_key("videos/b.mp4"))
+    out, _ = fetch(VideoClient(video), store, sweep=True, poster=True)  # type: ignore[arg-type]
+    assert out.stored is not None and store.exists(poster_key("videos/a.mp4"))
+    assert not mine.exists() and other.exists()  # only its own
+
+
+def test_a_poster_the_review_page_makes_sweeps_what_a_kill_left_of_it(
+    video: bytes, tmp_path: Path
+) -> None:
+    # the video was stored, the run killed while writing its poster: a resume does not fetch
+    # the video again, the review page makes the poster and clears the half-written one
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_bytes_atomic("videos/a.mp4", video)
+    mine = _left_by_a_kill(store, poster_key("videos/a.mp4"))
+    assert store_poster(store, "videos/a.mp4") == poster_key("videos/a.mp4")
+    assert not mine.exists()

@@ -44,6 +44,7 @@ from hailuo_batch.review import (
     video_store_key,
 )
 from hailuo_batch.storage import OutputStore
+from hailuo_batch.video import verify_mp4
 
 RUN = "20250101T020000Z-abcd1234"
 
@@ -127,6 +128,19 @@ def test_poster_is_taken_at_the_asked_time_from_bytes_or_a_path(tmp_path: Path) 
     assert nearest_colour(dominant(extract_poster(path.read_bytes(), at_s=1.2))) == COLOURS[2]
     # past the end: the last frame, not an error
     assert nearest_colour(dominant(extract_poster(str(path), at_s=60))) == COLOURS[2]
+
+
+@pytest.mark.parametrize("at_s", [0, 0.25, 0.5, 1.2, 60])
+def test_the_video_check_makes_the_same_poster_in_its_one_pass(tmp_path: Path, at_s: float) -> None:
+    # the download's check decodes on to the poster's frame (fetch stores it beside the video):
+    # the same JPEG the review page would make by reading the video back and seeking
+    path = timed_colour_mp4(tmp_path / "colours.mp4")
+    info = verify_mp4(path, poster_at_s=at_s)
+    assert info.poster is not None
+    assert info.poster == extract_poster(path, at_s=at_s)
+    wide = emulator_mp4(tmp_path, 1280, 720)
+    assert verify_mp4(io.BytesIO(wide), poster_at_s=at_s).poster == extract_poster(wide, at_s=at_s)
+    assert verify_mp4(path).poster is None  # not asked: nothing decoded past the first frame
 
 
 def test_poster_is_never_enlarged_and_keeps_the_aspect(tmp_path: Path) -> None:
