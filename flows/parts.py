@@ -439,7 +439,7 @@ async def _run_part_job(run_id: str, part: int, job: PartJob) -> Any:
     pid = part_run_id(run_id, part)
     async with opened_run(
         job.options, pid, force=job.force, resubmit_lost=job.resubmit_lost,
-        dry_run=job.options.dry_run,
+        dry_run=job.options.dry_run, advise=False,
     ) as run:  # fmt: skip
         owner = await run.rt.blocking(run.ledger.part_owner, pid)
         if owner != run_id:  # the batch run took the part over: never take it back from it

@@ -44,14 +44,16 @@ async def opened_run(
     force: bool = False,
     resubmit_lost: bool = False,
     dry_run: bool = False,
+    advise: bool = True,
 ) -> AsyncIterator[RunState]:
     """The run's shared state, with its lease held and its side jobs going until it ends; a
-    missing key or a dead store fails here, before anything is paid."""
+    missing key or a dead store fails here, before anything is paid. `advise`: log how to make
+    the Prefect server cheaper if it records one event at a time (a batch's parts do not)."""
     settings = get_settings()
     async with open_runtime(options, settings) as rt:
         get_run_logger().info("run %s -> %s", run_id, rt.store.url)
-        if advice := await _recording_advice():
-            rt.warn(advice)
+        if advise and (advice := await _recording_advice()):
+            rt.log(advice)
         run = RunState(
             rt,
             Ledger(rt.store, run_id, lease_ttl_s=settings.lease_ttl_s),
@@ -101,10 +103,11 @@ async def _count_recorded(client: PrefectClient) -> int:
 
 
 async def _recording_advice() -> str | None:
-    """`orchestrator.recording_advice` for the Prefect server this run reports to."""
+    """`orchestrator.recording_advice` for the Prefect server this run reports to; None when
+    it does not answer within 5 s (the client's own retries are not waited for)."""
     async with get_client() as client:
         try:
-            answer = await client._client.get("/admin/settings")
+            answer = await asyncio.wait_for(client._client.get("/admin/settings"), 5)
             answer.raise_for_status()
             return recording_advice(answer.json())
         except Exception:  # noqa: BLE001 - advice only: a server that will not say is left alone

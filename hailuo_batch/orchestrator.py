@@ -9,9 +9,10 @@ batches of 200, flushed at least every second, costs ~20 ms (`bench/floor.py`); 
 appear in the UI at most a second later. The event persister gets the same treatment.
 
 Every Prefect server this project starts (the CLI's temporary one, `make demo`'s, the
-benchmark's, the tests', `deployments/docker-compose.yaml`) runs with these settings; the
-README says how to give them to a server of your own. A value already in the environment wins.
-A run on a server that records one event at a time says so (`recording_advice`).
+benchmarks', the deployment tests', `deployments/docker-compose.yaml`) runs with these
+settings; the README says how to give them to a server of your own. A value already in the
+environment wins. A run on a server that records one event at a time says so in its log
+(`recording_advice`).
 """
 
 from __future__ import annotations
