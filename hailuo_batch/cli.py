@@ -460,7 +460,7 @@ def _prepare_prefect(quiet: bool) -> None:
     """
     if quiet:
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    if not sys.stderr.isatty():  # a log file: no colours to pick, so no highlighting to pay for
+    if sys.stderr is None or not sys.stderr.isatty():  # no colours: no highlighting to pay for
         os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")
     from prefect.settings import get_current_settings
 

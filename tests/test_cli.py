@@ -266,16 +266,17 @@ def test_bad_numbers_are_bad_usage_exit_2(bad, capsys):
     assert "is not" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stderr", [io.StringIO(), None], ids=["a file", "none (pythonw)"])
 @pytest.mark.parametrize(("preset", "expected"), [(None, "false"), ("true", "true")])
 def test_logs_to_a_file_are_not_highlighted_unless_asked(
-    preset: str | None, expected: str, monkeypatch: pytest.MonkeyPatch
+    preset: str | None, expected: str, stderr: io.StringIO | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PREFECT_LOGGING_COLORS", "unset")  # put back as it was after the test
     if preset is None:
         monkeypatch.delenv("PREFECT_LOGGING_COLORS")
     else:
         monkeypatch.setenv("PREFECT_LOGGING_COLORS", preset)
-    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, as a log file
+    monkeypatch.setattr(sys, "stderr", stderr)  # not a terminal: a log file, or none at all
     with prefect.settings.temporary_settings({prefect.settings.PREFECT_API_URL: "http://x/api"}):
         _prepare_prefect(quiet=False)
     assert os.environ["PREFECT_LOGGING_COLORS"] == expected
