@@ -85,9 +85,9 @@ async def fetch_video(
     the start after each of `retry_delays`, waiting on the event loop (a thread is held only
     while bytes move). Each attempt runs through `blocking`. An expected fate is returned.
     """
-    if sweep and await blocking(store.remove_temp_files, key):
-        log(f"removed a partial download of {key} left by a crash")
     if sweep:
+        if await blocking(store.remove_temp_files, key):
+            log(f"removed a partial download of {key} left by a crash")
         await blocking(store.remove_temp_files, poster_key(key))
     error: Exception | None = None
     tries = len(retry_delays) + 1

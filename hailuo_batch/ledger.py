@@ -469,13 +469,3 @@ def planned_costs(
             submit = False
         costs[item.row] = unit_cost(item) if submit else 0.0
     return costs
-
-
-def planned_spend(
-    ledger: Ledger,
-    items: Iterable[ManifestItem],
-    plan: Callable[[ManifestItem, LedgerRecord | None], Plan],
-    unit_cost: Callable[[ManifestItem], float],
-) -> float:
-    """Estimated cost of the items a run still has to submit (`planned_costs`, summed)."""
-    return sum(planned_costs(ledger, items, plan, unit_cost).values())

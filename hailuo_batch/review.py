@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from hailuo_batch.results import ItemResult, ItemStatus
 from hailuo_batch.storage import OutputStore, PresignUnsupported, run_key
-from hailuo_batch.video import POSTER_AT_S, POSTER_MAX_WIDTH, poster_jpeg
+from hailuo_batch.video import POSTER_AT_S, POSTER_MAX_WIDTH, is_poster_frame, poster_jpeg
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def extract_poster(
             chosen = None
             for frame in container.decode(stream):
                 chosen = frame
-                if frame.time is None or frame.time >= at_s:
+                if is_poster_frame(frame, at_s):
                     break
             if chosen is None:
                 raise PosterError("the video has no decodable frame")

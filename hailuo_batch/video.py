@@ -71,6 +71,12 @@ def verify_mp4(
     return _verify_file(source, poster_at_s)
 
 
+def is_poster_frame(frame: av.VideoFrame, at_s: float) -> bool:
+    """Whether decoding stops at `frame` for a poster at `at_s`: it is shown then or later (or
+    has no time); a video that ends sooner gives its last frame."""
+    return frame.time is None or frame.time >= at_s
+
+
 def poster_jpeg(frame: av.VideoFrame, max_width: int = POSTER_MAX_WIDTH) -> bytes:
     """A JPEG of `frame`, at most `max_width` pixels wide (never enlarged)."""
     width, height = frame.width, frame.height
@@ -207,7 +213,7 @@ class _PosterFrame:
         if not self.wanted or frame is None:
             return
         self.chosen = frame
-        if frame.time is None or self.at_s is None or frame.time >= self.at_s:
+        if self.at_s is None or is_poster_frame(frame, self.at_s):
             self.wanted = False
 
     def decode(self, stream: av.VideoStream, packet: av.Packet | None) -> None:

@@ -14,8 +14,9 @@ import pytest
 
 from hailuo_batch.fetch import fetch_video
 from hailuo_batch.review import POSTER_SUFFIX, extract_poster, poster_key, store_poster
-from hailuo_batch.storage import TEMP_SUFFIX, VARIANT_SEP, OutputStore, StoredObject, temp_token
+from hailuo_batch.storage import OutputStore, StoredObject
 from tests.mp4kit import encode_mp4
+from tests.test_storage_names import temp_name
 
 
 class Download:
@@ -161,7 +162,7 @@ def _left_by_a_kill(store: OutputStore, key: str) -> Path:
     """A temporary as a writer of `key` killed half-way leaves it in the store's tmp/."""
     tmp = Path(store._temp_dir)
     tmp.mkdir(parents=True, exist_ok=True)
-    path = tmp / f"{temp_token(key)}{VARIANT_SEP}killed{TEMP_SUFFIX}"
+    path = tmp / temp_name(key, "killed00")
     path.write_bytes(b"half a JPEG")
     return path
 

@@ -19,7 +19,7 @@ from hailuo_batch.ledger import (
     keep_lease,
     plan_in_batch,
     plan_item,
-    planned_spend,
+    planned_costs,
     stored_intact,
 )
 from hailuo_batch.manifest import ManifestItem
@@ -356,7 +356,8 @@ def test_the_spend_estimate_counts_only_items_still_to_submit(tmp_path):
     def plan(item, record):
         return plan_item(record, item.input_hash)
 
-    assert planned_spend(led, items, plan, lambda item: 0.25) == 0.25  # only "new"
+    costs = planned_costs(led, items, plan, lambda item: 0.25)
+    assert sum(costs.values()) == 0.25  # only "new"
 
 
 @settings(max_examples=200, deadline=None)
