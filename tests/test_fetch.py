@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio.to_thread
 import pytest
+from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 
 from hailuo_batch.fetch import fetch_video
 from hailuo_batch.review import POSTER_SUFFIX, extract_poster, poster_key, store_poster
@@ -111,12 +112,26 @@ class VideoClient:
 
 
 class PostersRefused(OutputStore):
-    """A store that takes videos but fails every poster write (a store fault at the edge)."""
+    """A store that takes videos but fails every poster write with `error` (a store fault at
+    the edge)."""
+
+    def __init__(self, url: str, error: Exception) -> None:
+        super().__init__(url)
+        self.error = error
 
     def write_bytes_atomic(self, key: str, data: bytes) -> StoredObject:
         if key.endswith(POSTER_SUFFIX):
-            raise OSError("the store is gone for a moment")
+            raise self.error
         return super().write_bytes_atomic(key, data)
+
+
+#: what a store can raise for a write: an OSError, and what s3fs lets through unwrapped
+STORE_ERRORS = [
+    OSError("the store is gone for a moment"),
+    EndpointConnectionError(endpoint_url="http://s3.invalid"),
+    NoCredentialsError(),
+    TimeoutError("write timed out"),
+]
 
 
 @pytest.fixture
@@ -140,10 +155,11 @@ def test_a_stored_video_gets_the_poster_the_check_made_beside_it(
     assert out.stored.info is not None and out.stored.info.poster is None  # not kept in memory
 
 
+@pytest.mark.parametrize("error", STORE_ERRORS, ids=lambda e: type(e).__name__)
 def test_a_poster_the_store_refuses_leaves_the_video_stored_and_says_so(
-    video: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    error: Exception, video: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = PostersRefused(str(tmp_path / "out"))
+    store = PostersRefused(str(tmp_path / "out"), error)
     out, logged = fetch(VideoClient(video), store, poster=True)  # type: ignore[arg-type]
     assert out.stored is not None and out.attempts == 1 and logged == []
     assert store.read_bytes("videos/a.mp4") == video
