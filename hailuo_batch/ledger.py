@@ -18,7 +18,6 @@ run reports the item as uncertain (and resubmits it or holds it, per `HAILUO_UNC
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -449,7 +448,7 @@ def stored_intact(store: OutputStore, rec: LedgerRecord) -> bool:
     key = stored_key(rec)
     if not store.exists(key) or store.size(key) != rec.bytes:
         return False
-    return rec.sha256 is None or hashlib.sha256(store.read_bytes(key)).hexdigest() == rec.sha256
+    return rec.sha256 is None or store.sha256(key) == rec.sha256
 
 
 def planned_costs(

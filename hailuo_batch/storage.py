@@ -210,6 +210,15 @@ class OutputStore:
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode("utf-8")
 
+    def sha256(self, key: str) -> str:
+        """The object's sha256, read `CHUNK` bytes at a time (a video is never held whole in
+        memory); FileNotFoundError if it does not exist."""
+        h = hashlib.sha256()
+        with self.fs.open(self._path(key), "rb", block_size=CHUNK) as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+
     def write_bytes_atomic(self, key: str, data: bytes) -> StoredObject:
         if not self.is_local and len(data) <= REMOTE_BLOCK_SIZE:
             # one PUT: an object store makes it visible only once complete

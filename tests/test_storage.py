@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -234,3 +235,39 @@ def test_stage_local_image_with_local_output_is_refused(
 def test_stage_missing_local_image(s3_store: OutputStore, tmp_path: Path) -> None:
     with pytest.raises(StagingError, match="not found"):
         stage_image(str(tmp_path / "missing.jpg"), s3_store, settings=Settings())
+
+
+def test_a_stored_videos_check_reads_it_in_chunks_not_whole(
+    store: OutputStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun checks every stored video against its recorded sha256 (`ledger.stored_intact`),
+    one per item in flight at once: each is hashed as it streams by, so memory stays bounded by
+    the chunk, not by the videos' sizes."""
+    from hailuo_batch.ledger import LedgerRecord, LedgerState, stored_intact
+
+    data = os.urandom(3 * MB + 12345)  # several chunks and a short last one
+    store.write_bytes_atomic("videos/big.mp4", data)
+    rec = LedgerRecord(
+        id="big", input_hash="h", state=LedgerState.STORED, task_id="t",
+        video_key="videos/big.mp4", bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+    )  # fmt: skip
+    del data
+
+    def whole(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("the whole object was read at once")
+
+    monkeypatch.setattr(store.fs, "cat_file", whole)
+    monkeypatch.setattr(store.fs, "cat", whole)
+    # the S3 case's moto server runs in this process: only the local case's peak is ours alone
+    tracemalloc.start()
+    try:
+        intact = stored_intact(store, rec)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert intact
+    if store.is_local:
+        assert peak < 2.5 * MB  # a chunk and its buffer, never the whole 3 MB video
+    assert not stored_intact(store, rec.model_copy(update={"sha256": "0" * 64}))
+    with pytest.raises(FileNotFoundError):
+        store.sha256("videos/absent.mp4")
