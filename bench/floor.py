@@ -29,12 +29,14 @@ import bench_batch as bench
 from hailuo_batch.orchestrator import RECORDING_SETTINGS
 
 
-def flow_process(items: int, concurrency: int) -> None:
+def flow_process(items: int, concurrency: int, log_lines: int) -> None:
     """The flow, in this process: prints its own CPU seconds."""
-    from prefect import flow, task
+    from prefect import flow, get_run_logger, task
 
     @task(task_run_name="submit-{i}")
     async def submit(i: int) -> str:
+        for n in range(log_lines):  # what a run log line costs, beside the engine's own
+            get_run_logger().info("item %d: line %d of its own", i, n)
         return f"task-{i}"
 
     @task(task_run_name="poll-{i}")
@@ -57,7 +59,9 @@ def flow_process(items: int, concurrency: int) -> None:
     print(f"cpu {usage.ru_utime + usage.ru_stime:.3f}")
 
 
-def measure(items: int, concurrency: int, server_env: dict[str, str]) -> tuple[float, float, str]:
+def measure(
+    items: int, concurrency: int, server_env: dict[str, str], log_lines: int = 0
+) -> tuple[float, float, str]:
     """(flow CPU s per item, server CPU s per item, the task runs the server kept)."""
     work = Path(tempfile.mkdtemp(prefix="hailuo-floor-"))
     with bench.prefect_server(work, server_env) as (server, env):
@@ -65,6 +69,7 @@ def measure(items: int, concurrency: int, server_env: dict[str, str]) -> tuple[f
         group = os.getpgid(server.pid)
         before = bench.group_cpu_s(group)
         cmd = [sys.executable, __file__, "--flow", str(items), "--concurrency", str(concurrency)]
+        cmd += ["--log-lines", str(log_lines)]
         done = subprocess.run(
             cmd, env={**bench.base_env(), **env}, capture_output=True, text=True, check=False
         )
@@ -81,19 +86,28 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--items", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=25)
+    p.add_argument(
+        "--log-lines",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="run log lines of its own per item (several: one row each, project settings only)",
+    )
     p.add_argument("--flow", type=int, help=argparse.SUPPRESS)  # the flow process itself
     args = p.parse_args()
     if args.flow is not None:
-        flow_process(args.flow, args.concurrency)
+        flow_process(args.flow, args.concurrency, args.log_lines[0])
         return 0
     print(f"{args.items} items, 2 no-op task runs each, {args.concurrency} at a time")
-    print("| server settings | CPU s / item: flow | server | total | task runs kept |")
-    print("|---|---|---|---|---|")
-    settings = {"Prefect's defaults": {}, "the project's (orchestrator.py)": RECORDING_SETTINGS}
-    for label, env in settings.items():
-        flow_s, server_s, kept = measure(args.items, args.concurrency, env)
+    print("| server settings | log lines / item | CPU s / item: flow | server | total | kept |")
+    print("|---|---|---|---|---|---|")
+    runs = [("Prefect's defaults", {}, 0)] if args.log_lines == [0] else []
+    runs += [("the project's (orchestrator.py)", RECORDING_SETTINGS, n) for n in args.log_lines]
+    for label, env, lines in runs:
+        flow_s, server_s, kept = measure(args.items, args.concurrency, env, lines)
         total = flow_s + server_s
-        print(f"| {label} | {flow_s:.4f} | {server_s:.4f} | {total:.4f} | {kept} |", flush=True)
+        row = f"| {label} | {lines} | {flow_s:.4f} | {server_s:.4f} | {total:.4f} | {kept} |"
+        print(row, flush=True)
     return 0
 
 
