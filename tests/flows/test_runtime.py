@@ -1,4 +1,5 @@
-"""Background jobs run in a task group for the body's length; errors come out as themselves."""
+"""What a run's tasks share: background jobs run in a task group for the body's length (errors
+come out as themselves), and the runtime's poster allowance."""
 
 from __future__ import annotations
 
@@ -47,3 +48,27 @@ def test_an_error_in_the_body_or_a_job_is_raised_as_itself():
 
     with pytest.raises(KeyError, match="job"):
         anyio.run(job_fails)
+
+
+def test_posters_are_made_while_downloading_for_as_many_videos_as_the_review_page_shows(
+    tmp_path,
+):
+    """The first `MAX_CARDS` downloads of a run make their poster in the same pass; the rest
+    do not (the page shows no more cards, so a poster for them would be wasted work)."""
+    from flows.runtime import Runtime
+    from hailuo_batch.apixo import ApixoClient
+    from hailuo_batch.pacing import RecorderLag
+    from hailuo_batch.policy import PollSchedule
+    from hailuo_batch.polling import stats_board
+    from hailuo_batch.review import MAX_CARDS
+    from hailuo_batch.settings import Settings
+    from hailuo_batch.storage import OutputStore
+
+    settings = Settings()
+    with ApixoClient("key", "http://127.0.0.1:9") as client:
+        rt = Runtime(
+            settings, client, OutputStore(str(tmp_path / "out")), anyio.CapacityLimiter(4),
+            stats_board(None, PollSchedule.from_settings(settings)), RecorderLag(100),
+        )  # fmt: skip
+        taken = [rt.take_poster() for _ in range(MAX_CARDS + 25)]
+    assert taken == [True] * MAX_CARDS + [False] * 25
