@@ -118,7 +118,7 @@ async def _run_batch(run: RunState, job: PartJob, rerun_of: str | None, started:
         output=run.rt.store.url,
         dry_run=options.dry_run,
         concurrency=run.slots.limit.summary(),
-        parts_on_workers=run.parts_on_workers or None,
+        parts_on_workers=run.parts.on_workers or None,
         generation_s=run.rt.board.stats.summary(),
         held_for_prefect_s=round(run.rt.recorder.waited_s, 1),
         rerun_of=rerun_of,

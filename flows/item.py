@@ -39,6 +39,19 @@ T = TypeVar("T")
 
 
 @dataclass
+class PartsOfRun:
+    """What a large run knows of its parts (`flows/parts.py`); empty for a run in one piece."""
+
+    # the parts that ran on workers: name, final state, items, learned concurrency
+    on_workers: list[dict[str, Any]] = field(default_factory=list)
+    # their run ids: what they decided for an item stands when this run finishes their parts
+    runs: frozenset[str] = frozenset()
+    # a part run on a worker: the part's claim, checked before each item starts (the batch run
+    # may have taken the part over while this run's lease looked dead)
+    claim: str | None = None
+
+
+@dataclass
 class RunState:
     """What the items of one run share: runtime, ledger, budget and stop flags, slots."""
 
@@ -57,21 +70,16 @@ class RunState:
     # batch of any size holds a bounded number of items (and threads) at once
     ahead: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     would_cost_usd: float = 0.0  # a dry run: what submitting its valid items would cost
-    # a large run's parts that ran on workers: name, final state, items, learned concurrency
-    parts_on_workers: list[dict[str, Any]] = field(default_factory=list)
-    # their run ids: what they decided for an item stands when this run finishes their parts
-    part_runs: frozenset[str] = frozenset()
-    # what each row still costs to submit (resume-aware), by row: a part's share of the cap
+    # what each row still costs to submit (resume-aware), by row: the estimate, and a part's
+    # share of the cap
     planned_costs: dict[int, float] = field(default_factory=dict)
-    # a part run on a worker: the part's claim, checked before each item starts (the batch run
-    # may have taken the part over while this run's lease looked dead)
-    part_claim: str | None = None
+    parts: PartsOfRun = field(default_factory=PartsOfRun)
 
     def plan(self, item: ManifestItem, rec: LedgerRecord | None) -> Plan:
         return plan_in_batch(
             rec,
             item.input_hash,
-            part_runs=self.part_runs,
+            part_runs=self.parts.runs,
             force=self.force,
             uncertain_policy=self.rt.settings.uncertain_policy,
             resubmit_lost=self.resubmit_lost,
@@ -165,10 +173,10 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
     async with b.slots.slot() as slot, _provider_slot(b):
         # again with the slot: items that queued for a slot passed the check before it closed
         await b.rt.recorder.wait_ready()
-        if b.part_claim is not None:  # a part run: is the part still this run's?
-            holder = await b.rt.blocking(b.ledger.part_owner, b.part_claim)
+        if b.parts.claim is not None:  # a part run: is the part still this run's?
+            holder = await b.rt.blocking(b.ledger.part_owner, b.parts.claim)
             if holder != b.run_id:
-                why = f"part {b.part_claim} was taken over by run {holder or 'nobody'}"
+                why = f"part {b.parts.claim} was taken over by run {holder or 'nobody'}"
                 return outcomes.not_submitted(item, b.run_id, f"{why}: not touched")
         started()
         out = await live_item(

@@ -190,7 +190,7 @@ async def _parts_on_workers(
     and what a child left is finished by `parts.in_order` here, within what it cannot have
     spent. One part's trouble never ends the batch."""
     n = len(parts.parts)
-    run.part_runs = frozenset(part_run_id(run.run_id, k) for k in range(n))
+    run.parts.runs = frozenset(part_run_id(run.run_id, k) for k in range(n))
     each, at_once = part_concurrency(job.options.concurrency, n)
     gate = asyncio.Semaphore(at_once)  # FIFO: the parts start in manifest order
 
@@ -229,7 +229,7 @@ async def _parts_on_workers(
                 get_run_logger().error(why)
                 parts.take(k, [outcomes.not_submitted(i, run.run_id, why) for i in parts.left(k)])
         entry["results"] = not parts.left(k)
-        run.parts_on_workers.append(entry)
+        run.parts.on_workers.append(entry)
 
     await asyncio.gather(*(one_part(k) for k in range(n)))
     # the children kept what they learned in the stats file: the parent's save must not undo it
@@ -457,8 +457,8 @@ async def _run_part_job(run_id: str, part: int, job: PartJob) -> Any:
         except ValueError as exc:  # nothing paid: the parent finishes the part as it read it
             return Failed(name="ManifestChanged", message=f"part {pid}: {exc}")
         run.rt.board.plan = run.rt.board.plan.for_batch(len(items))  # probes it can afford
-        run.part_runs = frozenset({run_id})  # what the batch run decided for an item stands
-        run.part_claim = pid  # each item checks the part is still this run's before it starts
+        run.parts.runs = frozenset({run_id})  # what the batch run decided for an item stands
+        run.parts.claim = pid  # each item checks the part is still this run's before it starts
         one, on_error = partial(check_and_run, run), partial(_internal_error, pid)
         results = await Parts(items, max(1, len(items)), one, on_error).in_order()
         summary = {
