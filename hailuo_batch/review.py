@@ -31,7 +31,13 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from hailuo_batch.results import ItemResult, ItemStatus
 from hailuo_batch.storage import OutputStore, PresignUnsupported, run_key
-from hailuo_batch.video import POSTER_AT_S, POSTER_MAX_WIDTH, is_poster_frame, poster_jpeg
+from hailuo_batch.video import (
+    OPEN_OPTIONS,
+    POSTER_AT_S,
+    POSTER_MAX_WIDTH,
+    is_poster_frame,
+    poster_jpeg,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ def extract_poster(
     """
     source = io.BytesIO(video) if isinstance(video, bytes | bytearray) else os.fspath(video)
     try:
-        with av.open(source, mode="r") as container:
+        with av.open(source, mode="r", options=OPEN_OPTIONS) as container:
             demuxer = container.format.name
             if demuxer == "image2" or demuxer.endswith("_pipe"):  # FFmpeg reads stills too
                 raise PosterError(f"a still image ({demuxer}), not a video")
