@@ -302,6 +302,12 @@ def _inspect_http(url: str, *, settings: Settings) -> ImageInfo:
         raise ImageFetchError(no_answer) from exc
     except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
         raise ImageFetchError(f"cannot fetch image {shown}: {type(exc).__name__}") from exc
+    except (UnicodeError, IndexError) as exc:
+        # httpx reads every redirect's target host, followed or not: an "xn--" (IDNA) host
+        # that does not decode raises there (the URL itself passed `image_url_kind`)
+        raise ImageFetchError(
+            f"image URL {shown} redirects to a location that does not parse"
+        ) from exc
 
 
 def _next_hop(current: httpx.URL, resp: httpx.Response, shown: str) -> httpx.URL:
@@ -312,9 +318,10 @@ def _next_hop(current: httpx.URL, resp: httpx.Response, shown: str) -> httpx.URL
         raise unparseable
     try:
         target = current.join(location)
-    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
+        host = target.host  # an "xn--" (IDNA) host is decoded here: a malformed one raises
+    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError, IndexError) as exc:
         raise unparseable from exc
-    if target.scheme not in ("http", "https") or not target.host:
+    if target.scheme not in ("http", "https") or not host:
         raise ImageFetchError(
             f"image URL {shown} redirects to a URL that is not http(s) with a host"
         )

@@ -114,9 +114,10 @@ def _check_http_url(url: str) -> None:
         parsed = httpx.URL(url)
         parts = urlsplit(url)
         port = parts.port
-    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
+        host = parsed.host  # an "xn--" (IDNA) host is decoded here: a malformed one raises
+    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError, IndexError) as exc:
         raise ImageUrlError(f"image URL {_shown(url)} does not parse: {exc}") from None
-    if not parsed.host or not parts.hostname:
+    if not host or not parts.hostname:
         raise ImageUrlError(f"image URL {_shown(url)} has no host")
     if port == 0:
         raise ImageUrlError(f"image URL {_shown(url)} has port 0")

@@ -169,6 +169,9 @@ ROUTES: dict[str, Route] = {
     "to-non-utf8": location("http://ex\udcffample.com/"),
     "to-empty-host": location("http:///a.jpg"),
     "to-tab": location("http://example.com/\ta.jpg"),
+    "to-bad-idna": location("http://xn--zz/a.jpg"),
+    "to-bad-idna-empty": location("http://xn--/a.jpg"),
+    "to-bad-idna-codepoint": location("https://xn--ls8h.la/a.jpg"),
 }
 
 
@@ -241,6 +244,9 @@ def test_broken_answers_are_one_fetch_error(server: HostileServer, route: str) -
         ("to-space-host", "does not parse"),
         ("to-control", "does not parse"),
         ("to-tab", "does not parse"),
+        ("to-bad-idna", "does not parse"),
+        ("to-bad-idna-empty", "does not parse"),
+        ("to-bad-idna-codepoint", "does not parse"),
     ],
 )
 def test_lies_and_bad_redirects_are_fetch_errors(

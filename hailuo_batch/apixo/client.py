@@ -271,9 +271,11 @@ class ApixoClient:
         every error besides the key (add more later with `add_secret`)."""
         key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
         secret = key.get_secret_value()
-        if not secret or any(c.isspace() or not c.isprintable() for c in secret):
+        if not secret or any(c.isspace() or not c.isprintable() or not c.isascii() for c in secret):
             # Never echo the key: a bad value would otherwise surface in an h11 header error.
-            raise ValueError("the apixo API key is empty or contains whitespace/control characters")
+            raise ValueError(
+                "the apixo API key is empty or contains whitespace, control or non-ASCII characters"
+            )
         self._api_key = key
         self._scrubber = Scrubber([key, *secrets])
         with _LIVE_LOCK:
@@ -489,7 +491,8 @@ class ApixoClient:
             ) from exc
         except httpx.DecodingError as exc:  # a redirect's body that cannot be decoded
             raise UnexpectedResponseError(f"{method} {path}: {exc}") from exc
-        except httpx.InvalidURL as exc:  # e.g. a redirect to a URL httpx cannot parse
+        except (httpx.InvalidURL, UnicodeError, IndexError) as exc:
+            # e.g. a redirect to a URL httpx cannot parse, or to a malformed "xn--" host
             raise UnexpectedResponseError(f"{method} {path}: invalid URL") from exc
 
     def _open_download(self, response: httpx.Response) -> httpx.Response:
@@ -502,7 +505,7 @@ class ApixoClient:
             try:
                 target = str(response.url.join(response.headers["location"]))
                 same_origin = _origin(target) == _origin(self.base_url)
-            except httpx.InvalidURL:
+            except (httpx.InvalidURL, UnicodeError, IndexError):  # (or a malformed "xn--" host)
                 raise UnexpectedResponseError("download redirected to an invalid URL") from None
             http = self._http_downloads if same_origin else self._http_anonymous
             response = self._send(http, "GET", target, urlsplit(target).path or "/")

@@ -245,9 +245,10 @@ def _is_fetchable_url(value: str) -> bool:
         return False
     try:
         url = httpx.URL(value)
-    except (httpx.InvalidURL, ValueError):
+        host = url.host  # an "xn--" (IDNA) host is decoded here: a malformed one raises
+    except (httpx.InvalidURL, ValueError, IndexError):  # (idna's errors are ValueErrors)
         return False
-    return url.scheme in ("http", "https") and bool(url.host)
+    return url.scheme in ("http", "https") and bool(host)
 
 
 def _result_object(data: dict[str, Any]) -> dict[str, Any]:

@@ -169,7 +169,16 @@ def test_without_download_transport_the_api_transport_carries_downloads(sleeps: 
 
 
 @pytest.mark.parametrize(
-    "location", ["http://[::1", "ftp://files.example.com/v.mp4", "https://exa mple.com/v", ""]
+    "location",
+    [
+        "http://[::1",
+        "ftp://files.example.com/v.mp4",
+        "https://exa mple.com/v",
+        "",
+        "https://xn--zz/v.mp4",  # an IDNA host that does not decode
+        "https://xn--/v.mp4",
+        "https://xn--ls8h.la/v.mp4",
+    ],
 )
 def test_odd_redirects_end_in_an_apixo_error(sleeps: Sleeps, location: str) -> None:
     api = Script(default=httpx.Response(302, headers={"Location": location}))

@@ -322,6 +322,9 @@ def test_state_is_case_and_space_insensitive_and_numeric_fail_code_kept() -> Non
         ({"resultJson": json.dumps({"resultUrls": ["https://"]})}, "BAD_RESULT_URL"),
         ({"resultJson": json.dumps({"resultUrls": ["javascript:alert(1)"]})}, "BAD_RESULT_URL"),
         ({"resultJson": json.dumps({"resultUrls": ["https://a b/v.mp4"]})}, "BAD_RESULT_URL"),
+        ({"resultJson": json.dumps({"resultUrls": ["https://xn--zz/v.mp4"]})}, "BAD_RESULT_URL"),
+        ({"resultJson": json.dumps({"resultUrls": ["https://xn--/v.mp4"]})}, "BAD_RESULT_URL"),
+        ({"resultJson": json.dumps({"resultUrls": ["https://xn--ls8h.la/v"]})}, "BAD_RESULT_URL"),
         (
             {"resultJson": json.dumps({"resultUrls": ["https://x/v.mp4", "file:///etc"]})},
             "BAD_RESULT_URL",
