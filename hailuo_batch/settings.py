@@ -19,7 +19,14 @@ from typing import Any, Literal
 
 import fsspec
 import httpx
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -27,6 +34,10 @@ from hailuo_batch.apixo import DEFAULT_BASE_URL, ApixoClient, MissingAPIKeyError
 
 FailClass = Literal["content", "bad_input", "transient", "balance", "unknown"]
 ENV_PREFIX = "HAILUO_"
+MAX_DURATION_S = 7 * 24 * 3600
+"""The upper bound of every `*_S` setting (a timer past ~9.2e9 s overflows)."""
+MAX_PRICE_USD = 1000.0
+"""The upper bound of a price setting (a clip costs cents)."""
 #: output protocols a store may use (besides a plain local path)
 OUTPUT_PROTOCOLS = ("file", "s3")
 #: HAILUO_* variables read outside these settings (not typos)
@@ -333,6 +344,44 @@ class Settings(BaseSettings):
         v = v.strip().rstrip("/")
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"APIXO_BASE_URL {v[:80]!r} must start with http:// or https://")
+        try:
+            url = httpx.URL(v)
+            host, _ = url.host, url.port  # a malformed "xn--" host or port raises here
+        except (httpx.InvalidURL, ValueError, IndexError) as exc:
+            raise ValueError(f"APIXO_BASE_URL {v[:80]!r} does not parse: {exc}") from None
+        if not host or any(ch.isspace() for ch in v):
+            raise ValueError(f"APIXO_BASE_URL {v[:80]!r} must be a URL with a host")
+        return v
+
+    @field_validator("apixo_api_key", mode="before")
+    @classmethod
+    def _check_api_key(cls, v: Any) -> Any:
+        """An empty key is no key (the CLI then says what to set); a key that could not be sent
+        in an HTTP header is refused here, before anything runs. The value is never shown."""
+        text = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if not isinstance(text, str):
+            return v
+        if not text.strip():
+            return None
+        if any(ch.isspace() or not ch.isprintable() or not ch.isascii() for ch in text):
+            raise ValueError(
+                "APIXO_API_KEY contains white space, control or non-ASCII characters (it is "
+                "sent in an HTTP header): check that the whole key, and only it, was pasted"
+            )
+        return v
+
+    @field_validator("*")
+    @classmethod
+    def _bounded(cls, v: Any, info: ValidationInfo) -> Any:
+        """Durations and prices have an upper bound: a value such as 1e10 s would pass the
+        type and the lower bound, then overflow a timer or print `$inf` in the middle of a run."""
+        name = info.field_name or ""
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            var = _variable_name(name)
+            if name.endswith("_s") and v > MAX_DURATION_S:
+                raise ValueError(f"{var} must be at most {MAX_DURATION_S:,} s (7 days), got {v:g}")
+            if name.startswith("price_") and v > MAX_PRICE_USD:
+                raise ValueError(f"{var} must be at most {MAX_PRICE_USD:g} USD a clip, got {v:g}")
         return v
 
 
@@ -390,6 +439,10 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except (ValidationError, SettingsError) as exc:
         raise BadSettingError(settings_error_message(exc)) from None
+    except RecursionError:  # JSON nested thousands deep in a HAILUO_* variable
+        raise BadSettingError(
+            "invalid settings: a JSON value in a HAILUO_* variable is nested too deep"
+        ) from None
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from hailuo_batch.settings import (
     BadSettingError,
+    Settings,
     check_output_url,
     load_settings,
     output_is_local,
@@ -94,6 +95,12 @@ def test_an_output_is_accepted_only_as_a_plain_path_file_or_s3(text: str) -> Non
         ({"HAILUO_CALLBACK_URL": "hooks.example.com"}, "HAILUO_CALLBACK_URL"),
         ({"HAILUO_PRESIGN_EXPIRY_S": "99999999"}, "HAILUO_PRESIGN_EXPIRY_S"),
         ({"APIXO_BASE_URL": "ftp://api.example"}, "APIXO_BASE_URL 'ftp://api.example'"),
+        ({"APIXO_BASE_URL": "http://[::1"}, "APIXO_BASE_URL 'http://[::1' does not parse"),
+        ({"APIXO_BASE_URL": "http://xn--zz"}, "APIXO_BASE_URL 'http://xn--zz' does not parse"),
+        ({"APIXO_BASE_URL": "http://a b"}, "APIXO_BASE_URL"),
+        ({"HAILUO_PRICE_PRO_USD": "1e308"}, "HAILUO_PRICE_PRO_USD must be at most"),
+        ({"HAILUO_FAILCODE_POLICY": "[" * 5000}, "nested too deep"),
+        ({"HAILUO_FAILCODE_POLICY": '{"a":' * 3000}, "HAILUO_"),
     ],
 )
 def test_malformed_settings_are_one_clean_error_naming_the_variable(
@@ -128,3 +135,49 @@ def test_typos_in_variable_names_are_found() -> None:
         "PATH": "/bin",
     }
     assert unknown_variables(env) == ["HAILUO_FETCH_TIMEOUT (did you mean HAILUO_FETCH_TIMEOUT_S?)"]
+
+
+DURATIONS = sorted(n for n in Settings.model_fields if n.endswith("_s"))
+PRICES = sorted(n for n in Settings.model_fields if n.startswith("price_"))
+
+
+@pytest.mark.parametrize("field", DURATIONS + PRICES)
+@pytest.mark.parametrize("value", ["1e10", "1e300", "9" * 400])
+def test_every_duration_and_price_has_an_upper_bound(
+    field: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value past any timer's range (or a price of $inf) is refused before the run, not met
+    as an OverflowError in the middle of it."""
+    var = "HAILUO_" + field.upper()
+    monkeypatch.setenv(var, value)
+    with pytest.raises(BadSettingError) as err:
+        load_settings()
+    assert var in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sk-s\u00e9cret-123",
+        "sk-\u0441ecret",
+        "sk-ab cd",
+        "sk-ab\tcd",
+        "sk-ab\x00cd",
+        "\u200bsk-abc",
+    ],
+)
+def test_an_api_key_that_cannot_be_sent_is_refused_without_showing_it(
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It goes in an HTTP header: a pasted key with an accent, a space or a zero-width character
+    would fail at the first request with the key in the error (and the run's log)."""
+    monkeypatch.setenv("APIXO_API_KEY", key.replace("\x00", ""))  # (no NUL in environ)
+    with pytest.raises(BadSettingError) as err:
+        load_settings(apixo_api_key=key)
+    assert "APIXO_API_KEY" in str(err.value)
+    assert "cret" not in str(err.value) and "abc" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["", " ", "\t \n"])
+def test_an_empty_api_key_is_no_key(key: str) -> None:
+    assert load_settings(apixo_api_key=key).apixo_api_key is None
