@@ -14,7 +14,7 @@ from prefect.states import Failed, State
 from flows import report
 from flows.item import RunState, check_and_run
 from flows.parts import run_items
-from flows.run import new_run_id, opened_run
+from flows.run import RunNotStarted, new_run_id, not_started, opened_run
 from flows.runtime import end_state
 from flows.tasks import read_balance, read_manifest
 from hailuo_batch import outcomes
@@ -65,11 +65,16 @@ async def generate_videos(
     started = time.monotonic()
     run_id = new_run_id()
     get_run_logger().info("run %s: manifest %s", run_id, manifest)
-    async with opened_run(
-        options, run_id, force=force, resubmit_lost=resubmit_lost, dry_run=options.dry_run
-    ) as run:
-        job = PartJob(manifest=manifest, options=options, force=force, resubmit_lost=resubmit_lost)
-        return await _run_batch(run, job, rerun_of, started)
+    try:
+        async with opened_run(
+            options, run_id, force=force, resubmit_lost=resubmit_lost, dry_run=options.dry_run
+        ) as run:
+            job = PartJob(
+                manifest=manifest, options=options, force=force, resubmit_lost=resubmit_lost
+            )
+            return await _run_batch(run, job, rerun_of, started)
+    except RunNotStarted as exc:  # a bad block, key or output: one clean line, exit 2
+        return not_started(exc)
 
 
 async def _run_batch(run: RunState, job: PartJob, rerun_of: str | None, started: float) -> Any:

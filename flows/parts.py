@@ -30,7 +30,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Cancelled, Completed, Failed
 
 from flows.item import RunState, check_and_run
-from flows.run import opened_run
+from flows.run import RunNotStarted, not_started, opened_run
 from flows.runtime import runtime
 from flows.tasks import read_manifest
 from hailuo_batch import outcomes
@@ -437,43 +437,48 @@ async def _run_part_job(run_id: str, part: int, job: PartJob) -> Any:
     and a short summary under the parent's run folder, for the parent to collect. It holds the
     part's claim first: a part the parent already took over is left alone."""
     pid = part_run_id(run_id, part)
-    async with opened_run(
-        job.options, pid, force=job.force, resubmit_lost=job.resubmit_lost,
-        dry_run=job.options.dry_run, advise=False,
-    ) as run:  # fmt: skip
-        owner = await run.rt.blocking(run.ledger.part_owner, pid)
-        if owner != run_id:  # the batch run took the part over: never take it back from it
-            owner = await run.rt.blocking(run.ledger.claim_part, pid)
-        if owner is None and not await run.rt.blocking(run.ledger.lease_alive, run_id):
-            owner = f"nobody: the batch run {run_id} is over"  # it finished the part itself
-        if owner is not None:
-            msg = f"part {pid} is held by run {owner}: nothing done here"
-            return Completed(name="PartTakenOver", message=msg)
-        parsed = await read_manifest(job.manifest, job.options.item_defaults())
-        if isinstance(parsed, ManifestError):
-            return Failed(name="BadManifest", message=f"part {pid}: {parsed}")
-        try:
-            items = part_items(parsed.items, job.rows, job.row_keys)
-        except ValueError as exc:  # nothing paid: the parent finishes the part as it read it
-            return Failed(name="ManifestChanged", message=f"part {pid}: {exc}")
-        run.rt.board.plan = run.rt.board.plan.for_batch(len(items))  # probes it can afford
-        run.parts.runs = frozenset({run_id})  # what the batch run decided for an item stands
-        run.parts.claim = pid  # each item checks the part is still this run's before it starts
-        one, on_error = partial(check_and_run, run), partial(_internal_error, pid)
-        results = await Parts(items, max(1, len(items)), one, on_error).in_order()
-        summary = {
-            "run_id": pid,
-            "part_of": run_id,
-            "items": len(results),
-            "capped": run.budget.capped,
-            "spent_usd": math.ceil(run.budget.spent_usd * 1e6) / 1e6,  # reserved: >= spent
-            "stops": {str(why): msg for why, msg in run.budget.stops.items()},
-            "concurrency": run.slots.limit.summary(),
-        }
-        await run.rt.blocking(save_stats, run.rt.store, run.rt.board.stats, run.rt.warn)
-        folder = part_folder(run_id, part)
-        url, error = await run.rt.blocking(write_results, run.rt.store, folder, results, summary)
-        if error is not None:  # written on this machine only: the parent finishes the part
-            return Failed(name="ResultsNotStored", message=f"part {pid}: {error}")
-        get_run_logger().info("part %s: %d items; results at %s", pid, len(results), url)
-        return summary
+    try:
+        async with opened_run(
+            job.options, pid, force=job.force, resubmit_lost=job.resubmit_lost,
+            dry_run=job.options.dry_run, advise=False,
+        ) as run:  # fmt: skip
+            owner = await run.rt.blocking(run.ledger.part_owner, pid)
+            if owner != run_id:  # the batch run took the part over: never take it back from it
+                owner = await run.rt.blocking(run.ledger.claim_part, pid)
+            if owner is None and not await run.rt.blocking(run.ledger.lease_alive, run_id):
+                owner = f"nobody: the batch run {run_id} is over"  # it finished the part itself
+            if owner is not None:
+                msg = f"part {pid} is held by run {owner}: nothing done here"
+                return Completed(name="PartTakenOver", message=msg)
+            parsed = await read_manifest(job.manifest, job.options.item_defaults())
+            if isinstance(parsed, ManifestError):
+                return Failed(name="BadManifest", message=f"part {pid}: {parsed}")
+            try:
+                items = part_items(parsed.items, job.rows, job.row_keys)
+            except ValueError as exc:  # nothing paid: the parent finishes the part as it read it
+                return Failed(name="ManifestChanged", message=f"part {pid}: {exc}")
+            run.rt.board.plan = run.rt.board.plan.for_batch(len(items))  # probes it can afford
+            run.parts.runs = frozenset({run_id})  # what the batch run decided for an item stands
+            run.parts.claim = pid  # each item checks the part is still this run's before it starts
+            one, on_error = partial(check_and_run, run), partial(_internal_error, pid)
+            results = await Parts(items, max(1, len(items)), one, on_error).in_order()
+            summary = {
+                "run_id": pid,
+                "part_of": run_id,
+                "items": len(results),
+                "capped": run.budget.capped,
+                "spent_usd": math.ceil(run.budget.spent_usd * 1e6) / 1e6,  # reserved: >= spent
+                "stops": {str(why): msg for why, msg in run.budget.stops.items()},
+                "concurrency": run.slots.limit.summary(),
+            }
+            await run.rt.blocking(save_stats, run.rt.store, run.rt.board.stats, run.rt.warn)
+            folder = part_folder(run_id, part)
+            url, error = await run.rt.blocking(
+                write_results, run.rt.store, folder, results, summary
+            )
+            if error is not None:  # written on this machine only: the parent finishes the part
+                return Failed(name="ResultsNotStored", message=f"part {pid}: {error}")
+            get_run_logger().info("part %s: %d items; results at %s", pid, len(results), url)
+            return summary
+    except RunNotStarted as exc:  # this worker lacks a block, key or store: the parent finishes
+        return not_started(exc)

@@ -10,6 +10,7 @@ from prefect.artifacts import acreate_markdown_artifact
 
 from blocks.apixo import open_store
 from flows.batch import generate_videos
+from flows.run import not_started
 from flows.runtime import end_state
 from hailuo_batch import rerun as reruns
 from hailuo_batch.apixo import Mode, Provider
@@ -51,15 +52,19 @@ async def rerun_failed(
         options: How the rerun runs, as for generate-videos (output: by default the one of
             `results`; a storage block's S3 options also reach the results file).
     """
-    output = options.output or reruns.output_of_results(results)
-    store = await open_store(output, options.storage_block, get_settings())
-    sel = await blocking(
-        partial(
-            reruns.write_selection, store, results, statuses=statuses, fail_codes=fail_codes,
-            ids=ids, overrides={"mode": mode, "duration": duration, "provider": provider},
-            prompt_suffix=prompt_suffix, dry_run=options.dry_run,
-        )
-    )  # fmt: skip
+    try:  # nothing is paid before the child run: a results file or store that fails is a setting
+        output = options.output or reruns.output_of_results(results)
+        store = await open_store(output, options.storage_block, get_settings())
+        sel = await blocking(
+            partial(
+                reruns.write_selection, store, results, statuses=statuses,
+                fail_codes=fail_codes, ids=ids,
+                overrides={"mode": mode, "duration": duration, "provider": provider},
+                prompt_suffix=prompt_suffix, dry_run=options.dry_run,
+            )
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - one clean line (exit 2), never a traceback
+        return not_started(exc)
     logger = get_run_logger()
     for why in sel.left_out:
         logger.warning("not rerun: %s", why)

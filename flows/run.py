@@ -16,6 +16,7 @@ from prefect import get_run_logger
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
 from flows.item import GLOBAL_LIMIT, RunState
 from flows.runtime import Runtime, open_runtime
@@ -36,6 +37,25 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{str(fr_id).replace('-', '')[:8]}"
 
 
+NOT_STARTED = "NotStarted"  # the final state's name: the CLI exits 2 on it
+
+
+class RunNotStarted(Exception):
+    """The run could not open: a credentials or storage block, an API key, an output store or a
+    callback setting that does not work. Raised before anything is paid."""
+
+
+def not_started(exc: Exception) -> Any:
+    """The final state of a run that could not open (`RunNotStarted`): its reason in one line,
+    no traceback; the CLI exits 2 on it, as for any bad setting."""
+    cause = exc.__cause__ if isinstance(exc, RunNotStarted) and exc.__cause__ else exc
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    why = f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+    msg = f"the run could not start ({why}); nothing was submitted"
+    get_run_logger().error(msg)
+    return Failed(name=NOT_STARTED, message=msg)
+
+
 @contextlib.asynccontextmanager
 async def opened_run(
     options: RunOptions,
@@ -47,8 +67,33 @@ async def opened_run(
     advise: bool = True,
 ) -> AsyncIterator[RunState]:
     """The run's shared state, with its lease held and its side jobs going until it ends; a
-    missing key or a dead store fails here, before anything is paid. `advise`: log how to make
-    the Prefect server cheaper if it records one event at a time (a batch's parts do not)."""
+    missing key, block or dead store fails here as `RunNotStarted`, before anything is paid.
+    `advise`: log how to make the Prefect server cheaper if it records one event at a time (a
+    batch's parts do not)."""
+    started = False
+    try:
+        async with _opened_run(
+            options, run_id, force=force, resubmit_lost=resubmit_lost, dry_run=dry_run,
+            advise=advise,
+        ) as run:  # fmt: skip
+            started = True
+            yield run
+    except Exception as exc:
+        if started:  # the run's own trouble, after it opened
+            raise
+        raise RunNotStarted(str(exc)) from exc
+
+
+@contextlib.asynccontextmanager
+async def _opened_run(
+    options: RunOptions,
+    run_id: str,
+    *,
+    force: bool,
+    resubmit_lost: bool,
+    dry_run: bool,
+    advise: bool,
+) -> AsyncIterator[RunState]:
     settings = get_settings()
     async with open_runtime(options, settings) as rt:
         get_run_logger().info("run %s -> %s", run_id, rt.store.url)

@@ -13,6 +13,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import json
 import os
@@ -132,6 +133,28 @@ def _scalar_type(annotation: Any) -> Any:
     return _scalar_type(args[0]) if args else annotation
 
 
+def _finite(text: str) -> float:
+    """argparse `type=` for a finite number (no nan, inf or 1e309)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or abs(value) == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _port(text: str) -> int:
+    """argparse `type=` for a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 0 to 65535")
+    return value
+
+
 def _checker(name: str, kind: type, info: Any) -> Any:
     """argparse `type=` for a bounded number: a clean 'is not ...' message (exit 2)."""
     lo = next((m.ge for m in info.metadata if getattr(m, "ge", None) is not None), None)
@@ -236,17 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the apixo hailuo-2-3-fast API contract locally.",
     )
     e.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    e.add_argument("--port", type=int, default=8787, help="port (default: 8787, 0: any free)")
+    e.add_argument("--port", type=_port, default=8787, help="port (default: 8787, 0: any free)")
     e.add_argument("--api-key", default=None, help="accept only this key (default: any non-empty)")
     e.add_argument(
         "--time-scale",
-        type=float,
+        type=_finite,
         default=1.0,
         help="multiply provider-side times: 0.01 makes a 120 s generation take 1.2 s",
     )
     e.add_argument("--concurrency", type=int, default=20, help="tasks in flight per key before 429")
     e.add_argument(
-        "--fault-rate", type=float, default=0.0, help="probability of an injected fault per call"
+        "--fault-rate", type=_finite, default=0.0, help="probability of an injected fault per call"
     )
     e.add_argument(
         "--hostile",
@@ -254,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="random faults include malformed status answers and non-video downloads",
     )
     e.add_argument("--seed", type=int, default=None, help="random seed for faults and timings")
-    e.add_argument("--balance", type=float, default=1000.0, help="starting balance in USD")
+    e.add_argument("--balance", type=_finite, default=1000.0, help="starting balance in USD")
     e.add_argument("--fps", type=int, default=24, help="frame rate of generated videos")
     e.add_argument("--files-dir", default=None, help="serve this folder under /files/")
 
@@ -270,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     rcv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    rcv.add_argument("--port", type=int, default=8788, help="port (default: 8788)")
+    rcv.add_argument("--port", type=_port, default=8788, help="port (default: 8788)")
     rcv.add_argument(
         "--emit-events",
         action="store_true",
@@ -392,6 +415,8 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
         more = summary.get("problems_total", len(problems)) - len(problems)
         if more > 0:
             print(f"  ... and {more} more (see the results file)")
+    elif summary and summary.get("selected") == 0:  # a rerun that found nothing to do
+        print("nothing to rerun: no item of the results file matches the filters")
     link = _ui_link(state)
     if link:
         print(f"Prefect:  {link}")
@@ -399,6 +424,9 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
         if state.message:
             print(f"note:     {state.message}")
         return 0
+    if state.name == "NotStarted":  # flows.run.NOT_STARTED: a block, key or store that fails
+        print(f"error: {state.message}", file=sys.stderr)
+        return 2
     print(f"run failed: {state.message}", file=sys.stderr)
     return 1
 
@@ -541,21 +569,25 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         )
         return 2
 
-    serve(
-        EmulatorConfig(
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            time_scale=args.time_scale,
-            concurrency=args.concurrency,
-            fault_rate=args.fault_rate,
-            hostile_faults=args.hostile,
-            seed=args.seed,
-            balance_usd=args.balance,
-            fps=args.fps,
-            files_dir=args.files_dir,
-        )
-    )
+    flags = {
+        "host": "--host", "port": "--port", "api_key": "--api-key", "time_scale": "--time-scale",
+        "concurrency": "--concurrency", "fault_rate": "--fault-rate", "hostile_faults": "--hostile",
+        "seed": "--seed", "balance_usd": "--balance", "fps": "--fps", "files_dir": "--files-dir",
+    }  # fmt: skip
+    try:
+        config = EmulatorConfig(**{field: getattr(args, flag[2:].replace("-", "_"))
+                                   for field, flag in flags.items()})  # fmt: skip
+    except ValidationError as exc:
+        for err in exc.errors():
+            flag = flags.get(str(err["loc"][0]) if err.get("loc") else "", "a flag")
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            print(f"error: {flag}: {msg}", file=sys.stderr)
+        return 2
+    try:
+        serve(config)
+    except (OSError, OverflowError) as exc:  # the address is taken, or not this machine's
+        print(f"error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -589,6 +621,10 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     except ReceiverConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, OverflowError) as exc:  # the address is taken, or the store is unusable
+        print(f"error: the receiver cannot start on {args.host}:{args.port}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 
@@ -602,9 +638,23 @@ def _load_settings() -> None:
     get_settings()
 
 
+def _undecodable(argv: list[str]) -> str | None:
+    """The first argument holding bytes that are not UTF-8 (Python keeps them as surrogates,
+    which no file, log or API call can take), or None."""
+    for arg in argv:
+        if any("\udc80" <= ch <= "\udcff" for ch in arg):
+            return arg.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     from hailuo_batch.settings import BadSettingError
 
+    bad = _undecodable(sys.argv[1:] if argv is None else argv)
+    if bad is not None:
+        print(f"error: the argument {bad!r} is not valid UTF-8: retype it (or rename the file)",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     args = build_parser().parse_args(argv)
     handlers = {
         "run": cmd_run,
@@ -625,6 +675,16 @@ def main(argv: list[str] | None = None) -> None:
         code = 2
     except KeyboardInterrupt:
         code = 130
+    except OSError as exc:  # `... | head` (the reader left), or output to a full disk
+        if not isinstance(exc, BrokenPipeError):
+            print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    try:
+        sys.stdout.flush()
+    except OSError:  # stdout cannot take what is left: no second complaint at exit
+        code = code or 1
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(code)
 
 

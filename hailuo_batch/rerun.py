@@ -123,10 +123,24 @@ def outcome_markdown(state_name: str | None, message: str | None, summary: Any) 
     return "".join(lines)
 
 
+class ResultsFileError(ValueError):
+    """A rerun's results file that cannot be read as a previous run's results."""
+
+
 def read_results(url: str, storage_options: dict[str, Any] | None = None) -> list[ItemResult]:
-    """A previous run's results file, from any fsspec URL."""
-    with fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {})) as fh:
-        return from_jsonl(fh.read())
+    """A previous run's results file, from any fsspec URL; `ResultsFileError` (one line that
+    names the file) when it is missing, a folder, not text or not results."""
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {})) as fh:
+            return from_jsonl(fh.read())
+    except FileNotFoundError:
+        raise ResultsFileError(f"results file {url} not found") from None
+    except IsADirectoryError:
+        raise ResultsFileError(f"{url} is a folder: give its runs/ID/results.jsonl") from None
+    except UnicodeDecodeError:
+        raise ResultsFileError(f"results file {url} is not UTF-8 text") from None
+    except ValueError as exc:
+        raise ResultsFileError(f"results file {url}: {exc}") from None
 
 
 @dataclass

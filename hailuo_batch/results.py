@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from hailuo_batch.policy import percentile
 
@@ -84,8 +84,13 @@ def from_jsonl(text: str) -> list[ItemResult]:
         if line.strip():
             try:
                 out.append(ItemResult.model_validate_json(line))
+            except ValidationError as exc:  # one line naming the field, not pydantic's page
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first.get("loc", ()))
+                why = f"{where}: {first['msg']}" if where else first["msg"]
+                raise ValueError(f"results line {n} is not a result record ({why})") from None
             except ValueError as exc:
-                raise ValueError(f"results line {n} is not a result record: {exc}") from exc
+                raise ValueError(f"results line {n} is not a result record: {exc}") from None
     return out
 
 

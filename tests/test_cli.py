@@ -280,3 +280,91 @@ def test_logs_to_a_file_are_not_highlighted_unless_asked(
     with prefect.settings.temporary_settings({prefect.settings.PREFECT_API_URL: "http://x/api"}):
         _prepare_prefect(quiet=False)
     assert os.environ["PREFECT_LOGGING_COLORS"] == expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["validate", "/tmp/m\udcff.csv"],
+        ["rerun", "results.jsonl", "--prompt-suffix", "\udcff"],
+        ["rerun", "results.jsonl", "--id", "a\udc80b"],
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_refused_with_exit_2(argv, capsys):
+    """Bytes the terminal did not send as UTF-8 reach Python as surrogates that no file name,
+    log line or API call can take: refused up front, naming the argument."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not valid UTF-8" in err and "Traceback" not in err
+
+
+def _many_invalid_rows(tmp_path: Path, n: int = 5000) -> Path:
+    m = tmp_path / "many.csv"
+    rows = "".join(f"r{i},ftp://x/{i}.jpg,p\n" for i in range(n))  # refused before any I/O
+    m.write_text("id,image_url,prompt\n" + rows)
+    return m
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """`hailuo-batch validate m.csv | head -1`: the reader leaves, the command stops, no
+    traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hailuo_batch.cli", "validate", str(_many_invalid_rows(tmp_path))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader leaves
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) != 0
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+
+
+def test_output_to_a_full_device_is_one_error_line(tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("this system has no /dev/full")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "hailuo_batch.cli", "validate", str(_many_invalid_rows(tmp_path))],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    assert "error:" in done.stderr and "No space left" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["emulator", "--balance", "nan"], "not a finite number"),
+        (["emulator", "--time-scale", "inf"], "not a finite number"),
+        (["emulator", "--fault-rate", "1e309"], "not a finite number"),
+        (["emulator", "--port", "99999"], "not a port"),
+        (["receiver", "--port", "-1"], "not a port"),
+        (["emulator", "--time-scale", "-1"], "--time-scale:"),
+        (["emulator", "--fault-rate", "2"], "--fault-rate:"),
+        (["emulator", "--host", "host.invalid", "--port", "0"], "cannot serve on host.invalid"),
+    ],
+)
+def test_bad_server_flags_are_one_line_and_exit_2(argv, says):
+    done = cli(*argv)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert says in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_server_on_a_port_already_taken_says_so(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        emulator = cli("emulator", "--port", port)
+        env = {**os.environ, "HAILUO_CALLBACK_TOKEN": "t" * 40,
+               "HAILUO_CALLBACK_STORE": str(tmp_path / "callbacks")}  # fmt: skip
+        receiver = cli("receiver", "--port", port, env=env)
+    for done in (emulator, receiver):
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "Address already in use" in done.stderr and "Traceback" not in done.stderr

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from prefect.settings import PREFECT_API_URL
 
@@ -47,3 +48,57 @@ def test_run_without_a_server_says_it_uses_a_temporary_one(flow_env, tmp_path):
     assert TEMPORARY_SERVER_NOTE in done.stderr.splitlines(), done.stderr[-3000:]
     assert done.returncode == 1  # the manifest cannot be read: the run failed, and said so
     assert "run failed" in done.stderr
+
+
+def _submissions(emulator) -> int:
+    return int(httpx.get(f"{emulator.base_url}/_emulator/stats").json()["submissions"])
+
+
+@pytest.mark.parametrize(
+    ("case", "extra_args", "extra_env"),
+    [
+        ("output is a file", ["--output", "{manifest}"], {}),
+        ("output under a file", ["--output", "{manifest}/out"], {}),
+        ("no such credentials block", ["--credentials-block", "nope"], {}),
+        ("no such storage block", ["--storage-block", "nope"], {}),
+        ("callback mode without its URL", ["--request-type", "callback"],
+         {"HAILUO_CALLBACK_TOKEN": "t" * 40}),
+    ],
+)  # fmt: skip
+def test_a_run_that_cannot_open_exits_2_with_one_line_and_pays_nothing(
+    flow_env, emulator, tmp_path, images_dir, make_image, case, extra_args, extra_env
+):
+    """A block, output or callback setting that only fails once the run opens it is a bad
+    setting all the same: one line that names it, exit 2, no traceback, no POST."""
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 2))
+    env = _env(flow_env, tmp_path, PREFECT_API_URL=str(PREFECT_API_URL.value()), **extra_env)
+    env.pop("HAILUO_CALLBACK_URL", None)
+    args = [a.format(manifest=m) for a in extra_args]
+    if "--output" not in args:
+        args += ["--output", str(tmp_path / "out")]
+    done = _cli("run", str(m), *args, env=env)
+    text = done.stdout + done.stderr
+    assert done.returncode == 2, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "could not start" in errors[0], text[-3000:]
+    assert "nothing was submitted" in errors[0]
+    assert _submissions(emulator) == 0
+
+
+def test_a_rerun_of_a_results_file_that_is_not_one_exits_2_with_one_line(flow_env, tmp_path):
+    (tmp_path / "not-results.jsonl").write_text('{"id": "a"}\n')
+    (tmp_path / "numbers.jsonl").write_text("[1, 2]\n")
+    env = _env(flow_env, tmp_path, PREFECT_API_URL=str(PREFECT_API_URL.value()))
+    for results, expected in [
+        (tmp_path / "missing.jsonl", "not found"),
+        (tmp_path, "is a folder"),
+        (tmp_path / "not-results.jsonl", "line 1 is not a result record"),
+        (tmp_path / "numbers.jsonl", "line 1 is not a result record"),
+    ]:
+        done = _cli("rerun", str(results), "--output", str(tmp_path / "out"), "-q", env=env)
+        text = done.stdout + done.stderr
+        assert done.returncode == 2, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and expected in errors[0], text[-3000:]
