@@ -30,7 +30,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
+import stat
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -185,7 +187,7 @@ def load_manifest(
     except ManifestError:
         raise
     except Exception as exc:  # a bug must not turn into a traceback mid-run: refuse the file
-        logger.exception("unexpected error while parsing manifest %s", url)
+        logger.debug("unexpected error while parsing manifest %s", url, exc_info=True)
         raise ManifestError(
             f"manifest {url} could not be parsed ({type(exc).__name__}); nothing was submitted"
         ) from exc
@@ -207,6 +209,7 @@ def _format_of(url: str) -> str:
 
 
 def _read_text(url: str, storage_options: dict | None) -> str:
+    _refuse_special_file(url)
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
             data = bytes(f.read(MAX_MANIFEST_BYTES + 1))
@@ -256,7 +259,26 @@ class _Raw:
     problem: str | None = None
 
 
+def _refuse_special_file(url: str) -> None:
+    """A local manifest that is a pipe, socket or device would be read forever (or never)."""
+    path = url.removeprefix("file://") if url.startswith("file://") or "://" not in url else None
+    if path is None:
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return  # a missing file is reported when it is opened
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ManifestError(
+            f"manifest {_shown(url)} is not a regular file (a pipe, socket or device): "
+            "give the manifest file itself"
+        )
+
+
 def _csv_rows(text: str, url: str) -> tuple[list[str], list[_Raw]]:
+    # a cell longer than MAX_CELL_CHARS is its row's error, not the whole file's: csv's own
+    # limit (131,072) would refuse the file, so it is raised to the size of a whole manifest
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_MANIFEST_BYTES))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader, None)
@@ -398,11 +420,15 @@ def _jsonl_rows(text: str, url: str) -> tuple[list[str], list[_Raw]]:
     return _json_columns(rows), rows
 
 
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
 def _json_rows(text: str, url: str) -> tuple[list[str], list[_Raw]]:
     value = _json_value(text, url, "") if text.strip() else []
     if not isinstance(value, list):
         raise ManifestError(
-            f"manifest {url} must be a JSON array of objects (got a {type(value).__name__}); "
+            f"manifest {url} must be a JSON array of objects (got {_a(_json_type(value))}); "
             "use .jsonl for one object per line"
         )
     rows = [_json_row(i, v) for i, v in enumerate(value, start=1)]
@@ -425,9 +451,13 @@ def _json_row(row: int, value: Any) -> _Raw:
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
-        type(value), "null" if value is None else "number"
-    )
+    """The JSON name of a parsed value's type (an object parses as `_JsonObject`, a dict)."""
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "boolean"), (dict, "object"), (list, "array"), (str, "string")):
+        if isinstance(value, kind):
+            return name
+    return "number"
 
 
 def _json_columns(rows: list[_Raw]) -> list[str]:

@@ -6,7 +6,10 @@ broken becomes an item (an item is what gets paid for)."""
 from __future__ import annotations
 
 import codecs
+import csv
+import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -238,6 +241,48 @@ def test_wrongly_typed_cells_are_row_errors(tmp_path: Path, cell: object, field:
     assert {(e.row, e.field, e.id) for e in m.errors} == {(1, field, "a")}
 
 
+@pytest.mark.parametrize("size", [131_073, 1_000_000])
+def test_a_huge_csv_cell_is_a_row_error_not_the_files(tmp_path: Path, size: int) -> None:
+    """Past csv's own field limit (131,072) too: the row is refused, the others go on."""
+    text = f"id,image_url,prompt\na,{IMG},{'x' * size}\nb,{IMG},fine\n"
+    m = load_manifest(write(tmp_path, "m.csv", text))
+    assert [i.id for i in m.items] == ["b"]
+    assert [(e.row, e.field, e.id) for e in m.errors] == [(1, "prompt", "a")]
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [({"a": 1}, "object"), ([1], "array"), (True, "boolean"), (None, "null"), (1.5, "number")],
+)
+def test_a_json_cell_of_the_wrong_type_is_named_by_its_json_type(
+    tmp_path: Path, value: object, kind: str
+) -> None:
+    m = load_manifest(
+        write(tmp_path, "m.json", json.dumps([{"id": "a", "image_url": IMG, "prompt": value}]))
+    )
+    assert [(e.field, e.id) for e in m.errors] == [("prompt", "a")]
+    assert f"got {kind}" in m.errors[0].reason or kind == "null"
+
+
+@pytest.mark.parametrize(
+    ("value", "named"), [({"a": 1}, "an object"), ("x", "a string"), (3, "a number")]
+)
+def test_a_json_manifest_that_is_not_an_array_names_what_it_is(
+    tmp_path: Path, value: object, named: str
+) -> None:
+    with pytest.raises(ManifestError, match=f"got {named}"):
+        load_manifest(write(tmp_path, "m.json", json.dumps(value)))
+
+
+def test_a_manifest_that_is_a_pipe_is_refused_not_read_forever(tmp_path: Path) -> None:
+    fifo = tmp_path / "m.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(ManifestError, match="not a regular file"):
+        load_manifest(str(fifo))
+    with pytest.raises(ManifestError, match="not a regular file"):
+        load_manifest(f"file://{fifo}")
+
+
 def test_a_huge_cell_is_a_row_error(tmp_path: Path) -> None:
     rows = [
         {"id": "a", "image_url": IMG, "prompt": "x" * 200_000},
@@ -265,13 +310,30 @@ def test_a_huge_cell_is_a_row_error(tmp_path: Path) -> None:
         "http:/example.com/a.jpg",
         "http://[::1/a.jpg",
         "http://example.com:70000/a.jpg",
+        # hosts in IDNA ("xn--") form that do not decode: httpx raises only when asked the host
+        "http://xn--/a.jpg",
+        "http://XN--/a.jpg",
+        "http://xn--zz/a.jpg",
+        "http://xn--a/a.jpg",
+        "http://xn--ls8h.la/a.jpg",
+        "http://xn--zz:8080/a.jpg",
     ],
 )
 def test_unaccepted_image_url_forms_are_row_errors(tmp_path: Path, url: str) -> None:
-    m = load_manifest(
-        write(tmp_path, "m.json", json.dumps([{"id": "x", "image_url": url, "prompt": "p"}]))
+    rows = [
+        {"id": "x", "image_url": url, "prompt": "p"},
+        {"id": "ok", "image_url": IMG, "prompt": "p"},
+    ]
+    m = load_manifest(write(tmp_path, "m.json", json.dumps(rows)))
+    assert [i.id for i in m.items] == ["ok"]  # the good row goes on
+    assert [(e.row, e.field, e.id) for e in m.errors] == [(1, "image_url", "x")]
+    # the same in a CSV
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(
+        [["id", "image_url", "prompt"], ["x", url, "p"], ["ok", IMG, "p"]]
     )
-    assert m.items == []
+    m = load_manifest(write(tmp_path, "m.csv", out.getvalue()))
+    assert [i.id for i in m.items] == ["ok"]
     assert [(e.row, e.field, e.id) for e in m.errors] == [(1, "image_url", "x")]
 
 
