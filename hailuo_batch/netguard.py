@@ -43,7 +43,8 @@ ImageUrlKind = Literal["http", "s3", "local"]
 AddressPolicy = Callable[[IPAddress], str | None]
 
 _SCHEME_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
-_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+"""A valid S3 bucket name (lower case, digits, dots and hyphens; 3 to 63 characters)."""
 
 
 class BlockedAddressError(ValueError):
@@ -128,7 +129,7 @@ def _check_s3_url(url: str) -> None:
     if not rest.startswith("//"):
         raise ImageUrlError(f"image URL {_shown(url)} lacks '//': write s3://bucket/key")
     bucket, _, key = rest[2:].partition("/")
-    if not _S3_BUCKET.fullmatch(bucket) or ".." in bucket:
+    if not S3_BUCKET.fullmatch(bucket) or ".." in bucket:
         raise ImageUrlError(
             f"image URL {_shown(url)}: {_shown(bucket)} is not a valid S3 bucket name"
         )

@@ -31,6 +31,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from hailuo_batch.apixo import DEFAULT_BASE_URL, ApixoClient, MissingAPIKeyError, RetryPolicy
+from hailuo_batch.netguard import S3_BUCKET
 
 FailClass = Literal["content", "bad_input", "transient", "balance", "unknown"]
 ENV_PREFIX = "HAILUO_"
@@ -106,6 +107,11 @@ def check_output_url(url: str, *, name: str = "output") -> str:
         bucket = rest[2:].split("/", 1)[0]
         if not bucket:
             raise BadSettingError(f"{name} {url!r} names no bucket: write s3://bucket/prefix")
+        if not S3_BUCKET.fullmatch(bucket) or ".." in bucket:
+            raise BadSettingError(
+                f"{name} {url!r}: {bucket!r} is not a valid S3 bucket name (3-63 lower-case "
+                "letters, digits, dots and hyphens)"
+            )
         if not _protocol_installed("s3"):
             raise BadSettingError(f"{name} {url!r}: s3:// needs the s3fs package installed")
     elif not rest[2:]:
@@ -302,6 +308,11 @@ class Settings(BaseSettings):
         """An apixo client with these timeouts and retry bounds; the key and base URL are
         `api_key`/`base_url` when given (a credentials block's), else APIXO_API_KEY/_BASE_URL.
         `kwargs` go to `ApixoClient` (transports, `retry_rate_limited_submits`, ...)."""
+        if base_url is not None:  # a credentials block's: held to the rules of APIXO_BASE_URL
+            try:
+                base_url = check_http_url(base_url, name="the credentials block's base_url")
+            except ValueError as exc:
+                raise BadSettingError(str(exc)) from None
         key = api_key if api_key is not None else self.apixo_api_key
         if key is None or not key.get_secret_value().strip():
             raise MissingAPIKeyError(
@@ -333,25 +344,12 @@ class Settings(BaseSettings):
     def _check_callback_url(cls, v: str | None) -> str | None:
         if v is None or not v.strip():
             return None
-        v = v.strip()
-        if not re.match(r"^https?://[^/?#\s]+", v) or any(ch.isspace() for ch in v):
-            raise ValueError("HAILUO_CALLBACK_URL must be an http:// or https:// URL with a host")
-        return v
+        return check_http_url(v, name="HAILUO_CALLBACK_URL")
 
     @field_validator("apixo_base_url")
     @classmethod
     def _strip_slash(cls, v: str) -> str:
-        v = v.strip().rstrip("/")
-        if not v.startswith(("http://", "https://")):
-            raise ValueError(f"APIXO_BASE_URL {v[:80]!r} must start with http:// or https://")
-        try:
-            url = httpx.URL(v)
-            host, _ = url.host, url.port  # a malformed "xn--" host or port raises here
-        except (httpx.InvalidURL, ValueError, IndexError) as exc:
-            raise ValueError(f"APIXO_BASE_URL {v[:80]!r} does not parse: {exc}") from None
-        if not host or any(ch.isspace() for ch in v):
-            raise ValueError(f"APIXO_BASE_URL {v[:80]!r} must be a URL with a host")
-        return v
+        return check_http_url(v, name="APIXO_BASE_URL")
 
     @field_validator("apixo_api_key", mode="before")
     @classmethod
@@ -386,6 +384,24 @@ class Settings(BaseSettings):
 
 
 _SECRET_VARIABLES = ("APIXO_API_KEY", "HAILUO_CALLBACK_TOKEN")
+
+
+def check_http_url(value: str, *, name: str) -> str:
+    """`value` stripped (and without a trailing "/") if it is an http(s) URL with a host that
+    decodes and a port from 1 to 65535; else `ValueError` whose message starts with `name`."""
+    v = value.strip().rstrip("/")
+    if not v.startswith(("http://", "https://")):
+        raise ValueError(f"{name} {v[:80]!r} must start with http:// or https://")
+    try:
+        url = httpx.URL(v)
+        host, port = url.host, url.port  # a malformed "xn--" host or a bad port raises here
+    except (httpx.InvalidURL, ValueError, IndexError) as exc:
+        raise ValueError(f"{name} {v[:80]!r} does not parse: {exc}") from None
+    if not host or any(ch.isspace() for ch in v):
+        raise ValueError(f"{name} {v[:80]!r} must be a URL with a host")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"{name} {v[:80]!r}: the port must be from 1 to 65535")
+    return v
 
 
 def _variable_name(field_name: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 
 from hailuo_batch.settings import (
     BadSettingError,
@@ -98,6 +99,14 @@ def test_an_output_is_accepted_only_as_a_plain_path_file_or_s3(text: str) -> Non
         ({"APIXO_BASE_URL": "http://[::1"}, "APIXO_BASE_URL 'http://[::1' does not parse"),
         ({"APIXO_BASE_URL": "http://xn--zz"}, "APIXO_BASE_URL 'http://xn--zz' does not parse"),
         ({"APIXO_BASE_URL": "http://a b"}, "APIXO_BASE_URL"),
+        ({"APIXO_BASE_URL": "http://127.0.0.1:99999"}, "APIXO_BASE_URL 'http://127.0.0.1:99999'"),
+        ({"APIXO_BASE_URL": "http://127.0.0.1:0"}, "the port must be from 1 to 65535"),
+        ({"HAILUO_CALLBACK_URL": "http://h:abc"}, "HAILUO_CALLBACK_URL 'http://h:abc'"),
+        ({"HAILUO_CALLBACK_URL": "https://h:65536"}, "HAILUO_CALLBACK_URL"),
+        ({"HAILUO_CALLBACK_URL": "https://xn--zz--.com"}, "HAILUO_CALLBACK_URL"),
+        ({"HAILUO_OUTPUT": "s3://Bad_Bucket!/x"}, "is not a valid S3 bucket name"),
+        ({"HAILUO_OUTPUT": "s3://ab/x"}, "is not a valid S3 bucket name"),
+        ({"HAILUO_OUTPUT": "s3://a..b/x"}, "is not a valid S3 bucket name"),
         ({"HAILUO_PRICE_PRO_USD": "1e308"}, "HAILUO_PRICE_PRO_USD must be at most"),
         ({"HAILUO_FAILCODE_POLICY": "[" * 5000}, "nested too deep"),
         ({"HAILUO_FAILCODE_POLICY": '{"a":' * 3000}, "HAILUO_"),
@@ -181,3 +190,14 @@ def test_an_api_key_that_cannot_be_sent_is_refused_without_showing_it(
 @pytest.mark.parametrize("key", ["", " ", "\t \n"])
 def test_an_empty_api_key_is_no_key(key: str) -> None:
     assert load_settings(apixo_api_key=key).apixo_api_key is None
+
+
+@pytest.mark.parametrize(
+    "base_url", ["http://xn--zz--.com", "https://api.example:99999", "ftp://api.example", "http://"]
+)
+def test_a_credentials_blocks_base_url_is_held_to_the_same_rules(base_url: str) -> None:
+    """A block's base_url reaches the client without passing APIXO_BASE_URL's check: a URL
+    that cannot be built must stop the run as a bad setting, not be POSTed to (and, failing
+    there, leave the item reported as a possible charge)."""
+    with pytest.raises(BadSettingError, match="base_url"):
+        load_settings().apixo_client(api_key=SecretStr("k"), base_url=base_url)

@@ -478,6 +478,9 @@ class ApixoClient:
         """One streamed HTTP exchange; httpx failures become ApixoError (no headers, no key)."""
         try:
             request = http.build_request(method, url, **kwargs)
+        except (httpx.InvalidURL, UnicodeError, IndexError) as exc:  # never sent: nothing made
+            raise ApixoTransportError(f"{method} {path}: invalid URL", request_sent=False) from exc
+        try:
             return http.send(request, stream=True)
         except _NOT_SENT as exc:
             raise ApixoTransportError(

@@ -26,6 +26,7 @@ from hailuo_batch.apixo import (
     MissingAPIKeyError,
     NotFoundError,
     RateLimitedError,
+    RetryPolicy,
     ServerError,
     TaskState,
     UnexpectedResponseError,
@@ -542,3 +543,20 @@ def test_missing_key_is_an_apixo_error_and_a_value_error() -> None:
         Settings(apixo_api_key=None).apixo_client()
     assert isinstance(ei.value, ValueError)
     assert isinstance(ei.value, MissingAPIKeyError)
+
+
+@pytest.mark.parametrize(
+    "base_url", ["http://xn--zz--.com", "https://xn--/", "https://xn--ls8h.la"]
+)
+def test_a_request_that_cannot_be_built_is_reported_never_sent(base_url: str) -> None:
+    """A base URL whose host does not decode fails while the request is built: nothing left
+    this machine, so a submit is not an ambiguous (possibly charged) one."""
+    sent: list[httpx.Request] = []
+    with ApixoClient(
+        API_KEY, base_url, transport=httpx.MockTransport(lambda r: sent.append(r) or ok({})),
+        retry=RetryPolicy(2, 5, 0.01, 0.01), sleep=lambda s: None,
+    ) as client:  # fmt: skip
+        with pytest.raises(ApixoTransportError) as err:
+            client.submit(REQ)
+    assert err.value.request_sent is False and "invalid URL" in str(err.value)
+    assert sent == []
