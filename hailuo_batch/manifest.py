@@ -30,9 +30,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import stat
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, computed_field, field_validator
 
 from hailuo_batch.apixo.models import Mode, Provider
 from hailuo_batch.netguard import ImageUrlError, image_url_kind
+from hailuo_batch.storage import special_file
 
 logger = logging.getLogger(__name__)
 
@@ -261,17 +260,9 @@ class _Raw:
 
 def _refuse_special_file(url: str) -> None:
     """A local manifest that is a pipe, socket or device would be read forever (or never)."""
-    path = url.removeprefix("file://") if url.startswith("file://") or "://" not in url else None
-    if path is None:
-        return
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return  # a missing file is reported when it is opened
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    if (kind := special_file(url)) is not None:
         raise ManifestError(
-            f"manifest {_shown(url)} is not a regular file (a pipe, socket or device): "
-            "give the manifest file itself"
+            f"manifest {_shown(url)} is not a regular file ({kind}): give the manifest file itself"
         )
 
 
@@ -310,7 +301,7 @@ def _csv_rows(text: str, url: str) -> tuple[list[str], list[_Raw]]:
 def _check_header(names: list[str], url: str) -> None:
     seen: dict[str, int] = {}
     for pos, name in enumerate(names, start=1):
-        if _text_problem(name, allow_newlines=False):
+        if text_problem(name, allow_newlines=False):
             raise ManifestError(
                 f"manifest {url}: header column {pos} ({_shown(name, 40)}) contains a control "
                 "character; fix the header line"
@@ -556,7 +547,7 @@ def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def _text_problem(text: str, *, allow_newlines: bool) -> str | None:
+def text_problem(text: str, *, allow_newlines: bool) -> str | None:
     """Why `text` cannot be used as a cell (control character, lone surrogate, too long)."""
     if len(text) > MAX_CELL_CHARS:
         return f"is longer than {MAX_CELL_CHARS} characters"
@@ -612,7 +603,7 @@ class _RowFields:
         if not isinstance(value, str):
             self._error(name, f"must be text (got {_json_type(value)})")
             return ""
-        problem = _text_problem(value, allow_newlines=allow_newlines)
+        problem = text_problem(value, allow_newlines=allow_newlines)
         if problem:
             self._error(name, problem)
             return ""
@@ -625,7 +616,7 @@ class _RowFields:
             self._error(name, f"must be text (got {_json_type(value)})")
             return None
         text = value if isinstance(value, str) else repr(value)
-        problem = _text_problem(text, allow_newlines=False)
+        problem = text_problem(text, allow_newlines=False)
         if problem:
             self._error(name, problem)
             return None

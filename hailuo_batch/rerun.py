@@ -11,7 +11,7 @@ from typing import Any
 import fsspec
 
 from hailuo_batch.results import ItemResult, ItemStatus, from_jsonl
-from hailuo_batch.storage import OutputStore
+from hailuo_batch.storage import OutputStore, special_file
 
 DEFAULT_RERUN_STATUSES = (ItemStatus.FAILED, ItemStatus.NOT_SUBMITTED, ItemStatus.UNCERTAIN)
 
@@ -123,6 +123,10 @@ def outcome_markdown(state_name: str | None, message: str | None, summary: Any) 
     return "".join(lines)
 
 
+MAX_RESULTS_BYTES = 512 * 2**20  # a results line is ~0.5 KB: a million items fit
+"""The largest results file a rerun reads (a path such as /dev/zero would never end)."""
+
+
 class ResultsFileError(ValueError):
     """A rerun's results file that cannot be read as a previous run's results."""
 
@@ -130,9 +134,17 @@ class ResultsFileError(ValueError):
 def read_results(url: str, storage_options: dict[str, Any] | None = None) -> list[ItemResult]:
     """A previous run's results file, from any fsspec URL; `ResultsFileError` (one line that
     names the file) when it is missing, a folder, not text or not results."""
+    if (kind := special_file(url)) is not None:
+        raise ResultsFileError(f"results file {url} is not a regular file ({kind})")
     try:
-        with fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {})) as fh:
-            return from_jsonl(fh.read())
+        with fsspec.open(url, "rb", **(storage_options or {})) as fh:
+            data = bytes(fh.read(MAX_RESULTS_BYTES + 1))
+        if len(data) > MAX_RESULTS_BYTES:
+            raise ResultsFileError(
+                f"results file {url} is larger than {MAX_RESULTS_BYTES // 2**20} MiB: "
+                "is it a run's results.jsonl?"
+            )
+        return from_jsonl(data.decode("utf-8-sig"))
     except FileNotFoundError:
         raise ResultsFileError(f"results file {url} not found") from None
     except IsADirectoryError:

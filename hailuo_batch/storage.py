@@ -25,6 +25,7 @@ import logging
 import mimetypes
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -592,6 +593,21 @@ def _presign_remote(source: str, store: OutputStore, *, settings: Settings) -> s
             f"cannot make a URL the provider can fetch for {source}: {protocol}:// cannot "
             "presign; use http(s) or s3:// image URLs"
         ) from exc
+
+
+def special_file(url: str) -> str | None:
+    """What a local path (or file:// URL) is when it is no regular file or folder ("a pipe,
+    socket or device": reading it could block forever or never end), else None."""
+    path = url.removeprefix("file://") if url.startswith("file://") or "://" not in url else None
+    if path is None:
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None  # a missing file is reported when it is opened
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "a pipe, socket or device"
 
 
 def _file_chunks(path: str) -> Iterator[bytes]:

@@ -1,8 +1,10 @@
 import json
+import os
 
 import pytest
 
 from hailuo_batch.rerun import (
+    ResultsFileError,
     output_of_results,
     read_results,
     rerun_row,
@@ -116,3 +118,32 @@ def test_rows_without_inputs_are_left_out_with_a_reason(previous):
         "row 8 (row-8): no inputs recorded (invalid manifest row)"
     ]
     assert "not rerun: row 8" in sel.markdown
+
+
+def test_a_results_file_with_a_bom_is_read(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + to_jsonl(RESULTS).encode())
+    assert read_results(str(path)) == RESULTS
+
+
+@pytest.mark.parametrize("form", ["path", "file-url"])
+def test_a_results_file_that_is_a_pipe_is_refused_not_read_forever(tmp_path, form):
+    fifo = tmp_path / "results.jsonl"
+    os.mkfifo(fifo)
+    url = str(fifo) if form == "path" else f"file://{fifo}"
+    with pytest.raises(ResultsFileError, match="not a regular file"):
+        read_results(url)
+
+
+def test_a_results_file_past_the_size_limit_is_refused_without_reading_it_all(
+    tmp_path, monkeypatch
+):
+    """`rerun /dev/zero` (or a video given by mistake) must not be read until memory runs out."""
+    monkeypatch.setattr("hailuo_batch.rerun.MAX_RESULTS_BYTES", 1000)
+    path = tmp_path / "results.jsonl"
+    path.write_text(to_jsonl(RESULTS) * 50)
+    with pytest.raises(ResultsFileError, match="larger than"):
+        read_results(str(path))
+    if os.path.exists("/dev/zero"):  # a device: refused before a byte is read
+        with pytest.raises(ResultsFileError, match="not a regular file"):
+            read_results("/dev/zero")
