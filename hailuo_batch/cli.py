@@ -526,6 +526,12 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
     options = options_from(args, RunOptions)
     output = None if options.output is None else _check_output(options.output, None)
+    if args.prompt_suffix is not None:  # appended to every prompt: held to a cell's rules
+        from hailuo_batch.manifest import text_problem
+
+        if problem := text_problem(args.prompt_suffix, allow_newlines=True):
+            print(f"error: --prompt-suffix {problem}", file=sys.stderr)
+            return 2
     if _missing_api_key(options.credentials_block):
         return 2
     _prepare_prefect(args.quiet)
@@ -679,6 +685,11 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(exc, BrokenPipeError):
             print(f"error: {exc}", file=sys.stderr)
         code = 1
+    except BaseException as exc:  # SIGTERM: Prefect raises TerminationSignal in the main thread
+        if type(exc).__name__ != "TerminationSignal":
+            raise
+        print("stopped (SIGTERM): run the same command again to resume", file=sys.stderr)
+        code = 143
     try:
         sys.stdout.flush()
     except OSError:  # stdout cannot take what is left: no second complaint at exit

@@ -368,3 +368,14 @@ def test_a_server_on_a_port_already_taken_says_so(tmp_path):
     for done in (emulator, receiver):
         assert done.returncode == 2, done.stderr[-2000:]
         assert "Address already in use" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("suffix", ["\x07", "ok\x00", "x" * 100_001])
+def test_a_prompt_suffix_that_no_prompt_could_hold_is_a_bad_flag(suffix, capsys):
+    """Appended to every rerun prompt: refused up front, naming the flag, rather than making
+    every item invalid."""
+    with pytest.raises(SystemExit) as done:
+        main(["rerun", "results.jsonl", "--prompt-suffix", suffix])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "--prompt-suffix" in err and "Traceback" not in err

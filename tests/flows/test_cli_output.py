@@ -102,3 +102,35 @@ def test_a_rerun_of_a_results_file_that_is_not_one_exits_2_with_one_line(flow_en
         assert "Traceback" not in text, text[-3000:]
         errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and expected in errors[0], text[-3000:]
+
+
+def test_sigterm_stops_a_run_with_a_line_that_says_how_to_resume(
+    flow_env, tmp_path, images_dir, make_image
+):
+    """A scheduler or `kill` stops a run with SIGTERM: exit 143 and one line, no traceback
+    (the ledger lets the same command resume it)."""
+    import signal
+    import time
+
+    from hailuo_batch.emulator import EmulatorConfig, run_emulator
+
+    slow = EmulatorConfig(port=0, api_key=flow_env["APIXO_API_KEY"], time_scale=0.5,
+                          fps=4, files_dir=str(images_dir), seed=1)  # fmt: skip
+    with run_emulator(slow) as emu:
+        m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emu, 2))
+        env = _env(flow_env, tmp_path, PREFECT_API_URL=str(PREFECT_API_URL.value()),
+                   APIXO_BASE_URL=emu.base_url)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hailuo_batch.cli", "run", str(m), "--output",
+             str(tmp_path / "out"), "--quiet"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while _submissions(emu) < 1 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (out + err)[-3000:]
+    assert "Traceback" not in out + err, (out + err)[-3000:]
+    assert "stopped (SIGTERM)" in err
