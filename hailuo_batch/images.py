@@ -300,9 +300,9 @@ def _inspect_http(url: str, *, settings: Settings) -> ImageInfo:
         raise ImageFetchError(no_answer) from exc
     except (httpx.TransportError, httpx.TimeoutException) as exc:
         raise ImageFetchError(no_answer) from exc
-    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+    except (httpx.HTTPError, httpx.StreamError) as exc:
         raise ImageFetchError(f"cannot fetch image {shown}: {type(exc).__name__}") from exc
-    except (UnicodeError, IndexError) as exc:
+    except (httpx.InvalidURL, UnicodeError, IndexError) as exc:
         # httpx reads every redirect's target host, followed or not: an "xn--" (IDNA) host
         # that does not decode raises there (the URL itself passed `image_url_kind`)
         raise ImageFetchError(
@@ -314,6 +314,8 @@ def _next_hop(current: httpx.URL, resp: httpx.Response, shown: str) -> httpx.URL
     """The redirect target, or `ImageFetchError` when it does not parse or is not http(s)."""
     location = resp.headers.get("location", "")
     unparseable = ImageFetchError(f"image URL {shown} redirects to a location that does not parse")
+    if not location.strip():
+        raise ImageFetchError(f"image URL {shown} redirects (HTTP {resp.status_code}) to nowhere")
     if any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cs") for ch in location):
         raise unparseable
     try:
