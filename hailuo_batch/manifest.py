@@ -301,10 +301,10 @@ def _csv_rows(text: str, url: str) -> tuple[list[str], list[_Raw]]:
 def _check_header(names: list[str], url: str) -> None:
     seen: dict[str, int] = {}
     for pos, name in enumerate(names, start=1):
-        if text_problem(name, allow_newlines=False):
+        if problem := text_problem(name, allow_newlines=False):
             raise ManifestError(
-                f"manifest {url}: header column {pos} ({_shown(name, 40)}) contains a control "
-                "character; fix the header line"
+                f"manifest {url}: header column {pos} ({_shown(name, 40)}) {problem}; "
+                "fix the header line"
             )
         if not name:
             continue

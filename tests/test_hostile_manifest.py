@@ -406,3 +406,13 @@ def test_a_manifest_over_the_size_limit_is_refused(
     text = "image_url,prompt\n" + f"{IMG},p\n" * 100
     with pytest.raises(ManifestError, match="larger than"):
         load_manifest(write(tmp_path, "m.csv", text))
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [("x" * 100_001, "is longer than"), ("a\x07b", "control character"), ("a\x1bb", "U\\+001B")],
+)
+def test_a_bad_header_name_says_what_is_wrong_with_it(tmp_path: Path, name: str, says: str) -> None:
+    text = f"id,image_url,prompt,{name}\na,{IMG},p,x\n"
+    with pytest.raises(ManifestError, match=f"header column 4 .*{says}"):
+        load_manifest(write(tmp_path, "m.csv", text))
