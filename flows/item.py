@@ -123,7 +123,8 @@ async def _check_and_run(
         rt.log("item %s invalid: %s", item.id, "; ".join(v.errors), level=logging.WARNING)
         return outcomes.invalid_image(v, b.run_id)
     if b.dry_run:
-        b.would_cost_usd += b.unit_cost(item)
+        # what a real run would pay: nothing for an item already stored or still in flight
+        b.would_cost_usd += b.planned_costs.get(item.row, b.unit_cost(item))
         return outcomes.not_submitted(item, b.run_id, "dry run")
     return await run_item(b, v, started)
 

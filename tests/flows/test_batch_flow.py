@@ -305,3 +305,19 @@ def test_empty_manifest_fails_before_paying(flow_env, emulator, tmp_path):
     state = generate_videos(manifest=str(m), output=str(tmp_path / "o"), return_state=True)
     assert state.is_failed()
     assert emulator.stats()["submissions"] == 0
+
+
+def test_a_dry_run_over_an_output_estimates_only_what_is_left_to_pay(
+    flow_env, emulator, images_dir, make_image, tmp_path
+):
+    """Items already stored in the output cost nothing again: the dry run's estimate is what
+    the real run would pay, not every valid row's price."""
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 3))
+    out = str(tmp_path / "o")
+    done = generate_videos(manifest=str(m), output=out, return_state=True)
+    assert done.is_completed()
+    more = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 5))  # 2 new rows
+    dry = generate_videos(manifest=str(more), output=out, dry_run=True, return_state=True)
+    assert dry.name == "DryRun" and "would cost about $0.38" in dry.message  # 2 x 0.19
+    assert dry.result()["estimated_batch_cost_usd"] == pytest.approx(2 * 0.19)
+    assert emulator.stats()["submissions"] == 3
