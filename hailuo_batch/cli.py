@@ -324,6 +324,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         manifest = load_manifest(args.manifest, _defaults(args))
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if args.json:  # a script reading stdout gets the same verdict as JSON
+            print(json.dumps({"manifest": args.manifest, "error": str(exc)}, indent=2))
         return 1
     with ThreadPoolExecutor(max_workers=8) as pool:
         checks = list(

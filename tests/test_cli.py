@@ -379,3 +379,13 @@ def test_a_prompt_suffix_that_no_prompt_could_hold_is_a_bad_flag(suffix, capsys)
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert "--prompt-suffix" in err and "Traceback" not in err
+
+
+def test_validate_json_reports_a_whole_file_problem_as_json(tmp_path, capsys):
+    """A script that reads `validate --json` gets JSON on stdout for a file it cannot use too."""
+    (tmp_path / "empty.csv").write_text("id,image_url,prompt\n")
+    with pytest.raises(SystemExit) as done:
+        main(["validate", str(tmp_path / "empty.csv"), "--json"])
+    assert done.value.code == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["manifest"].endswith("empty.csv") and "has no rows" in out["error"]
