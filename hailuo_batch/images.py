@@ -26,6 +26,7 @@ import fsspec
 import httpx
 from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
 
+from hailuo_batch.apixo.transport import decoded_url
 from hailuo_batch.netguard import (
     BlockedAddressError,
     GuardedTransport,
@@ -319,11 +320,10 @@ def _next_hop(current: httpx.URL, resp: httpx.Response, shown: str) -> httpx.URL
     if any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cs") for ch in location):
         raise unparseable
     try:
-        target = current.join(location)
-        host = target.host  # an "xn--" (IDNA) host is decoded here: a malformed one raises
-    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError, IndexError) as exc:
+        target = decoded_url(current.join(location))
+    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
         raise unparseable from exc
-    if target.scheme not in ("http", "https") or not host:
+    if target.scheme not in ("http", "https") or not target.host:
         raise ImageFetchError(
             f"image URL {shown} redirects to a URL that is not http(s) with a host"
         )

@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
+from hailuo_batch.apixo.transport import decoded_url
+
 ALLOW_SETTING = "HAILUO_ALLOW_PRIVATE_NETWORKS=1"
 ACCEPTED_FORMS = "http(s)://host/path, s3://bucket/key or a plain local file path"
 
@@ -112,13 +114,12 @@ def _check_http_url(url: str) -> None:
     if "\\" in url:
         raise ImageUrlError(f"image URL {_shown(url)} contains a backslash: use '/'")
     try:
-        parsed = httpx.URL(url)
+        parsed = decoded_url(url)
         parts = urlsplit(url)
         port = parts.port
-        host = parsed.host  # an "xn--" (IDNA) host is decoded here: a malformed one raises
-    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError, IndexError) as exc:
+    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError) as exc:
         raise ImageUrlError(f"image URL {_shown(url)} does not parse: {exc}") from None
-    if not host or not parts.hostname:
+    if not parsed.host or not parts.hostname:
         raise ImageUrlError(f"image URL {_shown(url)} has no host")
     if port == 0:
         raise ImageUrlError(f"image URL {_shown(url)} has port 0")

@@ -31,6 +31,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from hailuo_batch.apixo import DEFAULT_BASE_URL, ApixoClient, MissingAPIKeyError, RetryPolicy
+from hailuo_batch.apixo.transport import decoded_url, header_safe
 from hailuo_batch.netguard import S3_BUCKET
 
 FailClass = Literal["content", "bad_input", "transient", "balance", "unknown"]
@@ -361,7 +362,7 @@ class Settings(BaseSettings):
             return v
         if not text.strip():
             return None
-        if any(ch.isspace() or not ch.isprintable() or not ch.isascii() for ch in text):
+        if not header_safe(text):
             raise ValueError(
                 "APIXO_API_KEY contains white space, control or non-ASCII characters (it is "
                 "sent in an HTTP header): check that the whole key, and only it, was pasted"
@@ -393,9 +394,9 @@ def check_http_url(value: str, *, name: str) -> str:
     if not v.startswith(("http://", "https://")):
         raise ValueError(f"{name} {v[:80]!r} must start with http:// or https://")
     try:
-        url = httpx.URL(v)
-        host, port = url.host, url.port  # a malformed "xn--" host or a bad port raises here
-    except (httpx.InvalidURL, ValueError, IndexError) as exc:
+        url = decoded_url(v)
+        host, port = url.host, url.port
+    except (httpx.InvalidURL, ValueError) as exc:
         raise ValueError(f"{name} {v[:80]!r} does not parse: {exc}") from None
     if not host or any(ch.isspace() for ch in v):
         raise ValueError(f"{name} {v[:80]!r} must be a URL with a host")

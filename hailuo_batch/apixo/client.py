@@ -76,6 +76,8 @@ from hailuo_batch.apixo.models import GenerateRequest, MalformedStatus, TaskStat
 from hailuo_batch.apixo.transport import (
     RetryPolicy,
     build_http_client,
+    decoded_url,
+    header_safe,
     parse_retry_after,
     retry_call,
 )
@@ -127,7 +129,7 @@ for _name in HTTP_LOGGERS:
 
 
 def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
-    u = httpx.URL(str(url))
+    u = decoded_url(str(url))
     port = u.port or {"http": 80, "https": 443}.get(u.scheme)
     return (u.scheme, u.host, port)
 
@@ -271,7 +273,7 @@ class ApixoClient:
         every error besides the key (add more later with `add_secret`)."""
         key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
         secret = key.get_secret_value()
-        if not secret or any(c.isspace() or not c.isprintable() or not c.isascii() for c in secret):
+        if not secret or not header_safe(secret):
             # Never echo the key: a bad value would otherwise surface in an h11 header error.
             raise ValueError(
                 "the apixo API key is empty or contains whitespace, control or non-ASCII characters"
@@ -508,7 +510,7 @@ class ApixoClient:
             try:
                 target = str(response.url.join(response.headers["location"]))
                 same_origin = _origin(target) == _origin(self.base_url)
-            except (httpx.InvalidURL, UnicodeError, IndexError):  # (or a malformed "xn--" host)
+            except httpx.InvalidURL:
                 raise UnexpectedResponseError("download redirected to an invalid URL") from None
             http = self._http_downloads if same_origin else self._http_anonymous
             response = self._send(http, "GET", target, urlsplit(target).path or "/")

@@ -31,6 +31,7 @@ from hailuo_batch.apixo.errors import (
     NO_RESULT_URL,
     UNKNOWN_STATE,
 )
+from hailuo_batch.apixo.transport import decoded_url
 
 STANDARD_DURATIONS = (6, 10)
 PRO_DURATION_S = 6
@@ -244,11 +245,10 @@ def _is_fetchable_url(value: str) -> bool:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return False
     try:
-        url = httpx.URL(value)
-        host = url.host  # an "xn--" (IDNA) host is decoded here: a malformed one raises
-    except (httpx.InvalidURL, ValueError, IndexError):  # (idna's errors are ValueErrors)
+        url = decoded_url(value)
+    except (httpx.InvalidURL, ValueError):
         return False
-    return url.scheme in ("http", "https") and bool(host)
+    return url.scheme in ("http", "https") and bool(url.host)
 
 
 def _result_object(data: dict[str, Any]) -> dict[str, Any]:

@@ -132,6 +132,24 @@ def retry_call(
             sleep(wait)
 
 
+def decoded_url(value: str | httpx.URL) -> httpx.URL:
+    """`value` as an httpx URL whose host is known to decode. httpx decodes an "xn--" (IDNA)
+    host only when the host is first asked for, and a malformed one raises there (idna's
+    errors, or an IndexError) instead of at parse time; here it is `httpx.InvalidURL` at once."""
+    url = value if isinstance(value, httpx.URL) else httpx.URL(value)
+    try:
+        url.host  # noqa: B018 - read for its check
+    except (ValueError, IndexError) as exc:  # (idna's errors are ValueErrors)
+        raise httpx.InvalidURL(f"malformed host: {exc}") from None
+    return url
+
+
+def header_safe(text: str) -> bool:
+    """Whether `text` can be sent as an HTTP header value as it is (an API key): printable
+    ASCII without white space. Anything else fails in h11 with the value in the error."""
+    return all(ch.isascii() and ch.isprintable() and not ch.isspace() for ch in text)
+
+
 def build_http_client(
     base_url: str,
     api_key: str | SecretStr | None,

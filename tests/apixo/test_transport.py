@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import httpx
 import pytest
 
 from hailuo_batch.apixo import (
@@ -14,7 +15,7 @@ from hailuo_batch.apixo import (
     ServerError,
     retry_call,
 )
-from hailuo_batch.apixo.transport import parse_retry_after
+from hailuo_batch.apixo.transport import decoded_url, header_safe, parse_retry_after
 from hailuo_batch.settings import Settings
 
 
@@ -187,3 +188,30 @@ def test_retry_call_gives_up_when_retry_after_exceeds_budget() -> None:
         )
     assert calls["n"] == 1
     assert clock.sleeps == []  # never sleeps less than the server asked
+
+
+@pytest.mark.parametrize(
+    "url", ["http://xn--/a", "http://XN--/a", "https://xn--zz/a", "http://xn--ls8h.la/"]
+)
+def test_a_host_that_does_not_decode_is_an_invalid_url_at_once(url: str) -> None:
+    with pytest.raises(httpx.InvalidURL, match="malformed host"):
+        decoded_url(url)
+
+
+def test_a_host_that_decodes_is_kept() -> None:
+    assert decoded_url("https://xn--80ak6aa92e.com/v").host == b"xn--80ak6aa92e.com".decode("idna")
+    assert decoded_url(httpx.URL("http://127.0.0.1:8/x")).port == 8
+
+
+@pytest.mark.parametrize(
+    ("text", "safe"),
+    [
+        ("sk-abc_123.XYZ", True),
+        ("sk-é", False),
+        ("sk a", False),
+        ("sk\tb", False),
+        ("a\x00", False),
+    ],
+)
+def test_only_printable_ascii_without_spaces_is_header_safe(text: str, safe: bool) -> None:
+    assert header_safe(text) is safe
