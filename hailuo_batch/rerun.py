@@ -139,16 +139,17 @@ def read_results(url: str, storage_options: dict[str, Any] | None = None) -> lis
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as fh:
             data = bytes(fh.read(MAX_RESULTS_BYTES + 1))
-        if len(data) > MAX_RESULTS_BYTES:
-            raise ResultsFileError(
-                f"results file {url} is larger than {MAX_RESULTS_BYTES // 2**20} MiB: "
-                "is it a run's results.jsonl?"
-            )
-        return from_jsonl(data.decode("utf-8-sig"))
     except FileNotFoundError:
         raise ResultsFileError(f"results file {url} not found") from None
     except IsADirectoryError:
         raise ResultsFileError(f"{url} is a folder: give its runs/ID/results.jsonl") from None
+    if len(data) > MAX_RESULTS_BYTES:
+        raise ResultsFileError(
+            f"results file {url} is larger than {MAX_RESULTS_BYTES:,} bytes: "
+            "is it a run's results.jsonl?"
+        )
+    try:
+        return from_jsonl(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ResultsFileError(f"results file {url} is not UTF-8 text") from None
     except ValueError as exc:

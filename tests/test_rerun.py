@@ -142,8 +142,9 @@ def test_a_results_file_past_the_size_limit_is_refused_without_reading_it_all(
     monkeypatch.setattr("hailuo_batch.rerun.MAX_RESULTS_BYTES", 1000)
     path = tmp_path / "results.jsonl"
     path.write_text(to_jsonl(RESULTS) * 50)
-    with pytest.raises(ResultsFileError, match="larger than"):
+    with pytest.raises(ResultsFileError, match="larger than") as err:
         read_results(str(path))
+    assert str(err.value).count("results file") == 1  # said once, not wrapped in itself
     if os.path.exists("/dev/zero"):  # a device: refused before a byte is read
         with pytest.raises(ResultsFileError, match="not a regular file"):
             read_results("/dev/zero")
