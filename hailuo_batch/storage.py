@@ -212,13 +212,10 @@ class OutputStore:
         return self.read_bytes(key).decode("utf-8")
 
     def sha256(self, key: str) -> str:
-        """The object's sha256, read `CHUNK` bytes at a time (a video is never held whole in
+        """The object's sha256, read a block at a time (a video is never held whole in
         memory); FileNotFoundError if it does not exist."""
-        h = hashlib.sha256()
         with self.fs.open(self._path(key), "rb", block_size=CHUNK) as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-        return h.hexdigest()
+            return hashlib.file_digest(f, "sha256").hexdigest()
 
     def write_bytes_atomic(self, key: str, data: bytes) -> StoredObject:
         if not self.is_local and len(data) <= REMOTE_BLOCK_SIZE:
@@ -617,10 +614,8 @@ def _file_chunks(path: str) -> Iterator[bytes]:
 
 
 def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    for chunk in _file_chunks(path):
-        h.update(chunk)
-    return h.hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _extension(path: str) -> str:
