@@ -379,6 +379,7 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flows.batch import run_flow_sync
+    from flows.run import NOT_STARTED
     from hailuo_batch import progress as prog
 
     bar = Progress(
@@ -426,7 +427,7 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
         if state.message:
             print(f"note:     {state.message}")
         return 0
-    if state.name == "NotStarted":  # flows.run.NOT_STARTED: a block, key or store that fails
+    if state.name == NOT_STARTED:  # a block, key or store that fails: a bad setting
         print(f"error: {state.message}", file=sys.stderr)
         return 2
     print(f"run failed: {state.message}", file=sys.stderr)
