@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import anyio
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -89,7 +91,7 @@ def main() -> int:
         settings = Settings(allow_private_networks=True)  # the emulator is on loopback
         store = OutputStore(str(work / "out"))
         client = ApixoClient(bench.API_KEY, base)
-        limiter = __import__("anyio").CapacityLimiter(8)
+        limiter = anyio.CapacityLimiter(8)
 
         def hop(fn: Callable[..., object], *a: object) -> object:
             return blocking(fn, *a, limiter=limiter)
