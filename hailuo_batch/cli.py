@@ -21,9 +21,12 @@ import sys
 import typing
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 EPILOG = """\
 environment:
@@ -185,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     from hailuo_batch.options import BatchOptions, RunOptions
     from hailuo_batch.results import ItemStatus
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hailuo-batch",
         description="Turn a manifest of images and prompts into videos with apixo hailuo-2-3-fast.",
         epilog=EPILOG,
@@ -664,7 +667,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: the argument {bad!r} is not valid UTF-8: retype it (or rename the file)",
               file=sys.stderr)  # fmt: skip
         sys.exit(2)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error: what it printed must reach its reader
+        _exit_flushed(exc.code if isinstance(exc.code, int) else 2)
+    except OSError as exc:  # the help could not be written
+        _output_failed(exc)
     handlers = {
         "run": cmd_run,
         "rerun": cmd_rerun,
@@ -685,17 +693,45 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         code = 130
     except OSError as exc:  # `... | head` (the reader left), or output to a full disk
-        if not isinstance(exc, BrokenPipeError):
-            print(f"error: {exc}", file=sys.stderr)
-        code = 1
+        _output_failed(exc)
     except BaseException as exc:  # SIGTERM: Prefect raises TerminationSignal in the main thread
         if type(exc).__name__ != "TerminationSignal":
             raise
         print("stopped (SIGTERM): run the same command again to resume", file=sys.stderr)
         code = 143
+    _exit_flushed(code)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, except that help it cannot write to stdout is an error (argparse
+    drops it silently and exits 0)."""
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        if not message:
+            return
+        if file is None or file is sys.stderr:
+            with contextlib.suppress(OSError):  # a usage error still exits 2
+                sys.stderr.write(message)
+            return
+        file.write(message)
+
+
+def _output_failed(exc: OSError) -> NoReturn:
+    """Exit 1 on output that could not be written: one error line, none when the reader left."""
+    if not isinstance(exc, BrokenPipeError):
+        with contextlib.suppress(OSError):
+            print(f"error: could not write the output: {exc}", file=sys.stderr)
+    _exit_flushed(1, said=True)
+
+
+def _exit_flushed(code: int, said: bool = False) -> NoReturn:
+    """Exit with `code` once stdout is flushed; output stdout cannot take (a full disk) is one
+    error line (unless already `said`) and exit 1, a reader that left (`| head`) a quiet exit 1."""
     try:
         sys.stdout.flush()
-    except OSError:  # stdout cannot take what is left: no second complaint at exit
+    except OSError as exc:  # no second complaint at exit: stdout goes nowhere from here
+        if not (said or isinstance(exc, BrokenPipeError)):
+            print(f"error: could not write the output: {exc}", file=sys.stderr)
         code = code or 1
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

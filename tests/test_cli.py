@@ -336,6 +336,39 @@ def test_output_to_a_full_device_is_one_error_line(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["run", "--help"], ["rerun", "--help"], ["validate", "--help"],
+     ["emulator", "--help"], ["receiver", "--help"]],
+)  # fmt: skip
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_help_that_cannot_be_written_is_an_error_not_a_success(argv, unbuffered):
+    """argparse drops help it cannot write and exits 0: a script checking the exit code would
+    take a full disk for success. Buffered or not, it is one error line and exit 1."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("this system has no /dev/full")
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "hailuo_batch.cli", *argv],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, check=False, env=env,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("error:") == 1 and "No space left" in done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+
+
+def test_a_usage_error_is_exit_2_even_when_stderr_cannot_take_it():
+    if not os.path.exists("/dev/full"):
+        pytest.skip("this system has no /dev/full")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "hailuo_batch.cli", "no-such-command"],
+            stdout=subprocess.PIPE, stderr=full, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert done.returncode == 2
+
+
+@pytest.mark.parametrize(
     ("argv", "says"),
     [
         (["emulator", "--balance", "nan"], "not a finite number"),
