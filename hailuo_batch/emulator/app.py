@@ -24,7 +24,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hailuo_batch.emulator.config import EmulatorConfig
+from hailuo_batch.emulator.config import MAX_BALANCE_USD, EmulatorConfig
 from hailuo_batch.emulator.contract import (
     MODEL,
     InvalidRequest,
@@ -511,6 +511,9 @@ class Emulator:
             usd = float((await request.json())["usd"])
         except (ValueError, KeyError, TypeError) as exc:
             return JSONResponse({"ok": False, "error": str(exc)}, status_code=400)
+        if not 0 <= usd <= MAX_BALANCE_USD:  # nan and inf included
+            error = f"usd must be from 0 to {MAX_BALANCE_USD:g}"
+            return JSONResponse({"ok": False, "error": error}, status_code=400)
         self.state.set_balance(usd)
         return JSONResponse({"ok": True, "balance_usd": self.state.balance_usd()})
 

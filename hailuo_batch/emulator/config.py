@@ -13,7 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: the most an emulated account holds: micro-dollars stay exact integers in a float's range
+MAX_BALANCE_USD = 1e9
 
 
 class EmulatorConfig(BaseModel):
@@ -54,7 +57,9 @@ class EmulatorConfig(BaseModel):
     seed: int | None = Field(
         default=None, description="Seed of every random choice (faults, spread)."
     )
-    balance_usd: float = Field(default=1000.0, description="Starting account balance.")
+    balance_usd: float = Field(
+        default=1000.0, ge=0, le=MAX_BALANCE_USD, description="Starting account balance."
+    )
     price_standard_6s: float = Field(default=0.19, ge=0)
     price_standard_10s: float = Field(default=0.32, ge=0)
     price_pro: float = Field(default=0.33, ge=0)
@@ -75,6 +80,14 @@ class EmulatorConfig(BaseModel):
     files_dir: str | None = Field(
         default=None, description="Served read-only under GET /files/{path}."
     )
+
+    @field_validator("files_dir")
+    @classmethod
+    def _a_folder(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"{value!r} is not a folder")
+        return value
+
     slow_s: float = Field(default=2.0, ge=0, description="Delay of a 'slow' fault (not scaled).")
     public_base_url: str | None = Field(
         default=None, description="Base of result URLs; default the bound address."

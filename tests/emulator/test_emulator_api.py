@@ -120,6 +120,14 @@ def test_billing_by_mode_and_duration_then_402(make_emulator: Any) -> None:
     assert stats["rejected"]["402"] == 1
 
 
+@pytest.mark.parametrize("usd", ["nan", "inf", "-1", "1e308", "x", None])
+def test_a_balance_the_emulator_cannot_hold_is_400(client: httpx.Client, usd: Any) -> None:
+    before = client.get(BALANCE).json()["data"]
+    answer = client.post("/_emulator/balance", json={"usd": usd})
+    assert answer.status_code == 400 and answer.json()["ok"] is False
+    assert client.get(BALANCE).json()["data"] == before
+
+
 def test_concurrency_limit_answers_429_with_retry_after(make_emulator: Any) -> None:
     emu = make_emulator(concurrency=2, time_scale=0.01, queue_s=1000)  # pending for 10 s
     with httpx.Client(base_url=emu.base_url, headers={"Authorization": "Bearer k"}) as c:
