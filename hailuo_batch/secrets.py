@@ -140,8 +140,16 @@ def _char_pattern(char: str) -> str:
     return "(?:" + "|".join(forms) + ")"
 
 
+#: a secret this short (a test key, a typo) is scrubbed only where it stands alone: inside
+#: words it would mask half of every line, and names no secret anyone could use
+SHORT_SECRET = 3
+
+
 def _secret_pattern(secret: str) -> str:
-    return "".join(_char_pattern(c) for c in secret)
+    pattern = "".join(_char_pattern(c) for c in secret)
+    if len(secret) > SHORT_SECRET:
+        return pattern
+    return rf"(?<![0-9A-Za-z])(?:{pattern})(?![0-9A-Za-z])"
 
 
 def _as_text(secret: str | SecretStr | None) -> str:

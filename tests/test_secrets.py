@@ -203,6 +203,29 @@ def test_is_signing_param(name: str, signing: bool) -> None:
 SECRET_CHARS = st.characters(blacklist_categories=("Cs",), blacklist_characters="*")
 
 
+def test_a_very_short_secret_is_scrubbed_where_it_stands_alone_not_inside_words() -> None:
+    """A one-letter key (a test key, a typo) masked inside every word made logs unreadable."""
+    s = Scrubber(["k"])
+    assert s.scrub("the key k was refused: k") == f"the key {REDACTED} was refused: {REDACTED}"
+    assert s.scrub("Bad key?k=1&kk=2&x=%6B") == f"Bad key?{REDACTED}=1&kk=2&x={REDACTED}"
+    assert Scrubber(["abcd"]).scrub("xabcdx") == f"x{REDACTED}x"  # longer: everywhere
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    secret=st.text(SECRET_CHARS, min_size=1, max_size=3),
+    encoding=st.sampled_from(sorted(ENCODINGS)),
+    before=st.text(max_size=30),
+    after=st.text(max_size=30),
+)
+def test_property_a_short_secret_standing_alone_never_survives(
+    secret: str, encoding: str, before: str, after: str
+) -> None:
+    encoded = ENCODINGS[encoding](secret)
+    out = Scrubber([secret]).scrub(f"{before} {encoded} {after}")
+    assert f" {encoded} " not in out
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     secret=st.text(SECRET_CHARS, min_size=8, max_size=40),
