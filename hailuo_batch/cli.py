@@ -586,6 +586,9 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         "concurrency": "--concurrency", "fault_rate": "--fault-rate", "hostile_faults": "--hostile",
         "seed": "--seed", "balance_usd": "--balance", "fps": "--fps", "files_dir": "--files-dir",
     }  # fmt: skip
+    if args.files_dir is not None and not os.path.exists(args.files_dir):
+        print(f"error: --files-dir: {args.files_dir!r} does not exist", file=sys.stderr)
+        return 2
     try:
         config = EmulatorConfig(**{field: getattr(args, flag[2:].replace("-", "_"))
                                    for field, flag in flags.items()})  # fmt: skip

@@ -381,7 +381,7 @@ def test_a_usage_error_is_exit_2_even_when_stderr_cannot_take_it():
         (["emulator", "--host", "host.invalid", "--port", "0"], "cannot serve on host.invalid"),
         (["emulator", "--balance", "1e308"], "--balance: Input should be less than"),
         (["emulator", "--balance", "-1"], "--balance: Input should be greater than"),
-        (["emulator", "--files-dir", "/no/such/folder"], "--files-dir: '/no/such/folder' is not"),
+        (["emulator", "--files-dir", "/no/such/folder"], "--files-dir: '/no/such/folder' does not"),
         (["emulator", "--files-dir", "/dev/null"], "--files-dir: '/dev/null' is not a folder"),
     ],
 )

@@ -84,7 +84,8 @@ class EmulatorConfig(BaseModel):
     @field_validator("files_dir")
     @classmethod
     def _a_folder(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_dir():
+        # a folder still to be filled is fine (a test writes its images after the start)
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
             raise ValueError(f"{value!r} is not a folder")
         return value
 
