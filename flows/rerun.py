@@ -18,6 +18,7 @@ from hailuo_batch.jobs import blocking
 from hailuo_batch.options import BatchOptions, RunOptions
 from hailuo_batch.results import ItemStatus
 from hailuo_batch.settings import get_settings
+from hailuo_batch.storage import OutputStore
 
 ABOUT = "Which items this rerun takes from the previous run, and what happened"
 
@@ -55,9 +56,10 @@ async def rerun_failed(
     try:  # nothing is paid before the child run: a results file or store that fails is a setting
         output = options.output or reruns.output_of_results(results)
         store = await open_store(output, options.storage_block, get_settings())
+        source = await _output_of(results, options)
         sel = await blocking(
             partial(
-                reruns.write_selection, store, results, statuses=statuses,
+                reruns.write_selection, store, results, source=source, statuses=statuses,
                 fail_codes=fail_codes, ids=ids,
                 overrides={"mode": mode, "duration": duration, "provider": provider},
                 prompt_suffix=prompt_suffix, dry_run=options.dry_run,
@@ -68,6 +70,8 @@ async def rerun_failed(
     logger = get_run_logger()
     for why in sel.left_out:
         logger.warning("not rerun: %s", why)
+    for line in sel.carried:
+        logger.info("%s", line)
     logger.info("rerun of %s: %d of %d items match", results, sel.chosen, sel.total)
     if not sel.chosen:
         logger.info("nothing to rerun")
@@ -86,3 +90,13 @@ async def rerun_failed(
     outcome_md = reruns.outcome_markdown(state.name, state.message, summary)
     await acreate_markdown_artifact(sel.markdown + outcome_md, description=ABOUT)
     return end_state(state.is_completed(), state.name, state.message, summary)
+
+
+async def _output_of(results: str, options: RunOptions) -> OutputStore | None:
+    """The output `results` belongs to ({output}/runs/{id}/results.jsonl), where its items'
+    ledger records are; None when the file lies elsewhere."""
+    try:
+        source = reruns.output_of_results(results)
+    except ValueError:
+        return None
+    return await open_store(source, options.storage_block, get_settings())

@@ -538,9 +538,12 @@ def _readable_id(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, str | int):
         return None
     text = str(value).strip() if isinstance(value, str) or abs(value) < 10**130 else ""
-    if ID_PATTERN.fullmatch(text) and ".." not in text:
-        return text
-    return None
+    return text if is_item_id(text) else None
+
+
+def is_item_id(text: str) -> bool:
+    """Whether `text` is an item id: safe as a file name in every store, never a path."""
+    return bool(ID_PATTERN.fullmatch(text)) and ".." not in text
 
 
 def _blank(value: Any) -> bool:

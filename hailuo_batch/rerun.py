@@ -10,6 +10,8 @@ from typing import Any
 
 import fsspec
 
+from hailuo_batch.ledger import LedgerRecord, LedgerState
+from hailuo_batch.manifest import is_item_id
 from hailuo_batch.results import ItemResult, ItemStatus, from_jsonl
 from hailuo_batch.storage import OutputStore, special_file
 
@@ -156,6 +158,41 @@ def read_results(url: str, storage_options: dict[str, Any] | None = None) -> lis
         raise ResultsFileError(f"results file {url}: {exc}") from None
 
 
+def carry_records(
+    chosen: Iterable[ItemResult], dest: OutputStore, source: OutputStore | None
+) -> list[str]:
+    """Give a rerun into an output other than the results' own (`source`) what that output's
+    ledger knows of each chosen item: a task that may have been paid for is then reported or
+    held, and a known taskId read again, exactly as in a rerun into `source` itself. When
+    `source` is unknown (a results file moved out of its output), a row the results call
+    uncertain gets an `uncertain` record. A record `dest` already holds is its own history
+    and wins. Returns a line per record carried."""
+    if source is not None and source.url == dest.url:
+        return []
+    carried = []
+    for r in chosen:
+        if not is_item_id(r.id):  # a hand-edited row: its manifest row is refused later
+            continue
+        key = f"ledger/{r.id}.json"
+        body = None
+        if source is not None:
+            try:
+                body = source.read_bytes(key)
+            except FileNotFoundError:
+                pass
+        if body is None and r.status == ItemStatus.UNCERTAIN and r.input_hash:
+            task_ids = [r.task_id] if r.task_id else []
+            body = LedgerRecord(
+                id=r.id, input_hash=r.input_hash, state=LedgerState.UNCERTAIN,
+                task_id=r.task_id, task_ids=task_ids, attempts=max(r.attempts, 1),
+                run_id=r.run_id,
+            ).model_dump_json().encode()  # fmt: skip
+        if body is not None and dest.create_exclusive(key, body):
+            origin = source.url if source is not None else "its results row"
+            carried.append(f"row {r.row} ({r.id}): ledger record carried over from {origin}")
+    return carried
+
+
 @dataclass
 class Selection:
     """What a rerun takes from the previous run: the manifest written for it and why."""
@@ -165,12 +202,14 @@ class Selection:
     manifest_url: str
     markdown: str
     left_out: list[str] = field(default_factory=list)
+    carried: list[str] = field(default_factory=list)  # `carry_records`
 
 
 def write_selection(
     store: OutputStore,
     results_url: str,
     *,
+    source: OutputStore | None = None,
     statuses: Iterable[ItemStatus | str] = DEFAULT_RERUN_STATUSES,
     fail_codes: Iterable[str] | None = None,
     ids: Iterable[str] | None = None,
@@ -179,13 +218,17 @@ def write_selection(
     dry_run: bool = False,
 ) -> Selection:
     """Select the items of `results_url` to rerun and write them as a manifest under `reruns/`
-    of `store` (`overrides`: mode, duration, provider for every row)."""
+    of `store` (`overrides`: mode, duration, provider for every row). `source`: the output the
+    results belong to, when known; a rerun into another output carries its ledger records
+    over first (`carry_records`; not in a dry run, which writes no record)."""
     statuses = list(statuses)
     previous = read_results(results_url, store.storage_options)
     chosen, left_out = select_for_rerun(previous, statuses=statuses, fail_codes=fail_codes, ids=ids)
+    carried = [] if dry_run else carry_records(chosen, store, source)
     rows = [rerun_row(r, prompt_suffix=prompt_suffix, **(overrides or {})) for r in chosen]
     key = f"reruns/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-manifest.jsonl"
     store.write_text_atomic(key, to_manifest_jsonl(rows))
     url = store.url_for(key)
     md = selection_markdown(results_url, len(chosen), statuses, url, left_out, dry_run=dry_run)
-    return Selection(len(rows), len(previous), url, md, list(left_out))
+    md += "".join(f"\n- {line}" for line in carried)
+    return Selection(len(rows), len(previous), url, md, list(left_out), carried)

@@ -148,3 +148,62 @@ def test_a_results_file_past_the_size_limit_is_refused_without_reading_it_all(
     if os.path.exists("/dev/zero"):  # a device: refused before a byte is read
         with pytest.raises(ResultsFileError, match="not a regular file"):
             read_results("/dev/zero")
+
+
+# --- a rerun into another output carries the ledger over (carry_records) --------------------
+
+
+def _record(item_id: str, state: str, **kw) -> str:
+    from hailuo_batch.ledger import LedgerRecord
+
+    return LedgerRecord(id=item_id, input_hash="h" * 64, state=state, **kw).model_dump_json()
+
+
+def test_a_rerun_into_another_output_carries_each_chosen_items_ledger_record(tmp_path):
+    """Without them the other output's ledger knows nothing: an item that may already have been
+    paid for was paid for again in silence, and a known taskId was never read again."""
+    from hailuo_batch.ledger import Ledger, LedgerState
+    from hailuo_batch.rerun import carry_records
+
+    source, dest = OutputStore(str(tmp_path / "a")), OutputStore(str(tmp_path / "b"))
+    source.write_text_atomic("ledger/i6.json", _record("i6", "uncertain", attempts=1))
+    source.write_text_atomic("ledger/i2.json", _record("i2", "submitted", task_id="t2"))
+    source.write_text_atomic("ledger/i5.json", _record("i5", "failed"))
+    dest.write_text_atomic("ledger/i5.json", _record("i5", "stored"))  # dest's own history
+    chosen = [r(6, "uncertain"), r(2, "failed"), r(5, "failed"), r(8, "failed")]
+    carried = carry_records(chosen, dest, source)
+    assert [line.split(":")[0] for line in carried] == ["row 6 (i6)", "row 2 (i2)"]
+    ledger = Ledger(dest, "rerun")
+    assert ledger.get("i6").state == LedgerState.UNCERTAIN
+    assert ledger.get("i2").task_id == "t2"
+    assert ledger.get("i5").state == LedgerState.STORED  # never overwritten
+    assert ledger.get("i8") is None  # the source knew nothing of it either
+    assert carry_records(chosen, source, source) == []  # the same output: nothing to carry
+
+
+def test_a_moved_results_file_still_carries_what_its_rows_say_may_have_been_paid(tmp_path):
+    from hailuo_batch.ledger import Ledger, LedgerState
+    from hailuo_batch.rerun import carry_records
+
+    dest = OutputStore(str(tmp_path / "b"))
+    rows = [
+        r(6, "uncertain", input_hash="h" * 64, attempts=2, task_id="t6"),
+        r(3, "failed", input_hash="h" * 64, uncertain=True),  # reported by its own run
+        r(2, "failed", input_hash="h" * 64),
+        r(9, "uncertain"),  # no input hash: nothing to compare a record with
+    ]
+    carried = carry_records(rows, dest, None)
+    assert len(carried) == 1 and "from its results row" in carried[0]
+    got = Ledger(dest, "rerun").get("i6")
+    assert (got.state, got.attempts, got.task_ids) == (LedgerState.UNCERTAIN, 2, ["t6"])
+    assert Ledger(dest, "rerun").get("i3") is None and Ledger(dest, "rerun").get("i2") is None
+
+
+@pytest.mark.parametrize("bad_id", ["../escape", "a/b", "..", "", "x" * 200])
+def test_a_hand_edited_id_never_reaches_a_store_path(tmp_path, bad_id):
+    from hailuo_batch.rerun import carry_records
+
+    source, dest = OutputStore(str(tmp_path / "a")), OutputStore(str(tmp_path / "b"))
+    row = r(1, "uncertain", input_hash="h" * 64).model_copy(update={"id": bad_id})
+    assert carry_records([row], dest, source) == []
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").rglob("*.json"))

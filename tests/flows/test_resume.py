@@ -20,6 +20,7 @@ from flows.batch import run_flow_sync
 from flows.rerun import rerun_failed
 from hailuo_batch.ledger import Ledger, LedgerRecord, LedgerState
 from hailuo_batch.manifest import load_manifest
+from hailuo_batch.options import RunOptions
 from hailuo_batch.settings import get_settings
 from hailuo_batch.storage import OutputStore
 from tests.flows.flowkit import generate_videos, items, results_of, served_sha256, write_csv
@@ -126,6 +127,30 @@ def test_posts_of_unknown_outcome_leave_a_flaky_item_its_resubmission(
     assert r.attempts == 4  # every POST stays counted as possibly paid
     # one task, its transient resubmission; the rerun reported the possible charges
     assert emulator.stats()["submissions_by_prompt"] == {prompt: 2}
+
+
+def test_a_rerun_into_another_output_reports_what_may_already_have_been_paid(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    """The first run's POSTs were billed and their answers lost. A rerun into a new output
+    resubmits them (the default policy) and says so, as a rerun into the same output does;
+    a rerun of a results file moved out of its output as well."""
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 2))
+    emulator.script_faults("submit", "drop_after_create", count=2)
+    first = generate_videos(manifest=str(m), output=str(tmp_path / "a"))
+    results = first.result(raise_on_failure=False)["results"]
+    assert {r.status for r in results_of(first.result(raise_on_failure=False)).values()} == {
+        "uncertain"
+    }
+    moved = tmp_path / "elsewhere.jsonl"
+    moved.write_bytes(Path(results).read_bytes())
+    for source, output in ((results, tmp_path / "b"), (str(moved), tmp_path / "c")):
+        state = run_flow_sync(rerun_failed, results=source, options=RunOptions(output=str(output)))
+        assert state.is_completed(), state.message
+        for r in results_of(state.result()).values():
+            assert r.status == "succeeded" and r.uncertain, r
+            assert "possible duplicate charge" in r.note, r.note
+    assert emulator.stats()["submissions"] == 6  # 2 lost answers, then 2 reported per rerun
 
 
 def test_dropped_submit_is_uncertain_not_retried(
