@@ -185,6 +185,12 @@ class Scrubber:
             ordered = sorted(self._secrets, key=len, reverse=True)
             self._pattern = re.compile("|".join(_secret_pattern(s) for s in ordered))
 
+    def scrub_secrets(self, text: str) -> str:
+        """`text` without any registered secret, in any encoding; signed URLs stay whole (an
+        API answer is cleaned with this before it is parsed: its result URLs must still work)."""
+        pattern = self._pattern
+        return pattern.sub(REDACTED, text) if pattern is not None and text else text
+
     def scrub(self, text: str) -> str:
         """`text` without any registered secret, signed URL query or bearer token."""
         if not text:

@@ -351,7 +351,7 @@ class ApixoClient:
                 "POST",
                 SUBMIT_PATH,
                 retry=self._retry_submit,
-                parse=lambda r: _submit_task_id(_envelope_data(r)),
+                parse=lambda r: _submit_task_id(_envelope_data(r, self._scrubber)),
                 json=request.to_payload(),
             )
         except ApixoError as exc:
@@ -377,7 +377,7 @@ class ApixoClient:
             "GET",
             STATUS_PATH,
             retry=_retry_read,
-            parse=lambda r: _status_of(task_id, _envelope_data(r)),
+            parse=lambda r: _status_of(task_id, _envelope_data(r, self._scrubber)),
             params={"taskId": task_id},
         )
 
@@ -387,7 +387,7 @@ class ApixoClient:
             "GET",
             BALANCE_PATH,
             retry=_retry_read,
-            parse=lambda r: _balance_of(_envelope_data(r)),
+            parse=lambda r: _balance_of(_envelope_data(r, self._scrubber)),
         )
 
     @contextmanager
@@ -569,11 +569,14 @@ def _loads(content: bytes) -> Any:
         return None
 
 
-def _envelope_data(response: httpx.Response) -> Any:
-    """Check an API answer's HTTP status and envelope `code`; return the envelope's `data`."""
+def _envelope_data(response: httpx.Response, scrubber: Scrubber) -> Any:
+    """Check an API answer's HTTP status and envelope `code`; return the envelope's `data`.
+    Secrets the answer echoes are replaced before anything is read from it: a message or
+    value cut short later would otherwise keep a part of a secret no scrubber recognises."""
     method, path = response.request.method, response.url.path
     limit = MAX_ANSWER_BYTES if response.is_success else _MAX_ERROR_BODY
     content, complete = _read_capped(response, limit)
+    content = _without_secrets(content, scrubber)
     retry_after = parse_retry_after(response.headers.get("retry-after"))
     body: Any = _loads(content) if complete else None
     if not response.is_success:
@@ -600,6 +603,14 @@ def _envelope_data(response: httpx.Response) -> Any:
         message = _envelope_message(body) or f"error code {code_int}"
         raise error_for(code_int, message, retry_after)
     return body.get("data")
+
+
+def _without_secrets(content: bytes, scrubber: Scrubber) -> bytes:
+    """`content` with every secret `scrubber` knows replaced (JSON stays JSON: the mask is
+    plain text inside the string that held the secret); unchanged when it holds none."""
+    text = content.decode("utf-8", "surrogateescape")
+    clean = scrubber.scrub_secrets(text)
+    return content if clean == text else clean.encode("utf-8", "surrogateescape")
 
 
 def _submit_task_id(data: Any) -> str:

@@ -255,3 +255,49 @@ def test_http_library_log_lines_are_scrubbed(
     lines = [r.getMessage() for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]
     assert sum("HTTP Request: GET" in line for line in lines) >= 4
     assert leaks(lines) == []
+
+
+STATUS_FIELDS = {
+    "state": lambda s: {"state": s},
+    "taskId": lambda s: {"taskId": s},
+    "costTime": lambda s: {"state": "success", "costTime": s, "resultJson": '{"resultUrls":[]}'},
+    "createTime": lambda s: {"createTime": s},
+    "resultJson": lambda s: {"state": "success", "resultJson": s},
+    "resultUrls": lambda s: {"state": "success", "resultJson": json.dumps({"resultUrls": s})},
+    "failCode": lambda s: {"state": "failed", "failCode": {"nested": s}},
+    "failMsg": lambda s: {"state": "failed", "failCode": "X", "failMsg": [s]},
+}
+
+
+LONG_KEY = "sk-live-A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8S9t0U1v2W3x4Y5z6"
+LONG_TOKEN = "cbTok_" + "Zq9" * 20
+
+
+@pytest.mark.parametrize("secret", ["key", "token"])
+@pytest.mark.parametrize("field", sorted(STATUS_FIELDS))
+@pytest.mark.parametrize("prefix", ["", "x" * 5, "y" * 30])
+def test_a_secret_in_any_status_field_leaks_no_part_of_itself(
+    sleeps: Sleeps, secret: str, field: str, prefix: str
+) -> None:
+    """A status answer that puts a secret where a value belongs: the client's message quotes
+    the bad value cut short, and a cut secret was no longer recognised (34 characters of the
+    key reached results, the review page and the terminal)."""
+    value = LONG_KEY if secret == "key" else LONG_TOKEN
+    data = {"taskId": "t1", "state": "processing", "createTime": 1}
+    data.update(STATUS_FIELDS[field](prefix + value))
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=envelope(200, data))
+
+    client = ApixoClient(
+        LONG_KEY, BASE_URL, transport=httpx.MockTransport(answer), secrets=[LONG_TOKEN],
+        sleep=sleeps, retry=RetryPolicy(max_attempts=2, max_elapsed_s=60, base_s=0.5, max_s=4),
+    )  # fmt: skip
+    with client:
+        try:
+            got: object = client.get_status("t1")
+        except ApixoError as exc:
+            got = exc
+    texts = chain_texts(got) if isinstance(got, BaseException) else [repr(got)]
+    parts = {value[i : i + 10] for i in range(len(value) - 9)}  # any 10 characters of it
+    assert not [t for t in texts if any(p in t for p in parts)], texts
