@@ -72,7 +72,13 @@ from hailuo_batch.apixo.errors import (
     UnexpectedResponseError,
     error_for,
 )
-from hailuo_batch.apixo.models import GenerateRequest, MalformedStatus, TaskStatus
+from hailuo_batch.apixo.models import (
+    MAX_PROVIDER_MESSAGE,
+    GenerateRequest,
+    MalformedStatus,
+    TaskStatus,
+    provider_text,
+)
 from hailuo_batch.apixo.transport import (
     RetryPolicy,
     build_http_client,
@@ -93,6 +99,7 @@ BALANCE_PATH = "/api/v1/apikeys/current-balance"
 
 MAX_ANSWER_BYTES = 1 << 20  # an API answer is a small JSON envelope; more is not one
 MAX_REDIRECTS = 20
+MAX_TASK_ID = 256
 _MAX_ERROR_BODY = 64 * 1024  # of a non-2xx answer, only this much is read for its message
 _CAPABILITY_SEGMENT = 16  # a callback URL's last path segment this long is its secret token
 
@@ -614,9 +621,18 @@ def _without_secrets(content: bytes, scrubber: Scrubber) -> bytes:
 
 
 def _submit_task_id(data: Any) -> str:
+    """The answer's taskId: a word of up to 256 printable characters. Anything else is a
+    malformed answer (the task may still have been created: the caller reports it)."""
     task_id = data.get("taskId") if isinstance(data, dict) else None
     if not isinstance(task_id, str) or not task_id:
         raise MalformedAnswerError("submit answer has no data.taskId", 200, MALFORMED_SUBMIT)
+    if len(task_id) > MAX_TASK_ID or not task_id.isprintable() or " " in task_id:
+        raise MalformedAnswerError(
+            f"submit answer's taskId {_short(task_id)} is not a task id "
+            f"(up to {MAX_TASK_ID} printable characters, no spaces)",
+            200,
+            MALFORMED_SUBMIT,
+        )
     return task_id
 
 
@@ -674,4 +690,4 @@ def _envelope_message(body: Any) -> str | None:
     parts = [str(p) for p in (message, detail) if p not in (None, "")]
     if len(parts) == 2 and parts[0] == parts[1]:
         parts = parts[:1]
-    return ": ".join(parts) or None
+    return provider_text(": ".join(parts), MAX_PROVIDER_MESSAGE) or None

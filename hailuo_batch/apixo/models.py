@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
@@ -186,6 +187,31 @@ class MalformedStatus(ValueError):
         self.fail_code = fail_code
 
 
+#: the longest failCode and provider message kept (a hostile answer may send megabytes, which
+#: every ledger record, results line, page and artifact would then carry)
+MAX_FAIL_CODE = 200
+MAX_PROVIDER_MESSAGE = 2000
+#: characters a terminal or a page acts on instead of showing: controls (ESC, NUL, CR),
+#: formats (bidi overrides, zero-width), lone surrogates, line and paragraph separators
+_HIDDEN = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+
+
+def provider_text(text: str, limit: int) -> str:
+    """Text the provider wrote, as it may be shown anywhere: cut to `limit` characters (saying
+    how much more there was), and every character that acts instead of showing written as
+    its escape (`\\x1b`, `\\u202e`); newlines and tabs stay."""
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+    if text.isprintable():
+        return text
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if ch not in "\n\t" and unicodedata.category(ch) in _HIDDEN
+        else ch
+        for ch in text
+    )
+
+
 def _describe(value: Any) -> str:
     """A short description of a JSON value for an error message (never the whole value)."""
     if isinstance(value, dict | list):
@@ -227,11 +253,14 @@ def _whole(data: dict[str, Any], key: str) -> int | None:
     return number
 
 
-def _text(data: dict[str, Any], key: str, *, numbers: bool = False) -> str | None:
-    """`data[key]` as a string, None when absent or null; a whole number too when `numbers`."""
+def _text(data: dict[str, Any], key: str, *, limit: int, numbers: bool = False) -> str | None:
+    """`data[key]` as a string (`provider_text`), None when absent or null; a whole number
+    too when `numbers`."""
     value = data.get(key)
-    if value is None or isinstance(value, str):
-        return value
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return provider_text(value, limit)
     if numbers and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     raise MalformedStatus(MALFORMED_STATUS, f"{key} must be a string, got {_describe(value)}")
@@ -329,8 +358,8 @@ class TaskStatus(BaseModel):
             "create_time": _whole(data, "createTime"),
             "complete_time": _whole(data, "completeTime"),
             "cost_time_ms": _whole(data, "costTime"),
-            "fail_code": _text(data, "failCode", numbers=True),
-            "fail_msg": _text(data, "failMsg"),
+            "fail_code": _text(data, "failCode", numbers=True, limit=MAX_FAIL_CODE),
+            "fail_msg": _text(data, "failMsg", limit=MAX_PROVIDER_MESSAGE),
         }
         if task_state == TaskState.SUCCESS:
             fields["result_urls"] = _result_urls(data)

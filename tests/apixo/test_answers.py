@@ -150,7 +150,11 @@ def test_balance_that_is_not_a_finite_number(make_client: MakeClient, data: Any)
     assert len(script.requests) == 1
 
 
-@pytest.mark.parametrize("data", [None, {}, {"taskId": ""}, {"taskId": 12}, {"taskId": ["t"]}])
+@pytest.mark.parametrize(
+    "data",
+    [None, {}, {"taskId": ""}, {"taskId": 12}, {"taskId": ["t"]}, {"taskId": "t\n1"},
+     {"taskId": "t 1"}, {"taskId": "t\x1b[2J"}, {"taskId": "t\u202e1"}, {"taskId": "t" * 257}],
+)  # fmt: skip
 def test_submit_without_usable_task_id_is_ambiguous(make_client: MakeClient, data: Any) -> None:
     client, script = make_client(ok(data), default=ok({"taskId": "task_x"}))
     with pytest.raises(AmbiguousSubmitError) as ei:
@@ -267,3 +271,49 @@ def test_answer_errors_pickle_with_their_code() -> None:
             3,
             str(err),
         )
+
+
+# --- provider text: shown as written, never acted on -----------------------------------------
+
+HIDDEN = ["\x00", "\x1b[31m", "\x1b[2J", "\r", "\u202e", "\u2066", "\u200b", "\u2028", "\ud800"]
+
+
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("where", ["failCode", "failMsg", "message", "data.error"])
+def test_provider_text_reaches_nobody_with_characters_that_act(
+    make_client: MakeClient, hidden: str, where: str
+) -> None:
+    """A terminal acts on ESC and CR, a page shows a bidi override as reversed text, a NUL or
+    lone surrogate breaks a file: a provider's failCode or message keeps each as its escape."""
+    text = f"bad{hidden}thing"
+    if where in ("failCode", "failMsg"):
+        data = {"taskId": "t1", "state": "failed", "failCode": "X", "failMsg": "m", where: text}
+        client, _ = make_client(ok(data))
+        status = client.get_status("t1")
+        shown = status.fail_code if where == "failCode" else status.fail_msg
+    else:
+        body = (
+            envelope(400, {"error": text}, "m")
+            if where == "data.error"
+            else envelope(400, None, text)
+        )
+        client, _ = make_client(httpx.Response(400, content=json.dumps(body).encode()))
+        with pytest.raises(ApixoError) as ei:
+            client.get_status("t1")
+        shown = str(ei.value)
+    assert shown is not None and hidden not in shown
+    assert hidden.encode("unicode_escape").decode("ascii") in shown
+    shown.encode("utf-8")  # writable anywhere
+
+
+@pytest.mark.parametrize(("where", "limit"), [("failCode", 200), ("failMsg", 2000)])
+def test_a_huge_provider_text_is_cut_saying_so(
+    make_client: MakeClient, where: str, limit: int
+) -> None:
+    """An 800 KB failMsg went into every ledger record, results line, page and artifact."""
+    data = {"taskId": "t1", "state": "failed", "failCode": "X", where: "x" * 600_000}
+    client, _ = make_client(ok(data))
+    status = client.get_status("t1")
+    shown = status.fail_code if where == "failCode" else status.fail_msg
+    assert shown is not None and len(shown) < limit + 50
+    assert shown.endswith(f"... ({600_000 - limit:,} more characters)")
