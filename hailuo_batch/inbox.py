@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from hailuo_batch import markdown as md
 from hailuo_batch.manifest import ItemDefaults, ManifestError, load_manifest
 from hailuo_batch.storage import OutputStore
 
@@ -199,13 +200,14 @@ def nightly_outcome(report: dict[str, Any]) -> tuple[Literal["completed", "faile
 
 def report_markdown(report: dict[str, Any]) -> str:
     """The night's report as the markdown artifact shows it."""
-    lines = [f"# nightly-batch: {report['inbox']}", ""]
+    lines = [f"# nightly-batch: {md.code(report['inbox'])}", ""]
     if not (report["done"] or report["failed"] or report["taken"]):
         return "\n".join([*lines, "No new manifests."]) + "\n"
     lines += ["| manifest | outcome | run | record |", "|---|---|---|---|"]
     for outcome in ("done", "failed"):
         for r in report[outcome]:
             detail = r.get("flow_run_name") or r.get("error") or ""
-            lines.append(f"| {r['manifest']} | {outcome} | {detail} | {r['record']} |")
-    lines += [f"| {name} | taken by another run | | |" for name in report["taken"]]
+            cells = (md.text(r["manifest"]), outcome, md.text(detail), md.code(r["record"]))
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"| {md.text(name)} | taken by another run | | |" for name in report["taken"]]
     return "\n".join(lines) + "\n"

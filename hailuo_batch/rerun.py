@@ -10,6 +10,7 @@ from typing import Any
 
 import fsspec
 
+from hailuo_batch import markdown as md
 from hailuo_batch.ledger import LedgerRecord, LedgerState
 from hailuo_batch.manifest import is_item_id
 from hailuo_batch.results import ItemResult, ItemStatus, from_jsonl
@@ -104,9 +105,9 @@ def selection_markdown(
 ) -> str:
     """The rerun's artifact, first part: what it takes from the previous run."""
     return (
-        f"# {'dry run of a ' if dry_run else ''}rerun of `{results_url}`\n\n{chosen} items "
-        f"selected (statuses {', '.join(map(str, statuses))}); manifest `{manifest_url}`.\n"
-        + "".join(f"\n- not rerun: {w}" for w in left_out)
+        f"# {'dry run of a ' if dry_run else ''}rerun of {md.code(results_url)}\n\n{chosen} "
+        f"items selected (statuses {', '.join(map(str, statuses))}); manifest "
+        f"{md.code(manifest_url)}.\n" + "".join(f"\n- not rerun: {md.text(w)}" for w in left_out)
     )
 
 
@@ -114,14 +115,14 @@ def outcome_markdown(state_name: str | None, message: str | None, summary: Any) 
     """The rerun's artifact, second part: its run's state, counts by status, results file."""
     lines = [f"\n## outcome: {state_name}\n"]
     if message:
-        lines.append(f"\n{message}\n")
+        lines.append(f"\n{md.text(message)}\n")
     if isinstance(summary, dict):
         counts = {k: v for k, v in (summary.get("by_status") or {}).items() if v}
         if counts:
             lines.append("\n| status | items |\n|---|---|\n")
             lines += [f"| {k} | {v} |\n" for k, v in sorted(counts.items())]
         if summary.get("results"):
-            lines.append(f"\nresults: `{summary['results']}`\n")
+            lines.append(f"\nresults: {md.code(summary['results'])}\n")
     return "".join(lines)
 
 
@@ -229,6 +230,6 @@ def write_selection(
     key = f"reruns/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-manifest.jsonl"
     store.write_text_atomic(key, to_manifest_jsonl(rows))
     url = store.url_for(key)
-    md = selection_markdown(results_url, len(chosen), statuses, url, left_out, dry_run=dry_run)
-    md += "".join(f"\n- {line}" for line in carried)
-    return Selection(len(rows), len(previous), url, md, list(left_out), carried)
+    text = selection_markdown(results_url, len(chosen), statuses, url, left_out, dry_run=dry_run)
+    text += "".join(f"\n- {md.text(line)}" for line in carried)
+    return Selection(len(rows), len(previous), url, text, list(left_out), carried)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from hailuo_batch import markdown as md
 from hailuo_batch.policy import percentile
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
     lines += [f"| **total** | **{summary['items']}** |", ""]
     if summary["by_fail_code"]:
         lines += ["| failCode | items |", "|---|---:|"]
-        lines += [f"| `{k}` | {v} |" for k, v in summary["by_fail_code"].items()]
+        lines += [f"| {md.code(k)} | {v} |" for k, v in summary["by_fail_code"].items()]
         lines.append("")
     ct = {k: (None if v is None else v / 1000) for k, v in summary["cost_time_ms"].items()}
     lines += [
@@ -167,7 +168,7 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
         f"{_fmt(ct['median'], ' s')} / {_fmt(ct['p95'], ' s')} / {_fmt(ct['max'], ' s')}",
         f"- wall time: {_fmt(summary['wall_time_s'], ' s')}",
         f"- stored: {summary['stored_bytes']:,} bytes",
-        f"- results: `{results_url}`",
+        f"- results: {md.code(results_url)}",
     ]
     learned = (summary.get("concurrency") or {}).get("learned_limit")
     if learned:
@@ -177,7 +178,7 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
             f"{summary['concurrency'].get('rate_limited', 0)} submissions refused with 429)"
         )
     if summary.get("rerun_of"):
-        lines.append(f"- rerun of: `{summary['rerun_of']}`")
+        lines.append(f"- rerun of: {md.code(summary['rerun_of'])}")
     return "\n".join(lines) + "\n"
 
 

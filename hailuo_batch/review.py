@@ -29,6 +29,7 @@ from urllib.parse import quote, urlsplit
 import av
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from hailuo_batch import markdown as md
 from hailuo_batch.results import ItemResult, ItemStatus
 from hailuo_batch.storage import OutputStore, PresignUnsupported, run_key
 from hailuo_batch.video import (
@@ -602,8 +603,8 @@ def review_markdown(store: OutputStore, outputs: ReviewOutputs, *, expires_s: in
     embedded through a presigned URL when the store can hand one out (not a local folder)."""
     page = store.url_for(outputs.page_key)
     lines = [
-        f"**Review page:** `{page}` (its links are relative: open it in the output folder, or "
-        "in a copy of `runs/` and `videos/`)"
+        f"**Review page:** {md.code(page)} (its links are relative: open it in the output "
+        "folder, or in a copy of `runs/` and `videos/`)"
     ]
     if outputs.contact_sheet_key and not store.is_local:
         try:
