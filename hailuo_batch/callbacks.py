@@ -181,14 +181,18 @@ class CallbackStore:
                 ids.add(name[:-5])
         return ids
 
-    def poll_new(self, known: set[str]) -> dict[str, TaskStatus]:
-        """Statuses of recorded tasks not in `known`: one listing, then one read per new id.
+    def poll_new(self, known: set[str], wanted: set[str] | None = None) -> dict[str, TaskStatus]:
+        """Statuses of recorded tasks not in `known` (and, given `wanted`, among those): one
+        listing, then one read per new id.
 
         Put an id in `known` once its terminal status has been consumed; a non-terminal
-        record (unexpected) is returned again on later polls until it turns terminal.
+        record (unexpected) is returned again on later polls until it turns terminal. A store
+        that keeps every delivery of every earlier run costs a reader with `wanted` only the
+        listing: the other records are never read.
         """
         found: dict[str, TaskStatus] = {}
-        for task_id in sorted(self.task_ids() - known):
+        ids = self.task_ids() - known
+        for task_id in sorted(ids if wanted is None else ids & wanted):
             status = self.get(task_id)
             if status is not None:
                 found[task_id] = status
@@ -201,8 +205,9 @@ class CallbackWaiter:
     `run()` (a background job of the run) lists new deliveries every `check_s` seconds: one
     listing per tick for the whole run, not a read per item. An item waiting for a task holds
     `waiting(task_id)`'s event, set when a terminal delivery for that task is seen (also when it
-    was seen before the item started waiting). A delivery is never trusted on its own: the
-    waiter only wakes the item, whose status read confirms it.
+    was delivered before the item started waiting: at the next check). Only the deliveries of
+    tasks an item waits for are read; the store may hold every earlier run's. A delivery is
+    never trusted on its own: the waiter only wakes the item, whose status read confirms it.
     """
 
     def __init__(
@@ -241,8 +246,11 @@ class CallbackWaiter:
 
     async def check(self) -> None:
         """One look at the delivery store (a listing, then a read per new delivery)."""
+        wanted = set(self._events) - self._known
+        if not wanted:
+            return
         try:
-            new = await self._blocking(self.store.poll_new, set(self._known))
+            new = await self._blocking(self.store.poll_new, set(self._known), wanted)
         except Exception as exc:  # noqa: BLE001 - any store error: the backstop poll goes on
             self._warn(f"cannot read callback deliveries: {exc}")
             return

@@ -4,7 +4,9 @@ Routes:
 
 - `POST /callbacks/{token}`: a delivery. The token (HAILUO_CALLBACK_TOKEN, at least 16 URL-safe
   characters) is compared in constant time; a wrong token answers 404, like any unknown path,
-  so the endpoint cannot be discovered. Bodies over 64 KiB answer 413, bad JSON or an envelope
+  so the endpoint cannot be discovered (so does the same path with a trailing slash). A body
+  not received within 10 s answers 408, a client that leaves mid-body gets one log line and
+  no traceback. Bodies over 64 KiB answer 413, bad JSON or an envelope
   without a valid `data.taskId`/`data.state` 400, all without touching the store. A valid
   delivery is recorded (one small write, idempotent by taskId) and answered 200 `{"ok": true}`;
   if recording fails or takes over 20 s the answer is 500, so the provider retries (its limit
@@ -38,7 +40,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -56,6 +58,7 @@ from hailuo_batch.sockets import bind_tcp, serve_in_thread
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
+BODY_TIMEOUT_S = 10.0  # a body that trickles in holds a connection: the provider sends at once
 RECORD_TIMEOUT_S = 20.0
 REDACTED = "<redacted>"
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -120,7 +123,7 @@ class _AccessLog:
             level = logging.INFO
             if status >= 500:
                 level = logging.ERROR
-            elif status in (400, 413):
+            elif status in (400, 408, 413):
                 level = logging.WARNING
             log_event(
                 level,
@@ -182,6 +185,7 @@ def create_app(
     store: CallbackStore | None = None,
     *,
     max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout_s: float = BODY_TIMEOUT_S,
     record_timeout_s: float = RECORD_TIMEOUT_S,
     on_record: OnRecord | None = None,
 ) -> Starlette:
@@ -202,7 +206,15 @@ def create_app(
             raise HTTPException(404)
         if request.method != "POST":
             raise HTTPException(405, headers={"Allow": "POST"})
-        body = await _read_limited(request, max_body_bytes)
+        try:
+            with anyio.fail_after(body_timeout_s):
+                body = await _read_limited(request, max_body_bytes)
+        except TimeoutError:
+            fields["error"] = f"body not received within {body_timeout_s:g} s"
+            return JSONResponse({"ok": False, "error": "body too slow"}, status_code=408)
+        except ClientDisconnect:
+            fields["error"] = "the client left before its body was received"
+            return Response(status_code=400)
         if body is None:
             fields["error"] = f"body over {max_body_bytes} bytes"
             return JSONResponse({"ok": False, "error": "body too large"}, status_code=413)
@@ -236,6 +248,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
         ]
     )
+    app.router.redirect_slashes = False  # `/callbacks/x/` is an unknown path: 404, not 307
     app.add_middleware(_AccessLog, token=token)
     app.state.store = store
     return app
@@ -285,11 +298,12 @@ def run_receiver(
     host: str = "127.0.0.1",
     port: int = 0,
     on_record: OnRecord | None = None,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> Iterator[ReceiverHandle]:
     """Serve the receiver from a background thread until the block exits (tests, demos)."""
     settings = settings or get_settings()
     store = store or CallbackStore(settings.callback_store)
-    app = create_app(settings, store, on_record=on_record)
+    app = create_app(settings, store, on_record=on_record, body_timeout_s=body_timeout_s)
     sock = bind_tcp(host, port)
     server = _uvicorn(app, "warning", own_logging=False)  # leave logging as it is
     with serve_in_thread(server, sock, "callback receiver"):

@@ -109,6 +109,8 @@ REFUSED: list[tuple[str, str, str, Any, int]] = [
     ("oversized", "POST", f"/callbacks/{TOKEN}", b'{"pad": "' + b"x" * 70000 + b'"}', 413),
     ("oversized, chunked", "POST", f"/callbacks/{TOKEN}", _too_big, 413),
     ("unknown path", "POST", "/hook", envelope("t1"), 404),
+    ("trailing slash", "POST", f"/callbacks/{TOKEN}/", envelope("t1"), 404),
+    ("trailing slash, wrong token", "POST", "/callbacks/nope-nope-nope-nope/", envelope("t1"), 404),
 ]
 
 
@@ -137,6 +139,42 @@ def test_refused_requests_touch_nothing(
     assert TOKEN not in resp.text
     assert receiver.store.task_ids() == set()
     assert files_on_disk(store_dir) == []
+
+
+def _raw_post(base_url: str, declared: int, sent: bytes) -> socket.socket:
+    """A client that declares `declared` body bytes and sends only `sent`."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    head = (
+        f"POST /callbacks/{TOKEN} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + sent)
+    return sock
+
+
+def test_a_body_that_trickles_in_is_answered_408_and_frees_the_connection(
+    store_dir: Path,
+) -> None:
+    """A client that declares 10 bytes and sends 1 held its handler for as long as it liked."""
+    with run_receiver(settings_for(store_dir), body_timeout_s=0.5) as handle:
+        with _raw_post(handle.base_url, 10, b"{") as sock:
+            answer = sock.recv(200).decode("latin-1")
+        assert answer.startswith("HTTP/1.1 408"), answer
+        assert handle.store.task_ids() == set()
+
+
+def test_a_client_that_leaves_mid_body_is_one_log_line_not_a_traceback(
+    store_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO), run_receiver(settings_for(store_dir)) as handle:
+        _raw_post(handle.base_url, 100, b'{"data": ').close()
+        deadline = time.monotonic() + 10
+        while "left before" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "left before its body" in caplog.text
+    assert "Traceback" not in caplog.text and "Exception in ASGI" not in caplog.text
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
 
 
 def test_wrong_token_looks_like_an_unknown_path(http: httpx.Client) -> None:
