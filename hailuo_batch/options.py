@@ -31,6 +31,7 @@ class RunOptions(BaseModel):
         10,
         ge=1,
         le=500,
+        strict=True,  # `true` is not a number of items (lax pydantic made it 1)
         description="Most items in flight at the provider at once, 1 to 500 (the run finds the "
         "provider's real limit below it).",
     )
@@ -56,6 +57,7 @@ class RunOptions(BaseModel):
         None,
         ge=0,
         le=1,
+        allow_inf_nan=False,
         description="End the run Failed when more than this share (0 to 1) of the items did not "
         "succeed (default: only when none succeeded).",
     )

@@ -22,7 +22,8 @@ def test_defaults_and_short_mode_names():
 @pytest.mark.parametrize(
     "bad",
     [{"concurrency": 0}, {"duration": 7}, {"max_cost_usd": -1}, {"max_failure_share": 2},
-     {"mode": "ultra"}, {"max_cost_usd": float("nan")}, {"unknown": 1}],
+     {"mode": "ultra"}, {"max_cost_usd": float("nan")}, {"unknown": 1}, {"concurrency": True},
+     {"concurrency": 2.5}, {"max_failure_share": float("nan")}],
 )  # fmt: skip
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValidationError):
