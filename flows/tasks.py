@@ -13,7 +13,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runtime import runtime
-from hailuo_batch.apixo import ApixoError, AuthenticationError, GenerateRequest, RequestType
+from hailuo_batch.apixo import (
+    AmbiguousSubmitError,
+    ApixoError,
+    AuthenticationError,
+    GenerateRequest,
+    RequestType,
+)
 from hailuo_batch.apixo.errors import ApixoTransportError
 from hailuo_batch.fetch import Stored, fetch_video
 from hailuo_batch.manifest import ItemDefaults, Manifest, ManifestError, ManifestItem, load_manifest
@@ -54,6 +60,10 @@ async def submit_item(item: ManifestItem, request: GenerateRequest) -> Submitted
     sent_at = time.monotonic()
     try:
         task_id = await rt.blocking(rt.client.submit, request)
+    except AmbiguousSubmitError as exc:  # not "not submitted": the task may exist, and cost
+        rt.log("item %s may have been submitted (and billed): %s", item.id, exc,
+               level=logging.WARNING)  # fmt: skip
+        return Submitted(None, exc, sent_at)
     except ApixoError as exc:
         rt.log("item %s not submitted: %s", item.id, exc, level=logging.WARNING)
         return Submitted(None, exc, sent_at)

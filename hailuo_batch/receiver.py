@@ -319,7 +319,12 @@ def serve(
 ) -> None:
     """Serve the receiver in the foreground until interrupted (Ctrl-C)."""
     settings = settings or get_settings()
-    store = CallbackStore(settings.callback_store)
+    try:
+        store = CallbackStore(settings.callback_store)
+    except (OSError, ValueError) as exc:  # a path under a file, a bucket name, ...
+        raise ReceiverConfigError(
+            f"HAILUO_CALLBACK_STORE {settings.callback_store}: cannot keep deliveries there: {exc}"
+        ) from None
     app = create_app(settings, store, on_record=on_record)  # refuses to start without a token
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

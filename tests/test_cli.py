@@ -426,3 +426,15 @@ def test_validate_json_reports_a_whole_file_problem_as_json(tmp_path, capsys):
     assert done.value.code == 1
     out = json.loads(capsys.readouterr().out)
     assert out["manifest"].endswith("empty.csv") and "has no rows" in out["error"]
+
+
+@pytest.mark.parametrize("under", ["", "/sub"])
+def test_a_receiver_whose_store_is_a_file_names_the_store_not_the_port(tmp_path, under):
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    env = {**os.environ, "HAILUO_CALLBACK_TOKEN": "t" * 40,
+           "HAILUO_CALLBACK_STORE": f"{afile}{under}"}  # fmt: skip
+    done = cli("receiver", "--port", "0", env=env)
+    assert done.returncode == 2, done.stderr
+    assert "HAILUO_CALLBACK_STORE" in done.stderr and "cannot start on" not in done.stderr
+    assert "Traceback" not in done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from pathlib import Path
@@ -154,11 +155,15 @@ def test_a_rerun_into_another_output_reports_what_may_already_have_been_paid(
 
 
 def test_dropped_submit_is_uncertain_not_retried(
-    flow_env, emulator, tmp_path, images_dir, make_image
+    flow_env, emulator, tmp_path, images_dir, make_image, caplog
 ):
     m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
     emulator.script_faults("submit", "drop_after_create")  # created and billed, answer lost
+    caplog.set_level(logging.INFO)
     state = generate_videos(manifest=str(m), output=str(tmp_path / "o"))
+    # the run's log never says "not submitted" of a POST that may have created a task
+    assert "item i0 may have been submitted (and billed)" in caplog.text
+    assert "item i0 not submitted" not in caplog.text
     res = results_of(state.result(raise_on_failure=False))
     assert res["i0"].status == "uncertain" and res["i0"].fail_code == "AMBIGUOUS_SUBMIT"
     assert emulator.stats()["submissions"] == 1  # the client did not blindly retry
