@@ -415,6 +415,9 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
         if summary.get("review_page"):
             print(f"review:   {summary['review_page']}")
         print(f"estimated cost: ${summary['estimated_cost_usd']:,.2f} (this run)")
+        if twice := summary.get("possible_duplicate_charges"):
+            print(f"check:    {twice} items may have been paid for twice (uncertain in the "
+                  "results): see the provider's dashboard")  # fmt: skip
         problems = summary.get("problems") or []
         for p in problems:
             print(f"  {p['status']:<13} {p['id']}: {p['reason']}")

@@ -105,7 +105,9 @@ def summarize(
 ) -> dict[str, Any]:
     """Totals for summary.json and the markdown artifact."""
     by_status = Counter(r.status for r in results)
-    problems = [r for r in results if r.status != ItemStatus.SUCCEEDED]
+    # an item stored, but perhaps paid for twice (an earlier POST of unknown outcome), is
+    # something to look at too
+    problems = [r for r in results if r.status != ItemStatus.SUCCEEDED or r.uncertain]
     by_code = Counter(r.fail_code for r in results if r.fail_code)
     cost_times = [float(r.cost_time_ms) for r in results if r.cost_time_ms is not None]
     spent = None
@@ -129,10 +131,8 @@ def summarize(
         },
         "stored_bytes": sum(r.bytes or 0 for r in results),
         # what a person must look at: every item that did not succeed, first 20, with why
-        "problems": [
-            {"id": r.id, "row": r.row, "status": str(r.status), "reason": shorten(reason(r), 160)}
-            for r in problems[:20]
-        ],
+        "possible_duplicate_charges": sum(r.uncertain for r in results),
+        "problems": [_problem(r) for r in problems[:20]],
         "problems_total": len(problems),
         "wall_time_s": round(wall_time_s, 3),
     }
@@ -177,9 +177,20 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
             f"(asked for up to {summary['concurrency'].get('ceiling')}; "
             f"{summary['concurrency'].get('rate_limited', 0)} submissions refused with 429)"
         )
+    if summary.get("possible_duplicate_charges"):
+        lines.append(
+            f"- **{summary['possible_duplicate_charges']} items may have been paid for twice** "
+            "(a POST of unknown outcome before; `uncertain` in the results): check the "
+            "provider's dashboard"
+        )
     if summary.get("rerun_of"):
         lines.append(f"- rerun of: {md.code(summary['rerun_of'])}")
     return "\n".join(lines) + "\n"
+
+
+def _problem(r: ItemResult) -> dict[str, Any]:
+    why = shorten(reason(r) or r.note, 160)
+    return {"id": r.id, "row": r.row, "status": str(r.status), "reason": why}
 
 
 def reason(r: ItemResult) -> str:

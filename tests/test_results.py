@@ -103,6 +103,20 @@ def test_summary_names_every_item_that_did_not_succeed_with_its_reason():
     assert all(p["status"] == "failed" for p in s["problems"])
 
 
+def test_an_item_stored_but_perhaps_paid_twice_is_counted_and_named():
+    """A rerun that resubmitted an uncertain item ends `succeeded`: the summary, the artifact
+    and the terminal still say it may have cost twice."""
+    note = "run r0 may have submitted it without a taskId (possible duplicate charge)"
+    rs = [_r(1, ItemStatus.SUCCEEDED, uncertain=True, note=note), _r(2, ItemStatus.SUCCEEDED)]
+    s = summarize(rs, run_id="r", wall_time_s=1)
+    assert s["possible_duplicate_charges"] == 1
+    assert s["problems"] == [{"id": "i1", "row": 1, "status": "succeeded", "reason": note}]
+    assert "1 items may have been paid for twice" in summary_markdown(s, results_url="x")
+    assert "paid for twice" not in summary_markdown(
+        summarize(rs[1:], run_id="r", wall_time_s=1), results_url="x"
+    )
+
+
 def test_run_summary_says_what_the_run_meant_to_spend_and_why_it_stopped():
     budget = Budget(cap_usd=1.0)
     budget.stop(Stop.BALANCE, "balance exhausted")

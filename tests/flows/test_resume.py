@@ -148,6 +148,7 @@ def test_a_rerun_into_another_output_reports_what_may_already_have_been_paid(
     for source, output in ((results, tmp_path / "b"), (str(moved), tmp_path / "c")):
         state = run_flow_sync(rerun_failed, results=source, options=RunOptions(output=str(output)))
         assert state.is_completed(), state.message
+        assert state.result()["possible_duplicate_charges"] == 2
         for r in results_of(state.result()).values():
             assert r.status == "succeeded" and r.uncertain, r
             assert "possible duplicate charge" in r.note, r.note
