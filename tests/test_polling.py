@@ -319,6 +319,7 @@ def test_waiter_checks_the_store_and_survives_an_unreadable_one(tmp_path: Path) 
     warned: list[str] = []
     sick = CallbackWaiter(store, check_s=0.01, warn=warned.append)
     sick.store.poll_new = broken  # type: ignore[method-assign,assignment]
+    sick.waiting("t2")  # a check reads the store only for tasks an item waits for
     run(sick.check())
     assert warned and "store down" in warned[0]
 
