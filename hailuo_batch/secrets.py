@@ -165,6 +165,7 @@ class Scrubber:
         self._lock = threading.Lock()
         self._secrets: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
+        self._long_pattern: re.Pattern[str] | None = None  # secrets over SHORT_SECRET only
         for secret in secrets:
             self.add(secret)
 
@@ -184,11 +185,17 @@ class Scrubber:
             # longest first: a callback URL is replaced whole before the token inside it
             ordered = sorted(self._secrets, key=len, reverse=True)
             self._pattern = re.compile("|".join(_secret_pattern(s) for s in ordered))
+            longer = [s for s in ordered if len(s) > SHORT_SECRET]
+            self._long_pattern = (
+                re.compile("|".join(_secret_pattern(s) for s in longer)) if longer else None
+            )
 
     def scrub_secrets(self, text: str) -> str:
-        """`text` without any registered secret, in any encoding; signed URLs stay whole (an
-        API answer is cleaned with this before it is parsed: its result URLs must still work)."""
-        pattern = self._pattern
+        """`text` without any registered secret of more than `SHORT_SECRET` characters, in
+        any encoding; signed URLs stay whole. For the string values of an API answer before
+        anything reads them: a result URL must still work, and a 1-3 character test key
+        would mask digits of every address and number."""
+        pattern = self._long_pattern
         return pattern.sub(REDACTED, text) if pattern is not None and text else text
 
     def scrub(self, text: str) -> str:

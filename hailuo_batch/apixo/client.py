@@ -384,9 +384,18 @@ class ApixoClient:
             "GET",
             STATUS_PATH,
             retry=_retry_read,
-            parse=lambda r: _status_of(task_id, _envelope_data(r, self._scrubber)),
+            parse=lambda r: self._scrubbed(_status_of(task_id, _envelope_data(r, self._scrubber))),
             params={"taskId": task_id},
         )
+
+    def _scrubbed(self, status: TaskStatus) -> TaskStatus:
+        """`status` whose failCode and failMsg hold no secret and no signed URL's query: both
+        go into results, artifacts and logs."""
+        texts = {"fail_code": status.fail_code, "fail_msg": status.fail_msg}
+        clean = {k: self.scrub(v) for k, v in texts.items() if v}
+        if all(clean[k] == texts[k] for k in clean):
+            return status
+        return status.model_copy(update=clean)
 
     def get_balance(self) -> float:
         """The remaining account balance in USD."""
@@ -583,9 +592,8 @@ def _envelope_data(response: httpx.Response, scrubber: Scrubber) -> Any:
     method, path = response.request.method, response.url.path
     limit = MAX_ANSWER_BYTES if response.is_success else _MAX_ERROR_BODY
     content, complete = _read_capped(response, limit)
-    content = _without_secrets(content, scrubber)
     retry_after = parse_retry_after(response.headers.get("retry-after"))
-    body: Any = _loads(content) if complete else None
+    body: Any = _without_secrets(_loads(content), scrubber) if complete else None
     if not response.is_success:
         message = _envelope_message(body) or response.reason_phrase or "error"
         raise error_for(response.status_code, message, retry_after)
@@ -612,12 +620,28 @@ def _envelope_data(response: httpx.Response, scrubber: Scrubber) -> Any:
     return body.get("data")
 
 
-def _without_secrets(content: bytes, scrubber: Scrubber) -> bytes:
-    """`content` with every secret `scrubber` knows replaced (JSON stays JSON: the mask is
-    plain text inside the string that held the secret); unchanged when it holds none."""
-    text = content.decode("utf-8", "surrogateescape")
-    clean = scrubber.scrub_secrets(text)
-    return content if clean == text else clean.encode("utf-8", "surrogateescape")
+def _without_secrets(value: Any, scrubber: Scrubber) -> Any:
+    """A decoded JSON answer with every secret `scrubber` knows masked in its strings (keys
+    included), whatever encoding the answer came in; walked without recursion."""
+    if isinstance(value, str):
+        return scrubber.scrub_secrets(value)
+    if not isinstance(value, dict | list):
+        return value
+    root: list[Any] = [value]
+    todo: list[tuple[Any, Any]] = [(root, 0)]  # (container, index or key) holding a value
+    while todo:
+        holder, at = todo.pop()
+        item = holder[at]
+        if isinstance(item, str):
+            holder[at] = scrubber.scrub_secrets(item)
+        elif isinstance(item, list):
+            todo += [(item, i) for i in range(len(item))]
+        elif isinstance(item, dict):
+            clean = {scrubber.scrub_secrets(k): v for k, v in item.items()}
+            item.clear()
+            item.update(clean)
+            todo += [(item, k) for k in item]
+    return root[0]
 
 
 def _submit_task_id(data: Any) -> str:

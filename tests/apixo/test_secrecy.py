@@ -301,3 +301,56 @@ def test_a_secret_in_any_status_field_leaks_no_part_of_itself(
     texts = chain_texts(got) if isinstance(got, BaseException) else [repr(got)]
     parts = {value[i : i + 10] for i in range(len(value) - 9)}  # any 10 characters of it
     assert not [t for t in texts if any(p in t for p in parts)], texts
+
+
+@pytest.mark.parametrize("codec", ["utf-8", "utf-16-le", "utf-16-be", "utf-32"])
+def test_a_secret_in_an_answer_of_any_json_encoding_leaks_no_part(
+    sleeps: Sleeps, codec: str
+) -> None:
+    """json reads UTF-16 and UTF-32 answers by itself: the secrets are masked in what it read,
+    not in bytes taken for UTF-8."""
+    data = {"taskId": "t1", "state": "failed", "failCode": "X" * 180 + LONG_KEY,
+            "failMsg": "echo " + LONG_KEY, "createTime": 1}  # fmt: skip
+    raw = json.dumps(envelope(200, data)).encode(codec)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=raw)
+
+    with ApixoClient(LONG_KEY, BASE_URL, transport=httpx.MockTransport(answer),
+                     sleep=sleeps) as client:  # fmt: skip
+        status = client.get_status("t1")
+    parts = {LONG_KEY[i : i + 10] for i in range(len(LONG_KEY) - 9)}
+    shown = f"{status.fail_code} {status.fail_msg}"
+    assert not [p for p in parts if p in shown], shown
+
+
+@pytest.mark.parametrize("key", ["0", "1", "200", "k"])
+def test_a_very_short_key_leaves_answers_and_result_urls_whole(sleeps: Sleeps, key: str) -> None:
+    """A 1-3 character test key masked digits inside every answer: result URLs broke and
+    numbers made the JSON invalid (every submit then looked ambiguous)."""
+    url = "http://127.0.0.1:8787/results/task_ab12/0.mp4"
+    data = {"taskId": "t1", "state": "success", "createTime": 1, "costTime": 200,
+            "resultJson": json.dumps({"resultUrls": [url]})}  # fmt: skip
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=json.dumps(envelope(200, data)).encode())
+
+    with ApixoClient(key, BASE_URL, transport=httpx.MockTransport(answer), sleep=sleeps) as c:
+        status = c.get_status("t1")
+    assert status.result_urls == [url] and status.cost_time_ms == 200
+
+
+@pytest.mark.parametrize("field", ["failCode", "failMsg"])
+def test_a_signed_url_in_a_failcode_or_message_loses_its_signature(
+    sleeps: Sleeps, field: str
+) -> None:
+    data = {"taskId": "t1", "state": "failed", "failCode": "X", "failMsg": "m", "createTime": 1,
+            field: f"FETCH {PRESIGNED}"}  # fmt: skip
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=envelope(200, data))
+
+    with make("secrets", sleeps, answer) as client:
+        status = client.get_status("t1")
+    assert leaks([str(status.fail_code), str(status.fail_msg)]) == []
+    assert "https://bucket.s3.amazonaws.com/inputs/a.jpg" in f"{status.fail_code}{status.fail_msg}"
