@@ -94,9 +94,11 @@ async def rerun_failed(
 
 async def _output_of(results: str, options: RunOptions) -> OutputStore | None:
     """The output `results` belongs to ({output}/runs/{id}/results.jsonl), where its items'
-    ledger records are; None when the file lies elsewhere."""
+    ledger records are; None when the file lies elsewhere or that output cannot be opened as
+    a store (results read over http(s)): `carry_records` then goes by the results rows."""
     try:
-        source = reruns.output_of_results(results)
-    except ValueError:
+        return await open_store(
+            reruns.output_of_results(results), options.storage_block, get_settings()
+        )
+    except Exception:  # noqa: BLE001 - e.g. results over http(s): no ledger to read there
         return None
-    return await open_store(source, options.storage_block, get_settings())

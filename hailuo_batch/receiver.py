@@ -42,7 +42,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
 
 from hailuo_batch.apixo.models import TaskStatus
 from hailuo_batch.callbacks import (
@@ -61,7 +61,6 @@ MAX_BODY_BYTES = 64 * 1024
 BODY_TIMEOUT_S = 10.0  # a body that trickles in holds a connection: the provider sends at once
 RECORD_TIMEOUT_S = 20.0
 REDACTED = "<redacted>"
-_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _LOG_KEY = "hailuo_batch.log"
 
 OnRecord = Callable[[TaskStatus], None]
@@ -165,6 +164,22 @@ async def _read_limited(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
+class _AnyMethod:
+    """A request handler as a plain ASGI app: Starlette then routes every method to it (a
+    function endpoint answers 405 itself for a method it does not list, token or not)."""
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self._app = request_response(handler)
+
+    async def __call__(
+        self,
+        scope: Scope,
+        receive: Callable[[], Awaitable[Message]],
+        send: Callable[[Message], Awaitable[None]],
+    ) -> None:
+        await self._app(scope, receive, send)
+
+
 def _safe_hook(hook: OnRecord, status: TaskStatus) -> None:
     try:
         hook(status)
@@ -244,7 +259,8 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route("/callbacks/{token}", callback, methods=_ALL_METHODS),
+            # every method reaches the handler: a wrong token is 404 whatever the method
+            Route("/callbacks/{token}", _AnyMethod(callback)),
             Route("/healthz", healthz, methods=["GET"]),
         ]
     )

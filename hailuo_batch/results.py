@@ -131,7 +131,10 @@ def summarize(
         },
         "stored_bytes": sum(r.bytes or 0 for r in results),
         # what a person must look at: every item that did not succeed, first 20, with why
-        "possible_duplicate_charges": sum(r.uncertain for r in results),
+        # resubmitted after a POST of unknown outcome: an `uncertain` item itself paid once at most
+        "possible_duplicate_charges": sum(
+            r.uncertain and r.status != ItemStatus.UNCERTAIN for r in results
+        ),
         "problems": [_problem(r) for r in problems[:20]],
         "problems_total": len(problems),
         "wall_time_s": round(wall_time_s, 3),

@@ -110,6 +110,9 @@ REFUSED: list[tuple[str, str, str, Any, int]] = [
     ("oversized, chunked", "POST", f"/callbacks/{TOKEN}", _too_big, 413),
     ("unknown path", "POST", "/hook", envelope("t1"), 404),
     ("trailing slash", "POST", f"/callbacks/{TOKEN}/", envelope("t1"), 404),
+    ("TRACE, wrong token", "TRACE", "/callbacks/nope-nope-nope-nope", None, 404),
+    ("PROPFIND, wrong token", "PROPFIND", "/callbacks/nope-nope-nope-nope", None, 404),
+    ("PROPFIND on the path", "PROPFIND", f"/callbacks/{TOKEN}", None, 405),
     ("trailing slash, wrong token", "POST", "/callbacks/nope-nope-nope-nope/", envelope("t1"), 404),
 ]
 

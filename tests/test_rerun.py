@@ -207,3 +207,15 @@ def test_a_hand_edited_id_never_reaches_a_store_path(tmp_path, bad_id):
     row = r(1, "uncertain", input_hash="h" * 64).model_copy(update={"id": bad_id})
     assert carry_records([row], dest, source) == []
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").rglob("*.json"))
+
+
+def test_a_results_file_read_over_http_carries_by_its_rows_not_by_an_output_it_cannot_open():
+    """Reading results over http(s) worked before records were carried: the output it sits in
+    is no store, so the rerun goes by the rows instead of refusing to start."""
+    import asyncio
+
+    from flows.rerun import _output_of
+    from hailuo_batch.options import RunOptions
+
+    url = "http://127.0.0.1:9/out/runs/r1/results.jsonl"
+    assert asyncio.run(_output_of(url, RunOptions(output="/tmp/elsewhere"))) is None

@@ -115,6 +115,9 @@ def test_an_item_stored_but_perhaps_paid_twice_is_counted_and_named():
     assert "paid for twice" not in summary_markdown(
         summarize(rs[1:], run_id="r", wall_time_s=1), results_url="x"
     )
+    # a first POST of unknown outcome, or a held item: paid once at most, reported uncertain
+    once = _r(3, ItemStatus.UNCERTAIN, uncertain=True, fail_code="AMBIGUOUS_SUBMIT")
+    assert summarize([once], run_id="r", wall_time_s=1)["possible_duplicate_charges"] == 0
 
 
 def test_run_summary_says_what_the_run_meant_to_spend_and_why_it_stopped():

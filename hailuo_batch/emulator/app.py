@@ -509,7 +509,7 @@ class Emulator:
     async def post_balance(self, request: Request) -> Response:
         try:
             usd = float((await request.json())["usd"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             return JSONResponse({"ok": False, "error": str(exc)}, status_code=400)
         if not 0 <= usd <= MAX_BALANCE_USD:  # nan and inf included
             error = f"usd must be from 0 to {MAX_BALANCE_USD:g}"

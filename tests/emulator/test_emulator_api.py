@@ -120,7 +120,7 @@ def test_billing_by_mode_and_duration_then_402(make_emulator: Any) -> None:
     assert stats["rejected"]["402"] == 1
 
 
-@pytest.mark.parametrize("usd", ["nan", "inf", "-1", "1e308", "x", None])
+@pytest.mark.parametrize("usd", ["nan", "inf", "-1", "1e308", "x", None, 10**400, [[[[1]]]]])
 def test_a_balance_the_emulator_cannot_hold_is_400(client: httpx.Client, usd: Any) -> None:
     before = client.get(BALANCE).json()["data"]
     answer = client.post("/_emulator/balance", json={"usd": usd})
