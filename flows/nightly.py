@@ -14,6 +14,7 @@ from prefect.states import Completed, Failed, State
 from blocks.apixo import open_store
 from flows.batch import generate_videos, new_run_id
 from hailuo_batch import inbox as ib
+from hailuo_batch.apixo.models import shown
 from hailuo_batch.inbox import Claim, Inbox, ManifestCheck, Outcome
 from hailuo_batch.jobs import blocking
 from hailuo_batch.manifest import ItemDefaults
@@ -40,7 +41,7 @@ async def finish_manifest(
 ) -> str:
     """Move the manifest to done/ or failed/ with its record; returns the record's URL."""
     url = await blocking(inbox.finish, claim, outcome, record)
-    get_run_logger().info("manifest %s -> %s (%s)", claim.name, outcome, url)
+    get_run_logger().info("manifest %s -> %s (%s)", shown(claim.name), outcome, url)
     return url
 
 
@@ -53,7 +54,7 @@ async def _run_one(
     check = await check_manifest(inbox, claim, options.item_defaults())
     record.update(total_rows=check.total_rows, row_errors=check.row_errors)
     if not check.ok:
-        logger.warning("manifest %s refused: %s", claim.name, check.error)
+        logger.warning("manifest %s refused: %s", shown(claim.name), shown(check.error))
         return "failed", {**record, "stage": "validation", "error": check.error}
     name = ib.run_name_for(claim.name)
     try:
@@ -62,7 +63,7 @@ async def _run_one(
         )
         result = await state.aresult(raise_on_failure=False)
     except Exception as exc:  # recorded in the manifest's report; the nightly run goes on
-        logger.exception("manifest %s: the run could not start", claim.name)
+        logger.exception("manifest %s: the run could not start", shown(claim.name))
         return "failed", {**record, "stage": "run", "error": f"{type(exc).__name__}: {exc}"}
     return ib.run_record(record, name, state, result)
 
@@ -90,7 +91,7 @@ async def nightly_batch(
     for name in names:
         claim = await claim_manifest(box, name, claim_id)
         if claim is None:
-            logger.info("manifest %s was taken by another run", name)
+            logger.info("manifest %s was taken by another run", shown(name))
             report["taken"].append(name)
             continue
         outcome, record = await _run_one(box, claim, options)

@@ -14,6 +14,7 @@ from flows.run import not_started
 from flows.runtime import end_state
 from hailuo_batch import rerun as reruns
 from hailuo_batch.apixo import Mode, Provider
+from hailuo_batch.apixo.models import shown
 from hailuo_batch.jobs import blocking
 from hailuo_batch.options import BatchOptions, RunOptions
 from hailuo_batch.results import ItemStatus
@@ -69,9 +70,9 @@ async def rerun_failed(
         return not_started(exc)
     logger = get_run_logger()
     for why in sel.left_out:
-        logger.warning("not rerun: %s", why)
+        logger.warning("not rerun: %s", shown(why))
     for line in sel.carried:
-        logger.info("%s", line)
+        logger.info("%s", shown(line))
     logger.info("rerun of %s: %d of %d items match", results, sel.chosen, sel.total)
     if not sel.chosen:
         logger.info("nothing to rerun")

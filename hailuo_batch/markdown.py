@@ -16,7 +16,8 @@ from hailuo_batch.apixo.models import provider_text
 
 #: the longest value shown in an artifact (the results file keeps every value whole)
 MAX_SHOWN = 500
-_MARKUP = re.compile(r"([\\`*_{}\[\]()<>#+!|~&:-])")
+# "." (a line's "12345." starts a list; "www." and "a@b.c" become GFM autolinks) and "@" too
+_MARKUP = re.compile(r"([\\`*_{}\[\]()<>#+!|~&:.@-])")
 
 
 def _line(value: Any) -> str:

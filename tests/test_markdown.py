@@ -28,6 +28,8 @@ HOSTILE = [
     "a\nb\r\nc\x00d\x1b[31me\u202ef",
     "https://example.com/a_b*c*",
     "&lt;b&gt; &amp;",
+    "12345. items failed",
+    "www.evil.example and a@evil.example",
     "- item\n1. item\n> quote\n---",
     "",
 ]
@@ -90,3 +92,27 @@ def test_every_artifact_built_from_untrusted_text_keeps_its_shape(value: str) ->
         assert rendered.count("<h1>") + rendered.count("<h2>") <= 1, page  # its own title
         for row in re.findall(r"<tr>(.*?)</tr>", rendered, flags=re.S):
             assert len(re.findall(r"<td\b", row)) in (0, 2, 4), page  # rows keep their columns
+
+
+@pytest.mark.parametrize("value", ["www.evil.example", "a@evil.example", "see www.x.io/a"])
+def test_text_that_a_gfm_renderer_would_autolink_is_escaped(value: str) -> None:
+    """GFM turns bare www. addresses and e-mail addresses into links: each dot and @ is
+    escaped, which stops it (the renderer here has no linkify to show it)."""
+    out = md.text(value)
+    assert "www." not in out and "@" not in out.replace("\\@", "")
+
+
+def test_shaping_characters_of_real_text_are_kept() -> None:
+    """Zero-width joiners and non-joiners shape emoji and Persian words; they do not act."""
+    family, persian = "👨\u200d👩\u200d👧", "می\u200cخواهم"  # noqa: RUF001
+    assert provider_text(f"{family} {persian}", 100) == f"{family} {persian}"
+
+
+def test_a_name_from_outside_is_one_harmless_log_line() -> None:
+    """Inbox file names and a hand-edited results file's ids reach run logs and terminals."""
+    from hailuo_batch.apixo.models import shown
+
+    name = "a\x1b]0;PWNED\x07\u202ex.csv" + "y" * 600
+    line = shown(name)
+    assert "\x1b" not in line and "\x07" not in line and "\u202e" not in line
+    assert line.startswith("a\\x1b]0;PWNED\\x07\\u202ex.csv") and len(line) < 560

@@ -194,6 +194,9 @@ MAX_PROVIDER_MESSAGE = 2000
 #: characters a terminal or a page acts on instead of showing: controls (ESC, NUL, CR),
 #: formats (bidi overrides, zero-width), lone surrogates, line and paragraph separators
 _HIDDEN = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+#: format characters that only shape what is shown (emoji sequences, Persian and Indic
+#: scripts, soft hyphens): kept
+_SHAPING = {"\u200c", "\u200d", "\u00ad"}
 
 
 def provider_text(text: str, limit: int) -> str:
@@ -206,10 +209,16 @@ def provider_text(text: str, limit: int) -> str:
         return text
     return "".join(
         ch.encode("unicode_escape").decode("ascii")
-        if ch not in "\n\t" and unicodedata.category(ch) in _HIDDEN
+        if ch not in "\n\t" and ch not in _SHAPING and unicodedata.category(ch) in _HIDDEN
         else ch
         for ch in text
     )
+
+
+def shown(value: Any) -> str:
+    """Any text from outside (a file name, an id, a message) as a log line may show it: one
+    line's worth, acting characters escaped (`provider_text`, cut at 500 characters)."""
+    return provider_text(str(value), 500)
 
 
 def _describe(value: Any) -> str:
