@@ -60,7 +60,8 @@ async def rerun_failed(
         source = await _output_of(results, options)
         sel = await blocking(
             partial(
-                reruns.write_selection, store, results, source=source, statuses=statuses,
+                reruns.write_selection, store, results, source=source,
+                lease_ttl_s=get_settings().lease_ttl_s, statuses=statuses,
                 fail_codes=fail_codes, ids=ids,
                 overrides={"mode": mode, "duration": duration, "provider": provider},
                 prompt_suffix=prompt_suffix, dry_run=options.dry_run,

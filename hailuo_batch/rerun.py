@@ -11,7 +11,7 @@ from typing import Any
 import fsspec
 
 from hailuo_batch import markdown as md
-from hailuo_batch.ledger import LedgerRecord, LedgerState
+from hailuo_batch.ledger import Ledger, LedgerRecord, LedgerState, LedgerUnavailable
 from hailuo_batch.manifest import is_item_id
 from hailuo_batch.results import ItemResult, ItemStatus, from_jsonl
 from hailuo_batch.storage import OutputStore, special_file
@@ -194,6 +194,31 @@ def carry_records(
     return carried
 
 
+def live_in_source(
+    chosen: Iterable[ItemResult],
+    dest: OutputStore,
+    source: OutputStore | None,
+    lease_ttl_s: float = 120.0,
+) -> dict[str, str]:
+    """The chosen items a live run still works on in `source` (id -> that run): a rerun into
+    `source` itself leaves them to it, and so must a rerun into another output (a carried
+    `submitting` record would otherwise be resubmitted while that run's POST may succeed)."""
+    if source is None or source.url == dest.url:
+        return {}
+    ledger = Ledger(source, "rerun-check", lease_ttl_s=lease_ttl_s, retry_delays_s=())
+    busy = {}
+    for r in chosen:
+        if not is_item_id(r.id):
+            continue
+        try:
+            owner = ledger.owner(r.id)
+        except LedgerUnavailable:
+            continue
+        if owner and ledger.lease_alive(owner):
+            busy[r.id] = owner
+    return busy
+
+
 @dataclass
 class Selection:
     """What a rerun takes from the previous run: the manifest written for it and why."""
@@ -211,6 +236,7 @@ def write_selection(
     results_url: str,
     *,
     source: OutputStore | None = None,
+    lease_ttl_s: float = 120.0,
     statuses: Iterable[ItemStatus | str] = DEFAULT_RERUN_STATUSES,
     fail_codes: Iterable[str] | None = None,
     ids: Iterable[str] | None = None,
@@ -225,6 +251,12 @@ def write_selection(
     statuses = list(statuses)
     previous = read_results(results_url, store.storage_options)
     chosen, left_out = select_for_rerun(previous, statuses=statuses, fail_codes=fail_codes, ids=ids)
+    busy = live_in_source(chosen, store, source, lease_ttl_s)
+    left_out += [
+        f"row {r.row} ({r.id}): being processed by run {busy[r.id]} in "
+        f"{source.url if source else ''}; not touched" for r in chosen if r.id in busy
+    ]  # fmt: skip
+    chosen = [r for r in chosen if r.id not in busy]
     carried = [] if dry_run else carry_records(chosen, store, source)
     rows = [rerun_row(r, prompt_suffix=prompt_suffix, **(overrides or {})) for r in chosen]
     key = f"reruns/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-manifest.jsonl"

@@ -219,3 +219,27 @@ def test_a_results_file_read_over_http_carries_by_its_rows_not_by_an_output_it_c
 
     url = "http://127.0.0.1:9/out/runs/r1/results.jsonl"
     assert asyncio.run(_output_of(url, RunOptions(output="/tmp/elsewhere"))) is None
+
+
+def test_an_item_a_live_run_still_works_on_in_the_source_is_left_to_it(tmp_path):
+    """Its carried `submitting` record would be resubmitted while that run's own POST may
+    still succeed: a rerun into the source itself leaves the item alone, and so does this."""
+    from hailuo_batch.ledger import Ledger
+
+    source, dest = OutputStore(str(tmp_path / "a")), OutputStore(str(tmp_path / "b"))
+    live, dead = Ledger(source, "live-run"), Ledger(source, "dead-run")
+    live.heartbeat()
+    dead.heartbeat()
+    assert live.claim("i6") is None and dead.claim("i2") is None
+    lease = json.loads(source.read_text("leases/dead-run.json"))
+    source.write_text_atomic("leases/dead-run.json", json.dumps({**lease, "beat": 0}))
+    source.write_text_atomic("ledger/i6.json", _record("i6", "submitting"))
+    source.write_text_atomic("ledger/i2.json", _record("i2", "submitting"))
+    rows = [r(6, "uncertain", input_hash="h" * 64), r(2, "uncertain", input_hash="h" * 64)]
+    results = tmp_path / "a" / "runs" / "r0" / "results.jsonl"
+    results.parent.mkdir(parents=True)
+    results.write_text(to_jsonl(rows))
+    sel = write_selection(dest, str(results), source=source)
+    assert sel.chosen == 1
+    assert any("i6" in w and "live-run" in w for w in sel.left_out), sel.left_out
+    assert Ledger(dest, "x").get("i6") is None and Ledger(dest, "x").get("i2") is not None
