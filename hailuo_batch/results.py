@@ -130,11 +130,11 @@ def summarize(
             "max": max(cost_times) if cost_times else None,
         },
         "stored_bytes": sum(r.bytes or 0 for r in results),
-        # what a person must look at: every item that did not succeed, first 20, with why
         # resubmitted after a POST of unknown outcome: an `uncertain` item itself paid once at most
         "possible_duplicate_charges": sum(
             r.uncertain and r.status != ItemStatus.UNCERTAIN for r in results
         ),
+        # what a person must look at: every item that did not succeed, first 20, with why
         "problems": [_problem(r) for r in problems[:20]],
         "problems_total": len(problems),
         "wall_time_s": round(wall_time_s, 3),
