@@ -24,15 +24,19 @@ def _line(value: Any) -> str:
     return provider_text(" ".join(str(value).split()), MAX_SHOWN)
 
 
+def _escaped(line: str) -> str:
+    return _MARKUP.sub(r"\\\1", line)
+
+
 def text(value: Any) -> str:
     """`value` as plain text on one line of markdown, a table cell included."""
-    return _MARKUP.sub(r"\\\1", _line(value))
+    return _escaped(_line(value))
 
 
 def code(value: Any) -> str:
     """`value` as an inline code span when one can hold it (no backtick or pipe), else as
-    `text`."""
+    `text` (the line is made, and cut, once)."""
     line = _line(value)
     if not line or "`" in line or "|" in line:
-        return text(line)
+        return _escaped(line)
     return f"`{line}`"

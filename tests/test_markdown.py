@@ -116,3 +116,9 @@ def test_a_name_from_outside_is_one_harmless_log_line() -> None:
     line = shown(name)
     assert "\x1b" not in line and "\x07" not in line and "\u202e" not in line
     assert line.startswith("a\\x1b]0;PWNED\\x07\\u202ex.csv") and len(line) < 560
+
+
+@pytest.mark.parametrize("how", ["text", "code"])
+def test_a_long_value_is_cut_once_and_says_how_much_more_there_was(how: str) -> None:
+    value = "`" + "x" * 999  # a backtick: code falls back to text
+    assert getattr(md, how)(value).endswith(r"\.\.\. \(500 more characters\)")
