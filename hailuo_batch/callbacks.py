@@ -250,7 +250,8 @@ class CallbackWaiter:
         if not wanted:
             return
         try:
-            new = await self._blocking(self.store.poll_new, set(self._known), wanted)
+            # `wanted` holds no known id: no copy of the (growing) known set is needed
+            new = await self._blocking(self.store.poll_new, set(), wanted)
         except Exception as exc:  # noqa: BLE001 - any store error: the backstop poll goes on
             self._warn(f"cannot read callback deliveries: {exc}")
             return
