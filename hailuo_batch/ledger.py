@@ -7,8 +7,9 @@ Layout in the output store:
   after it answers, then `succeeded` / `stored` / `failed` / `skipped`.
 - `claims/{id}.json`: created exclusively (local `O_EXCL`, S3 `If-None-Match: *`) by the run
   working on the item, deleted when it is done, so two runs never submit the same item at once.
-- `leases/{run_id}.json`: a run's heartbeat. A claim whose run has not beaten for
-  `lease_ttl_s` belongs to a dead run and may be taken over.
+- `leases/{run_id}.json`: a run's heartbeat, with the TTL it was written under. A claim whose
+  run has not beaten for that TTL (or the reader's own, whichever is longer) belongs to a dead
+  run and may be taken over.
 
 The only window the ledger cannot close is a crash between the provider accepting a POST and
 the `submitted` record being written: the record then still says `submitting`, and the next
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -299,7 +301,7 @@ class Ledger:
     # --- leases ----------------------------------------------------------------------------
     def heartbeat(self) -> None:
         """Renew this run's lease (with retries); remember when it last stuck."""
-        body = json.dumps({"run_id": self.run_id, "beat": time.time()})
+        body = json.dumps({"run_id": self.run_id, "beat": time.time(), "ttl": self.lease_ttl_s})
         key = f"leases/{self.run_id}.json"
         self._retry(lambda: self.store.write_text_atomic(key, body), f"renewing {key}")
         self.last_beat = time.monotonic()
@@ -317,14 +319,18 @@ class Ledger:
         self._retry(lambda: self.store.delete(f"leases/{self.run_id}.json"), "ending lease")
 
     def lease_alive(self, run_id: str) -> bool:
+        """Whether `run_id` renewed its lease within its TTL: the longer of the TTL it wrote
+        into its lease and this run's own, so a run started with a shorter
+        `HAILUO_LEASE_TTL_S` never takes the items of a live run that beats less often."""
         try:
             text = self._retry(
                 lambda: self.store.read_text(f"leases/{run_id}.json"), "reading a lease"
             )
-            beat = json.loads(text)["beat"]
+            lease = json.loads(text)
+            beat = float(lease["beat"])
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return False
-        return time.time() - float(beat) < self.lease_ttl_s
+        return time.time() - beat < max(self.lease_ttl_s, _written_ttl(lease))
 
     # --- claims ----------------------------------------------------------------------------
     def claim(self, item_id: str) -> str | None:
@@ -394,6 +400,15 @@ class Ledger:
         if self.owner(item_id) != self.run_id:
             return
         self._retry(lambda: self.store.delete(f"claims/{item_id}.json"), "releasing a claim")
+
+
+def _written_ttl(lease: dict[str, Any]) -> float:
+    """The TTL a lease was written under; 0 when it has none (leases of earlier versions) or
+    not a usable one."""
+    ttl = lease.get("ttl")
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl):
+        return 0.0
+    return max(0.0, float(ttl))
 
 
 def _fingerprint(rec: LedgerRecord | None) -> tuple[object, ...] | None:

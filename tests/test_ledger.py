@@ -137,6 +137,36 @@ def test_claims_exclude_a_live_run_and_take_over_a_dead_one(store):
     assert not store.exists("claims/x.json")
 
 
+def test_a_run_with_a_shorter_ttl_never_takes_a_live_runs_items(store):
+    """Each run judges other runs' leases by the TTL they wrote, not only by its own: a
+    second run started with HAILUO_LEASE_TTL_S=1 must not take over the items of a live run
+    that beats every 15 s."""
+    a = Ledger(store, "run-a", lease_ttl_s=120)
+    a.heartbeat()
+    assert a.claim("x") is None
+    lease = json.loads(store.read_text("leases/run-a.json"))
+    lease["beat"] = time.time() - 20  # between two of a's beats
+    store.write_text_atomic("leases/run-a.json", json.dumps(lease))
+    hasty = Ledger(store, "run-b", lease_ttl_s=1)
+    assert hasty.lease_alive("run-a")
+    assert hasty.claim("x") == "run-a"
+    assert json.loads(store.read_text("claims/x.json"))["run_id"] == "run-a"
+    # past a's own TTL it is dead for everyone
+    lease["beat"] = time.time() - 121
+    store.write_text_atomic("leases/run-a.json", json.dumps(lease))
+    assert hasty.claim("x") is None
+
+
+@pytest.mark.parametrize("ttl", [None, "120", -5, float("nan"), True, [1]])
+def test_a_lease_without_a_usable_ttl_is_judged_by_the_readers_own(store, ttl):
+    body = {"run_id": "old", "beat": time.time() - 30}
+    if ttl is not None:
+        body["ttl"] = ttl
+    store.write_text_atomic("leases/old.json", json.dumps(body))
+    assert Ledger(store, "r", lease_ttl_s=60).lease_alive("old")
+    assert not Ledger(store, "r", lease_ttl_s=10).lease_alive("old")
+
+
 def test_claim_without_any_lease_is_stale(store):
     Ledger(store, "ghost").claim("y")  # a run that never wrote a lease (killed at start)
     assert Ledger(store, "run-b").claim("y") is None
