@@ -212,6 +212,14 @@ class Settings(BaseSettings):
         "items may be taken over by another run.",
     )
 
+    max_video_bytes: int = Field(
+        512 * 1024 * 1024,
+        gt=0,
+        description="A result video longer than this is refused while it downloads (the item "
+        "ends DOWNLOAD_FAILED, nothing is stored), so an endless or inflating body never fills "
+        "the output's disk. A clip of this model is a few MB.",
+    )
+
     # --- input images -------------------------------------------------------------------------
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Input image size limit.")
     fetch_timeout_s: float = Field(20.0, gt=0, description="Time limit on one image fetch.")
@@ -306,8 +314,9 @@ class Settings(BaseSettings):
         base_url: str | None = None,
         **kwargs: Any,
     ) -> ApixoClient:
-        """An apixo client with these timeouts and retry bounds; the key and base URL are
-        `api_key`/`base_url` when given (a credentials block's), else APIXO_API_KEY/_BASE_URL.
+        """An apixo client with these timeouts, retry bounds and video size limit; the key and
+        base URL are `api_key`/`base_url` when given (a credentials block's), else
+        APIXO_API_KEY/_BASE_URL.
         `kwargs` go to `ApixoClient` (transports, `retry_rate_limited_submits`, ...)."""
         if base_url is not None:  # a credentials block's: held to the rules of APIXO_BASE_URL
             try:
@@ -322,6 +331,7 @@ class Settings(BaseSettings):
         timeout = httpx.Timeout(
             self.read_timeout_s, connect=self.connect_timeout_s, pool=self.connect_timeout_s
         )
+        kwargs.setdefault("max_download_bytes", self.max_video_bytes)
         return ApixoClient(
             key,
             base_url or self.apixo_base_url,

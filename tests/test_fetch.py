@@ -204,3 +204,31 @@ def test_a_poster_the_review_page_makes_sweeps_what_a_kill_left_of_it(
     mine = _left_by_a_kill(store, poster_key("videos/a.mp4"))
     assert store_poster(store, "videos/a.mp4") == poster_key("videos/a.mp4")
     assert not mine.exists()
+
+
+def test_a_video_past_the_size_limit_leaves_nothing_in_the_store(tmp_path: Path) -> None:
+    """An endless or inflating result body stops at HAILUO_MAX_VIDEO_BYTES on every attempt:
+    the item's fate is the error, and the output's disk holds no final name and no temporary."""
+    import gzip
+
+    from hailuo_batch.apixo import ApixoClient, DownloadTooLargeError, RetryPolicy
+    from tests.apixo.loopback import Answer, loopback
+
+    bomb = Answer(200, gzip.compress(b"\x00" * 5_000_000), {"Content-Encoding": "gzip"})
+    store = OutputStore(str(tmp_path / "out"))
+    with (
+        loopback(default=bomb) as server,
+        ApixoClient("k", server.url, max_download_bytes=100_000, retry=RetryPolicy(1, 5)) as client,
+    ):
+        logged: list[str] = []
+        out = asyncio.run(
+            fetch_video(
+                client, store, f"{server.url}/v.mp4", "videos/a.mp4", sweep=False,
+                retry_delays=(0.001, 0.001), log=logged.append,
+                blocking=anyio.to_thread.run_sync, poster=True,
+            )
+        )  # fmt: skip
+    assert isinstance(out.error, DownloadTooLargeError) and out.stored is None
+    assert len(logged) == 3 and all("larger than the limit" in m for m in logged)
+    left = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert left == []

@@ -65,6 +65,7 @@ from hailuo_batch.apixo.errors import (
     AmbiguousSubmitError,
     ApixoError,
     ApixoTransportError,
+    DownloadTooLargeError,
     MalformedAnswerError,
     NotAnEnvelopeError,
     RateLimitedError,
@@ -217,10 +218,17 @@ class Download:
     here, in bounded pieces, and one cut before its end marker is an error, not a short video.
     """
 
-    def __init__(self, response: httpx.Response, chunk_size: int, scrubber: Scrubber) -> None:
+    def __init__(
+        self,
+        response: httpx.Response,
+        chunk_size: int,
+        scrubber: Scrubber,
+        max_bytes: int | None = None,
+    ) -> None:
         self._response = response
         self._chunk_size = chunk_size
         self._scrubber = scrubber
+        self.max_bytes = max_bytes
         self.content_encoding: str | None = _content_encoding(response.headers)
         identity = self.content_encoding is None or all(
             c == "identity" for c in self.content_encoding.split(", ")
@@ -228,6 +236,30 @@ class Download:
         self.content_length: int | None = _content_length(response.headers) if identity else None
         self.content_type: str | None = response.headers.get("content-type")
         self.status_code = response.status_code
+        if max_bytes is not None and self.content_length is not None:
+            self._check_size(self.content_length, "its Content-Length says")
+
+    def _check_size(self, size: int, said: str) -> None:
+        assert self.max_bytes is not None
+        if size > self.max_bytes:
+            error = DownloadTooLargeError(
+                f"download of {self._response.url.path} is larger than the limit of "
+                f"{self.max_bytes:,} bytes ({said} {size:,}; HAILUO_MAX_VIDEO_BYTES): "
+                "not stored"
+            )
+            self._scrubber.scrub_exception(error)
+            raise error
+
+    def _counted(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """`chunks`, stopped with `DownloadTooLargeError` once they pass `max_bytes`."""
+        if self.max_bytes is None:
+            yield from chunks
+            return
+        size = 0
+        for chunk in chunks:
+            size += len(chunk)
+            self._check_size(size, "at least")
+            yield chunk
 
     def _chunks(self) -> Iterator[bytes]:
         if self.content_encoding in ("gzip", "x-gzip"):
@@ -240,7 +272,7 @@ class Download:
         path = self._response.url.path
         failure: ApixoError
         try:
-            yield from self._chunks()
+            yield from self._counted(self._chunks())
             return
         except httpx.TransportError as exc:
             failure = ApixoTransportError(
@@ -252,6 +284,8 @@ class Download:
                 f"download of {path} cannot be decoded ({self.content_encoding}): {exc}"
             )
             failure.__cause__ = exc
+        except DownloadTooLargeError as exc:
+            failure = exc
         self._scrubber.scrub_exception(failure)
         raise failure
 
@@ -271,13 +305,15 @@ class ApixoClient:
         secrets: Iterable[str | SecretStr] = (),
         sleep: Callable[[float], None] = time.sleep,
         retry_rate_limited_submits: bool = True,
+        max_download_bytes: int | None = None,
     ) -> None:
         """`retry_rate_limited_submits=False` raises a submit's first 429 at once (nothing was
         created), for a caller whose own limiter must see every refusal. `transport` carries API
         calls (and downloads from the API's own origin);
         `download_transport` carries anonymous downloads of result URLs on other hosts (for
         example a private-network guard; `transport` when None). `secrets` are scrubbed from
-        every error besides the key (add more later with `add_secret`)."""
+        every error besides the key (add more later with `add_secret`). A download longer than
+        `max_download_bytes` raises `DownloadTooLargeError` (None: no limit)."""
         key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
         secret = key.get_secret_value()
         if not secret or not header_safe(secret):
@@ -294,6 +330,7 @@ class ApixoClient:
             raise ValueError("base_url must start with http:// or https://")
         self.timeout = timeout or httpx.Timeout(30.0, connect=10.0)
         self.retry = retry or RetryPolicy()
+        self.max_download_bytes = max_download_bytes
         self._sleep = sleep
         self._retry_submit = (
             _retry_submit
@@ -429,7 +466,7 @@ class ApixoClient:
             stream=True,
         )
         try:
-            yield Download(response, chunk_size, self._scrubber)
+            yield Download(response, chunk_size, self._scrubber, self.max_download_bytes)
         finally:
             response.close()
 

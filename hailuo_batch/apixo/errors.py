@@ -124,6 +124,12 @@ class UnexpectedResponseError(ApixoError):
     fail_code: str = BAD_ANSWER
 
 
+class DownloadTooLargeError(UnexpectedResponseError):
+    """A download longer than the client's `max_download_bytes` (said by its Content-Length, or
+    counted while its decoded bytes arrive): refused there, so an endless or inflating body
+    never fills the disk."""
+
+
 class NotAnEnvelopeError(UnexpectedResponseError):
     """A 2xx answer whose body is not a JSON envelope: HTML from a proxy, an empty or cut body.
 

@@ -6,13 +6,21 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
+from collections.abc import Iterator
 
 import httpx
 import pytest
 from apixo_helpers import API_KEY, BASE_URL, Script, Sleeps
 from loopback import Answer, loopback
+from pydantic import SecretStr
 
-from hailuo_batch.apixo import ApixoClient, ApixoError, RetryPolicy, UnexpectedResponseError
+from hailuo_batch.apixo import (
+    ApixoClient,
+    ApixoError,
+    DownloadTooLargeError,
+    RetryPolicy,
+    UnexpectedResponseError,
+)
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + os.urandom(20_000) + b"\x00" * 40_000  # compresses
 
@@ -194,3 +202,75 @@ def test_odd_redirects_end_in_an_apixo_error(sleeps: Sleeps, location: str) -> N
         for url in (f"{BASE_URL}/files/v.mp4", "https://cdn.example.com/v.mp4"):
             with pytest.raises(ApixoError):
                 fetch(client, url)
+
+
+# --- the size limit (HAILUO_MAX_VIDEO_BYTES) ----------------------------------------------------
+
+LIMIT = 50_000
+
+
+def limited(url: str, **kw: object) -> ApixoClient:
+    return ApixoClient(API_KEY, url, max_download_bytes=LIMIT, retry=RetryPolicy(1, 5), **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b"v" * (LIMIT + 1), {}),  # said by its Content-Length
+        (gzip.compress(b"\x00" * (20 * LIMIT)), {"Content-Encoding": "gzip"}),  # inflates
+        (zlib.compress(b"\x00" * (20 * LIMIT)), {"Content-Encoding": "deflate"}),
+        (gzip.compress(b"v" * LIMIT) + gzip.compress(b"v"), {"Content-Encoding": "gzip"}),
+    ],
+    ids=["declared", "gzip-bomb", "deflate-bomb", "one-byte-over-in-a-second-member"],
+)
+def test_a_download_past_the_limit_is_refused_and_never_yields_more(
+    body: bytes, headers: dict[str, str]
+) -> None:
+    got = bytearray()
+    with loopback(Answer(200, body, headers)) as server, limited(server.url) as client:
+        with pytest.raises(DownloadTooLargeError, match=r"limit of 50,000 bytes.*MAX_VIDEO_BYTES"):
+            with client.stream_download(f"{server.url}/v.mp4", chunk_size=4096) as dl:
+                for chunk in dl.iter_bytes():
+                    got += chunk
+    assert len(got) <= LIMIT
+
+
+def test_an_endless_body_without_a_length_stops_at_the_limit(sleeps: Sleeps) -> None:
+    sent = 0
+
+    def endless(request: httpx.Request) -> httpx.Response:
+        def body() -> Iterator[bytes]:
+            nonlocal sent
+            while True:
+                sent += 8192
+                yield b"v" * 8192
+
+        return httpx.Response(200, content=body())  # chunked: no Content-Length
+
+    with limited(BASE_URL, transport=httpx.MockTransport(endless), sleep=sleeps) as client:
+        with pytest.raises(DownloadTooLargeError, match="at least"):
+            with client.stream_download(f"{BASE_URL}/files/v.mp4", chunk_size=4096) as dl:
+                for _ in dl.iter_bytes():
+                    pass
+    assert LIMIT < sent <= LIMIT + 2 * 8192  # it stopped reading there
+
+
+@pytest.mark.parametrize("headers", [{}, {"Content-Encoding": "gzip"}])
+def test_a_download_of_exactly_the_limit_is_whole(headers: dict[str, str]) -> None:
+    data = b"v" * LIMIT
+    body = gzip.compress(data) if headers else data
+    with loopback(Answer(200, body, headers)) as server, limited(server.url) as client:
+        assert fetch(client, f"{server.url}/v.mp4")[2] == data
+
+
+def test_the_limit_is_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hailuo_batch.settings import Settings
+
+    monkeypatch.setenv("HAILUO_MAX_VIDEO_BYTES", "1234")
+    assert Settings().apixo_client(api_key=SecretStr("k")).max_download_bytes == 1234
+    assert (
+        Settings(_env_file=None, max_video_bytes=99)
+        .apixo_client(api_key=SecretStr("k"))
+        .max_download_bytes
+        == 99
+    )
