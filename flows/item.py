@@ -24,6 +24,7 @@ from hailuo_batch.ledger import (
     claim_or_wait,
     plan_in_batch,
     stored_intact,
+    stored_unrecorded,
 )
 from hailuo_batch.lifecycle import LifePolicy, live_item
 from hailuo_batch.manifest import ManifestItem
@@ -159,6 +160,12 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
     item, unit_cost = v.item, b.unit_cost(v.item)
     rec = await b.rt.blocking(b.ledger.get, item.id)
     plan = b.plan(item, rec)
+    if plan.action in ("poll", "submit") and rec is not None:
+        found = await b.rt.blocking(stored_unrecorded, b.rt.store, rec, item.input_hash)
+        if found is not None:  # stored before a crash could record it: nothing to pay or fetch
+            rec = await b.rt.blocking(b.ledger.put, found)
+            note = f"video of task {rec.task_id} found stored at {rec.video}; recorded"
+            plan = Plan("done", note=note, attempts=rec.attempts, resubmits=rec.resubmits)
     if (
         plan.action == "done"
         and rec is not None

@@ -466,6 +466,36 @@ def stored_intact(store: OutputStore, rec: LedgerRecord) -> bool:
     return rec.sha256 is None or store.sha256(key) == rec.sha256
 
 
+def stored_unrecorded(
+    store: OutputStore, rec: LedgerRecord, input_hash: str
+) -> LedgerRecord | None:
+    """The `stored` record of a video the store already holds for `rec` although the record
+    never said so, or None. A run killed (or a ledger write that kept failing) between
+    publishing the verified video and writing `stored` leaves the record `succeeded` (and, once
+    the provider forgets the task, `lost`) with its `video_key` chosen: only verified bytes are
+    ever published under a final name, and that key was free for this record's own task, so
+    the video there is the item's. Adopting it costs nothing; polling or resubmitting costs a
+    task the provider may no longer know, or a second payment."""
+    if (
+        rec.input_hash != input_hash
+        or rec.state not in (LedgerState.SUCCEEDED, LedgerState.LOST)
+        or rec.video_key is None
+        or not store.exists(rec.video_key)
+    ):
+        return None
+    key = rec.video_key
+    return rec.model_copy(
+        update={
+            "state": LedgerState.STORED,
+            "video": store.url_for(key),
+            "bytes": store.size(key),
+            "sha256": store.sha256(key),
+            "fail_code": None,
+            "fail_msg": None,
+        }
+    )
+
+
 def planned_costs(
     ledger: Ledger,
     items: Iterable[ManifestItem],

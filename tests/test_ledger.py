@@ -21,6 +21,7 @@ from hailuo_batch.ledger import (
     plan_item,
     planned_costs,
     stored_intact,
+    stored_unrecorded,
 )
 from hailuo_batch.manifest import ManifestItem
 from hailuo_batch.storage import OutputStore
@@ -425,3 +426,30 @@ def test_finishing_a_part_never_pays_again_for_what_its_child_run_decided(
     if by_part and state in (LedgerState.SUBMITTING, LedgerState.UNCERTAIN):
         assert p.action == "hold" and p.uncertain
     assert plan_in_batch(None, h, part_runs={"R-part-2"}, force=force).action == "submit"
+
+
+@pytest.mark.parametrize("state", [LedgerState.SUCCEEDED, LedgerState.LOST])
+def test_a_video_stored_before_its_record_said_so_is_adopted(store, state):
+    """A run killed between publishing the verified video and writing `stored` (or whose
+    `stored` write kept failing) leaves `succeeded` with the key chosen; the next run records
+    the video it finds there instead of reading (or paying for) the task again."""
+    body = b"\x00\x00\x00\x18ftypmp42" + b"v" * 1000
+    store.write_bytes_atomic("videos/x.mp4", body)
+    left = rec(state, task_id="t1", attempts=1, video_key="videos/x.mp4", fail_code="X")
+    found = stored_unrecorded(store, left, H)
+    assert found is not None and found.state == LedgerState.STORED
+    assert (found.bytes, found.sha256) == (len(body), hashlib.sha256(body).hexdigest())
+    assert found.video == store.url_for("videos/x.mp4") and found.task_id == "t1"
+    assert found.fail_code is None and stored_intact(store, found)
+
+
+def test_only_a_record_of_the_same_inputs_whose_task_succeeded_adopts_a_video(store):
+    store.write_bytes_atomic("videos/x.mp4", b"video")
+    adopt = dict(task_id="t1", attempts=1, video_key="videos/x.mp4")
+    assert stored_unrecorded(store, rec(LedgerState.SUCCEEDED, **adopt), "b" * 64) is None
+    for state in set(LedgerState) - {LedgerState.SUCCEEDED, LedgerState.LOST}:
+        assert stored_unrecorded(store, rec(state, **adopt), H) is None, state
+    no_key = rec(LedgerState.SUCCEEDED, task_id="t1", attempts=1)
+    assert stored_unrecorded(store, no_key, H) is None
+    elsewhere = rec(LedgerState.SUCCEEDED, task_id="t1", attempts=1, video_key="videos/y.mp4")
+    assert stored_unrecorded(store, elsewhere, H) is None

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -308,3 +309,44 @@ def test_rerun_dry_run_shows_selection_and_cost_then_the_rerun_reports_its_outco
     assert children == [f"rerun-{run_id}"]
     assert "| succeeded | 1 |" in report
     assert f"results: `{state.result()['results']}`" in report
+
+
+@pytest.mark.parametrize(
+    ("state", "resubmit_lost"),
+    [(LedgerState.SUCCEEDED, False), (LedgerState.LOST, False), (LedgerState.LOST, True)],
+)
+def test_a_video_stored_just_before_a_crash_is_recorded_not_paid_for_again(
+    flow_env, emulator, tmp_path, images_dir, make_image, state, resubmit_lost
+):
+    """Killed after the verified video was published and before `stored` was written: the
+    record says `succeeded` (then `lost` once the provider forgets the task). The next run,
+    even one told to pay for lost tasks, finds the video and records it: no POST, no read."""
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
+    out = tmp_path / "out"
+    assert generate_videos(manifest=str(m), output=str(out)).is_completed()
+    ledger = Ledger(OutputStore(str(out)), "killed-run")
+    stored = ledger.get("i0")
+    assert stored is not None and stored.state == LedgerState.STORED
+    ledger.put(
+        stored.model_copy(
+            update={
+                "state": state,
+                "task_id": "forgotten",
+                "video": None,
+                "bytes": None,
+                "sha256": None,
+            }
+        )
+    )
+    mtime = (out / "videos" / "i0.mp4").stat().st_mtime_ns
+    before = emulator.stats()
+    again = generate_videos(manifest=str(m), output=str(out), resubmit_lost=resubmit_lost)
+    after = emulator.stats()
+    res = results_of(again.result())["i0"]
+    assert res.status == "succeeded" and "found stored" in res.note and not res.uncertain
+    assert res.sha256 == stored.sha256 and res.video == stored.video
+    assert after["submissions"] == before["submissions"] == 1
+    assert after["status_reads_total"] == before["status_reads_total"]
+    assert (out / "videos" / "i0.mp4").stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in (out / "videos").glob("*.mp4")) == ["i0.mp4"]
+    assert ledger.get("i0").state == LedgerState.STORED
