@@ -6,6 +6,7 @@ import asyncio
 import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -26,6 +27,7 @@ from hailuo_batch.options import BatchOptions, flow_parameters
 from hailuo_batch.parts import PartJob
 from hailuo_batch.polling import save_stats
 from hailuo_batch.results import ItemResult, run_summary
+from hailuo_batch.secrets import redact_urls
 from hailuo_batch.verdict import run_verdict
 
 __all__ = ["generate_videos", "new_run_id", "run_generate_videos"]
@@ -38,6 +40,8 @@ def run_name() -> str:
     if keeps_run_name(current):
         return str(current)
     manifest = str(flow_run.parameters.get("manifest", "manifest"))
+    if "://" in manifest:  # a URL: its file name, without user information or query
+        manifest = urlsplit(manifest).path or "manifest"
     stem = manifest.rstrip("/").rsplit("/", 1)[-1]
     return f"videos-{stem}-{datetime.now(UTC):%m%d-%H%M%S}"
 
@@ -64,7 +68,7 @@ async def generate_videos(
     """
     started = time.monotonic()
     run_id = new_run_id()
-    get_run_logger().info("run %s: manifest %s", run_id, manifest)
+    get_run_logger().info("run %s: manifest %s", run_id, redact_urls(manifest))
     try:
         async with opened_run(
             options, run_id, force=force, resubmit_lost=resubmit_lost, dry_run=options.dry_run
@@ -119,7 +123,7 @@ async def _run_batch(run: RunState, job: PartJob, rerun_of: str | None, started:
         balance_after=balance_after,
         budget=run.budget,
         estimate_usd=run.would_cost_usd if options.dry_run else estimate,
-        manifest=manifest,
+        manifest=redact_urls(manifest),
         output=run.rt.store.url,
         dry_run=options.dry_run,
         concurrency=run.slots.limit.summary(),

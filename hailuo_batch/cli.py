@@ -314,6 +314,7 @@ def _defaults(args: argparse.Namespace) -> Any:
 def cmd_validate(args: argparse.Namespace) -> int:
     from hailuo_batch.manifest import ManifestError, load_manifest
     from hailuo_batch.policy import Prices, estimate_cost
+    from hailuo_batch.secrets import redact_urls
     from hailuo_batch.settings import check_output_url, get_settings, output_is_local
     from hailuo_batch.validation import preflight
 
@@ -328,7 +329,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.json:  # a script reading stdout gets the same verdict as JSON
-            print(json.dumps({"manifest": args.manifest, "error": str(exc)}, indent=2))
+            print(json.dumps({"manifest": redact_urls(args.manifest), "error": str(exc)}, indent=2))
         return 1
     with ThreadPoolExecutor(max_workers=8) as pool:
         checks = list(
@@ -350,7 +351,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "manifest": args.manifest,
+                    "manifest": redact_urls(args.manifest),
                     "rows": manifest.total_rows,
                     "valid": len(valid),
                     "invalid": invalid_rows,
@@ -366,7 +367,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for row, item_id, fld, reason in problems:
             print(f"row {row} (id {item_id or '-'}), field '{fld}': {reason}")
         print(
-            f"{args.manifest}: {manifest.total_rows} rows, {len(valid)} valid, "
+            f"{redact_urls(args.manifest)}: {manifest.total_rows} rows, {len(valid)} valid, "
             f"{invalid_rows} invalid"
         )
         print(

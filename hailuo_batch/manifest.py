@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, computed_field, field_validator
 
 from hailuo_batch.apixo.models import Mode, Provider
 from hailuo_batch.netguard import ImageUrlError, image_url_kind
+from hailuo_batch.secrets import redact_urls
 from hailuo_batch.storage import special_file
 
 logger = logging.getLogger(__name__)
@@ -158,9 +159,22 @@ def load_manifest(
 ) -> Manifest:
     """Read and validate the manifest at `url` (local path or fsspec URL such as s3://...).
 
-    Raises only `ManifestError` (a problem with the whole file, with its line when known);
+    Raises only `ManifestError` (a problem with the whole file, with its line when known, and
+    the URL's password or signature redacted: a presigned manifest link is a credential);
     every problem confined to a row is a `RowError` in the result.
     """
+    try:
+        return _load_manifest(url, defaults, storage_options)
+    except ManifestError as exc:
+        shown = redact_urls(str(exc))
+        if shown == str(exc):
+            raise
+        raise ManifestError(shown) from None
+
+
+def _load_manifest(
+    url: str, defaults: ItemDefaults | None, storage_options: dict | None
+) -> Manifest:
     defaults = defaults or ItemDefaults()
     kind = _format_of(url)
     text = _read_text(url, storage_options)

@@ -9,7 +9,8 @@ and removes them from any text, in every form an echo may take:
 - JSON-escaped (`\\/` for `/`, `\\u0041`, `\\"`), as when it echoes the request's JSON body;
 - HTML-escaped (`&amp;`, `&#47;`, `&#x2F;`), as in a proxy's error page.
 
-It also redacts the whole query string of any URL (absolute or relative, plain or encoded)
+It also redacts the user information of any URL (`https://user:password@host`), and the whole
+query string of any URL (absolute or relative, plain or encoded)
 that carries a signing parameter (`X-Amz-Signature`, `X-Amz-Credential`, `Signature`, `sig`,
 `token`, `Expires`, ... see `is_signing_param`): a presigned input image or a signed result URL
 grants access to whoever holds it, like the key. A `Bearer <token>` is redacted whatever the
@@ -104,6 +105,19 @@ def redact_signed_urls(text: str) -> str:
         return match[0]
 
     return _QUERY.sub(replace, text)
+
+
+# the user information of an absolute URL (`scheme://user:password@host`): everything between
+# `//` and the `@` before the host, in which no `/`, `?`, `#`, space or quote may come
+_USERINFO = re.compile(r"(?i)\b(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/?#\s\"'<>`@]+)@")
+
+
+def redact_urls(text: str) -> str:
+    """`text` with the user information (`user:password@`) of every URL and the whole query of
+    every signed URL redacted: for a URL a person typed (a manifest's), shown in a log line, a
+    run name or a summary."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    return redact_signed_urls(text)
 
 
 def _hex(number: int, width: int) -> str:
@@ -206,7 +220,7 @@ class Scrubber:
         if pattern is not None:
             text = pattern.sub(REDACTED, text)
         text = _BEARER.sub(lambda m: f"{m[1]}{m[2]}{REDACTED}", text)
-        return redact_signed_urls(text)
+        return redact_urls(text)
 
     __call__ = scrub
 

@@ -302,6 +302,22 @@ def test_missing_file(tmp_path: Path) -> None:
         load_manifest(str(tmp_path / "none.csv"))
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://bob:hunter2pw@127.0.0.1:9/m.csv?X-Amz-Signature=sigsecret1",  # refused
+        "http://bob:hunter2pw@127.0.0.1:9/m.xlsx?X-Amz-Signature=sigsecret1",  # format
+        "http://bob:hunter2pw@[::1/m.csv?X-Amz-Signature=sigsecret1",  # does not parse
+    ],
+)
+def test_a_manifest_links_password_and_signature_stay_out_of_its_errors(url: str) -> None:
+    with pytest.raises(ManifestError) as err:
+        load_manifest(url)
+    assert "hunter2pw" not in str(err.value) and "sigsecret1" not in str(err.value)
+    assert "bob" not in str(err.value)
+    assert err.value.__cause__ is None  # nor in a chained error's text
+
+
 def test_unknown_extension(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match=r"\.csv, \.jsonl, \.ndjson or \.json"):
         load_manifest(write(tmp_path, "m.xlsx", "x"))

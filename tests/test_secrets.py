@@ -22,6 +22,7 @@ from hailuo_batch.secrets import (
     ScrubbingFilter,
     is_signing_param,
     redact_signed_urls,
+    redact_urls,
 )
 
 TOKEN = "Zq3-vX_9kLm.Tp~4RwYb2NcD"
@@ -329,3 +330,54 @@ def test_scrubbing_filter_rewrites_formatted_records(caplog: pytest.LogCaptureFi
         f"posting to {REDACTED} with 3 tries",
         "plain text",
     ]
+
+
+# --- user information in URLs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("http://bob:pw@h:8/m.csv", f"http://{REDACTED}@h:8/m.csv"),
+        ("https://TOKEN@github.example/x.csv", f"https://{REDACTED}@github.example/x.csv"),
+        ("s3://key:secret@bucket/m.csv", f"s3://{REDACTED}@bucket/m.csv"),
+        (
+            "manifest HTTP://u:p%40ss@h/m.csv?X-Amz-Signature=abc refused",
+            f"manifest HTTP://{REDACTED}@h/m.csv?{REDACTED} refused",
+        ),
+        (
+            "see 'http://a:b@h' and \"https://c@d/e\"",
+            f"see 'http://{REDACTED}@h' and \"https://{REDACTED}@d/e\"",
+        ),
+    ],
+)
+def test_a_urls_user_information_is_redacted(text: str, shown: str) -> None:
+    assert redact_urls(text) == shown
+    assert Scrubber([]).scrub(text) == shown
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "http://h:80/p@q",  # an @ in the path is no user information
+        "http://a.com?x=1@b",
+        "http://a.com#frag@b",
+        "mail bob@example.com about http://h/x",
+        "s3://bucket/k@v.csv",
+    ],
+)
+def test_an_at_sign_after_the_host_is_left_alone(text: str) -> None:
+    assert redact_urls(text) == text
+
+
+@given(
+    st.text(
+        alphabet=st.characters(
+            blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp"), blacklist_characters="/?#@\"'<>`"
+        ),
+        min_size=1,
+    )
+)
+def test_no_user_information_survives_the_scrubber(secret: str) -> None:
+    text = f"cannot read http://{secret}@example.com/m.csv: 404"
+    assert Scrubber([]).scrub(text) == f"cannot read http://{REDACTED}@example.com/m.csv: 404"

@@ -108,8 +108,10 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 Retry = Callable[[ApixoError], bool]
 
-# httpx logs every request line with its full URL (a signed result URL's query included), and
-# httpcore logs response headers at DEBUG: their records go through every live client's scrubber
+# httpx logs every request line with its full URL (a signed result URL's query included),
+# httpcore logs response headers at DEBUG, and fsspec logs the URLs it reads (a presigned
+# manifest link's, with any password in it) at DEBUG: their records go through every live
+# client's scrubber
 HTTP_LOGGERS = (
     "httpx",
     "httpcore.connection",
@@ -117,6 +119,8 @@ HTTP_LOGGERS = (
     "httpcore.http2",
     "httpcore.proxy",
     "httpcore.socks",
+    "fsspec",
+    "fsspec.http",
 )
 _LIVE_SCRUBBERS: weakref.WeakSet[Scrubber] = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()

@@ -321,3 +321,31 @@ def test_a_dry_run_over_an_output_estimates_only_what_is_left_to_pay(
     assert dry.name == "DryRun" and "would cost about $0.38" in dry.message  # 2 x 0.19
     assert dry.result()["estimated_batch_cost_usd"] == pytest.approx(2 * 0.19)
     assert emulator.stats()["submissions"] == 3
+
+
+def test_a_presigned_manifest_link_with_a_password_is_never_shown(
+    flow_env, emulator, images_dir, make_image, tmp_path, caplog
+):
+    """A manifest handed over as a link with `user:password@` and a signature: the run reads
+    it, and neither secret reaches the run's name, its log lines, its files or artifacts."""
+    caplog.set_level(logging.DEBUG)
+    rows = items(images_dir, make_image, emulator, 1)
+    write_csv(images_dir / "shared.csv", rows)
+    host = emulator.base_url.removeprefix("http://")
+    url = f"http://bob:pw-{'x' * 12}@{host}/files/shared.csv?X-Amz-Signature=sig{'y' * 12}"
+    out = tmp_path / "out"
+    state = generate_videos(manifest=url, output=str(out))
+    summary = state.result()
+    assert results_of(summary)["i0"].status == "succeeded"
+    name = asyncio.run(flow_run_name(state.state_details.flow_run_id))
+    assert name.startswith("videos-shared.csv-")
+    everything = [name, caplog.text, json.dumps(summary)]
+    everything += [
+        p.read_bytes().decode("utf-8", "replace") for p in (out / "runs").rglob("*") if p.is_file()
+    ]
+    everything += [
+        json.dumps(a.data) for a in asyncio.run(artifacts_of(state.state_details.flow_run_id))
+    ]
+    assert "manifest http://**********@" in caplog.text
+    for secret in ("pw-" + "x" * 12, "sig" + "y" * 12):
+        assert not any(secret in text for text in everything), secret
