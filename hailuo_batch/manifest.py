@@ -484,15 +484,16 @@ def _validate_rows(
 ) -> tuple[list[ManifestItem], list[RowError]]:
     items: list[ManifestItem] = []
     errors: list[RowError] = []
-    first_row_of: dict[str, int] = {}
+    # by `_id_key`: the first row and the id as it wrote it
+    first_row_of: dict[str, tuple[int, str]] = {}
     for raw in rows:
         row = raw.row
         if raw.problem is not None:
             own = _readable_id(raw.cells.get("id"))
-            if own is not None and own in first_row_of:
+            if own is not None and _id_key(own) in first_row_of:
                 own = None  # another row has it: the result must not take its name
             elif own is not None:
-                first_row_of[own] = row
+                first_row_of[_id_key(own)] = (row, own)
             errors.append(RowError(row, "row", raw.problem, own))
             continue
         row_errors: list[RowError] = []
@@ -533,18 +534,31 @@ def _with_id(errors: list[RowError], item_id: str | None) -> list[RowError]:
 
 
 def _claim_id(
-    item_id: str | None, row: int, first: dict[str, int], errors: list[RowError]
+    item_id: str | None, row: int, first: dict[str, tuple[int, str]], errors: list[RowError]
 ) -> str | None:
     """Claim `item_id` for `row`; the id if it is the row's own, None if taken (an error)."""
     if item_id is None:
         return None
-    if item_id in first:
-        errors.append(
-            RowError(row, "id", f"duplicate id {item_id!r} (first used on row {first[item_id]})")
-        )
+    taken = first.get(_id_key(item_id))
+    if taken is not None:
+        first_row, first_id = taken
+        reason = f"duplicate id {item_id!r} (first used on row {first_row})"
+        if first_id != item_id:
+            reason = (
+                f"duplicate id {item_id!r}: row {first_row} has {first_id!r}, which differs only "
+                "in case (an id names the item's files, and some stores ignore case)"
+            )
+        errors.append(RowError(row, "id", reason))
         return None
-    first[item_id] = row
+    first[_id_key(item_id)] = (row, item_id)
     return item_id
+
+
+def _id_key(item_id: str) -> str:
+    """What two ids must not share: ids name files (`ledger/{id}.json`, `videos/{id}.mp4`), and
+    a case-insensitive store (macOS, Windows, some S3-compatible ones) sees `A1` and `a1` as
+    one."""
+    return item_id.lower()
 
 
 def _readable_id(value: Any) -> str | None:

@@ -193,6 +193,23 @@ def test_duplicate_ids_name_the_first_row(tmp_path: Path) -> None:
     ]
 
 
+def test_ids_that_differ_only_in_case_are_duplicates(tmp_path: Path) -> None:
+    """`A1` and `a1` would share `ledger/`, `claims/` and `videos/` files on a store that
+    ignores case (macOS, Windows): one of the two rows is refused, named, before any payment."""
+    m = load_manifest(
+        csv_manifest(tmp_path, f"Clip-1,{IMG},p,,", f"b,{IMG},q,,", f"clip-1,{IMG},r,,")
+    )
+    assert [i.id for i in m.items] == ["Clip-1", "b"]
+    assert [str(e) for e in m.errors] == [
+        "row 3, field 'id': duplicate id 'clip-1': row 1 has 'Clip-1', which differs only in "
+        "case (an id names the item's files, and some stores ignore case)"
+    ]
+    # a row refused for another reason still keeps its id from a later row that differs in case
+    m = load_manifest(csv_manifest(tmp_path, f"X,{IMG},p,,,extra", f"x,{IMG},q,,"))
+    assert m.errors[0].id == "X" and m.items == []
+    assert "differs only in case" in m.errors[1].reason
+
+
 def test_identical_rows_without_id_are_duplicates(tmp_path: Path) -> None:
     m = load_manifest(csv_manifest(tmp_path, f"{IMG},p", f"{IMG},p", header="image_url,prompt"))
     assert len(m.items) == 1
