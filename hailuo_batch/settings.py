@@ -33,6 +33,7 @@ from pydantic_settings.exceptions import SettingsError
 from hailuo_batch.apixo import DEFAULT_BASE_URL, ApixoClient, MissingAPIKeyError, RetryPolicy
 from hailuo_batch.apixo.transport import decoded_url, header_safe
 from hailuo_batch.netguard import S3_BUCKET
+from hailuo_batch.secrets import redact_urls
 
 FailClass = Literal["content", "bad_input", "transient", "balance", "unknown"]
 ENV_PREFIX = "HAILUO_"
@@ -207,9 +208,10 @@ class Settings(BaseSettings):
     )
     lease_ttl_s: float = Field(
         120.0,
-        gt=0,
+        ge=1,
         description="A run that has not renewed its lease for this long is dead; its claims on "
-        "items may be taken over by another run.",
+        "items may be taken over by another run. At least 1 s: a run renews it every eighth of "
+        "this (at most twice a second), and one that could not is stopped from submitting.",
     )
 
     max_video_bytes: int = Field(
@@ -401,17 +403,23 @@ def check_http_url(value: str, *, name: str) -> str:
     """`value` stripped (and without a trailing "/") if it is an http(s) URL with a host that
     decodes and a port from 1 to 65535; else `ValueError` whose message starts with `name`."""
     v = value.strip().rstrip("/")
+    shown = repr(redact_urls(v)[:80])  # never echo a password typed into the URL
     if not v.startswith(("http://", "https://")):
-        raise ValueError(f"{name} {v[:80]!r} must start with http:// or https://")
+        raise ValueError(f"{name} {shown} must start with http:// or https://")
     try:
         url = decoded_url(v)
         host, port = url.host, url.port
     except (httpx.InvalidURL, ValueError) as exc:
-        raise ValueError(f"{name} {v[:80]!r} does not parse: {exc}") from None
+        raise ValueError(f"{name} {shown} does not parse: {redact_urls(str(exc))}") from None
     if not host or any(ch.isspace() for ch in v):
-        raise ValueError(f"{name} {v[:80]!r} must be a URL with a host")
+        raise ValueError(f"{name} {shown} must be a URL with a host")
+    if url.userinfo:  # httpx would send it as Basic auth, beside (or instead of) the key
+        raise ValueError(
+            f"{name} {shown} must not carry a user name or password (user:password@): "
+            "the API key goes in APIXO_API_KEY or a credentials block"
+        )
     if port is not None and not 1 <= port <= 65535:
-        raise ValueError(f"{name} {v[:80]!r}: the port must be from 1 to 65535")
+        raise ValueError(f"{name} {shown}: the port must be from 1 to 65535")
     return v
 
 

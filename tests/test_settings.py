@@ -102,6 +102,7 @@ def test_an_output_is_accepted_only_as_a_plain_path_file_or_s3(text: str) -> Non
         ({"APIXO_BASE_URL": "http://127.0.0.1:99999"}, "APIXO_BASE_URL 'http://127.0.0.1:99999'"),
         ({"APIXO_BASE_URL": "http://127.0.0.1:0"}, "the port must be from 1 to 65535"),
         ({"HAILUO_CALLBACK_URL": "http://h:abc"}, "HAILUO_CALLBACK_URL 'http://h:abc'"),
+        ({"HAILUO_LEASE_TTL_S": "0.001"}, "HAILUO_LEASE_TTL_S"),
         ({"HAILUO_CALLBACK_URL": "https://h:65536"}, "HAILUO_CALLBACK_URL"),
         ({"HAILUO_CALLBACK_URL": "https://xn--zz--.com"}, "HAILUO_CALLBACK_URL"),
         ({"HAILUO_OUTPUT": "s3://Bad_Bucket!/x"}, "is not a valid S3 bucket name"),
@@ -185,6 +186,31 @@ def test_an_api_key_that_cannot_be_sent_is_refused_without_showing_it(
         load_settings(apixo_api_key=key)
     assert "APIXO_API_KEY" in str(err.value)
     assert "cret" not in str(err.value) and "abc" not in str(err.value)
+
+
+@pytest.mark.parametrize("variable", ["APIXO_BASE_URL", "HAILUO_CALLBACK_URL"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://bob:hunter2pw@127.0.0.1:8901",
+        "https://hunter2pw@api.example",
+        "https://bob:hunter2pw@api.example:99999",
+        "http://bob:hunter2pw@[::1",
+    ],
+)
+def test_a_url_with_a_password_is_refused_without_echoing_it(
+    variable: str, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx would send `user:password@` as Basic auth in place of the key (a run then fails
+    with a misleading 401); the message names the variable and never shows the password."""
+    monkeypatch.setenv(variable, url)
+    with pytest.raises(BadSettingError) as err:
+        load_settings()
+    assert variable in str(err.value) and "hunter2pw" not in str(err.value)
+    monkeypatch.delenv(variable)
+    with pytest.raises(BadSettingError, match="base_url") as err:  # a credentials block's
+        load_settings().apixo_client(api_key=SecretStr("k"), base_url=url)
+    assert "hunter2pw" not in str(err.value)
 
 
 @pytest.mark.parametrize("key", ["", " ", "\t \n"])
