@@ -158,11 +158,23 @@ async def run_item(b: RunState, v: Preflight, started: Callable[[], None]) -> It
 
 async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None]) -> ItemResult:
     item, unit_cost = v.item, b.unit_cost(v.item)
-    rec = await b.rt.blocking(b.ledger.get, item.id)
+    current = rec = await b.rt.blocking(b.ledger.get, item.id)
+    replaced = current is not None and current.input_hash != item.input_hash
+    if replaced:  # the row's inputs changed: what these inputs left earlier, if anything
+        rec = await b.rt.blocking(b.ledger.earlier, item.id, item.input_hash) or current
+
+    async def keep_replaced() -> None:
+        """Before the first write of these inputs: keep the other inputs' record."""
+        nonlocal replaced
+        if replaced and current is not None:
+            await b.rt.blocking(b.ledger.keep, current)
+            replaced = False
+
     plan = b.plan(item, rec)
     if plan.action in ("poll", "submit") and rec is not None:
         found = await b.rt.blocking(stored_unrecorded, b.rt.store, rec, item.input_hash)
         if found is not None:  # stored before a crash could record it: nothing to pay or fetch
+            await keep_replaced()
             rec = await b.rt.blocking(b.ledger.put, found)
             note = f"video of task {rec.task_id} found stored at {rec.video}; recorded"
             plan = Plan("done", note=note, attempts=rec.attempts, resubmits=rec.resubmits)
@@ -187,12 +199,13 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
                 why = f"part {b.parts.claim} was taken over by run {holder or 'nobody'}"
                 return outcomes.not_submitted(item, b.run_id, f"{why}: not touched")
         started()
+        await keep_replaced()
         out = await live_item(
             outcomes.start_record(item, rec, plan),
             v.request,
             unit_cost=unit_cost,
             budget=b.budget,
-            fx=FlowEffects(b, item, expected=rec, slot=slot),
+            fx=FlowEffects(b, item, expected=current, slot=slot),
             policy=LifePolicy(
                 failcode_overrides=dict(b.rt.settings.failcode_policy),
                 max_resubmits=b.rt.settings.transient_max_resubmits,

@@ -5,6 +5,9 @@ Layout in the output store:
 - `ledger/{id}.json`: the item's latest state (`LedgerRecord`), rewritten atomically at every
   transition: `submitting` is written *before* the POST, `submitted` (with the taskId) right
   after it answers, then `succeeded` / `stored` / `failed` / `skipped`.
+- `ledger/earlier/{id}/{input_hash}.json`: the record of the item's earlier inputs, kept when a
+  run of other inputs (an edited row, a rerun with another duration) replaces it, so that going
+  back to those inputs pays for nothing they already have.
 - `claims/{id}.json`: created exclusively (local `O_EXCL`, S3 `If-None-Match: *`) by the run
   working on the item, deleted when it is done, so two runs never submit the same item at once.
 - `leases/{run_id}.json`: a run's heartbeat, with the TTL it was written under. A claim whose
@@ -278,7 +281,9 @@ class Ledger:
     def get(self, item_id: str) -> LedgerRecord | None:
         """The item's record; None if it has none. A record that does not parse raises
         `LedgerCorrupt`: the item may have been paid for, so it is never taken as absent."""
-        key = f"ledger/{item_id}.json"
+        return self._read(f"ledger/{item_id}.json")
+
+    def _read(self, key: str) -> LedgerRecord | None:
         try:
             text = self._retry(lambda: self.store.read_text(key), f"reading {key}")
         except FileNotFoundError:
@@ -290,6 +295,29 @@ class Ledger:
                 f"{self.store.url_for(key)} is not a ledger record ({type(exc).__name__}); "
                 "the item is left alone: check or delete that file, then run again"
             ) from None
+
+    def earlier(self, item_id: str, input_hash: str) -> LedgerRecord | None:
+        """The record the item's inputs `input_hash` left when its inputs changed (`keep`), or
+        None. A record that does not parse raises `LedgerCorrupt`, as `get` does."""
+        return self._read(f"ledger/earlier/{item_id}/{input_hash}.json")
+
+    def record_for(self, item_id: str, input_hash: str) -> LedgerRecord | None:
+        """The record to plan these inputs on: the item's record, or, when that one is of other
+        inputs, the one these inputs left earlier (if any; else the other inputs' record, which
+        `plan_item` reports as changed inputs)."""
+        rec = self.get(item_id)
+        if rec is None or rec.input_hash == input_hash:
+            return rec
+        return self.earlier(item_id, input_hash) or rec
+
+    def keep(self, record: LedgerRecord) -> None:
+        """Keep `record`, about to be replaced by a record of the item's other inputs, under
+        `ledger/earlier/{id}/{input_hash}.json`: when the manifest goes back to those inputs,
+        what they were paid for and how they ended (stored, skipped for content, failed,
+        uncertain) still stands, and nothing is paid again."""
+        key = f"ledger/earlier/{record.id}/{record.input_hash}.json"
+        body = record.model_dump_json()
+        self._retry(lambda: self.store.write_text_atomic(key, body), f"writing {key}")
 
     def put(self, record: LedgerRecord) -> LedgerRecord:
         record = record.model_copy(update={"run_id": self.run_id, "updated_at": _now()})
@@ -508,7 +536,7 @@ def planned_costs(
     costs: dict[int, float] = {}
     for item in items:
         try:
-            submit = plan(item, ledger.get(item.id)).action == "submit"
+            submit = plan(item, ledger.record_for(item.id, item.input_hash)).action == "submit"
         except LedgerUnavailable:
             submit = False
         costs[item.row] = unit_cost(item) if submit else 0.0

@@ -453,3 +453,36 @@ def test_only_a_record_of_the_same_inputs_whose_task_succeeded_adopts_a_video(st
     assert stored_unrecorded(store, no_key, H) is None
     elsewhere = rec(LedgerState.SUCCEEDED, task_id="t1", attempts=1, video_key="videos/y.mp4")
     assert stored_unrecorded(store, elsewhere, H) is None
+
+
+def test_a_replaced_record_is_kept_for_its_inputs(store):
+    led = Ledger(store, "r1")
+    a = led.put(rec(LedgerState.SKIPPED, task_id="t1", attempts=1, fail_code="NSFW"))
+    assert led.record_for("x", H) == a and led.earlier("x", H) is None
+    led.keep(a)
+    b = led.put(rec(LedgerState.STORED, input_hash="b" * 64, task_id="t2", attempts=1))
+    assert led.get("x") == b
+    assert led.record_for("x", H) == a  # the earlier inputs' own record
+    assert led.record_for("x", "b" * 64) == b
+    assert led.record_for("x", "c" * 64) == b  # never seen: the current one, as changed inputs
+    assert plan_item(led.record_for("x", H), H).action == "cached"
+    store.write_text_atomic(f"ledger/earlier/x/{H}.json", "{")
+    with pytest.raises(LedgerCorrupt):
+        led.record_for("x", H)
+
+
+def test_planned_costs_count_nothing_for_inputs_an_earlier_record_holds(store):
+    item = ManifestItem(
+        id="x", row=1, image_url="https://h/a.jpg", prompt="p", mode=Mode.STANDARD,
+        duration=6, provider=Provider.AUTO,
+    )  # fmt: skip
+    led = Ledger(store, "r1")
+    led.keep(led.put(rec(LedgerState.STORED, input_hash=item.input_hash, task_id="t1")))
+    led.put(rec(LedgerState.STORED, input_hash="b" * 64, task_id="t2", attempts=1))
+
+    def plan(i, r):
+        return plan_item(r, i.input_hash)
+
+    assert planned_costs(led, [item], plan, lambda i: 0.19) == {1: 0.0}
+    other = item.model_copy(update={"prompt": "never run"})
+    assert planned_costs(led, [other], plan, lambda i: 0.19) == {1: 0.19}

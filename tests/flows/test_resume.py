@@ -350,3 +350,44 @@ def test_a_video_stored_just_before_a_crash_is_recorded_not_paid_for_again(
     assert (out / "videos" / "i0.mp4").stat().st_mtime_ns == mtime
     assert sorted(p.name for p in (out / "videos").glob("*.mp4")) == ["i0.mp4"]
     assert ledger.get("i0").state == LedgerState.STORED
+
+
+def test_going_back_to_earlier_inputs_pays_for_nothing_they_already_have(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    """One id, two prompts, alternated: each prompt is paid for once. Its video stays where
+    it was stored, and going back to it finds it there."""
+    rows = items(images_dir, make_image, emulator, 1)
+    a = write_csv(tmp_path / "a.csv", rows)
+    b = write_csv(tmp_path / "b.csv", [{**rows[0], "prompt": "prompt B"}])
+    out = tmp_path / "out"
+    runs = [generate_videos(manifest=str(m), output=str(out)) for m in (a, b, a, b)]
+    res = [results_of(r.result())["i0"] for r in runs]
+    assert [r.status for r in res] == ["succeeded"] * 4
+    assert emulator.stats()["submissions_by_prompt"] == {"p0": 1, "prompt B": 1}
+    assert res[2].video == res[0].video and res[2].sha256 == res[0].sha256
+    assert res[3].video == res[1].video and res[3].sha256 == res[1].sha256
+    assert res[0].video != res[1].video
+    assert "already stored" in res[2].note and "already stored" in res[3].note
+    assert len(list((out / "videos").glob("*.mp4"))) == 2
+
+
+def test_a_content_violation_is_not_resubmitted_after_other_inputs_ran(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    """Skipped for content, then run with another duration (skipped again: a new choice the
+    user paid for), then the first inputs again: still skipped, from the ledger, no POST."""
+    rows = items(images_dir, make_image, emulator, 1)
+    rows[0]["prompt"] = "a dancer [fail:NSFW]"
+    six = write_csv(tmp_path / "six.csv", [{**rows[0], "duration": "6"}])
+    ten = write_csv(tmp_path / "ten.csv", [{**rows[0], "duration": "10"}])
+    out = tmp_path / "out"
+    res = [
+        results_of(
+            generate_videos(manifest=str(m), output=str(out)).result(raise_on_failure=False)
+        )["i0"]
+        for m in (six, ten, six)
+    ]
+    assert [r.status for r in res] == ["skipped"] * 3
+    assert emulator.stats()["submissions"] == 2
+    assert "final in run" in res[2].note
