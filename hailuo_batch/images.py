@@ -19,7 +19,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import fsspec
@@ -61,6 +61,9 @@ class ImageInfo:
     width: int
     height: int
     size_bytes: int | None = None
+    # the fewest bytes a whole file of this format and these dimensions can have
+    # (`least_bytes`), None when there is no such bound
+    least_bytes: int | None = None
 
 
 def check_image_rules(info: ImageInfo, *, max_bytes: int) -> list[str]:
@@ -89,6 +92,12 @@ def check_image_rules(info: ImageInfo, *, max_bytes: int) -> list[str]:
             problems.append(
                 f"short side {short} px is too small: it must be more than {MIN_SHORT_SIDE} px"
             )
+    if info.size_bytes is not None and info.least_bytes and info.size_bytes < info.least_bytes:
+        problems.append(
+            f"the file is {info.size_bytes} bytes, too small to hold a {w}x{h} "
+            f"{info.format.upper()} (at least {info.least_bytes} bytes): it is truncated, or its "
+            "header declares dimensions its data does not have"
+        )
     if info.size_bytes is not None and info.size_bytes > max_bytes:
         problems.append(
             f"file size {info.size_bytes} bytes is over the limit of {max_bytes} bytes "
@@ -134,7 +143,54 @@ def _try_sniff(header: bytes, *, complete: bool) -> ImageInfo | None:
         return None if not complete else ImageInfo(format=fmt, width=0, height=0)
     width, height = im.size
     im.close()
-    return ImageInfo(format=fmt, width=width, height=height)
+    least = least_bytes(fmt, width, height, _jpeg_frame(header) if fmt == "jpeg" else None)
+    return ImageInfo(format=fmt, width=width, height=height, least_bytes=least)
+
+
+#: deflate codes at most 258 bytes in a 2-bit match: no zlib stream is smaller than 1/1032 of
+#: its data
+DEFLATE_MAX_RATIO = 1032
+#: a PNG's signature, IHDR, one IDAT's length/type/CRC and IEND
+PNG_OVERHEAD = 8 + 25 + 12 + 12
+#: JPEG frames coded with Huffman tables (baseline, extended, progressive): every 8x8 block of
+#: the first component costs at least one bit (its DC code). Arithmetic and lossless codings
+#: have no such bound.
+HUFFMAN_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+
+
+def least_bytes(fmt: str, width: int, height: int, jpeg_frame: int | None) -> int | None:
+    """The fewest bytes a complete `fmt` image of `width` x `height` can take, or None when no
+    bound is known. A PNG holds `height` filter bytes plus at least one bit per pixel, deflated
+    at best 1032:1; a Huffman-coded JPEG at least one bit per 8x8 block. Far below any real
+    image: only a file cut short, or a header that lies about its size, is under it."""
+    if width <= 0 or height <= 0:
+        return None
+    if fmt == "png":
+        raw = height * (1 + -(-width // 8))
+        return PNG_OVERHEAD + -(-raw // DEFLATE_MAX_RATIO)
+    if fmt == "jpeg" and jpeg_frame in HUFFMAN_FRAMES:
+        blocks = -(-width // 8) * -(-height // 8)
+        return -(-blocks // 8)
+    return None
+
+
+def _jpeg_frame(header: bytes) -> int | None:
+    """The marker of a JPEG's frame header (SOF0-SOF15: 0xC0-0xCF but DHT, JPG and DAC), found
+    by walking the segments of `header`; None when it is not within it."""
+    pos = 2
+    while pos + 4 <= len(header):
+        if header[pos] != 0xFF:
+            return None
+        marker = header[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        if marker == 0xDA or marker == 0xD9:  # a scan or the end before any frame
+            return None
+        pos += 2 + int.from_bytes(header[pos + 2 : pos + 4], "big")
+    return None
 
 
 _UNKNOWN = ImageInfo(format="unknown", width=0, height=0)
@@ -240,7 +296,7 @@ def _inspect_fsspec(source: str, *, storage_options: dict | None) -> ImageInfo:
 
 
 def _with_size(info: ImageInfo, size: int | None) -> ImageInfo:
-    return ImageInfo(format=info.format, width=info.width, height=info.height, size_bytes=size)
+    return replace(info, size_bytes=size)
 
 
 _SSL_LOCK = threading.Lock()

@@ -12,6 +12,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import s3fs
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 from PIL import Image
 
 from hailuo_batch import images
@@ -45,6 +48,10 @@ def image_bytes(width: int, height: int, fmt: str = "JPEG", **kwargs: object) ->
     buf = io.BytesIO()
     Image.new("RGB", (width, height), (10, 120, 200)).save(buf, fmt, **kwargs)
     return buf.getvalue()
+
+
+def facts(info: ImageInfo) -> tuple[str, int, int, int | None]:
+    return (info.format, info.width, info.height, info.size_bytes)
 
 
 # --- rules ----------------------------------------------------------------------------------
@@ -127,7 +134,8 @@ def test_sniff_reads_format_and_dimensions_from_content(fmt: str, name: str) -> 
 
 def test_sniff_only_needs_the_header() -> None:
     data = image_bytes(1920, 1080, "PNG")
-    assert sniff_image(data[:64]) == ImageInfo("png", 1920, 1080)
+    info = sniff_image(data[:64])
+    assert (info.format, info.width, info.height) == ("png", 1920, 1080)
 
 
 def test_sniff_of_non_image_bytes_is_unknown() -> None:
@@ -151,8 +159,11 @@ def test_file_urls_are_refused_alike_for_existing_and_missing_files(
 ) -> None:
     """No file-existence oracle: the message does not depend on the file."""
     path = make_image(1024, 768, "PNG")
-    assert inspect_image(str(path), settings=settings()) == ImageInfo(
-        "png", 1024, 768, path.stat().st_size
+    assert facts(inspect_image(str(path), settings=settings())) == (
+        "png",
+        1024,
+        768,
+        path.stat().st_size,
     )
     messages = []
     for target in (path, tmp_path / "missing.png"):
@@ -188,7 +199,7 @@ def test_huge_file_is_not_read_fully(tmp_path: Path) -> None:
     with path.open("r+b") as f:
         f.truncate(1024 * MB)  # sparse: 1 GiB on paper
     info = inspect_image(str(path), settings=settings())
-    assert info == ImageInfo("jpeg", 1280, 720, 1024 * MB)
+    assert facts(info) == ("jpeg", 1280, 720, 1024 * MB)
     assert any("over the limit" in p for p in check_image_rules(info, max_bytes=20 * MB))
 
 
@@ -205,7 +216,7 @@ def test_s3_image_size_and_dimensions(s3_env: str) -> None:
     fs = s3fs.S3FileSystem()
     fs.pipe_file(f"{s3_env}/in/a.png", data)
     info = inspect_image(f"s3://{s3_env}/in/a.png", settings=settings())
-    assert info == ImageInfo("png", 1280, 720, len(data))
+    assert facts(info) == ("png", 1280, 720, len(data))
 
 
 def test_missing_s3_object_is_a_fetch_error(s3_env: str) -> None:
@@ -294,7 +305,7 @@ def http_base() -> Iterator[str]:
 def test_http_image_info_with_and_without_length(http_base: str, route: str) -> None:
     data = Handler.files["big-exif.jpg"]
     info = inspect_image(f"{http_base}/{route}/big-exif.jpg", settings=settings())
-    assert info == ImageInfo("jpeg", 900, 700, len(data))
+    assert facts(info) == ("jpeg", 900, 700, len(data))
 
 
 def test_http_format_by_content(http_base: str) -> None:
@@ -384,3 +395,76 @@ def test_image_checks_share_one_tls_context_even_when_started_together() -> None
         t.join()
     assert len({id(c) for c in got}) == 1
     assert images._make_ssl_context.cache_info().misses == 1
+
+
+# --- files too small for the dimensions they declare ------------------------------------------
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose IHDR says `width` x `height` over one tiny IDAT: 100000x100000 in ~70 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + chunk(b"IEND", b"")
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("data", "name"),
+    [
+        (_png_declaring(100_000, 100_000), "png"),
+        (_png_declaring(2**31 - 1, 2**31 - 1), "png"),
+        (image_bytes(2000, 1500, "PNG")[:200], "png"),  # cut after its header
+        (image_bytes(1600, 1200, "JPEG")[:700], "jpeg"),
+        (image_bytes(1600, 1200, "JPEG", progressive=True)[:700], "jpeg"),
+    ],
+    ids=["png-bomb", "png-max-dimensions", "png-header-only", "jpeg-header-only", "progressive"],
+)
+def test_a_file_too_small_for_its_dimensions_breaks_a_rule_before_paying(
+    data: bytes, name: str, tmp_path: Path
+) -> None:
+    path = tmp_path / f"x.{name}"
+    path.write_bytes(data)
+    info = inspect_image(str(path), settings=settings())
+    problems = check_image_rules(info, max_bytes=20 * MB)
+    assert any("too small to hold" in p and f"{len(data)} bytes" in p for p in problems), problems
+
+
+@settings_(max_examples=60, deadline=None)
+@given(
+    w=st.integers(301, 4000),
+    h=st.integers(301, 4000),
+    fmt=st.sampled_from(["PNG", "JPEG", "JPEG-progressive"]),
+    mode=st.sampled_from(["1", "L", "P", "RGB"]),
+)
+def test_no_complete_image_is_under_its_bound(w: int, h: int, fmt: str, mode: str) -> None:
+    """The bound is far below any whole file: the most compressible images there are (one
+    flat colour, 1-bit PNG, optimised JPEG tables) are still above it."""
+    if fmt.startswith("JPEG") and mode in ("1", "P"):
+        mode = "L"
+    buf = io.BytesIO()
+    kwargs: dict[str, object] = {"optimize": True}
+    if fmt == "JPEG-progressive":
+        kwargs["progressive"] = True
+    if fmt.startswith("JPEG"):
+        kwargs["quality"] = 1
+    Image.new(mode, (w, h)).save(buf, fmt.split("-")[0], **kwargs)
+    data = buf.getvalue()
+    info = sniff_image(data)
+    assert info.least_bytes is not None and info.least_bytes <= len(data)
+
+
+def test_an_arithmetic_coded_jpeg_has_no_bound() -> None:
+    data = bytearray(image_bytes(640, 480, "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 1] = 0xC9  # SOF9: arithmetic coding, which can take less than a bit per block
+    assert images.least_bytes("jpeg", 640, 480, 0xC9) is None
+    assert sniff_image(bytes(data)).least_bytes is None
