@@ -59,6 +59,9 @@ MODE_ALIASES = {
 }
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+#: rows of one manifest: a whole-file error past it, before the rows fill the worker's memory
+#: (64 MiB of three-letter rows would be ~11 million of them)
+MAX_MANIFEST_ROWS = 100_000
 """A larger manifest is refused before it is parsed (hundreds of thousands of rows fit)."""
 MAX_CELL_CHARS = 100_000
 """A longer cell (prompt, URL, ...) makes its row invalid."""
@@ -306,10 +309,20 @@ def _csv_rows(text: str, url: str) -> tuple[list[str], list[_Raw]]:
             raise ManifestError(_csv_error(url, exc, start, reader.line_num)) from exc
         if not any(cell.strip() for cell in record):
             continue  # blank line
+        _check_row_count(url, len(rows) + 1)
         cells = {name: value for name, value in zip(names, record, strict=False) if name}
         problem = _csv_record_problem(record, names, start, reader.line_num)
         rows.append(_Raw(len(rows) + 1, cells, problem))
     return [c for c in names if c], rows
+
+
+def _check_row_count(url: str, rows: int) -> None:
+    if rows > MAX_MANIFEST_ROWS:
+        raise ManifestError(
+            f"manifest {url} has more than {MAX_MANIFEST_ROWS:,} rows: split it into manifests "
+            f"of at most {MAX_MANIFEST_ROWS:,} and run them one after another into the same "
+            "output (what one run stored is never paid for again)"
+        )
 
 
 def _check_header(names: list[str], url: str) -> None:
@@ -420,6 +433,7 @@ def _jsonl_rows(text: str, url: str) -> tuple[list[str], list[_Raw]]:
     for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        _check_row_count(url, len(rows) + 1)
         value = _json_value(line, url, str(line_no))
         rows.append(_json_row(len(rows) + 1, value))
     return _json_columns(rows), rows
@@ -436,6 +450,7 @@ def _json_rows(text: str, url: str) -> tuple[list[str], list[_Raw]]:
             f"manifest {url} must be a JSON array of objects (got {_a(_json_type(value))}); "
             "use .jsonl for one object per line"
         )
+    _check_row_count(url, len(value))
     rows = [_json_row(i, v) for i, v in enumerate(value, start=1)]
     return _json_columns(rows), rows
 

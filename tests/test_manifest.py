@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import s3fs
 
+from hailuo_batch import manifest as manifest_module
 from hailuo_batch.apixo.models import Mode, Provider
 from hailuo_batch.manifest import (
     ItemDefaults,
@@ -391,3 +392,24 @@ def test_manifest_from_s3(s3_env: str) -> None:
 def test_missing_s3_manifest(s3_env: str) -> None:
     with pytest.raises(ManifestError, match="not found"):
         load_manifest(f"s3://{s3_env}/manifests/none.jsonl")
+
+
+def _manifest_of(n: int, fmt: str) -> str:
+    rows = [{"id": f"r{k}", "image_url": IMG, "prompt": "p"} for k in range(n)]
+    if fmt == "csv":
+        return "id,image_url,prompt\n" + "".join(f"r{k},{IMG},p\n" for k in range(n))
+    if fmt == "jsonl":
+        return "".join(json.dumps(r) + "\n" for r in rows)
+    return json.dumps(rows)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json"])
+def test_a_manifest_of_too_many_rows_is_refused_whole(
+    tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows past MAX_MANIFEST_ROWS would fill the worker's memory before a single result is
+    written: the file is refused as a whole, saying what to do, and nothing is paid."""
+    monkeypatch.setattr(manifest_module, "MAX_MANIFEST_ROWS", 5)
+    with pytest.raises(ManifestError, match="more than 5 rows: split it"):
+        load_manifest(write(tmp_path, f"m.{fmt}", _manifest_of(6, fmt)))
+    assert len(load_manifest(write(tmp_path, f"ok.{fmt}", _manifest_of(5, fmt))).items) == 5
