@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel
@@ -383,15 +384,17 @@ class Ledger:
         for _ in range(3):
             if self._retry(lambda: self.store.create_exclusive(key, body), f"claiming {key}"):
                 return None
-            owner = self._owner(key)
+            owner, seen = self._claim_of(key)
             if owner == "":
                 continue  # released in between: try again
             if owner == self.run_id:
                 return None
             if owner is not None and self.lease_alive(owner):
                 return owner
-            # stale: the owner is gone. Remove and race for it again through create_exclusive.
-            self._retry(lambda: self.store.delete(key), f"removing stale {key}")
+            # stale: the owner is gone. Remove that very claim (not one another run put there
+            # since: two runs taking over the same stale claim must not both win) and race for
+            # the item again through create_exclusive.
+            self._retry(partial(self.store.delete_if_unchanged, key, seen), f"removing stale {key}")
         return "unknown (claim contended)"
 
     def owner(self, item_id: str) -> str | None:
@@ -399,15 +402,20 @@ class Ledger:
         return self._owner(f"claims/{item_id}.json")
 
     def _owner(self, key: str) -> str | None:
+        return self._claim_of(key)[0]
+
+    def _claim_of(self, key: str) -> tuple[str | None, bytes]:
+        """The run id in the claim at `key` ("" when there is none, None when unreadable) and
+        the claim's bytes."""
         try:
-            text = self._retry(lambda: self.store.read_text(key), f"reading {key}")
+            data = self._retry(lambda: self.store.read_bytes(key), f"reading {key}")
         except FileNotFoundError:
-            return ""
+            return "", b""
         try:
-            owner = json.loads(text)["run_id"]
+            owner = json.loads(data)["run_id"]
         except (ValueError, KeyError, TypeError):
-            return None
-        return owner if isinstance(owner, str) else None
+            return None, data
+        return (owner if isinstance(owner, str) else None), data
 
     def still_ours(self, item_id: str, expected: LedgerRecord | None) -> str | None:
         """Checked immediately before every POST: None when this run still owns the item and

@@ -466,6 +466,45 @@ class OutputStore:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._path(key))
 
+    def delete_if_unchanged(self, key: str, expected: bytes) -> bool:
+        """Remove `key` only while it holds `expected`; False when it holds something else (or
+        nothing): what another writer put there in between is never removed.
+
+        On S3 the DELETE carries `If-Match` with the ETag of the object whose bytes were just
+        compared. Locally the file is first renamed aside (atomic); what was moved is removed
+        if it was `expected`, else linked back (unless yet another file took the name)."""
+        path = self._path(key)
+        if not self.is_local:
+            try:
+                etag = self.fs.info(path, refresh=True)["ETag"]
+                if bytes(self.fs.cat_file(path)) != expected:
+                    return False
+                bucket, name, _ = self.fs.split_path(path)
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=name, IfMatch=etag)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                if _precondition_failed(exc):
+                    return False
+                raise
+            finally:
+                self.fs.invalidate_cache(path)
+            return True
+        aside = f"{path}.aside-{os.getpid()}-{os.urandom(6).hex()}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            with open(aside, "rb") as f:
+                if f.read(len(expected) + 1) == expected:
+                    return True
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)  # another writer's: back in place
+            return False
+        finally:
+            os.unlink(aside)
+
     def presign(self, key: str, expires_s: int) -> str:
         """A time-limited https URL for reading `key` (object stores only)."""
         if self.is_local:

@@ -486,3 +486,43 @@ def test_planned_costs_count_nothing_for_inputs_an_earlier_record_holds(store):
     assert planned_costs(led, [item], plan, lambda i: 0.19) == {1: 0.0}
     other = item.model_copy(update={"prompt": "never run"})
     assert planned_costs(led, [other], plan, lambda i: 0.19) == {1: 0.19}
+
+
+class _Interleaved:
+    """A store whose first `delete_if_unchanged` lets another run act first (`before`): run
+    B has judged a claim stale, and run A takes the item over before B removes it."""
+
+    def __init__(self, inner, before):
+        self.inner, self.before = inner, before
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def delete_if_unchanged(self, key, expected):
+        before, self.before = self.before, None
+        if before is not None:
+            before()
+        return self.inner.delete_if_unchanged(key, expected)
+
+
+def test_two_runs_taking_over_one_stale_claim_never_both_win(store):
+    """C died holding the item. B reads C's claim and judges it stale; A does the same and
+    takes the item over completely (removes C's claim, claims it, may POST). B then removes
+    only C's claim, which is gone: A's stays, and B hands the item to A."""
+    Ledger(store, "run-c", lease_ttl_s=1).claim("x")  # no lease ever written: dead
+    a = Ledger(store, "run-a", lease_ttl_s=60)
+    a.heartbeat()
+    b = Ledger(_Interleaved(store, lambda: a.claim("x")), "run-b", lease_ttl_s=60)
+    assert b.claim("x") == "run-a"
+    assert json.loads(store.read_text("claims/x.json"))["run_id"] == "run-a"
+    assert a.still_ours("x", None) is None
+
+
+def test_delete_if_unchanged_removes_only_the_bytes_it_was_given(store):
+    store.write_bytes_atomic("claims/k.json", b"old")
+    assert store.delete_if_unchanged("claims/k.json", b"other") is False
+    assert store.read_bytes("claims/k.json") == b"old"
+    assert store.delete_if_unchanged("claims/k.json", b"old") is True
+    assert not store.exists("claims/k.json")
+    assert store.delete_if_unchanged("claims/k.json", b"old") is False  # gone: nothing to do
+    assert [p for p in store.fs.find(store.url_for("claims"))] == []  # nothing left aside
