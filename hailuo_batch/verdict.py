@@ -58,7 +58,9 @@ def run_verdict(
             f"${would_cost_usd:,.2f}",
         )
     succeeded = by_status.get("succeeded", 0)
-    if total and not succeeded:
+    # nothing succeeded only because the cap held every valid item back: the cap did its job
+    capped_all = capped and capped == total - by_status.get("invalid", 0)
+    if total and not succeeded and not capped_all:
         every = ", ".join(f"{n} {s}" for s, n in by_status.items() if n)
         return Verdict("failed", "NothingSucceeded", f"run {run_id}: no item succeeded ({every})")
     share = sum(problems.values()) / total if total else 0.0
@@ -73,7 +75,7 @@ def run_verdict(
         return Verdict(
             "completed",
             "CostCapReached",
-            f"max cost ${cap_usd or 0:.2f} reached: {capped} items not submitted",
+            f"max cost ${abs(cap_usd or 0):.2f} reached: {capped} items not submitted",
         )
     if problems:
         return Verdict(

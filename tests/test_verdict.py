@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hailuo_batch.budget import Stop
 from hailuo_batch.verdict import run_verdict
 
@@ -57,3 +59,15 @@ def test_a_dry_run_completes():
     v = run_verdict(counts(not_submitted=4), run_id="r", dry_run=True, would_cost_usd=0.76)
     assert (v.kind, v.name) == ("completed", "DryRun")
     assert "would cost about $0.76" in v.message
+
+
+@pytest.mark.parametrize("cap", [0.0, -0.0, 0.1])
+def test_a_cap_too_small_for_one_item_is_cost_cap_reached_not_a_failure(cap: float) -> None:
+    """`--max-cost 0`: every valid item held back by the cap, nothing paid. The run did what
+    it was told: CostCapReached (Completed), as for any cap, not NothingSucceeded."""
+    v = run_verdict(counts(not_submitted=3, invalid=1), run_id="r", capped=3, cap_usd=cap)
+    assert (v.kind, v.name) == ("completed", "CostCapReached")
+    assert "$0.00" in v.message or "$0.10" in v.message
+    # an item that failed for another reason is still a run where nothing succeeded
+    v = run_verdict(counts(not_submitted=2, failed=1), run_id="r", capped=2, cap_usd=cap)
+    assert (v.kind, v.name) == ("failed", "NothingSucceeded")

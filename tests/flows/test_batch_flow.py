@@ -286,6 +286,16 @@ def test_max_cost_caps_submissions(flow_env, emulator, tmp_path, images_dir, mak
     assert emulator.stats()["submissions"] == 2  # 2 x 0.19 <= 0.50 < 3 x 0.19
 
 
+def test_a_cap_of_zero_pays_nothing_and_says_the_cap_was_reached(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    m = _six_items(tmp_path, images_dir, make_image, emulator)
+    state = generate_videos(manifest=str(m), output=str(tmp_path / "o"), max_cost_usd=0)
+    assert state.is_completed() and state.name == "CostCapReached", state.message
+    assert "6 items not submitted" in state.message and "$0.00" in state.message
+    assert emulator.stats()["submissions"] == 0
+
+
 def test_dry_run_submits_nothing(flow_env, emulator, mixed_manifest, tmp_path):
     state = generate_videos(
         manifest=str(mixed_manifest), output=str(tmp_path / "o"), dry_run=True, return_state=True
