@@ -39,8 +39,9 @@ if TYPE_CHECKING:
     from hailuo_batch.settings import Settings
 
 ACCEPTED_FORMATS = ("jpeg", "png")
-HEADER_BOUND = 256 * 1024
-"""Most bytes read to find format and dimensions (a JPEG's SOF may sit behind a large EXIF)."""
+HEADER_BOUND = 1024 * 1024
+"""Most bytes read to find format and dimensions: a JPEG's SOF may sit behind EXIF, XMP and ICC
+segments of several hundred KB (each segment is at most 64 KB, but a file may have many)."""
 FIRST_READ = 64 * 1024
 MAX_REDIRECTS = 5
 # Aspect ratio must be strictly inside (2:5, 5:2); short side strictly above 300 px.

@@ -421,9 +421,12 @@ def _json_value(text: str, url: str, where: str) -> Any:
             f"manifest {url}: JSON nested too deeply{f' on line {where}' if where else ''}"
         ) from exc
     except ValueError as exc:  # a number with thousands of digits, NaN, Infinity
+        why = str(exc)[:200]
+        digits = re.search(r"value has (\d+) digits", why)
+        if digits:  # Python's own wording names an interpreter setting, not the manifest
+            why = f"a number of {digits.group(1)} digits is too long (at most 4300)"
         raise ManifestError(
-            f"manifest {url}: unusable JSON value{f' on line {where}' if where else ''}: "
-            f"{str(exc)[:200]}"
+            f"manifest {url}: unusable JSON value{f' on line {where}' if where else ''}: {why}"
         ) from exc
 
 

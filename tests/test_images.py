@@ -468,3 +468,18 @@ def test_an_arithmetic_coded_jpeg_has_no_bound() -> None:
     data[sof + 1] = 0xC9  # SOF9: arithmetic coding, which can take less than a bit per block
     assert images.least_bytes("jpeg", 640, 480, 0xC9) is None
     assert sniff_image(bytes(data)).least_bytes is None
+
+
+@pytest.mark.parametrize("segments", [5, 12])
+def test_a_jpeg_with_hundreds_of_kb_of_metadata_before_its_size_is_read(
+    segments: int, tmp_path: Path
+) -> None:
+    """ICC profiles, XMP and EXIF come before the frame header, up to 64 KB a segment: a
+    complete photo with 320-780 KB of them was refused as 'truncated or unusual'."""
+    data = image_bytes(1200, 800, "JPEG")
+    app2 = b"\xff\xe2" + (65535).to_bytes(2, "big") + b"ICC_PROFILE\x00" + b"\x00" * 65521
+    path = tmp_path / "meta.jpg"
+    path.write_bytes(data[:2] + app2 * segments + data[2:])
+    info = inspect_image(str(path), settings=settings())
+    assert (info.format, info.width, info.height) == ("jpeg", 1200, 800)
+    assert check_image_rules(info, max_bytes=20 * MB) == []
