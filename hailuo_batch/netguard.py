@@ -166,9 +166,18 @@ def address_problem(addr: IPAddress) -> str | None:
     for attr, label in checks:
         if getattr(addr, attr):
             return label
+    if isinstance(addr, ipaddress.IPv6Address) and addr.is_site_local:
+        return "a site-local address"  # fec0::/10: deprecated, still routed inside some sites
+    if any(addr in net for net in _NOT_GLOBAL_YET):
+        return "not a public address"
     if not addr.is_global:
         return "not a public address"
     return None
+
+
+#: ranges IANA set aside after this Python's `ipaddress` tables were written: the IPv6
+#: documentation prefix 3fff::/20 (RFC 9637, 2024)
+_NOT_GLOBAL_YET = (ipaddress.IPv6Network("3fff::/20"),)
 
 
 def resolve_host(host: str, port: int | None) -> list[IPAddress]:

@@ -40,6 +40,9 @@ from hailuo_batch.netguard import (
         "http://[::ffff:127.0.0.1]/a.jpg",
         "http://[::ffff:169.254.169.254]/a.jpg",
         "http://localhost:9000/a.jpg",
+        "http://[fec0::1]/a.jpg",  # site-local (deprecated, still routed inside some sites)
+        "http://[3fff::1]/a.jpg",  # documentation prefix (RFC 9637)
+        "http://[2002:7f00:1::1]/a.jpg",  # 6to4 of 127.0.0.1
     ],
 )
 def test_non_public_addresses_are_refused_with_the_setting_named(url: str) -> None:
