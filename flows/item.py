@@ -19,6 +19,7 @@ from hailuo_batch.budget import Budget
 from hailuo_batch.ledger import (
     Ledger,
     LedgerRecord,
+    LedgerState,
     LedgerUnavailable,
     Plan,
     claim_or_wait,
@@ -162,6 +163,9 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
     replaced = current is not None and current.input_hash != item.input_hash
     if replaced:  # the row's inputs changed: what these inputs left earlier, if anything
         rec = await b.rt.blocking(b.ledger.earlier, item.id, item.input_hash) or current
+        if rec is not None and rec is not current and rec.state != LedgerState.STORED:
+            # its key was only reserved in the ledger: other inputs may have stored there since
+            rec = rec.model_copy(update={"video_key": None})
 
     async def keep_replaced() -> None:
         """Before the first write of these inputs: keep the other inputs' record."""

@@ -511,7 +511,8 @@ def stored_unrecorded(
     the provider forgets the task, `lost`) with its `video_key` chosen: only verified bytes are
     ever published under a final name, and that key was free for this record's own task, so
     the video there is the item's. Adopting it costs nothing; polling or resubmitting costs a
-    task the provider may no longer know, or a second payment."""
+    task the provider may no longer know, or a second payment. A record that once stored its
+    video (it knows the bytes' sha256) adopts only those very bytes, never a damaged copy."""
     if (
         rec.input_hash != input_hash
         or rec.state not in (LedgerState.SUCCEEDED, LedgerState.LOST)
@@ -519,6 +520,8 @@ def stored_unrecorded(
         or not store.exists(rec.video_key)
     ):
         return None
+    if rec.sha256 is not None and not stored_intact(store, rec):
+        return None  # stored once and damaged since: not the video the record knew
     key = rec.video_key
     return rec.model_copy(
         update={

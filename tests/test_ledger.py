@@ -526,3 +526,13 @@ def test_delete_if_unchanged_removes_only_the_bytes_it_was_given(store):
     assert not store.exists("claims/k.json")
     assert store.delete_if_unchanged("claims/k.json", b"old") is False  # gone: nothing to do
     assert [p for p in store.fs.find(store.url_for("claims"))] == []  # nothing left aside
+
+
+def test_a_record_that_knew_its_videos_bytes_adopts_only_those_bytes(store):
+    body = b"\x00\x00\x00\x18ftypmp42" + b"v" * 1000
+    store.write_bytes_atomic("videos/x.mp4", body[:500])  # damaged since it was stored
+    known = dict(bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
+    lost = rec(LedgerState.LOST, task_id="t1", attempts=1, video_key="videos/x.mp4", **known)
+    assert stored_unrecorded(store, lost, H) is None
+    store.write_bytes_atomic("videos/x.mp4", body)
+    assert stored_unrecorded(store, lost, H).state == LedgerState.STORED

@@ -391,3 +391,54 @@ def test_a_content_violation_is_not_resubmitted_after_other_inputs_ran(
     assert [r.status for r in res] == ["skipped"] * 3
     assert emulator.stats()["submissions"] == 2
     assert "final in run" in res[2].note
+
+
+def test_earlier_inputs_whose_download_failed_never_take_another_prompts_video(
+    flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch
+):
+    """Prompt A's video could not be stored (its record keeps `succeeded` and the key it
+    reserved); prompt B then stored its own video under that free key. Going back to A fetches
+    A's video from its task into another key: B's video is neither adopted as A's nor
+    overwritten."""
+    rows = items(images_dir, make_image, emulator, 1)
+    a = write_csv(tmp_path / "a.csv", rows)
+    b = write_csv(tmp_path / "b.csv", [{**rows[0], "prompt": "prompt B"}])
+    out = tmp_path / "out"
+    monkeypatch.setenv("HAILUO_MAX_VIDEO_BYTES", "1000")  # every download of run 1 refused
+    get_settings.cache_clear()
+    first = results_of(
+        generate_videos(manifest=str(a), output=str(out)).result(raise_on_failure=False)
+    )["i0"]
+    assert first.fail_code == "DOWNLOAD_FAILED"
+    monkeypatch.delenv("HAILUO_MAX_VIDEO_BYTES")
+    get_settings.cache_clear()
+    second = results_of(generate_videos(manifest=str(b), output=str(out)).result())["i0"]
+    b_sha = (out / "videos" / "i0.mp4").read_bytes()
+    third = results_of(generate_videos(manifest=str(a), output=str(out)).result())["i0"]
+    assert third.status == "succeeded" and third.task_id == first.task_id
+    assert third.sha256 == served_sha256(emulator.base_url, first.task_id)
+    assert third.video != second.video
+    assert (out / "videos" / "i0.mp4").read_bytes() == b_sha  # B's video untouched
+    assert emulator.stats()["submissions_by_prompt"] == {"p0": 1, "prompt B": 1}
+
+
+def test_a_video_damaged_after_it_was_stored_is_never_adopted(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    """Stored, then cut in half; the provider has forgotten the task (the record goes `lost`).
+    A run told to pay for lost tasks pays for a new one: the damaged copy is not recorded as
+    the item's video."""
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
+    out = tmp_path / "out"
+    assert generate_videos(manifest=str(m), output=str(out)).is_completed()
+    ledger = Ledger(OutputStore(str(out)), "test")
+    stored = ledger.get("i0")
+    ledger.put(stored.model_copy(update={"state": LedgerState.LOST, "task_id": "forgotten"}))
+    video = out / "videos" / "i0.mp4"
+    video.write_bytes(video.read_bytes()[: video.stat().st_size // 2])
+    res = results_of(
+        generate_videos(manifest=str(m), output=str(out), resubmit_lost=True).result()
+    )["i0"]
+    assert res.status == "succeeded" and "found stored" not in (res.note or "")
+    assert emulator.stats()["submissions"] == 2 and res.uncertain
+    assert res.sha256 == served_sha256(emulator.base_url, res.task_id)
