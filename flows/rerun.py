@@ -18,6 +18,7 @@ from hailuo_batch.apixo.models import shown
 from hailuo_batch.jobs import blocking
 from hailuo_batch.options import BatchOptions, RunOptions
 from hailuo_batch.results import ItemStatus
+from hailuo_batch.secrets import redact_urls
 from hailuo_batch.settings import get_settings
 from hailuo_batch.storage import OutputStore
 
@@ -74,7 +75,7 @@ async def rerun_failed(
         logger.warning("not rerun: %s", shown(why))
     for line in sel.carried:
         logger.info("%s", shown(line))
-    logger.info("rerun of %s: %d of %d items match", results, sel.chosen, sel.total)
+    logger.info("rerun of %s: %d of %d items match", redact_urls(results), sel.chosen, sel.total)
     if not sel.chosen:
         logger.info("nothing to rerun")
         await acreate_markdown_artifact(sel.markdown + "\n\nnothing to rerun.", description=ABOUT)
@@ -85,7 +86,7 @@ async def rerun_failed(
         options=BatchOptions(**{**options.model_dump(), "output": store.url}),
         force=True,
         resubmit_lost=resubmit_lost,
-        rerun_of=results,
+        rerun_of=redact_urls(results),
         return_state=True,
     )
     summary = await state.aresult(raise_on_failure=False)

@@ -27,6 +27,7 @@ from hailuo_batch.options import RunOptions
 from hailuo_batch.orchestrator import recording_advice
 from hailuo_batch.pacing import AdaptiveLimit, AdaptiveSlots
 from hailuo_batch.policy import Prices
+from hailuo_batch.secrets import redact_urls
 from hailuo_batch.settings import get_settings
 
 Job = Callable[[], Coroutine[Any, Any, Any]]
@@ -51,7 +52,7 @@ def not_started(exc: Exception) -> Any:
     cause = exc.__cause__ if isinstance(exc, RunNotStarted) and exc.__cause__ else exc
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     why = f"{type(cause).__name__}: {text}" if text else type(cause).__name__
-    msg = f"the run could not start ({why}); nothing was submitted"
+    msg = f"the run could not start ({redact_urls(why)}); nothing was submitted"
     get_run_logger().error(msg)
     return Failed(name=NOT_STARTED, message=msg)
 

@@ -613,7 +613,7 @@ def _shown(value: Any, limit: int = 80) -> str:
     """A cell value for a message: repr (control characters escaped), cut to `limit`."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         return f"a JSON {_json_type(value)}"
-    text = repr(value[: limit + 1]) if isinstance(value, str) else repr(value)
+    text = repr(redact_urls(value)[: limit + 1]) if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

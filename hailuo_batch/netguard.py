@@ -36,6 +36,7 @@ import httpcore
 import httpx
 
 from hailuo_batch.apixo.transport import decoded_url
+from hailuo_batch.secrets import redact_urls
 
 ALLOW_SETTING = "HAILUO_ALLOW_PRIVATE_NETWORKS=1"
 ACCEPTED_FORMS = "http(s)://host/path, s3://bucket/key or a plain local file path"
@@ -139,7 +140,9 @@ def _check_s3_url(url: str) -> None:
 
 
 def _shown(text: str, limit: int = 120) -> str:
-    """`text` quoted for a message: escapes for control characters, cut to `limit` characters."""
+    """`text` quoted for a message: a URL's password and signature redacted, escapes for
+    control characters, cut to `limit` characters."""
+    text = redact_urls(text)
     if len(text) > limit:
         return repr(text[:limit]) + "..."
     return repr(text)

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -14,6 +15,7 @@ from hailuo_batch import markdown as md
 from hailuo_batch.ledger import Ledger, LedgerRecord, LedgerState, LedgerUnavailable
 from hailuo_batch.manifest import is_item_id
 from hailuo_batch.results import ItemResult, ItemStatus, from_jsonl
+from hailuo_batch.secrets import redact_urls
 from hailuo_batch.storage import OutputStore, special_file
 
 DEFAULT_RERUN_STATUSES = (ItemStatus.FAILED, ItemStatus.NOT_SUBMITTED, ItemStatus.UNCERTAIN)
@@ -87,7 +89,10 @@ def to_manifest_jsonl(rows: Iterable[dict[str, Any]]) -> str:
 
 
 def run_id_of_results(results_url: str) -> str:
-    """`{output}/runs/{run_id}/results.jsonl` -> `run_id` (else the file's name)."""
+    """`{output}/runs/{run_id}/results.jsonl` -> `run_id` (else the file's name, without a
+    URL's query or user information)."""
+    if "://" in results_url:
+        results_url = urlsplit(results_url).path or "results"
     parts = results_url.rstrip("/").rsplit("/", 3)
     if len(parts) == 4 and parts[1] == "runs":
         return parts[2]
@@ -104,8 +109,9 @@ def selection_markdown(
     dry_run: bool = False,
 ) -> str:
     """The rerun's artifact, first part: what it takes from the previous run."""
+    shown = md.code(redact_urls(results_url))
     return (
-        f"# {'dry run of a ' if dry_run else ''}rerun of {md.code(results_url)}\n\n{chosen} "
+        f"# {'dry run of a ' if dry_run else ''}rerun of {shown}\n\n{chosen} "
         f"items selected (statuses {', '.join(map(str, statuses))}); manifest "
         f"{md.code(manifest_url)}.\n" + "".join(f"\n- not rerun: {md.text(w)}" for w in left_out)
     )
@@ -136,7 +142,18 @@ class ResultsFileError(ValueError):
 
 def read_results(url: str, storage_options: dict[str, Any] | None = None) -> list[ItemResult]:
     """A previous run's results file, from any fsspec URL; `ResultsFileError` (one line that
-    names the file) when it is missing, a folder, not text or not results."""
+    names the file, its password or signature redacted) when it is missing, a folder, not text
+    or not results."""
+    try:
+        return _read_results(url, storage_options)
+    except ResultsFileError as exc:
+        shown = redact_urls(str(exc))
+        if shown == str(exc):
+            raise
+        raise ResultsFileError(shown) from None
+
+
+def _read_results(url: str, storage_options: dict[str, Any] | None) -> list[ItemResult]:
     if (kind := special_file(url)) is not None:
         raise ResultsFileError(f"results file {url} is not a regular file ({kind})")
     try:

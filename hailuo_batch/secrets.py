@@ -107,9 +107,10 @@ def redact_signed_urls(text: str) -> str:
     return _QUERY.sub(replace, text)
 
 
-# the user information of an absolute URL (`scheme://user:password@host`): everything between
-# `//` and the `@` before the host, in which no `/`, `?`, `#`, space or quote may come
-_USERINFO = re.compile(r"(?i)\b(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/?#\s\"'<>`@]+)@")
+# the user information of an absolute URL (`scheme://user:password@host`, or mistyped with one
+# slash): everything between the slashes and the last `@` before the host (a password may hold
+# an `@` of its own), in which no `/`, `?`, `#`, space or quote may come
+_USERINFO = re.compile(r"(?i)\b(?P<scheme>[a-z][a-z0-9+.-]*:/{1,2})(?P<userinfo>[^/?#\s\"'<>`]+)@")
 
 
 def redact_urls(text: str) -> str:

@@ -448,3 +448,17 @@ def test_a_passed_deadline_connects_to_nothing(listener: Listener) -> None:
     with pytest.raises(httpx.ConnectTimeout):
         get(listener.url, transport)
     assert listener.accepted == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://bob:Hunter2pw@cdn.example/a b.jpg",
+        "https://cdn.example/a.jpg?X-Amz-Signature=SIGSECRET&x=\\y",
+        "http:/bob:Hunter2pw@cdn.example/a.jpg?X-Amz-Signature=SIGSECRET",
+    ],
+)
+def test_a_refused_image_urls_password_and_signature_stay_out_of_the_reason(url: str) -> None:
+    with pytest.raises(ImageUrlError) as err:
+        image_url_kind(url)
+    assert "Hunter2pw" not in str(err.value) and "SIGSECRET" not in str(err.value)

@@ -243,3 +243,23 @@ def test_an_item_a_live_run_still_works_on_in_the_source_is_left_to_it(tmp_path)
     assert sel.chosen == 1
     assert any("i6" in w and "live-run" in w for w in sel.left_out), sel.left_out
     assert Ledger(dest, "x").get("i6") is None and Ledger(dest, "x").get("i2") is not None
+
+
+def test_a_presigned_results_link_is_never_shown_whole(tmp_path) -> None:
+    """A rerun of results handed over as a signed link with a password: its run name, its
+    artifact and its errors show neither."""
+    from hailuo_batch.rerun import (
+        ResultsFileError,
+        read_results,
+        run_id_of_results,
+        selection_markdown,
+    )
+
+    url = "http://bob:pw-secret-1@127.0.0.1:9/x/results.jsonl?X-Amz-Signature=sig-secret-2"
+    shown = [run_id_of_results(url), selection_markdown(url, 1, ["failed"], "m.jsonl", [])]
+    with pytest.raises(ResultsFileError) as err:
+        read_results(url)
+    shown.append(str(err.value))
+    assert run_id_of_results(url) == "results.jsonl"
+    for text in shown:
+        assert "pw-secret-1" not in text and "sig-secret-2" not in text, text

@@ -381,3 +381,8 @@ def test_an_at_sign_after_the_host_is_left_alone(text: str) -> None:
 def test_no_user_information_survives_the_scrubber(secret: str) -> None:
     text = f"cannot read http://{secret}@example.com/m.csv: 404"
     assert Scrubber([]).scrub(text) == f"cannot read http://{REDACTED}@example.com/m.csv: 404"
+
+
+def test_a_password_with_an_at_sign_is_redacted_whole() -> None:
+    """As urlsplit reads it: the user information ends at the last `@` before the host."""
+    assert redact_urls("https://user:p@ss@host/x") == f"https://{REDACTED}@host/x"
