@@ -185,6 +185,9 @@ def final_state(run: RunState, summary: dict[str, Any], options: BatchOptions) -
         stopped=run.budget.stopped,
         capped=run.budget.capped,
         cap_usd=run.budget.cap_usd,
+        users_cap=options.max_cost_usd is not None
+        and run.budget.cap_usd is not None
+        and run.budget.cap_usd >= options.max_cost_usd,
         max_failure_share=options.max_failure_share,
         dry_run=options.dry_run,
         would_cost_usd=summary["estimated_batch_cost_usd"],

@@ -33,11 +33,13 @@ def run_verdict(
     stopped: tuple[Stop, str] | None = None,
     capped: int = 0,
     cap_usd: float | None = None,
+    users_cap: bool = True,
     max_failure_share: float | None = None,
     dry_run: bool = False,
     would_cost_usd: float = 0.0,
 ) -> Verdict:
-    """The final state of a run with these counts by item status."""
+    """The final state of a run with these counts by item status. `users_cap`: the cap that
+    held items back is the user's `max_cost_usd`, not the balance `fit_to_balance` fitted to."""
     total = sum(by_status.values())
     problems = {s: by_status.get(s, 0) for s in PROBLEM_STATUSES if by_status.get(s, 0)}
     listed = ", ".join(f"{n} {s}" for s, n in problems.items())
@@ -58,9 +60,10 @@ def run_verdict(
             f"${would_cost_usd:,.2f}",
         )
     succeeded = by_status.get("succeeded", 0)
-    # nothing succeeded only because the cap held every valid item back: the cap did its job
-    capped_all = capped and capped == total - by_status.get("invalid", 0)
-    if total and not succeeded and not capped_all:
+    if users_cap and capped and capped == total - by_status.get("invalid", 0):
+        # nothing submitted only because the user's cap held every valid item back: it did its job
+        return _cost_cap_reached(capped, cap_usd)
+    if total and not succeeded:
         every = ", ".join(f"{n} {s}" for s, n in by_status.items() if n)
         return Verdict("failed", "NothingSucceeded", f"run {run_id}: no item succeeded ({every})")
     share = sum(problems.values()) / total if total else 0.0
@@ -72,11 +75,7 @@ def run_verdict(
             f"{max_failure_share:.0%} allowed",
         )
     if capped:
-        return Verdict(
-            "completed",
-            "CostCapReached",
-            f"max cost ${abs(cap_usd or 0):.2f} reached: {capped} items not submitted",
-        )
+        return _cost_cap_reached(capped, cap_usd)
     if problems:
         return Verdict(
             "completed",
@@ -84,3 +83,11 @@ def run_verdict(
             f"run {run_id}: {succeeded} of {total} items succeeded; {listed}",
         )
     return Verdict("completed", "Completed", f"run {run_id}: all {total} items succeeded")
+
+
+def _cost_cap_reached(capped: int, cap_usd: float | None) -> Verdict:
+    return Verdict(
+        "completed",
+        "CostCapReached",
+        f"max cost ${abs(cap_usd or 0):.2f} reached: {capped} items not submitted",
+    )

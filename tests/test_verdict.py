@@ -71,3 +71,18 @@ def test_a_cap_too_small_for_one_item_is_cost_cap_reached_not_a_failure(cap: flo
     # an item that failed for another reason is still a run where nothing succeeded
     v = run_verdict(counts(not_submitted=2, failed=1), run_id="r", capped=2, cap_usd=cap)
     assert (v.kind, v.name) == ("failed", "NothingSucceeded")
+
+
+def test_a_cap_fitted_to_a_balance_below_one_item_is_no_success() -> None:
+    """--fit-to-balance with less money than one item costs: nothing could be paid, and that
+    is a failed run (nightly batches then keep the manifest for another night), not a
+    cap the user chose."""
+    v = run_verdict(counts(not_submitted=3), run_id="r", capped=3, cap_usd=0.05, users_cap=False)
+    assert (v.kind, v.name) == ("failed", "NothingSucceeded")
+
+
+def test_the_users_cap_holding_back_everything_is_not_too_many_failures() -> None:
+    v = run_verdict(
+        counts(not_submitted=3), run_id="r", capped=3, cap_usd=0.0, max_failure_share=0.1
+    )
+    assert (v.kind, v.name) == ("completed", "CostCapReached")

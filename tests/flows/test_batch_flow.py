@@ -296,6 +296,16 @@ def test_a_cap_of_zero_pays_nothing_and_says_the_cap_was_reached(
     assert emulator.stats()["submissions"] == 0
 
 
+def test_fit_to_balance_below_one_item_is_a_failed_run(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    m = _six_items(tmp_path, images_dir, make_image, emulator)
+    emulator.set_balance(0.05)  # less than one clip
+    state = generate_videos(manifest=str(m), output=str(tmp_path / "o"), fit_to_balance=True)
+    assert state.is_failed(), state.message
+    assert emulator.stats()["submissions"] == 0
+
+
 def test_dry_run_submits_nothing(flow_env, emulator, mixed_manifest, tmp_path):
     state = generate_videos(
         manifest=str(mixed_manifest), output=str(tmp_path / "o"), dry_run=True, return_state=True
