@@ -194,10 +194,11 @@ def carry_records(
         key = f"ledger/{r.id}.json"
         body = None
         if source is not None:
-            try:
-                body = source.read_bytes(key)
-            except FileNotFoundError:
-                pass
+            body = _bytes_or_none(source, key)
+            if body is not None and r.input_hash and _input_hash_of(body) != r.input_hash:
+                # the row ran with other inputs since: what these inputs left is kept aside
+                earlier = f"ledger/earlier/{r.id}/{r.input_hash}.json"
+                body = _bytes_or_none(source, earlier) or body
         if body is None and r.status == ItemStatus.UNCERTAIN and r.input_hash:
             task_ids = [r.task_id] if r.task_id else []
             body = LedgerRecord(
@@ -209,6 +210,20 @@ def carry_records(
             origin = source.url if source is not None else "its results row"
             carried.append(f"row {r.row} ({r.id}): ledger record carried over from {origin}")
     return carried
+
+
+def _bytes_or_none(store: OutputStore, key: str) -> bytes | None:
+    try:
+        return store.read_bytes(key)
+    except FileNotFoundError:
+        return None
+
+
+def _input_hash_of(body: bytes) -> str | None:
+    try:
+        return LedgerRecord.model_validate_json(body).input_hash
+    except ValueError:
+        return None  # carried as it is: the rerun reports it as corrupt, never as absent
 
 
 def live_in_source(

@@ -263,3 +263,24 @@ def test_a_presigned_results_link_is_never_shown_whole(tmp_path) -> None:
     assert run_id_of_results(url) == "results.jsonl"
     for text in shown:
         assert "pw-secret-1" not in text and "sig-secret-2" not in text, text
+
+
+def test_a_rerun_into_another_output_carries_the_record_of_the_rows_own_inputs(tmp_path):
+    """The row ran with other inputs since (its record was replaced and kept aside): the
+    rerun of the first run's results carries what those first inputs left, a task that
+    succeeded and can be fetched without paying, not the other inputs' record."""
+    from hailuo_batch.ledger import Ledger, LedgerRecord, LedgerState
+    from hailuo_batch.rerun import carry_records
+
+    source, dest = OutputStore(str(tmp_path / "a")), OutputStore(str(tmp_path / "b"))
+    mine = LedgerRecord(id="i1", input_hash="a" * 64, state="succeeded", task_id="t-a")
+    Ledger(source, "r1").keep(mine)
+    other = LedgerRecord(id="i1", input_hash="b" * 64, state="stored", task_id="t-b")
+    source.write_text_atomic("ledger/i1.json", other.model_dump_json())
+    assert carry_records([r(1, "failed", input_hash="a" * 64)], dest, source)
+    got = Ledger(dest, "rerun").get("i1")
+    assert (got.state, got.task_id) == (LedgerState.SUCCEEDED, "t-a")
+    # a row whose inputs left nothing aside gets the current record, as before
+    dest2 = OutputStore(str(tmp_path / "c"))
+    assert carry_records([r(1, "failed", input_hash="c" * 64)], dest2, source)
+    assert Ledger(dest2, "rerun").get("i1").task_id == "t-b"
