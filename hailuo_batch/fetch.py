@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from hailuo_batch.apixo import ApixoClient
+from hailuo_batch.apixo import ApixoClient, DownloadTooLargeError
 from hailuo_batch.review import poster_key
 from hailuo_batch.storage import OutputStore, StoredObject
 from hailuo_batch.video import POSTER_AT_S, VideoInfo, verify_mp4
@@ -95,6 +95,9 @@ async def fetch_video(
         try:
             stored = await blocking(fetch_once, client, store, url, key, poster)
             return Stored(stored, attempts=attempt)
+        except DownloadTooLargeError as exc:  # the same body again next time: no retry
+            log(f"video for {key} not stored: {exc}")
+            return Stored(None, exc, attempts=attempt)
         except Exception as exc:  # noqa: BLE001 - download, verification and store failures alike
             error = exc
             log(f"video for {key} not stored (attempt {attempt} of {tries}): {exc}")

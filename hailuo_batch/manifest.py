@@ -59,10 +59,10 @@ MODE_ALIASES = {
 }
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
-#: rows of one manifest: a whole-file error past it, before the rows fill the worker's memory
-#: (64 MiB of three-letter rows would be ~11 million of them)
+"""A larger manifest is refused before it is parsed."""
 MAX_MANIFEST_ROWS = 100_000
-"""A larger manifest is refused before it is parsed (hundreds of thousands of rows fit)."""
+"""More rows are a whole-file error, before they fill the worker's memory (64 MiB of
+three-letter rows would be ~11 million of them)."""
 MAX_CELL_CHARS = 100_000
 """A longer cell (prompt, URL, ...) makes its row invalid."""
 

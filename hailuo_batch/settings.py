@@ -416,7 +416,7 @@ def check_http_url(value: str, *, name: str) -> str:
     if url.userinfo:  # httpx would send it as Basic auth, beside (or instead of) the key
         raise ValueError(
             f"{name} {shown} must not carry a user name or password (user:password@): "
-            "the API key goes in APIXO_API_KEY or a credentials block"
+            "httpx would send it as Basic auth; give credentials in their own settings or blocks"
         )
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"{name} {shown}: the port must be from 1 to 65535")

@@ -536,3 +536,27 @@ def test_a_record_that_knew_its_videos_bytes_adopts_only_those_bytes(store):
     assert stored_unrecorded(store, lost, H) is None
     store.write_bytes_atomic("videos/x.mp4", body)
     assert stored_unrecorded(store, lost, H).state == LedgerState.STORED
+
+
+def test_a_store_that_refuses_conditional_deletes_still_lets_a_stale_claim_go(s3_env, caplog):
+    """Some S3-compatible stores answer a DELETE with If-Match by an error: a dead run's claim
+    must still be taken over (plainly, with a warning), or its items would never run."""
+    store = OutputStore(f"s3://{s3_env}/out")
+    real = store.fs.call_s3
+
+    def no_conditional_deletes(method, *args, **kw):
+        if method == "delete_object" and "IfMatch" in kw:
+            raise OSError("NotImplemented: conditional delete")
+        return real(method, *args, **kw)
+
+    store.fs.call_s3 = no_conditional_deletes
+    try:
+        Ledger(store, "dead", lease_ttl_s=1).claim("x")
+        assert Ledger(store, "b", lease_ttl_s=60).claim("x") is None
+        assert json.loads(store.read_text("claims/x.json"))["run_id"] == "b"
+        assert "deleting plainly" in caplog.text
+        store.write_bytes_atomic("claims/y.json", b"new")  # changed since it was judged
+        assert store.delete_if_unchanged("claims/y.json", b"old") is False
+        assert store.read_bytes("claims/y.json") == b"new"
+    finally:
+        store.fs.call_s3 = real
