@@ -342,6 +342,11 @@ def _inspect_http(url: str, *, settings: Settings) -> ImageInfo:
                         continue
                     if resp.status_code == 404:
                         raise ImageFetchError(f"image not found: {shown} (HTTP 404)")
+                    if resp.status_code == 416 and resp.headers.get("content-range") in (
+                        "bytes */0",
+                        "*/0",
+                    ):  # no byte 0 to send: the file is empty
+                        raise ImageFetchError(f"image {shown} is empty (0 bytes)")
                     if resp.status_code not in (200, 206):
                         raise ImageFetchError(
                             f"cannot fetch image {shown}: HTTP {resp.status_code}"

@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 import unicodedata
 from collections.abc import Mapping
@@ -712,6 +713,13 @@ class _RowFields:
     def explicit_id(self) -> str | None:
         value = self.cells.get("id")
         if _blank(value):
+            return None
+        if isinstance(value, float) and math.isfinite(value):  # 1.0: "1" or "1.0"?
+            self._error(
+                "id",
+                f"must be text or a whole number (got {value!r}): write it as text, "
+                f'"{value!r}", if that is the id',
+            )
             return None
         if isinstance(value, bool) or not isinstance(value, str | int):
             self._error("id", f"must be text (got {_json_type(value)})")

@@ -420,3 +420,9 @@ def test_a_bad_header_name_says_what_is_wrong_with_it(tmp_path: Path, name: str,
     text = f"id,image_url,prompt,{name}\na,{IMG},p,x\n"
     with pytest.raises(ManifestError, match=f"header column 4 .*{says}"):
         load_manifest(write(tmp_path, "m.csv", text))
+
+
+def test_a_json_id_with_a_fraction_says_to_write_it_as_text(tmp_path: Path) -> None:
+    text = json.dumps([{"id": 1.0, "image_url": "https://h/a.jpg", "prompt": "p"}])
+    [err] = load_manifest(write(tmp_path, "m.json", text)).errors
+    assert err.field == "id" and 'write it as text, "1.0"' in err.reason

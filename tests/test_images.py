@@ -274,6 +274,9 @@ class Handler(BaseHTTPRequestHandler):
                     self.wfile.write(b"\xff")
                     self.wfile.flush()
                     time.sleep(0.05)
+            elif route in ("empty", "empty-starlette"):  # a Range on a 0-byte file
+                total = "bytes */0" if route == "empty" else "*/0"
+                self._head(416, {"Content-Range": total, "Content-Length": "0"})
             elif route == "redirect":
                 self._head(302, {"Location": query["to"][0], "Content-Length": "0"})
             elif route == "error":
@@ -483,3 +486,11 @@ def test_a_jpeg_with_hundreds_of_kb_of_metadata_before_its_size_is_read(
     info = inspect_image(str(path), settings=settings())
     assert (info.format, info.width, info.height) == ("jpeg", 1200, 800)
     assert check_image_rules(info, max_bytes=20 * MB) == []
+
+
+@pytest.mark.parametrize("route", ["empty", "empty-starlette"])
+def test_an_empty_image_over_http_is_called_empty(http_base: str, route: str) -> None:
+    """A Range request on a 0-byte file is answered 416 with `*/0`: the reason says the file
+    is empty, as a local empty file's does, not 'HTTP 416'."""
+    with pytest.raises(ImageFetchError, match=r"is empty \(0 bytes\)"):
+        inspect_image(f"{http_base}/{route}/x.jpg", settings=settings())
