@@ -257,6 +257,11 @@ def _decode(data: bytes, url: str) -> str:
         encoding = "utf-16"
     else:
         encoding = "utf-8-sig"
+        if _utf16_without_bom(data[:200]):
+            raise ManifestError(
+                f"manifest {url} looks like UTF-16 text without a byte order mark: save it as "
+                "UTF-8 (or UTF-16 with a BOM)"
+            )
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -265,6 +270,15 @@ def _decode(data: bytes, url: str) -> str:
             f"manifest {url} is not {encoding.upper().removesuffix('-SIG')} text (line {line}, "
             f"byte {exc.start}); save it as UTF-8"
         ) from exc
+
+
+def _utf16_without_bom(head: bytes) -> bool:
+    """Every other byte a NUL and the others not: ASCII text written as UTF-16 (LE or BE)."""
+    half = len(head) // 2
+    if half < 4:
+        return False
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    return (odd >= 0.9 * half and even <= 0.1 * half) or (even >= 0.9 * half and odd <= 0.1 * half)
 
 
 @dataclass(frozen=True)
@@ -413,9 +427,13 @@ def _json_value(text: str, url: str, where: str) -> Any:
         return json.loads(text, object_pairs_hook=_object, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         line = f"line {where}" if where else f"line {exc.lineno}"
+        hint = "; each line must be one JSON object" if where else ""
+        ends = {"\r": "CR (U+000D)", "\u2028": "U+2028", "\u2029": "U+2029", "\x85": "NEL"}
+        odd = [name for end, name in ends.items() if end in text and "\n" not in text]
+        if where and exc.msg == "Extra data" and odd:
+            hint = f"; its lines end with {odd[0]} only: save it with LF (or CRLF) line ends"
         raise ManifestError(
-            f"manifest {url} has malformed JSON ({line}, column {exc.colno}): {exc.msg}"
-            + ("; each line must be one JSON object" if where else "")
+            f"manifest {url} has malformed JSON ({line}, column {exc.colno}): {exc.msg}{hint}"
         ) from exc
     except RecursionError as exc:
         raise ManifestError(

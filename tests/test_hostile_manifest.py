@@ -155,6 +155,20 @@ def test_other_encodings_are_refused_with_a_line(tmp_path: Path, data: bytes) ->
         load_manifest(write(tmp_path, "m.csv", data))
 
 
+@pytest.mark.parametrize("end", ["\r", "\u2028", "\x85"])
+def test_jsonl_with_lines_ended_otherwise_than_lf_says_so(tmp_path: Path, end: str) -> None:
+    rows = [json.dumps({"image_url": IMG, "prompt": f"p{k}"}) for k in range(3)]
+    with pytest.raises(ManifestError, match="save it with LF"):
+        load_manifest(write(tmp_path, "m.jsonl", end.join(rows) + end))
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_a_bom_says_so(tmp_path: Path, codec: str) -> None:
+    data = f"id,image_url,prompt\na,{IMG},p\n".encode(codec)
+    with pytest.raises(ManifestError, match="UTF-16 text without a byte order mark"):
+        load_manifest(write(tmp_path, "m.csv", data))
+
+
 # --- JSON and JSON Lines ------------------------------------------------------------------------
 
 
