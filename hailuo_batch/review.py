@@ -30,6 +30,7 @@ import av
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from hailuo_batch import markdown as md
+from hailuo_batch.apixo.models import provider_text
 from hailuo_batch.results import ItemResult, ItemStatus
 from hailuo_batch.storage import OutputStore, PresignUnsupported, run_key
 from hailuo_batch.video import (
@@ -284,7 +285,10 @@ def review_order(results: Iterable[ItemResult]) -> list[ItemResult]:
 
 
 def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    """`value` as HTML text: markup escaped, and characters that act instead of showing (a
+    bidi override that reverses what follows, zero-width spaces) written as their escapes."""
+    text = str(value)
+    return html.escape(provider_text(text, len(text)), quote=True)
 
 
 def _safe_href(href: str | None) -> str | None:

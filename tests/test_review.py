@@ -714,3 +714,14 @@ def test_review_page_hides_the_statuses_named_in_its_address(
     assert len(page.cards) == len(nasty_results())  # hidden by the stylesheet, still there
     style = "".join(d for d in page.text if ".card" in d)
     assert ".hide-succeeded .card[data-status=succeeded]{display:none}" in style
+
+
+def test_page_shows_characters_that_act_as_their_escapes() -> None:
+    """A prompt with a right-to-left override would show its rest reversed, and zero-width
+    spaces hide in plain sight: the page writes them as escapes. Emoji joiners stay."""
+    prompt = "cat \u202etxt.exe\u202c in\u200b a box 👩\u200d👩\u200d👧"
+    page = Page(render([result("p-1", 1, ItemStatus.SUCCEEDED, prompt=prompt, video="v")]))
+    text = page.card_text(0)
+    assert "\u202e" not in text and "\u200b" not in text
+    assert "\\u202etxt.exe\\u202c" in text and "in\\u200b a box" in text
+    assert "👩\u200d👩\u200d👧" in text
