@@ -2,9 +2,9 @@
 
 Prefect shows a state's *type* as its colour and its *name* as its label. A run that stopped
 (401, 402, a lost lease, an unreachable API) is `Failed` named after the reason; a run where no
-valid item succeeded is `Failed`; a run with some failed, invalid, uncertain or unsubmitted
-items is `Completed` named `CompletedWithFailures` (or `CostCapReached` when the cap left items
-out), unless their share passes `max_failure_share`, which makes it `Failed` too.
+valid item succeeded is `Failed`; a run with some failed, skipped, invalid, uncertain or
+unsubmitted items is `Completed` named `CompletedWithFailures` (or `CostCapReached` when the cap
+left items out), unless their share passes `max_failure_share`, which makes it `Failed` too.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ class Verdict:
     message: str
 
 
-PROBLEM_STATUSES = ("failed", "invalid", "uncertain", "not_submitted")
+#: every status but `succeeded`: a skipped content violation was paid for and has no video
+PROBLEM_STATUSES = ("failed", "skipped", "invalid", "uncertain", "not_submitted")
 
 
 def run_verdict(

@@ -86,3 +86,13 @@ def test_the_users_cap_holding_back_everything_is_not_too_many_failures() -> Non
         counts(not_submitted=3), run_id="r", capped=3, cap_usd=0.0, max_failure_share=0.1
     )
     assert (v.kind, v.name) == ("completed", "CostCapReached")
+
+
+def test_a_skipped_content_violation_is_no_plain_completed() -> None:
+    """A content violation was paid for and has no video: `Completed` would say every item
+    succeeded. It is counted with the others, and in the failure share."""
+    v = run_verdict(counts(succeeded=1, skipped=1), run_id="r")
+    assert (v.kind, v.name) == ("completed", "CompletedWithFailures")
+    assert "1 of 2 items succeeded; 1 skipped" in v.message
+    v = run_verdict(counts(succeeded=1, skipped=1), run_id="r", max_failure_share=0.0)
+    assert (v.kind, v.name) == ("failed", "TooManyFailures")
