@@ -170,6 +170,7 @@ async def _report(
     review_md = ""
     if review is not None:
         summary["review_page"], review_md = review
+        await report.rewrite_summary(run_id, summary)  # summary.json names the page too
     summary["results"] = results_url
     await report.publish_report(run_id, results, summary, results_url, keys, extra_md=review_md)
     get_run_logger().info(

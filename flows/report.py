@@ -15,6 +15,7 @@ from hailuo_batch.artifacts import report_keys, video_link
 from hailuo_batch.progress import Progress
 from hailuo_batch.results import ItemResult, results_as_table, summary_markdown
 from hailuo_batch.results import write_results as write_run_results
+from hailuo_batch.results import write_summary as write_run_summary
 from hailuo_batch.review import publish_review, review_markdown
 
 
@@ -97,6 +98,12 @@ async def publish_item_table(
 
 
 @task(cache_policy=NO_CACHE)
+async def rewrite_summary(run_id: str, summary: dict[str, Any]) -> None:
+    """summary.json again, now with the review page's URL (not a task: one small write)."""
+    rt = runtime()
+    await rt.blocking(write_run_summary, rt.store, run_id, summary)
+
+
 async def publish_previews(run_id: str, results: list[ItemResult]) -> tuple[str, str] | None:
     """Posters beside the videos, a contact sheet and the review page `runs/{run_id}/index.html`;
     returns its URL and the markdown that links it (None if the store refused: never fails)."""

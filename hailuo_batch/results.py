@@ -6,6 +6,7 @@ totals from `summarize`. These files, not Prefect's database, are the source of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from collections import Counter
@@ -291,16 +292,32 @@ def write_results(
     from hailuo_batch.ledger import STORE_RETRY_DELAYS_S, LedgerUnavailable, with_retries
     from hailuo_batch.storage import OutputStore, run_key
 
+    summary["results"] = store.url_for(run_key(run_id, "results.jsonl"))
     files = {"results.jsonl": to_jsonl(results), "summary.json": dumps(summary)}
     delays = STORE_RETRY_DELAYS_S if retry_delays is None else retry_delays
     try:
         for name, text in files.items():
             key = run_key(run_id, name)
             with_retries(partial(store.write_text_atomic, key, text), key, delays=delays)
-        return store.url_for(run_key(run_id, "results.jsonl")), None
+        return summary["results"], None
     except LedgerUnavailable as exc:
         fallback = OutputStore(str(Path(fallback_dir).absolute()))
+        url = fallback.url_for(f"{run_id}/results.jsonl")
+        summary["results"] = summary["results_fallback"] = url
+        files["summary.json"] = dumps(summary)
         for name, text in files.items():
             fallback.write_text_atomic(f"{run_id}/{name}", text)
-        summary["results_fallback"] = url = fallback.url_for(f"{run_id}/results.jsonl")
         return url, exc
+
+
+def write_summary(store: Any, run_id: str, summary: dict[str, Any]) -> None:
+    """Write summary.json again (after the review page, whose URL it then holds); a store that
+    refuses is left as it was: results.jsonl and the first summary.json stand."""
+    from hailuo_batch.ledger import LedgerUnavailable, with_retries
+    from hailuo_batch.storage import run_key
+
+    if "results_fallback" in summary:
+        return  # the store did not take the first one
+    key = run_key(run_id, "summary.json")
+    with contextlib.suppress(LedgerUnavailable):
+        with_retries(partial(store.write_text_atomic, key, dumps(summary)), key)

@@ -12,6 +12,7 @@ from hailuo_batch.results import (
     summary_markdown,
     to_jsonl,
     write_results,
+    write_summary,
 )
 from hailuo_batch.storage import OutputStore
 
@@ -143,7 +144,10 @@ def test_results_are_written_under_the_run_folder(tmp_path):
     url, error = write_results(store, "r1", [_r(1, ItemStatus.FAILED)], summary)
     assert error is None and url.endswith("runs/r1/results.jsonl")
     assert from_jsonl(store.read_text("runs/r1/results.jsonl"))[0].status == "failed"
-    assert json.loads(store.read_text("runs/r1/summary.json")) == {"run_id": "r1"}
+    assert json.loads(store.read_text("runs/r1/summary.json")) == {"run_id": "r1", "results": url}
+    # the review page's URL, once it is written, goes into the same file
+    write_summary(store, "r1", {**summary, "review_page": "p/index.html"})
+    assert json.loads(store.read_text("runs/r1/summary.json"))["review_page"] == "p/index.html"
 
 
 class _DeadStore:
@@ -151,6 +155,9 @@ class _DeadStore:
 
     def write_text_atomic(self, key, text):
         raise OSError("store unreachable")
+
+    def url_for(self, key):
+        return f"s3://gone/{key}"
 
 
 def test_results_outlive_an_unreachable_store_on_this_machine(tmp_path):
@@ -162,4 +169,5 @@ def test_results_outlive_an_unreachable_store_on_this_machine(tmp_path):
     assert "store unreachable" in str(error)
     assert url == summary["results_fallback"] and url.endswith("local/r1/results.jsonl")
     assert len(from_jsonl((tmp_path / "local" / "r1" / "results.jsonl").read_text())) == 1
-    assert (tmp_path / "local" / "r1" / "summary.json").exists()
+    on_disk = json.loads((tmp_path / "local" / "r1" / "summary.json").read_text())
+    assert on_disk["results"] == on_disk["results_fallback"] == url  # says where they are

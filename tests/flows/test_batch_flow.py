@@ -142,6 +142,9 @@ def test_mixed_batch_to_local_output(flow_env, emulator, mixed_manifest, tmp_pat
 
     s = json.loads((out / "runs" / summary["run_id"] / "summary.json").read_text())
     assert s["by_status"]["succeeded"] == 4 and s["by_status"]["invalid"] == 7
+    # the file names the results and the review page, as the README says
+    assert s["results"].endswith(f"runs/{summary['run_id']}/results.jsonl")
+    assert s["review_page"].endswith(f"runs/{summary['run_id']}/index.html")
     assert s["balance_spent_usd"] == pytest.approx(s["estimated_cost_usd"])
 
     arts = asyncio.run(artifacts_of(state.state_details.flow_run_id))
