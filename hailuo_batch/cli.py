@@ -698,13 +698,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: invalid setting: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
+        if args.command in ("run", "rerun"):
+            print(
+                "interrupted (Ctrl-C): nothing more is submitted; run the same command again to "
+                "resume (tasks already submitted are read again, never paid again)",
+                file=sys.stderr,
+            )
         code = 130
     except OSError as exc:  # `... | head` (the reader left), or output to a full disk
         _output_failed(exc)
     except BaseException as exc:  # SIGTERM: Prefect raises TerminationSignal in the main thread
         if type(exc).__name__ != "TerminationSignal":
             raise
-        print("stopped (SIGTERM): run the same command again to resume", file=sys.stderr)
+        print(
+            "stopped (SIGTERM): nothing more is submitted; run the same command again to resume "
+            "(tasks already submitted are read again, never paid again)",
+            file=sys.stderr,
+        )
         code = 143
     _exit_flushed(code)
 

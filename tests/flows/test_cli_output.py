@@ -104,11 +104,16 @@ def test_a_rerun_of_a_results_file_that_is_not_one_exits_2_with_one_line(flow_en
         assert len(errors) == 1 and expected in errors[0], text[-3000:]
 
 
-def test_sigterm_stops_a_run_with_a_line_that_says_how_to_resume(
-    flow_env, tmp_path, images_dir, make_image
+@pytest.mark.parametrize(
+    ("sig", "code", "says"),
+    [("SIGTERM", 143, "stopped (SIGTERM)"), ("SIGINT", 130, "interrupted (Ctrl-C)")],
+)
+def test_a_stopped_run_exits_with_a_line_that_says_how_to_resume(
+    flow_env, tmp_path, images_dir, make_image, sig, code, says
 ):
-    """A scheduler or `kill` stops a run with SIGTERM: exit 143 and one line, no traceback
-    (the ledger lets the same command resume it)."""
+    """A scheduler or `kill` stops a run with SIGTERM, a person with Ctrl-C: exit 143 or 130
+    and one line saying how to resume, no traceback (the ledger lets the same command resume
+    it)."""
     import signal
     import time
 
@@ -124,13 +129,15 @@ def test_sigterm_stops_a_run_with_a_line_that_says_how_to_resume(
             [sys.executable, "-m", "hailuo_batch.cli", "run", str(m), "--output",
              str(tmp_path / "out"), "--quiet"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            # as from a terminal: a shell running us in the background ignores SIGINT
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
         deadline = time.monotonic() + 120
         while _submissions(emu) < 1 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be stopped"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, sig))
         out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, (out + err)[-3000:]
+    assert proc.returncode == code, (out + err)[-3000:]
     assert "Traceback" not in out + err, (out + err)[-3000:]
-    assert "stopped (SIGTERM)" in err
+    assert says in err and "run the same command again to resume" in err
