@@ -89,7 +89,13 @@ def callback_url_for(base_url: str, token: str) -> str:
         raise ValueError("HAILUO_CALLBACK_URL must be an http:// or https:// URL")
     if parts.query or parts.fragment:
         raise ValueError("HAILUO_CALLBACK_URL must not hold a query string or fragment")
-    return f"{base}{CALLBACK_PATH}{quote(check_token(token), safe='')}"
+    secret = quote(check_token(token), safe="")
+    if token in base or secret in base:  # the whole callback URL given as the base
+        raise ValueError(
+            "HAILUO_CALLBACK_URL holds the callback token: give only the receiver's public base "
+            f"URL (the run adds {CALLBACK_PATH}<token> itself)"
+        )
+    return f"{base}{CALLBACK_PATH}{secret}"
 
 
 def delivery_key(task_id: str) -> str:

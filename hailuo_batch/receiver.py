@@ -347,9 +347,16 @@ def serve(
         url=_url(host, sock.getsockname()[1]),
         callback_path=CALLBACK_PATH + REDACTED,
         store=store.url,
-        public_base_url=settings.callback_url,
+        public_base_url=_without_token(settings.callback_url, settings),
     )
     try:
         _uvicorn(app, "info", own_logging=True).run(sockets=[sock])
     finally:
         sock.close()
+
+
+def _without_token(url: str | None, settings: Settings) -> str | None:
+    """`url` for a log line: the callback token, if a mis-set HAILUO_CALLBACK_URL holds it,
+    masked."""
+    token = settings.callback_token.get_secret_value() if settings.callback_token else ""
+    return url.replace(token, REDACTED) if url and token else url

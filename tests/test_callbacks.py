@@ -220,3 +220,16 @@ def test_the_waiter_reads_only_the_deliveries_of_the_tasks_it_waits_for(tmp_path
 
     assert asyncio.run(scenario()) is True
     assert reads == ["mine"]
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_a_base_url_that_already_holds_the_token_is_refused_without_showing_it(suffix):
+    """HAILUO_CALLBACK_URL set to the whole callback URL: the provider would be sent
+    .../callbacks/T/callbacks/T (404s, then only the slow backstop poll), and the token would
+    show wherever the base URL is logged."""
+    from hailuo_batch.callbacks import callback_url_for
+
+    token = "Zq3vX9kLmTp4RwYb2NcD"
+    with pytest.raises(ValueError, match="holds the callback token") as err:
+        callback_url_for(f"https://hooks.example.com/callbacks/{token}{suffix}", token)
+    assert token not in str(err.value)

@@ -377,3 +377,16 @@ def test_a_receiver_down_at_first_is_caught_up_by_the_retry(
     for task_id in task_ids:
         status = CallbackStore(str(store_dir)).get(task_id)
         assert status is not None and status.state.value == "success"
+
+
+def test_the_start_line_masks_a_token_a_mis_set_base_url_holds() -> None:
+    from pydantic import SecretStr
+
+    from hailuo_batch.receiver import _without_token
+    from hailuo_batch.settings import Settings
+
+    token = "Zq3vX9kLmTp4RwYb2NcD"
+    settings = Settings(callback_token=SecretStr(token))
+    shown = _without_token(f"https://hooks.example.com/callbacks/{token}", settings)
+    assert shown is not None and token not in shown and shown.endswith("/callbacks/<redacted>")
+    assert _without_token("https://hooks.example.com", settings) == "https://hooks.example.com"
