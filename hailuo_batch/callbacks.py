@@ -230,6 +230,19 @@ class CallbackWaiter:
         self._warn = warn
         self._known: set[str] = set()  # terminal deliveries seen (ids only: small)
         self._events: dict[str, asyncio.Event] = {}
+        self.missed = 0  # tasks the backstop poll found ended long before any delivery
+
+    def missing(self, task_id: str, ended_s_ago: float) -> None:
+        """The backstop poll found `task_id` ended `ended_s_ago` seconds ago with no delivery:
+        said once per run (callbacks that never arrive only slow the run down, silently)."""
+        self.missed += 1
+        if self.missed == 1:
+            self._warn(
+                f"task {task_id} ended {ended_s_ago:.0f} s ago and no callback arrived for it: "
+                "check that the provider can reach HAILUO_CALLBACK_URL, that the receiver runs "
+                "with this run's HAILUO_CALLBACK_TOKEN and writes to the HAILUO_CALLBACK_STORE "
+                "this run reads; until then each task is found by the slow backstop poll"
+            )
 
     def waiting(self, task_id: str) -> asyncio.Event:
         """The event an item waits on for `task_id`; already set if delivered earlier."""

@@ -135,6 +135,11 @@ class LearnedTicker:
         self.pacer.close()
 
 
+#: a task that ended this long before a backstop read found it, with no delivery, lost its
+#: callback (a delivery normally follows the end within seconds)
+CALLBACK_LATE_S = 30.0
+
+
 class ScheduleTicker:
     """Reads on a fixed `PollSchedule`. With a `waiter` (callback mode) a delivery for
     `task_id` wakes it early; after an unconfirmed callback it drops the waiter and reads on
@@ -157,6 +162,8 @@ class ScheduleTicker:
         self.started = clock()
         self._delays: Iterator[float] = schedule.delays()
         self._wake = waiter.waiting(task_id) if waiter is not None else None
+        self._woken = False  # the last read was woken by a delivery
+        self._waited = False  # the last read came after a wait (not a resumed task's first)
 
     @property
     def timeout_s(self) -> float:
@@ -169,9 +176,10 @@ class ScheduleTicker:
         if self._wake is None:
             await asyncio.sleep(delay)
             return False
+        self._waited = delay > 0
         with anyio.move_on_after(delay):
             await self._wake.wait()
-        woken = self._wake.is_set()
+        woken = self._woken = self._wake.is_set()
         self._wake.clear()
         return woken
 
@@ -183,7 +191,14 @@ class ScheduleTicker:
         self._delays = dataclasses.replace(self.fallback, timeout_s=max(0.0, remaining)).delays()
 
     def ended(self, status: TaskStatus) -> None:
-        pass
+        """A backstop read (not a delivery) that finds the task ended well before it: its
+        callback is missing, and the waiter says so (`CallbackWaiter.missing`)."""
+        if self.waiter is None or self._wake is None or self._woken or not self._waited:
+            return
+        if status.complete_time is not None:
+            ago = time.time() - status.complete_time / 1000
+            if ago > CALLBACK_LATE_S:
+                self.waiter.missing(self.task_id, ago)
 
     def close(self) -> None:
         if self.waiter is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -398,3 +399,39 @@ def test_the_ticker_is_learned_unless_callbacks_wake_the_item(tmp_path: Path) ->
     ticker = ticker_for("t1", board, waiter, 30.0, sent_at=None, immediate=True)
     assert isinstance(ticker, ScheduleTicker)
     assert ticker.timeout_s == FAST.timeout_s  # the provider's guidance still bounds the wait
+
+
+def test_a_task_the_backstop_finds_long_ended_says_its_callback_is_missing() -> None:
+    """Callbacks that never arrive (a wrong URL or token, a receiver down) only slow the run
+    down: the first backstop read that finds a task ended long before, with no delivery, says
+    what to check, once per run. A task woken by its delivery, found soon after its end, or
+    read at once on resume says nothing."""
+    import time as clock
+
+    warnings: list[str] = []
+    waiter = CallbackWaiter(CallbackStore("memory://missing-cb"), check_s=1.0, warn=warnings.append)
+    quick = PollSchedule(
+        initial_s=0.01, interval_s=0.01, backoff=1.0, max_interval_s=0.01, timeout_s=5
+    )
+    long_ago = int((clock.time() - 300) * 1000)
+    just_now = int(clock.time() * 1000)
+
+    async def one(task_id: str, done_at: int, *, wake: bool = False, schedule=quick) -> None:
+        ticker = ScheduleTicker(schedule, task_id=task_id, waiter=waiter)
+        if wake:
+            waiter.seen({task_id: status(TaskState.SUCCESS, task_id)})
+        read = Script([status(TaskState.SUCCESS, task_id, complete_time=done_at)])
+        await asyncio.wait_for(
+            watch_task(task_id, read, ticker, not_found_grace_s=30, warn=warnings.append), 2.0
+        )
+
+    resumed = dataclasses.replace(quick, initial_s=0.0)
+    run(one("woken", long_ago, wake=True))
+    run(one("soon", just_now))
+    run(one("resumed", long_ago, schedule=resumed))
+    assert warnings == [] and waiter.missed == 0
+    run(one("lost-1", long_ago))
+    run(one("lost-2", long_ago))
+    assert waiter.missed == 2 and len(warnings) == 1
+    assert "task lost-1 ended 300 s ago and no callback arrived" in warnings[0]
+    assert "HAILUO_CALLBACK_URL" in warnings[0]
