@@ -97,13 +97,13 @@ async def publish_item_table(
     )
 
 
-@task(cache_policy=NO_CACHE)
 async def rewrite_summary(run_id: str, summary: dict[str, Any]) -> None:
     """summary.json again, now with the review page's URL (not a task: one small write)."""
     rt = runtime()
     await rt.blocking(write_run_summary, rt.store, run_id, summary)
 
 
+@task(cache_policy=NO_CACHE)
 async def publish_previews(run_id: str, results: list[ItemResult]) -> tuple[str, str] | None:
     """Posters beside the videos, a contact sheet and the review page `runs/{run_id}/index.html`;
     returns its URL and the markdown that links it (None if the store refused: never fails)."""

@@ -72,3 +72,15 @@ def test_posters_are_made_while_downloading_for_as_many_videos_as_the_review_pag
         )  # fmt: skip
         taken = [rt.take_poster() for _ in range(MAX_CARDS + 25)]
     assert taken == [True] * MAX_CARDS + [False] * 25
+
+
+def test_the_run_steps_a_person_sees_in_the_ui_are_task_runs():
+    """The run graph shows one box per reporting step (publish_previews among them); the
+    rewrite of summary.json is a plain write inside the run, not a box of its own."""
+    from prefect import Task
+
+    from flows import report
+
+    for step in (report.write_results, report.publish_previews, report.publish_report):
+        assert isinstance(step, Task), step
+    assert not isinstance(report.rewrite_summary, Task)
