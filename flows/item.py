@@ -19,7 +19,6 @@ from hailuo_batch.budget import Budget
 from hailuo_batch.ledger import (
     Ledger,
     LedgerRecord,
-    LedgerState,
     LedgerUnavailable,
     Plan,
     claim_or_wait,
@@ -159,13 +158,9 @@ async def run_item(b: RunState, v: Preflight, started: Callable[[], None]) -> It
 
 async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None]) -> ItemResult:
     item, unit_cost = v.item, b.unit_cost(v.item)
-    current = rec = await b.rt.blocking(b.ledger.get, item.id)
+    # the row's inputs may have changed: then `rec` is what these inputs left earlier, if any
+    current, rec = await b.rt.blocking(b.ledger.records_for, item.id, item.input_hash)
     replaced = current is not None and current.input_hash != item.input_hash
-    if replaced:  # the row's inputs changed: what these inputs left earlier, if anything
-        rec = await b.rt.blocking(b.ledger.earlier, item.id, item.input_hash) or current
-        if rec is not None and rec is not current and rec.state != LedgerState.STORED:
-            # its key was only reserved in the ledger: other inputs may have stored there since
-            rec = rec.model_copy(update={"video_key": None})
 
     async def keep_replaced() -> None:
         """Before the first write of these inputs: keep the other inputs' record."""
@@ -175,13 +170,6 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
             replaced = False
 
     plan = b.plan(item, rec)
-    if plan.action in ("poll", "submit") and rec is not None:
-        found = await b.rt.blocking(stored_unrecorded, b.rt.store, rec, item.input_hash)
-        if found is not None:  # stored before a crash could record it: nothing to pay or fetch
-            await keep_replaced()
-            rec = await b.rt.blocking(b.ledger.put, found)
-            note = f"video of task {rec.task_id} found stored at {rec.video}; recorded"
-            plan = Plan("done", note=note, attempts=rec.attempts, resubmits=rec.resubmits)
     if (
         plan.action == "done"
         and rec is not None
@@ -189,6 +177,13 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
     ):
         note = "stored video missing or damaged: fetching it again"
         plan = Plan("poll", note=note, attempts=rec.attempts, resubmits=plan.resubmits)
+    elif plan.action in ("poll", "submit") and rec is not None:
+        found = await b.rt.blocking(stored_unrecorded, b.rt.store, rec, item.input_hash)
+        if found is not None:  # stored before a crash could record it: nothing to pay or fetch
+            await keep_replaced()
+            rec = await b.rt.blocking(b.ledger.put, found)
+            note = f"video of task {rec.task_id} found stored at {rec.video}; recorded"
+            plan = Plan("done", note=note, attempts=rec.attempts, resubmits=rec.resubmits)
     done = outcomes.planned_result(item, rec, plan, unit_cost, b.run_id, b.rt.scrub)
     if done is not None:
         return done

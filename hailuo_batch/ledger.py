@@ -302,30 +302,43 @@ class Ledger:
         None. A record that does not parse raises `LedgerCorrupt`, as `get` does."""
         return self._read(f"ledger/earlier/{item_id}/{input_hash}.json")
 
+    def records_for(
+        self, item_id: str, input_hash: str
+    ) -> tuple[LedgerRecord | None, LedgerRecord | None]:
+        """The item's record, and the record to plan these inputs on: the same one, or, when
+        it is of other inputs, the one these inputs left earlier (if any; else the other
+        inputs' record, which `plan_item` reports as changed inputs). An earlier record whose
+        video was never stored loses its `video_key`: that key was only reserved in the ledger,
+        and the other inputs may have stored their video there since."""
+        current = self.get(item_id)
+        if current is None or current.input_hash == input_hash:
+            return current, current
+        rec = self.earlier(item_id, input_hash)
+        if rec is None:
+            return current, current
+        if rec.state != LedgerState.STORED:
+            rec = rec.model_copy(update={"video_key": None})
+        return current, rec
+
     def record_for(self, item_id: str, input_hash: str) -> LedgerRecord | None:
-        """The record to plan these inputs on: the item's record, or, when that one is of other
-        inputs, the one these inputs left earlier (if any; else the other inputs' record, which
-        `plan_item` reports as changed inputs)."""
-        rec = self.get(item_id)
-        if rec is None or rec.input_hash == input_hash:
-            return rec
-        return self.earlier(item_id, input_hash) or rec
+        """The record to plan these inputs on (`records_for`)."""
+        return self.records_for(item_id, input_hash)[1]
 
     def keep(self, record: LedgerRecord) -> None:
         """Keep `record`, about to be replaced by a record of the item's other inputs, under
         `ledger/earlier/{id}/{input_hash}.json`: when the manifest goes back to those inputs,
         what they were paid for and how they ended (stored, skipped for content, failed,
         uncertain) still stands, and nothing is paid again."""
-        key = f"ledger/earlier/{record.id}/{record.input_hash}.json"
-        body = record.model_dump_json()
-        self._retry(lambda: self.store.write_text_atomic(key, body), f"writing {key}")
+        self._write(f"ledger/earlier/{record.id}/{record.input_hash}.json", record)
 
     def put(self, record: LedgerRecord) -> LedgerRecord:
         record = record.model_copy(update={"run_id": self.run_id, "updated_at": _now()})
-        key = f"ledger/{record.id}.json"
+        self._write(f"ledger/{record.id}.json", record)
+        return record
+
+    def _write(self, key: str, record: LedgerRecord) -> None:
         body = record.model_dump_json()
         self._retry(lambda: self.store.write_text_atomic(key, body), f"writing {key}")
-        return record
 
     # --- leases ----------------------------------------------------------------------------
     def heartbeat(self) -> None:
@@ -520,15 +533,19 @@ def stored_unrecorded(
         or not store.exists(rec.video_key)
     ):
         return None
-    if rec.sha256 is not None and not stored_intact(store, rec):
-        return None  # stored once and damaged since: not the video the record knew
     key = rec.video_key
+    if rec.sha256 is not None:  # stored once: only those very bytes, never a damaged copy
+        if not stored_intact(store, rec):
+            return None
+        size, sha = rec.bytes, rec.sha256
+    else:
+        size, sha = store.size(key), store.sha256(key)
     return rec.model_copy(
         update={
             "state": LedgerState.STORED,
             "video": store.url_for(key),
-            "bytes": store.size(key),
-            "sha256": store.sha256(key),
+            "bytes": size,
+            "sha256": sha,
             "fail_code": None,
             "fail_msg": None,
         }

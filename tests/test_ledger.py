@@ -560,3 +560,16 @@ def test_a_store_that_refuses_conditional_deletes_still_lets_a_stale_claim_go(s3
         assert store.read_bytes("claims/y.json") == b"new"
     finally:
         store.fs.call_s3 = real
+
+
+def test_an_earlier_record_keeps_its_video_key_only_if_it_stored_there(store):
+    """A key only reserved in the ledger (download failed) may hold the other inputs' video
+    by now: the earlier record comes back without it. A stored one keeps it."""
+    led = Ledger(store, "r1")
+    for state, kept in ((LedgerState.SUCCEEDED, None), (LedgerState.STORED, "videos/x.mp4")):
+        led.keep(rec(state, task_id="t1", video_key="videos/x.mp4"))
+        led.put(rec(LedgerState.STORED, input_hash="b" * 64, task_id="t2"))
+        current, mine = led.records_for("x", H)
+        assert current.input_hash == "b" * 64 and mine.task_id == "t1"
+        assert mine.video_key == kept and led.record_for("x", H) == mine
+    assert led.records_for("x", "b" * 64) == (current, current)
