@@ -319,6 +319,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from hailuo_batch.validation import preflight
 
     settings = get_settings()
+    shown = redact_urls(args.manifest)  # a presigned link's password and signature
     if args.output is not None:
         output = check_output_url(args.output, name="--output")
     else:
@@ -329,7 +330,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.json:  # a script reading stdout gets the same verdict as JSON
-            print(json.dumps({"manifest": redact_urls(args.manifest), "error": str(exc)}, indent=2))
+            print(json.dumps({"manifest": shown, "error": str(exc)}, indent=2))
         return 1
     with ThreadPoolExecutor(max_workers=8) as pool:
         checks = list(
@@ -351,7 +352,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "manifest": redact_urls(args.manifest),
+                    "manifest": shown,
                     "rows": manifest.total_rows,
                     "valid": len(valid),
                     "invalid": invalid_rows,
@@ -366,10 +367,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         for row, item_id, fld, reason in problems:
             print(f"row {row} (id {item_id or '-'}), field '{fld}': {reason}")
-        print(
-            f"{redact_urls(args.manifest)}: {manifest.total_rows} rows, {len(valid)} valid, "
-            f"{invalid_rows} invalid"
-        )
+        print(f"{shown}: {manifest.total_rows} rows, {len(valid)} valid, {invalid_rows} invalid")
         print(
             f"estimated cost of the valid items: ${cost:,.2f} (prices: standard 6 s "
             f"${prices.standard_6s}, 10 s ${prices.standard_10s}, pro ${prices.pro}; "
@@ -666,6 +664,13 @@ def _undecodable(argv: list[str]) -> str | None:
     return None
 
 
+#: what a stopped run or rerun says last (Ctrl-C, SIGTERM): the ledger makes resuming safe
+_RESUME = (
+    "nothing more is submitted; run the same command again to resume (tasks already "
+    "submitted are read again, never paid again)"
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     from hailuo_batch.settings import BadSettingError
 
@@ -699,22 +704,14 @@ def main(argv: list[str] | None = None) -> None:
         code = 2
     except KeyboardInterrupt:
         if args.command in ("run", "rerun"):
-            print(
-                "interrupted (Ctrl-C): nothing more is submitted; run the same command again to "
-                "resume (tasks already submitted are read again, never paid again)",
-                file=sys.stderr,
-            )
+            print(f"interrupted (Ctrl-C): {_RESUME}", file=sys.stderr)
         code = 130
     except OSError as exc:  # `... | head` (the reader left), or output to a full disk
         _output_failed(exc)
     except BaseException as exc:  # SIGTERM: Prefect raises TerminationSignal in the main thread
         if type(exc).__name__ != "TerminationSignal":
             raise
-        print(
-            "stopped (SIGTERM): nothing more is submitted; run the same command again to resume "
-            "(tasks already submitted are read again, never paid again)",
-            file=sys.stderr,
-        )
+        print(f"stopped (SIGTERM): {_RESUME}", file=sys.stderr)
         code = 143
     _exit_flushed(code)
 
