@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -49,9 +50,12 @@ class Submitted:
 
 
 @task(task_run_name="submit-{item.id}", cache_policy=NO_CACHE)
-async def submit_item(item: ManifestItem, request: GenerateRequest) -> Submitted:
+async def submit_item(
+    item: ManifestItem, request: GenerateRequest, may_retry: Callable[[], bool] | None = None
+) -> Submitted:
     """POST one generation task. Exactly one POST per call; the client retries only what it
-    can prove was not created, and reports an ambiguous outcome instead of paying twice."""
+    can prove was not created, and reports an ambiguous outcome instead of paying twice. A retry
+    is sent only while `may_retry()` holds (the run's lease is fresh)."""
     rt = runtime()
     if rt.callback_url is not None:
         request = request.model_copy(
@@ -59,7 +63,7 @@ async def submit_item(item: ManifestItem, request: GenerateRequest) -> Submitted
         )
     sent_at = time.monotonic()
     try:
-        task_id = await rt.blocking(rt.client.submit, request)
+        task_id = await rt.blocking(partial(rt.client.submit, request, may_retry=may_retry))
     except AmbiguousSubmitError as exc:  # not "not submitted": the task may exist, and cost
         rt.log("item %s may have been submitted (and billed): %s", item.id, exc,
                level=logging.WARNING)  # fmt: skip

@@ -390,8 +390,12 @@ class ApixoClient:
 
     # --- public calls ---------------------------------------------------------------------------
 
-    def submit(self, request: GenerateRequest) -> str:
-        """Create a task; return its taskId. See the module docstring for the retry policy."""
+    def submit(
+        self, request: GenerateRequest, *, may_retry: Callable[[], bool] | None = None
+    ) -> str:
+        """Create a task; return its taskId. See the module docstring for the retry policy.
+        `may_retry` is asked before each retry: when it says no (the caller's lease lapsed), the
+        last refusal is raised, and it proves nothing was created."""
         if request.callback_url:
             self._add_callback_url(request.callback_url)
         try:
@@ -399,6 +403,7 @@ class ApixoClient:
                 "POST",
                 SUBMIT_PATH,
                 retry=self._retry_submit,
+                may_retry=may_retry,
                 parse=lambda r: _submit_task_id(_envelope_data(r, self._scrubber)),
                 json=request.to_payload(),
             )
@@ -485,6 +490,7 @@ class ApixoClient:
         parse: Callable[[httpx.Response], T],
         http: httpx.Client | None = None,
         stream: bool = False,
+        may_retry: Callable[[], bool] | None = None,
         **kwargs: Any,
     ) -> T:
         """Send `method url` and `parse` the answer, retrying what `retry` says within the
@@ -525,6 +531,7 @@ class ApixoClient:
                 method=method,
                 path=path,
                 sleep=self._sleep,
+                may_retry=may_retry,
             )
         except RateLimitedError as exc:
             if exc.retry_after is None:

@@ -99,11 +99,14 @@ def retry_call(
     path: str,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    may_retry: Callable[[], bool] | None = None,
 ) -> T:
     """Call `attempt_fn` until it succeeds, raises a non-retryable error, or the budget is spent.
 
     `attempt_fn` must raise `ApixoError`s only. The last error is re-raised with `.attempts` set.
     Each retry is logged at WARNING (method, path without query, attempt, reason, delay).
+    `may_retry`, asked before each attempt after the first (after the wait), ends the call with
+    the last error when it says no: a caller's right to send may lapse while it waits.
     """
     start = clock()
     attempt = 0
@@ -130,6 +133,8 @@ def retry_call(
                 wait,
             )
             sleep(wait)
+            if may_retry is not None and not may_retry():
+                raise
 
 
 def decoded_url(value: str | httpx.URL) -> httpx.URL:

@@ -153,6 +153,22 @@ def test_submit_retries_503_model_unavailable(make_client: MakeClient, layer: st
     assert len(script.requests) == 2
 
 
+@pytest.mark.parametrize("first", [http_error(503, "busy"), httpx.ConnectError("refused")])
+def test_submit_stops_retrying_when_may_retry_says_no(
+    make_client: MakeClient, first: httpx.Response | Exception
+) -> None:
+    """A refusal that proves nothing was created is retried only while the caller may still
+    send; then it is raised as it is (not ambiguous: nothing exists to be charged)."""
+    client, script = make_client(first, SUBMIT_OK)
+    with pytest.raises((ServerError, ApixoTransportError)) as ei:
+        client.submit(REQ, may_retry=lambda: False)
+    assert not isinstance(ei.value, AmbiguousSubmitError)
+    assert len(script.requests) == 1
+    client, script = make_client(first, SUBMIT_OK)
+    assert client.submit(REQ, may_retry=lambda: True) == "task_abc"
+    assert len(script.requests) == 2
+
+
 @pytest.mark.parametrize(
     "exc", [httpx.ConnectError("refused"), httpx.ConnectTimeout("t"), httpx.PoolTimeout("t")]
 )

@@ -154,6 +154,33 @@ def test_retry_call_does_not_retry_non_retryable() -> None:
     assert clock.sleeps == []
 
 
+def test_retry_call_asks_may_retry_after_each_wait() -> None:
+    """A caller whose right to send lapses while it waits (a run's lease) gets the last error
+    back instead of another attempt; `may_retry` is never asked before the first."""
+    clock = FakeClock()
+    fn, calls = failing([ServerError("boom", 503) for _ in range(10)])
+    answers = iter([True, False])
+    asked: list[float] = []
+
+    def may_retry() -> bool:
+        asked.append(clock())
+        return next(answers)
+
+    with pytest.raises(ServerError) as ei:
+        retry_call(
+            fn,
+            policy=RetryPolicy(max_attempts=10, jitter=False),
+            should_retry=always_retry,
+            method="POST",
+            path="/x",
+            sleep=clock.sleep,
+            clock=clock,
+            may_retry=may_retry,
+        )
+    assert calls["n"] == 2 and ei.value.attempts == 2
+    assert asked == [1.0, 3.0]  # asked after each wait, at the moment it would send
+
+
 def test_retry_call_respects_elapsed_budget() -> None:
     clock = FakeClock()
     fn, calls = failing([ServerError("boom", 500) for _ in range(50)])

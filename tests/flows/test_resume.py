@@ -442,3 +442,42 @@ def test_a_video_damaged_after_it_was_stored_is_never_adopted(
     assert res.status == "succeeded" and "found stored" not in (res.note or "")
     assert emulator.stats()["submissions"] == 2 and res.uncertain
     assert res.sha256 == served_sha256(emulator.base_url, res.task_id)
+
+
+def test_a_lease_that_lapses_while_a_post_is_retried_stops_the_retries(
+    flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch
+):
+    """The provider answers 503 to the POST, and while the client waits to try again the
+    run's lease cannot be renewed (its folder became a file): another run may take the item
+    over now, so no further POST goes out. The item ends `not_submitted`, the run `LeaseLost`."""
+    monkeypatch.setenv("HAILUO_LEASE_TTL_S", "1")
+    monkeypatch.setenv("HAILUO_RETRY_BASE_S", "1")  # waits of 0.5-1 s, 1-2 s, 2-4 s, ...
+    monkeypatch.setenv("HAILUO_RETRY_MAX_S", "30")
+    get_settings.cache_clear()
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
+    out = tmp_path / "out"
+    emulator.script_faults("submit", "503", 6)  # every attempt the retry policy allows
+    done = threading.Event()
+
+    def break_lease_on_first_post() -> None:
+        while not done.is_set() and not emulator.stats()["faults"]:
+            time.sleep(0.01)
+        leases = out / "leases"
+        leases.rename(out / "leases-gone")
+        leases.write_text("not a folder")
+
+    breaker = threading.Thread(target=break_lease_on_first_post, daemon=True)
+    breaker.start()
+    try:
+        state = generate_videos(manifest=str(m), output=str(out))
+    finally:
+        done.set()
+        breaker.join()
+    assert emulator.stats()["submissions"] == 0
+    posts = sum(emulator.stats()["faults"].values())
+    assert posts < 6, f"{posts} POSTs: the retries went on after the lease lapsed"
+    assert emulator.stats()["pending_faults"]  # the retry budget was not spent
+    summary = state.result(raise_on_failure=False)
+    assert state.name == "LeaseLost", state.name
+    res = results_of(summary)
+    assert res["i0"].status == "not_submitted" and "lease lapsed" in res["i0"].fail_msg
