@@ -16,6 +16,8 @@ Invariants it keeps (tested as properties in tests/test_lifecycle.py):
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -99,6 +101,7 @@ async def live_item(
     policy: LifePolicy,
     resumed: bool = False,
     sweep: bool = False,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Outcome:
     """Drive one item from `rec` (its ledger record as planned) to the end of its life here.
 
@@ -106,7 +109,7 @@ async def live_item(
     state is kept in the ledger until a POST is accepted, so a refusal in between never hides
     the earlier possible charge from the next run.
     """
-    life = _Life(rec, request, unit_cost, budget, fx, policy, sweep)
+    life = _Life(rec, request, unit_cost, budget, fx, policy, sweep, clock)
     out = await life.run(resumed)
     if life.stale and await life.save():  # one more try, so a resumed run knows the task
         life.notes.append("ledger caught up")
@@ -126,11 +129,13 @@ class _Life:
         fx: ItemEffects,
         policy: LifePolicy,
         sweep: bool,
+        clock: Callable[[], float],
     ) -> None:
         self.rec, self.request, self.unit = rec, request, unit_cost
         self.budget, self.fx, self.policy, self.sweep = budget, fx, policy, sweep
+        self.clock = clock
         self.run_posts = 0
-        self.waited = 0.0
+        self.refused_since: float | None = None  # the first 429 of this item in this run
         self.notes: list[str] = []
         self.last_status: TaskStatus | None = None
         self.stale = False  # the ledger is behind `rec`: a write failed
@@ -237,12 +242,16 @@ class _Life:
                     await self.save(state=step.ledger, fail_msg=step.fail_msg)
                 if step.next != "wait":
                     return self.end(step)
-                self.waited += step.wait_s or 0.0
-                if self.waited > self.policy.rate_limit_patience_s:
+                # patience counts the time that passed, not what the provider asked for: a
+                # Retry-After of 0 (or 3600) says nothing of how long the item has waited
+                now = self.clock()
+                self.refused_since = now if self.refused_since is None else self.refused_since
+                waited = now - self.refused_since
+                if waited > self.policy.rate_limit_patience_s:
                     return self.end(
                         ItemStatus.NOT_SUBMITTED if before.attempts == 0 else ItemStatus.FAILED,
                         fail_code=RATE_LIMITED,
-                        fail_msg=f"refused by rate limiting for {self.waited:.0f} s: {err}",
+                        fail_msg=f"refused by rate limiting for {waited:.0f} s: {err}",
                     )
                 await self.fx.rate_limited(step.wait_s or 0.0)
                 continue

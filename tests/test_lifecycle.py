@@ -22,6 +22,7 @@ import asyncio
 import itertools
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -62,6 +63,7 @@ from hailuo_batch.storage import StoredObject
 
 UNIT = 0.19
 MAX_RESUBMITS = 2
+PATIENCE = 5.0  # seconds of 429 refusals an item waits out before it gives up
 REQUEST = GenerateRequest(
     input=GenerateInput(
         mode="standard-image-to-video",  # type: ignore[arg-type]
@@ -133,6 +135,7 @@ class World:
     ledger: dict[str, LedgerRecord] = field(default_factory=dict)
     stored: dict[str, str] = field(default_factory=dict)  # key -> task id of the verified video
     calls: itertools.count = field(default_factory=itertools.count)
+    now: float = 0.0  # the run's clock: only waits after a 429 move it
     ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     poll_faults: list[bool] = field(default_factory=list)  # True: one untrustworthy status read
     failed_reads: dict[str, set[str]] = field(default_factory=dict)  # item -> tasks read failed
@@ -189,6 +192,7 @@ class Effects:
         self.w.posts.setdefault(self.item, []).append(task_id)
         errors: dict[str, Exception] = {
             "429": RateLimitedError("slow down", retry_after=0.0),
+            "429_hour": RateLimitedError("come back in an hour", retry_after=3600.0),
             "401": AuthenticationError("bad key"),
             "402": InsufficientCreditsError("top up"),
             "400": InvalidRequestError("Invalid mode type"),
@@ -236,6 +240,7 @@ class Effects:
 
     async def rate_limited(self, wait_s: float) -> None:
         self.w.tick()
+        self.w.now += min(max(wait_s, 1.0), 300.0)  # the limiter's floor and cap on a cooldown
 
 
 def manifest_item(item: str) -> ManifestItem:
@@ -273,8 +278,9 @@ async def one_run(
             unit_cost=UNIT,
             budget=budget,
             fx=fx,
-            policy=LifePolicy(max_resubmits=MAX_RESUBMITS, rate_limit_patience_s=5.0),
+            policy=LifePolicy(max_resubmits=MAX_RESUBMITS, rate_limit_patience_s=PATIENCE),
             resumed=plan.action == "poll",
+            clock=lambda: world.now,
         )
         fates[item] = (out.status, plan.uncertain or out.uncertain)
         world.ends.append((run, item, out.status, out.fail_code))
@@ -375,6 +381,24 @@ def test_rate_limited_items_are_never_dropped() -> None:
     fates, budget, created = asyncio.run(one_run(world, ["a"], "run0", None, False))
     assert fates["a"][0] == ItemStatus.SUCCEEDED
     assert len(created) == 1 and budget.spent_usd == UNIT
+
+
+@pytest.mark.parametrize("retry_after", ["429", "429_hour"])
+def test_rate_limit_patience_counts_the_time_waited(retry_after: str) -> None:
+    """Refusals without end give up after the patience in time actually waited, whatever
+    Retry-After said: 0 s (it would never end) or an hour (it would end at the first)."""
+    world = World([retry_after] * 1000, [], [], [], set())
+    fates, budget, created = asyncio.run(one_run(world, ["a"], "run0", None, False))
+    assert fates["a"][0] == ItemStatus.NOT_SUBMITTED
+    assert world.ends[-1][3] == "RATE_LIMITED" and created == [] and budget.spent_usd == 0
+    posts = len(world.posts["a"])
+    assert 1 < posts < 1000 and world.now >= PATIENCE
+
+
+def test_one_long_retry_after_does_not_drop_the_item() -> None:
+    world = World(["429_hour"], [], [], [], set())
+    fates, _, created = asyncio.run(one_run(world, ["a"], "run0", None, False))
+    assert fates["a"][0] == ItemStatus.SUCCEEDED and len(created) == 1
 
 
 def test_a_ledger_that_cannot_record_the_submission_stops_the_post() -> None:
