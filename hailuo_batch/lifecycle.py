@@ -29,6 +29,7 @@ from hailuo_batch.settings import FailClass
 from hailuo_batch.steps import (
     CLAIM_LOST,
     COST_CAP,
+    FAILED_AFTER_SUCCESS,
     LEDGER_UNAVAILABLE,
     NOT_SUBMITTED_STOP,
     RATE_LIMITED,
@@ -281,6 +282,8 @@ class _Life:
             self.rec.resubmits,
             overrides=self.policy.failcode_overrides,
             max_resubmits=self.policy.max_resubmits,
+            succeeded_before=self.rec.state == LedgerState.SUCCEEDED
+            or self.rec.fail_code == FAILED_AFTER_SUCCESS,
         )
         self.signal(step)
         if step.next == "submit":

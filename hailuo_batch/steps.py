@@ -42,6 +42,7 @@ TASK_NOT_FOUND = "TASK_NOT_FOUND"
 POLL_TIMEOUT = "POLL_TIMEOUT"
 BAD_ANSWER = "BAD_ANSWER"
 NO_RESULT_URL = "NO_RESULT_URL"
+FAILED_AFTER_SUCCESS = "FAILED_AFTER_SUCCESS"
 DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
 NOT_A_VIDEO = "NOT_A_VIDEO"
 LEDGER_UNAVAILABLE = "LEDGER_UNAVAILABLE"
@@ -190,9 +191,26 @@ def on_task_final(
     *,
     overrides: Mapping[str, FailClass] | None = None,
     max_resubmits: int = 2,
+    succeeded_before: bool = False,
 ) -> Step:
     """A task that ended: store its video, resubmit it, or record its failure. `resubmits`: the
-    transient resubmissions the item has used (`LedgerRecord.resubmits`, not its POSTs)."""
+    transient resubmissions the item has used (`LedgerRecord.resubmits`, not its POSTs).
+
+    `succeeded_before`: the ledger saw this task succeed (its video was not stored). A task
+    that was paid for and succeeded is never paid for again because a later read says
+    otherwise: it is kept as lost, read again by the next run, and only `--resubmit-lost` pays
+    for a new one."""
+    if st.state != TaskState.SUCCESS and succeeded_before:
+        said = " ".join(str(x) for x in (st.state, st.fail_code, st.fail_msg) if x)
+        return Step(
+            "end",
+            ledger=LedgerState.LOST,
+            status=ItemStatus.FAILED,
+            fail_code=FAILED_AFTER_SUCCESS,
+            fail_msg=f"the provider reported this task succeeded, and now says: {said}; not "
+            "resubmitted (it was paid for): a rerun reads it again, `--resubmit-lost` pays for "
+            "a new task",
+        )
     if st.state == TaskState.SUCCESS:
         if not st.result_urls:
             return Step(

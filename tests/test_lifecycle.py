@@ -101,6 +101,7 @@ FINAL = st.sampled_from(
         "lost",
         "poll_401",
         "malformed",
+        "flip",  # reads success, then GENERATION_FAILED ever after
     ]
 )
 DOWNLOAD = st.sampled_from(["video", "video", "html", "cut"])
@@ -115,6 +116,7 @@ class Task:
     item: str
     outcome: str  # a FINAL value
     failed: bool = False  # known to the provider as failed (or never created)
+    reads: int = 0
 
 
 @dataclass
@@ -219,7 +221,15 @@ class Effects:
             raise AuthenticationError("key revoked")
         if task.outcome == "malformed":
             raise UnexpectedResponseError("costTime is a dict")
-        if task.outcome == "success":
+        task.reads += 1
+        if task.outcome == "flip" and task.reads > 1:
+            # a paid task that succeeded: its later failure is no transient failure the item
+            # may be resubmitted for (not counted in `failed_reads`)
+            task.failed = True
+            return TaskStatus(
+                task_id=task_id, state=TaskState.FAILED, fail_code="GENERATION_FAILED"
+            )
+        if task.outcome in ("success", "flip"):
             return TaskStatus(
                 task_id=task_id, state=TaskState.SUCCESS, result_urls=[f"https://cdn/{task_id}"]
             )
@@ -406,6 +416,21 @@ def test_a_ledger_that_cannot_record_the_submission_stops_the_post() -> None:
     fates, budget, created = asyncio.run(one_run(world, ["a"], "run0", None, False))
     assert fates["a"][0] == ItemStatus.NOT_SUBMITTED
     assert created == [] and budget.spent_usd == 0
+
+
+def test_a_task_that_succeeded_is_not_paid_for_again_when_it_later_reads_failed() -> None:
+    """Run 0 sees the task succeed but cannot store the video; run 1 reads it failed. It is
+    kept as lost (no second POST); only `--resubmit-lost` pays for a new task."""
+    world = World([], ["flip"], ["html"], [], set())
+    fates, _, _ = asyncio.run(one_run(world, ["a"], "run0", None, False))
+    assert fates["a"][0] == ItemStatus.FAILED and world.ends[-1][3] == "DOWNLOAD_FAILED"
+    for run in ("run1", "run2"):
+        fates, _, created = asyncio.run(one_run(world, ["a"], run, None, False))
+        assert fates["a"][0] == ItemStatus.FAILED and created == []
+        assert world.ends[-1][3] == "FAILED_AFTER_SUCCESS"
+        assert world.ledger["a"].state == LedgerState.LOST
+    fates, _, created = asyncio.run(one_run(world, ["a"], "run3", None, True))
+    assert fates["a"] == (ItemStatus.SUCCEEDED, True) and len(created) == 1
 
 
 def test_a_run_that_lost_its_claim_does_not_post() -> None:

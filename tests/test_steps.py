@@ -90,6 +90,17 @@ def test_success_goes_to_store_and_success_without_url_fails() -> None:
     assert (bad.status, bad.fail_code) == (ItemStatus.FAILED, "NO_RESULT_URL")
 
 
+@pytest.mark.parametrize("code", ["GENERATION_FAILED", "NSFW", "INSUFFICIENT_CREDITS", None])
+def test_a_task_that_succeeded_before_is_never_resubmitted(code: str | None) -> None:
+    st = _final(TaskState.FAILED, fail_code=code, fail_msg="gone")
+    step = on_task_final(st, 0, succeeded_before=True)
+    assert (step.next, step.ledger, step.status) == ("end", LedgerState.LOST, ItemStatus.FAILED)
+    assert step.fail_code == "FAILED_AFTER_SUCCESS" and step.signal is None
+    assert "--resubmit-lost" in (step.fail_msg or "")
+    ok = on_task_final(_final(TaskState.SUCCESS, result_urls=["u"]), 0, succeeded_before=True)
+    assert ok.next == "store"
+
+
 @pytest.mark.parametrize(
     ("code", "resubmits", "next_", "status", "signal"),
     [
