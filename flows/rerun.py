@@ -66,6 +66,7 @@ async def rerun_failed(
                 fail_codes=fail_codes, ids=ids,
                 overrides={"mode": mode, "duration": duration, "provider": provider},
                 prompt_suffix=prompt_suffix, dry_run=options.dry_run,
+                failcode_overrides=get_settings().failcode_policy,
             )
         )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - one clean line (exit 2), never a traceback

@@ -221,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[s.value for s in ItemStatus],
         help="status to rerun (repeatable; default: failed, not_submitted, uncertain)",
     )
-    r.add_argument("--fail-code", action="append", help="only this failCode (repeatable)")
+    r.add_argument(
+        "--fail-code",
+        action="append",
+        help="only this failCode (repeatable); naming a bad-input code reruns such items unchanged",
+    )
     r.add_argument("--id", action="append", dest="ids", help="only this item id (repeatable)")
     r.add_argument(
         "--mode", choices=_aliases()["mode"], metavar="{standard,pro}", help="override the mode"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -14,8 +14,10 @@ import fsspec
 from hailuo_batch import markdown as md
 from hailuo_batch.ledger import Ledger, LedgerRecord, LedgerState, LedgerUnavailable
 from hailuo_batch.manifest import is_item_id
+from hailuo_batch.policy import classify_fail_code
 from hailuo_batch.results import ItemResult, ItemStatus, from_jsonl
 from hailuo_batch.secrets import redact_urls
+from hailuo_batch.settings import FailClass
 from hailuo_batch.storage import OutputStore, special_file
 
 DEFAULT_RERUN_STATUSES = (ItemStatus.FAILED, ItemStatus.NOT_SUBMITTED, ItemStatus.UNCERTAIN)
@@ -60,6 +62,25 @@ def select_for_rerun(
             continue
         chosen.append(r)
     return chosen, left_out
+
+
+def bad_input_unchanged(
+    r: ItemResult,
+    overrides: Mapping[str, Any],
+    prompt_suffix: str | None,
+    fail_codes: Iterable[str] | None,
+    failcode_overrides: Mapping[str, FailClass] | None = None,
+) -> bool:
+    """Whether a rerun would send a bad-input failure again as it was: the contract says such
+    an item is not resubmitted unchanged (it fails again, and is paid for again). Naming its
+    failCode (`fail_codes`) says the user changed what the row points at, and reruns it."""
+    if r.status != ItemStatus.FAILED or classify_fail_code(r.fail_code, failcode_overrides) != (
+        "bad_input"
+    ):
+        return False
+    if fail_codes and r.fail_code in set(fail_codes):
+        return False
+    return rerun_row(r, prompt_suffix=prompt_suffix, **overrides) == rerun_row(r)
 
 
 def rerun_row(
@@ -275,6 +296,7 @@ def write_selection(
     overrides: dict[str, Any] | None = None,
     prompt_suffix: str | None = None,
     dry_run: bool = False,
+    failcode_overrides: Mapping[str, FailClass] | None = None,
 ) -> Selection:
     """Select the items of `results_url` to rerun and write them as a manifest under `reruns/`
     of `store` (`overrides`: mode, duration, provider for every row). `source`: the output the
@@ -283,6 +305,17 @@ def write_selection(
     statuses = list(statuses)
     previous = read_results(results_url, store.storage_options)
     chosen, left_out = select_for_rerun(previous, statuses=statuses, fail_codes=fail_codes, ids=ids)
+    unchanged = [
+        r for r in chosen
+        if bad_input_unchanged(r, overrides or {}, prompt_suffix, fail_codes, failcode_overrides)
+    ]  # fmt: skip
+    left_out += [
+        f"row {r.row} ({r.id}): bad input ({r.fail_code}), and the rerun would send it "
+        "unchanged: not resubmitted (fix the row and run the manifest, add --prompt-suffix or "
+        f"another --mode / --duration, or name it with --fail-code {r.fail_code})"
+        for r in unchanged
+    ]
+    chosen = [r for r in chosen if r not in unchanged]
     busy = live_in_source(chosen, store, source, lease_ttl_s)
     left_out += [
         f"row {r.row} ({r.id}): being processed by run {busy[r.id]} in "

@@ -114,10 +114,35 @@ def test_the_selection_is_written_as_a_manifest_beside_the_runs(previous):
 
 def test_rows_without_inputs_are_left_out_with_a_reason(previous):
     sel = write_selection(previous, previous.url_for("runs/r1/results.jsonl"))
-    assert sel.chosen == 4 and sel.left_out == [
+    assert sel.chosen == 3 and sel.left_out[0] == (
         "row 8 (row-8): no inputs recorded (invalid manifest row)"
-    ]
+    )
     assert "not rerun: row 8" in sel.markdown
+
+
+@pytest.mark.parametrize(
+    "code", ["PROMPT_TOO_LONG", "INVALID_PROMPT", "INVALID_IMAGE_URL", "UNSUPPORTED_FORMAT"]
+)
+def test_a_bad_input_failure_is_not_sent_again_unchanged(tmp_path, code):
+    """The contract: bad input is not resubmitted unchanged (it fails again, paid again)."""
+    store = OutputStore(str(tmp_path / "out"))
+    store.write_text_atomic("runs/r1/results.jsonl", to_jsonl([r(1, "failed", code), RESULTS[1]]))
+    url = store.url_for("runs/r1/results.jsonl")
+    sel = write_selection(store, url, dry_run=True)
+    assert sel.chosen == 1  # only the transient failure
+    (why,) = sel.left_out
+    assert why.startswith(f"row 1 (i1): bad input ({code})") and f"--fail-code {code}" in why
+    for changed in (
+        {"prompt_suffix": ", shorter"},
+        {"overrides": {"duration": 10}},
+        {"overrides": {"mode": "pro-image-to-video"}},
+        {"fail_codes": [code, "GENERATION_FAILED"]},  # named: the user changed what it points at
+    ):
+        assert write_selection(store, url, dry_run=True, **changed).chosen == 2, changed
+    same = write_selection(store, url, dry_run=True, overrides={"duration": 6, "mode": None})
+    assert same.chosen == 1  # an override equal to the row's own value changes nothing
+    moved = write_selection(store, url, dry_run=True, failcode_overrides={code: "transient"})
+    assert moved.chosen == 2  # HAILUO_FAILCODE_POLICY moved the code out of bad input
 
 
 def test_a_results_file_with_a_bom_is_read(tmp_path):

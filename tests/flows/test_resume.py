@@ -257,6 +257,12 @@ def test_rerun_failed_items_only(flow_env, emulator, tmp_path, images_dir, make_
     assert set(again) == {"nsfw"} and again["nsfw"].prompt == "n [fail:CONTENT_VIOLATION] (v2)"
     assert "inputs changed" in again["nsfw"].note
 
+    # a bad-input failure is never sent again unchanged (the contract): a default rerun
+    # leaves it out, saying how to include it
+    state = run_flow_sync(rerun_failed, results=results_url)
+    assert set(results_of(state.result(raise_on_failure=False))) == {"flaky"}
+    assert emulator.stats()["submissions_by_prompt"]["l [fail:PROMPT_TOO_LONG]"] == 1
+
 
 async def _rerun_report(flow_run_id) -> tuple[str, list[str]]:
     """The rerun's markdown artifact and the names of the flow runs it started."""
