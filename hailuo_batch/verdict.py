@@ -3,8 +3,9 @@
 Prefect shows a state's *type* as its colour and its *name* as its label. A run that stopped
 (401, 402, a lost lease, an unreachable API) is `Failed` named after the reason; a run where no
 valid item succeeded is `Failed`; a run with some failed, skipped, invalid, uncertain or
-unsubmitted items is `Completed` named `CompletedWithFailures` (or `CostCapReached` when the cap
-left items out), unless their share passes `max_failure_share`, which makes it `Failed` too.
+unsubmitted items is `Completed` named `CompletedWithFailures` (`CostCapReached` when the cap
+leaving items out is all that went wrong), unless their share passes `max_failure_share`,
+which makes it `Failed` too.
 """
 
 from __future__ import annotations
@@ -75,13 +76,15 @@ def run_verdict(
             f"run {run_id}: {share:.0%} of items did not succeed ({listed}), more than the "
             f"{max_failure_share:.0%} allowed",
         )
-    if capped:
+    beyond_cap = sum(problems.values()) - capped  # failures the cap does not explain
+    if capped and not beyond_cap:
         return _cost_cap_reached(capped, cap_usd)
     if problems:
+        cap_note = f"; {_cost_cap_reached(capped, cap_usd).message}" if capped else ""
         return Verdict(
             "completed",
             "CompletedWithFailures",
-            f"run {run_id}: {succeeded} of {total} items succeeded; {listed}",
+            f"run {run_id}: {succeeded} of {total} items succeeded; {listed}{cap_note}",
         )
     return Verdict("completed", "Completed", f"run {run_id}: all {total} items succeeded")
 

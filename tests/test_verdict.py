@@ -55,6 +55,18 @@ def test_the_cost_cap_is_named():
     assert (v.kind, v.name) == ("completed", "CostCapReached") and "$0.50" in v.message
 
 
+@pytest.mark.parametrize("other", ["failed", "uncertain", "skipped", "invalid"])
+def test_the_cost_cap_never_hides_other_problems(other: str) -> None:
+    """A cap that left items out says so, but a failure, a possible duplicate charge, a
+    content violation or a bad row beside it makes the run CompletedWithFailures, counted."""
+    v = run_verdict(
+        counts(succeeded=5, not_submitted=1, **{other: 2}), run_id="r", capped=1, cap_usd=1.5
+    )
+    assert (v.kind, v.name) == ("completed", "CompletedWithFailures")
+    assert f"2 {other}" in v.message and "5 of 8 items succeeded" in v.message
+    assert "max cost $1.50 reached: 1 items not submitted" in v.message
+
+
 def test_a_dry_run_completes():
     v = run_verdict(counts(not_submitted=4), run_id="r", dry_run=True, would_cost_usd=0.76)
     assert (v.kind, v.name) == ("completed", "DryRun")
