@@ -20,7 +20,7 @@ from flows.runtime import end_state
 from flows.tasks import read_balance, read_manifest
 from hailuo_batch import outcomes
 from hailuo_batch.artifacts import keeps_run_name
-from hailuo_batch.budget import InsufficientBalance, Stop, apply_balance
+from hailuo_batch.budget import InsufficientBalance, Stop, apply_balance, overspend_warning
 from hailuo_batch.ledger import planned_costs
 from hailuo_batch.manifest import Manifest, ManifestError, ManifestItem
 from hailuo_batch.options import BatchOptions, flow_parameters
@@ -132,6 +132,12 @@ async def _run_batch(run: RunState, job: PartJob, rerun_of: str | None, started:
         held_for_prefect_s=round(run.rt.recorder.waited_s, 1),
         rerun_of=rerun_of,
     )
+    spend = overspend_warning(
+        summary["balance_spent_usd"], summary["estimated_cost_usd"], summary["max_cost_usd"]
+    )
+    if spend:  # loud: the cap may not have held what the provider really charged
+        summary["spend_warning"] = spend
+        get_run_logger().warning("run %s: %s", run.run_id, spend)
     if not options.dry_run:
         await run.rt.blocking(save_stats, run.rt.store, run.rt.board.stats, run.rt.warn)
     await _report(run.run_id, results, summary, keys)
@@ -193,7 +199,10 @@ def final_state(run: RunState, summary: dict[str, Any], options: BatchOptions) -
         dry_run=options.dry_run,
         would_cost_usd=summary["estimated_batch_cost_usd"],
     )
-    return end_state(v.kind == "completed", v.name, v.message, summary)
+    message = v.message + (
+        f"; WARNING: {summary['spend_warning']}" if "spend_warning" in summary else ""
+    )
+    return end_state(v.kind == "completed", v.name, message, summary)
 
 
 def run_flow_sync(flow_fn: Any, **params: Any) -> State[Any]:

@@ -127,3 +127,23 @@ def apply_balance(
         return None
     budget.cap_usd = cap
     return f"balance ${balance_usd:.2f} < estimate ${estimate_usd:.2f}: submitting what fits"
+
+
+def overspend_warning(
+    balance_spent_usd: float | None, estimated_usd: float, cap_usd: float | None
+) -> str | None:
+    """What to say when the account's balance fell by more than this run's estimated spend:
+    the prices the estimate and the cap use (`HAILUO_PRICE_*`) may be below what the provider
+    charges, and the cap then held nothing back. None when the balance is unknown or agrees
+    (within a cent). Other use of the same account during the run counts in the fall too."""
+    if balance_spent_usd is None or balance_spent_usd <= estimated_usd + 0.01:
+        return None
+    past_cap = ""
+    if cap_usd is not None and balance_spent_usd > cap_usd + 0.01:
+        past_cap = f", past the max cost of ${cap_usd:.2f}"
+    return (
+        f"the balance fell by ${balance_spent_usd:.2f} during this run{past_cap}, but the run "
+        f"estimated ${estimated_usd:.2f} for its submissions: check the HAILUO_PRICE_* "
+        "settings against the provider's prices (other use of the same account during the "
+        "run counts too)"
+    )

@@ -187,6 +187,8 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
             "(a POST of unknown outcome before; `uncertain` in the results): check the "
             "provider's dashboard"
         )
+    if summary.get("spend_warning"):
+        lines.append(f"- **spend: {md.text(summary['spend_warning'])}**")
     if summary.get("rerun_of"):
         lines.append(f"- rerun of: {md.code(summary['rerun_of'])}")
     return "\n".join(lines) + "\n"

@@ -40,3 +40,19 @@ def test_401_and_no_answer_stop_the_run():
     apply_balance(b, 1.0, None, ApixoError("down"), fit_to_balance=False, api_url="http://x")
     assert b.stopped is not None and b.stopped[0] == Stop.UNREACHABLE
     assert "http://x" in b.stopped[1] and "nothing was submitted" in b.stopped[1]
+
+
+def test_a_balance_falling_past_the_estimate_is_said_and_past_the_cap_too():
+    from hailuo_batch.budget import overspend_warning
+
+    assert overspend_warning(None, 1.0, 0.5) is None  # balance unknown
+    assert overspend_warning(0.57, 0.57, 0.6) is None  # it agrees
+    assert overspend_warning(0.575, 0.57, None) is None  # within a cent
+    assert overspend_warning(0.0, 0.57, 0.6) is None  # the provider charged less
+    w = overspend_warning(0.57, 0.15, 0.15)
+    assert w is not None and "fell by $0.57" in w and "past the max cost of $0.15" in w
+    assert "estimated $0.15" in w and "HAILUO_PRICE_" in w
+    w = overspend_warning(0.57, 0.15, None)
+    assert w is not None and "max cost" not in w
+    w = overspend_warning(0.57, 0.15, 1.0)  # past the estimate, within the cap
+    assert w is not None and "max cost" not in w

@@ -289,6 +289,29 @@ def test_max_cost_caps_submissions(flow_env, emulator, tmp_path, images_dir, mak
     assert emulator.stats()["submissions"] == 2  # 2 x 0.19 <= 0.50 < 3 x 0.19
 
 
+def test_a_balance_that_falls_past_the_estimate_and_cap_is_said_loudly(
+    flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch
+):
+    """Prices set below what the provider charges: the cap holds the estimate, not the real
+    spend. The balance read before and after tells; the run says so in its state message,
+    log, summary.json and summary artifact."""
+    from hailuo_batch.settings import get_settings
+
+    monkeypatch.setenv("HAILUO_PRICE_STANDARD_6S_USD", "0.05")  # the emulator charges 0.19
+    get_settings.cache_clear()
+    m = _six_items(tmp_path, images_dir, make_image, emulator)
+    state = generate_videos(
+        manifest=str(m), output=str(tmp_path / "o"), max_cost_usd=0.15, concurrency=3
+    )
+    summary = state.result(raise_on_failure=False)
+    assert emulator.stats()["submissions"] == 3 and summary["balance_spent_usd"] == 0.57
+    warning = summary["spend_warning"]
+    assert "fell by $0.57" in warning and "past the max cost of $0.15" in warning
+    assert "HAILUO_PRICE_" in warning and "WARNING: the balance fell" in state.message
+    on_disk = json.loads(Path(summary["results"]).with_name("summary.json").read_text())
+    assert on_disk["spend_warning"] == warning
+
+
 def test_a_cap_of_zero_pays_nothing_and_says_the_cap_was_reached(
     flow_env, emulator, tmp_path, images_dir, make_image
 ):
