@@ -21,7 +21,7 @@ from flows.tasks import read_balance, read_manifest
 from hailuo_batch import outcomes
 from hailuo_batch.artifacts import keeps_run_name
 from hailuo_batch.budget import InsufficientBalance, Stop, apply_balance, overspend_warning
-from hailuo_batch.ledger import planned_costs
+from hailuo_batch.ledger import LedgerRecord, planned_costs
 from hailuo_batch.manifest import Manifest, ManifestError, ManifestItem
 from hailuo_batch.options import BatchOptions, flow_parameters
 from hailuo_batch.parts import PartJob
@@ -149,8 +149,12 @@ async def _guard_money(
 ) -> tuple[float, float | None]:
     """Estimate what is left to submit and apply the balance policy (`apply_balance`);
     returns the estimate and the balance."""
+
+    def seen(rec: LedgerRecord) -> None:  # tasks earlier runs recorded are their items'
+        run.owners.know(rec.id, [rec.task_id, *rec.task_ids])
+
     run.planned_costs = await run.rt.blocking(
-        planned_costs, run.ledger, parsed.items, run.plan, run.unit_cost
+        planned_costs, run.ledger, parsed.items, run.plan, run.unit_cost, seen
     )
     estimate = sum(run.planned_costs.values())
     msg = "%d rows to check, %d invalid; estimated cost of what is left to submit $%.2f"

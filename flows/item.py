@@ -31,7 +31,13 @@ from hailuo_batch.manifest import ManifestItem
 from hailuo_batch.pacing import AdaptiveSlots, Slot
 from hailuo_batch.policy import Prices, estimate_cost
 from hailuo_batch.results import ItemResult
-from hailuo_batch.steps import LeaseLapsed, choose_video_key
+from hailuo_batch.steps import (
+    LeaseLapsed,
+    ResultOfAnotherItem,
+    TaskIdReused,
+    TaskOwners,
+    choose_video_key,
+)
 from hailuo_batch.storage import StoredObject
 from hailuo_batch.validation import Preflight, preflight
 
@@ -75,6 +81,7 @@ class RunState:
     # share of the cap
     planned_costs: dict[int, float] = field(default_factory=dict)
     parts: PartsOfRun = field(default_factory=PartsOfRun)
+    owners: TaskOwners = field(default_factory=TaskOwners)  # which item each task is
 
     def plan(self, item: ManifestItem, rec: LedgerRecord | None) -> Plan:
         return plan_in_batch(
@@ -250,6 +257,11 @@ class FlowEffects:
         task_id = _or_raise(sub.task_id, sub.error)
         self.slot.accepted()
         self.sent_at = sub.sent_at
+        if other := self.b.owners.claim_task(task_id, self.item.id):
+            raise TaskIdReused(
+                f"the provider answered the POST with task {task_id}, which is item {other}'s: "
+                "this item's own task is unknown, and may have been charged"
+            )
         return task_id
 
     async def poll(self, task_id: str, *, immediate: bool) -> TaskStatus:
@@ -259,6 +271,11 @@ class FlowEffects:
         return _or_raise(polled.status, polled.error)
 
     async def store(self, url: str, key: str, *, sweep: bool) -> StoredObject:
+        if other := self.b.owners.claim_result(url, self.item.id):
+            raise ResultOfAnotherItem(
+                f"the provider's result for task {self.expected and self.expected.task_id} "
+                f"is the one item {other}'s task gave"
+            )
         out = await store_video(self.item, url, key, sweep=sweep)
         return _or_raise(out.stored, out.error)
 

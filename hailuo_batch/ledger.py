@@ -557,14 +557,19 @@ def planned_costs(
     items: Iterable[ManifestItem],
     plan: Callable[[ManifestItem, LedgerRecord | None], Plan],
     unit_cost: Callable[[ManifestItem], float],
+    seen: Callable[[LedgerRecord], None] | None = None,
 ) -> dict[int, float]:
     """Each item's estimated cost of what a run still has to submit, by manifest row
     (resume-aware: 0 for what is stored, polled or final). An item whose record cannot be read
-    costs 0 here: it says so when it runs, and is never submitted blind."""
+    costs 0 here: it says so when it runs, and is never submitted blind. `seen` is shown each
+    record read."""
     costs: dict[int, float] = {}
     for item in items:
         try:
-            submit = plan(item, ledger.record_for(item.id, item.input_hash)).action == "submit"
+            rec = ledger.record_for(item.id, item.input_hash)
+            if rec is not None and seen is not None:
+                seen(rec)
+            submit = plan(item, rec).action == "submit"
         except LedgerUnavailable:
             submit = False
         costs[item.row] = unit_cost(item) if submit else 0.0

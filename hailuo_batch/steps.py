@@ -10,9 +10,10 @@ the tests drive these functions directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from hailuo_batch.apixo import (
     AmbiguousSubmitError,
@@ -28,6 +29,7 @@ from hailuo_batch.budget import Stop
 from hailuo_batch.ledger import LedgerState
 from hailuo_batch.policy import after_failure, classify_fail_code
 from hailuo_batch.results import ItemStatus
+from hailuo_batch.secrets import is_signing_param
 from hailuo_batch.settings import FailClass
 from hailuo_batch.storage import video_key
 from hailuo_batch.video import NotAVideoError
@@ -43,6 +45,8 @@ POLL_TIMEOUT = "POLL_TIMEOUT"
 BAD_ANSWER = "BAD_ANSWER"
 NO_RESULT_URL = "NO_RESULT_URL"
 FAILED_AFTER_SUCCESS = "FAILED_AFTER_SUCCESS"
+TASK_ID_REUSED = "TASK_ID_REUSED"
+RESULT_OF_ANOTHER_ITEM = "RESULT_OF_ANOTHER_ITEM"
 DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
 NOT_A_VIDEO = "NOT_A_VIDEO"
 LEDGER_UNAVAILABLE = "LEDGER_UNAVAILABLE"
@@ -64,6 +68,62 @@ class TaskLost(Exception):
 class LeaseLapsed(Exception):
     """The run's lease went stale after its last ownership check (a slow ledger write, a store
     outage): the POST was not sent, and another run may own the item now."""
+
+
+class TaskIdReused(Exception):
+    """The provider answered a POST with a taskId another item already holds: this item's own
+    task (it may have been charged) is unknown."""
+
+
+class ResultOfAnotherItem(Exception):
+    """A finished task's result URL is the one another item's task gave: storing it would
+    file another item's video under this one."""
+
+
+class TaskOwners:
+    """Which item each provider task and each result belongs to, in one run (and the ledger
+    records it read). A provider that answers two POSTs with one taskId, or two tasks with one
+    result, is caught here instead of two items showing one video while a paid one is lost."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, str] = {}
+        self._results: dict[str, str] = {}
+
+    def know(self, item_id: str, task_ids: Iterable[str | None]) -> None:
+        """Tasks a ledger record says are `item_id`'s (the first owner named stays)."""
+        for task_id in task_ids:
+            if task_id:
+                self._tasks.setdefault(task_id, item_id)
+
+    def claim_task(self, task_id: str, item_id: str) -> str | None:
+        """Take `task_id` for `item_id`; the other item that holds it, else None."""
+        owner = self._tasks.setdefault(task_id, item_id)
+        return None if owner == item_id else owner
+
+    def claim_result(self, url: str, item_id: str) -> str | None:
+        """Take the result at `url` for `item_id`; the other item whose task gave it, else
+        None. A URL signed again (another signature or expiry) is the same result."""
+        owner = self._results.setdefault(result_identity(url), item_id)
+        return None if owner == item_id else owner
+
+
+#: query parameters that say how long a signed URL is valid, not what it names (S3 and GCS
+#: ones start with x-amz- / x-goog-; `st` / `se` are an Azure SAS's start and expiry)
+_VALIDITY_PARAMS = frozenset({"exp", "expire", "expires", "expiry", "expiration", "st", "se"})
+
+
+def result_identity(url: str) -> str:
+    """`url` without its fragment and its signing parameters (signature, expiry, credential):
+    what names the object itself."""
+    parts = urlsplit(url)
+    kept = sorted(
+        (k, v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        if not is_signing_param(k)
+        and k.lower() not in _VALIDITY_PARAMS
+        and not k.lower().startswith(("x-amz-", "x-goog-"))
+    )
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path, urlencode(kept), ""))
 
 
 @dataclass(frozen=True)
@@ -109,6 +169,15 @@ def on_submit_error(
             ledger=LedgerState.UNCERTAIN,
             status=ItemStatus.UNCERTAIN,
             fail_code=AMBIGUOUS_SUBMIT,
+            fail_msg=str(err),
+            uncertain=True,
+        )
+    if isinstance(err, TaskIdReused):  # the POST was accepted: this item's task may be charged
+        return Step(
+            "end",
+            ledger=LedgerState.UNCERTAIN,
+            status=ItemStatus.UNCERTAIN,
+            fail_code=TASK_ID_REUSED,
             fail_msg=str(err),
             uncertain=True,
         )
@@ -245,6 +314,13 @@ def on_store_error(err: Exception) -> Step:
     from the API's own origin stops the run like any other 401."""
     if isinstance(err, AuthenticationError):
         return _auth_failed(f"video download refused: {err}; a rerun with a valid key fetches it")
+    if isinstance(err, ResultOfAnotherItem):
+        return Step(
+            "end",
+            status=ItemStatus.FAILED,
+            fail_code=RESULT_OF_ANOTHER_ITEM,
+            fail_msg=f"video NOT stored: {err}; a rerun reads the task again without paying",
+        )
     code = NOT_A_VIDEO if isinstance(err, NotAVideoError) else DOWNLOAD_FAILED
     return Step(
         "end",

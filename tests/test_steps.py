@@ -228,3 +228,32 @@ def test_a_lease_that_lapsed_before_the_post_sends_nothing_and_leaves_the_record
     step = on_submit_error(LeaseLapsed("lapsed"), 1)
     assert step.refund and step.ledger is None and step.signal == Stop.LEASE
     assert step.status == "not_submitted" and step.fail_code == CLAIM_LOST
+
+
+def test_task_owners_catch_one_task_or_one_result_for_two_items() -> None:
+    from hailuo_batch.steps import TaskOwners
+
+    owners = TaskOwners()
+    owners.know("old", ["t0", None])  # a ledger record read at planning
+    assert owners.claim_task("t1", "a") is None and owners.claim_task("t1", "a") is None
+    assert owners.claim_task("t1", "b") == "a" and owners.claim_task("t0", "b") == "old"
+    url = "https://cdn.example/v/t1.mp4?exp=1&sig=abc&variant=hd"
+    assert owners.claim_result(url, "a") is None
+    resigned = "https://CDN.example/v/t1.mp4?variant=hd&sig=zzz&exp=2#x"
+    assert owners.claim_result(resigned, "a") is None and owners.claim_result(resigned, "b") == "a"
+    # another object (path or a naming parameter) is another result
+    assert owners.claim_result("https://cdn.example/v/t2.mp4?exp=1&sig=abc", "b") is None
+    assert owners.claim_result("https://cdn.example/dl?file=t3&X-Amz-Date=1", "c") is None
+    assert owners.claim_result("https://cdn.example/dl?file=t4&X-Amz-Date=2", "d") is None
+    assert owners.claim_result("https://cdn.example/dl?X-Amz-Date=9&file=t3", "d") == "c"
+
+
+def test_a_reused_task_id_is_uncertain_and_another_items_result_is_not_stored() -> None:
+    from hailuo_batch.steps import ResultOfAnotherItem, TaskIdReused, on_store_error
+
+    step = on_submit_error(TaskIdReused("task t1 is item a's"), 1)
+    assert (step.next, step.ledger, step.status) == ("end", LedgerState.UNCERTAIN, "uncertain")
+    assert step.fail_code == "TASK_ID_REUSED" and step.uncertain and not step.refund
+    step = on_store_error(ResultOfAnotherItem("the one item a's task gave"))
+    assert (step.status, step.fail_code, step.ledger) == ("failed", "RESULT_OF_ANOTHER_ITEM", None)
+    assert "without paying" in (step.fail_msg or "")

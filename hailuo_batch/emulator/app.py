@@ -173,8 +173,50 @@ class FaultAndAuth:
             await self.app(scope, receive, _trickling_send(send, config.slow_s))
         elif kind in BAD_BODY_KINDS and route == "download":
             await self.app(scope, receive, _bad_body_send(send, kind))
+        elif kind == "reused_task" and route == "submit":
+            await self.app(scope, receive, _data_edited_send(send, self._reuse_first_task))
+        elif kind == "swapped_result" and route == "status":
+            await self.app(scope, receive, _data_edited_send(send, self._first_tasks_result))
         else:  # drop, and the route-specific kinds elsewhere
             await close_connection(send)
+
+    def _first_task(self) -> str | None:
+        with self.state.lock:
+            ids = self.state.stats_data.task_ids
+            return ids[0] if ids else None
+
+    def _reuse_first_task(self, data: dict[str, Any]) -> None:
+        first = self._first_task()
+        if first is not None and "taskId" in data:
+            data["taskId"] = first
+
+    def _first_tasks_result(self, data: dict[str, Any]) -> None:
+        first = self._first_task()
+        if first is not None and data.get("state") == "success":
+            data["resultJson"] = json.dumps({"resultUrls": [self.state.result_url(first)]})
+
+
+def _data_edited_send(send: Send, edit: Callable[[dict[str, Any]], None]) -> Send:
+    """A send that lets `edit` change the `data` of a 200 envelope before it is served; other
+    answers pass unchanged."""
+
+    async def serve(send: Send, start: Message, body: bytes) -> None:
+        try:
+            doc = json.loads(body)
+            data = doc["data"]
+            assert isinstance(data, dict) and start["status"] == 200
+        except (ValueError, KeyError, TypeError, AssertionError):
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+            return
+        edit(data)
+        body = json.dumps(doc).encode()
+        headers = [(b"content-type", b"application/json")]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return _holding_send(send, serve)
 
 
 def _closing_send(send: Send) -> Send:

@@ -17,6 +17,10 @@ Kinds:
   the wrong type, another task's id, a state the contract does not know, or a proxy's HTML
   page with status 200;
 - `html_body`, `empty_body`, `cut_body`, `gzip_body` (download): see `BAD_BODY_KINDS`.
+- `reused_task` (submit, scripted only): the task is created and billed, and the answer names
+  the first task the emulator created instead;
+- `swapped_result` (status, scripted only): a success answer whose `resultJson` is the first
+  task's (a freshly signed URL of that task's video).
 
 With `hostile=True` (the emulator's `hostile_faults`), the random draw includes the bad status
 answers and bad download bodies too.
@@ -59,6 +63,8 @@ FAULT_KINDS = (
     "foreign_task",
     "unknown_state",
     "html200",
+    "reused_task",
+    "swapped_result",
 )
 BAD_BODY_KINDS = ("html_body", "empty_body", "cut_body", "gzip_body")
 #: status answers that are not to be trusted: a field of the wrong type, another task's

@@ -237,6 +237,59 @@ def test_an_untrustworthy_status_answer_fails_the_item_at_once_and_a_resume_reco
     assert emulator.stats()["submissions"] == 1
 
 
+def test_a_task_id_answered_for_two_items_is_reported_not_shared(
+    flow_env, emulator, images_dir, make_image, tmp_path
+):
+    """The provider bills two more POSTs but answers each with the first item's taskId. Those
+    two items never show the first item's video as theirs: each is `uncertain` (its own task
+    may have been charged), and the run is not green."""
+    rows = items(images_dir, make_image, emulator, 3)
+    manifest = str(write_csv(tmp_path / "m.csv", rows))
+    out = str(tmp_path / "out")
+    first_row = str(write_csv(tmp_path / "first.csv", rows[:1]))
+    assert generate_videos(manifest=first_row, output=out).is_completed()
+    emulator.script_faults("submit", "reused_task", 2)
+    state = generate_videos(manifest=manifest, output=out, concurrency=1)
+    res = results_of(state.result(raise_on_failure=False))
+    first = res["i0"].task_id
+    assert emulator.stats()["submissions"] == 3  # all three were billed
+    for i in ("i1", "i2"):
+        assert (res[i].status, res[i].fail_code) == ("uncertain", "TASK_ID_REUSED"), res[i]
+        assert first in res[i].fail_msg and "i0" in res[i].fail_msg
+        assert not res[i].video
+    assert state.name == "CompletedWithFailures", state.name
+
+
+def test_a_result_that_is_another_items_video_is_not_stored_as_this_ones(
+    flow_env, emulator, images_dir, make_image, tmp_path
+):
+    """Every success answer names the first task's video: only its own item stores it; the
+    others fail without storing and without paying, and a later run fetches their own."""
+    rows = items(images_dir, make_image, emulator, 3)
+    manifest = str(write_csv(tmp_path / "m.csv", rows))
+    out = str(tmp_path / "out")
+    emulator.script_faults("status", "swapped_result", 10_000)
+    state = generate_videos(manifest=manifest, output=out, concurrency=1)
+    res = results_of(state.result(raise_on_failure=False))
+    first_task = next(iter(emulator.stats()["tasks"]))  # whose video every answer names
+    (owner,) = [i for i, r in res.items() if r.task_id == first_task]
+    assert res[owner].status == "succeeded", res
+    for i in {"i0", "i1", "i2"} - {owner}:
+        assert (res[i].status, res[i].fail_code) == ("failed", "RESULT_OF_ANOTHER_ITEM"), res[i]
+        assert owner in res[i].fail_msg and not res[i].video
+    videos = tmp_path / "out" / "videos"
+    assert sorted(p.name for p in videos.glob("*.mp4")) == [f"{owner}.mp4"]
+    emulator.clear_faults()
+    again = results_of(generate_videos(manifest=manifest, output=out).result())
+    statuses = {i: (r.status, r.fail_code, r.fail_msg) for i, r in again.items()}
+    assert {i: r.status for i, r in again.items()} == dict.fromkeys(
+        ("i0", "i1", "i2"), "succeeded"
+    ), statuses
+    for i in {"i0", "i1", "i2"} - {owner}:
+        assert again[i].sha256 == served_sha256(emulator.base_url, again[i].task_id)
+    assert emulator.stats()["submissions"] == 3
+
+
 @pytest.mark.parametrize("kind", ["html_body", "empty_body", "cut_body"])
 def test_bytes_that_are_not_a_video_are_never_stored(
     kind, flow_env, emulator, images_dir, make_image, tmp_path
