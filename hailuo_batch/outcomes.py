@@ -19,7 +19,7 @@ from hailuo_batch.results import ItemResult, ItemStatus
 from hailuo_batch.steps import LEDGER_UNAVAILABLE
 from hailuo_batch.storage import StoredObject
 from hailuo_batch.validation import Preflight
-from hailuo_batch.video import VideoInfo, duration_warning
+from hailuo_batch.video import VideoInfo, duration_warning, resolution_warning
 
 Scrub = Callable[[str], str]
 
@@ -184,5 +184,10 @@ def video_facts(item: ManifestItem, stored: StoredObject | None) -> dict[str, An
     return {
         "video_duration_s": None if info.duration_s is None else round(info.duration_s, 2),
         "video_resolution": f"{info.width}x{info.height}",
-        "warning": duration_warning(info, requested),
+        "warning": "; ".join(
+            w
+            for w in (duration_warning(info, requested), resolution_warning(info, str(item.mode)))
+            if w
+        )
+        or None,
     }

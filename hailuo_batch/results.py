@@ -108,7 +108,7 @@ def summarize(
     by_status = Counter(r.status for r in results)
     # an item stored, but perhaps paid for twice (an earlier POST of unknown outcome), is
     # something to look at too
-    problems = [r for r in results if r.status != ItemStatus.SUCCEEDED or r.uncertain]
+    problems = [r for r in results if r.status != ItemStatus.SUCCEEDED or r.uncertain or r.warning]
     by_code = Counter(r.fail_code for r in results if r.fail_code)
     cost_times = [float(r.cost_time_ms) for r in results if r.cost_time_ms is not None]
     spent = None
@@ -134,6 +134,10 @@ def summarize(
         # resubmitted after a POST of unknown outcome: an `uncertain` item itself paid once at most
         "possible_duplicate_charges": sum(
             r.uncertain and r.status != ItemStatus.UNCERTAIN for r in results
+        ),
+        # stored, but not the clip that was paid for (its length or resolution)
+        "not_as_ordered": sum(
+            r.status == ItemStatus.SUCCEEDED and bool(r.warning) for r in results
         ),
         # what a person must look at: every item that did not succeed, first 20, with why
         "problems": [_problem(r) for r in problems[:20]],
@@ -187,6 +191,11 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
             "(a POST of unknown outcome before; `uncertain` in the results): check the "
             "provider's dashboard"
         )
+    if summary.get("not_as_ordered"):
+        lines.append(
+            f"- **{summary['not_as_ordered']} videos are not the clip paid for** (length or "
+            "resolution; each result's `warning` says which)"
+        )
     if summary.get("spend_warning"):
         lines.append(f"- **spend: {md.text(summary['spend_warning'])}**")
     if summary.get("rerun_of"):
@@ -201,7 +210,7 @@ def _problem(r: ItemResult) -> dict[str, Any]:
 
 def reason(r: ItemResult) -> str:
     """Why an item did not succeed, whole: the code and message, or every rule it broke."""
-    parts = [p for p in (r.fail_code, r.fail_msg) if p]
+    parts = [p for p in (r.fail_code, r.fail_msg) if p] or ([r.warning] if r.warning else [])
     if r.errors and (not r.fail_msg or len(r.errors) > 1):
         parts.append("; ".join(r.errors))
     if r.field and r.status == ItemStatus.INVALID:

@@ -39,12 +39,16 @@ def run_verdict(
     max_failure_share: float | None = None,
     dry_run: bool = False,
     would_cost_usd: float = 0.0,
+    not_as_ordered: int = 0,
 ) -> Verdict:
     """The final state of a run with these counts by item status. `users_cap`: the cap that
     held items back is the user's `max_cost_usd`, not the balance `fit_to_balance` fitted to."""
     total = sum(by_status.values())
     problems = {s: by_status.get(s, 0) for s in PROBLEM_STATUSES if by_status.get(s, 0)}
-    listed = ", ".join(f"{n} {s}" for s, n in problems.items())
+    listed = ", ".join(
+        [f"{n} {s}" for s, n in problems.items()]
+        + ([f"{not_as_ordered} videos not the clip paid for"] if not_as_ordered else [])
+    )
     if stopped is not None:
         why, message = stopped
         return Verdict(
@@ -76,10 +80,10 @@ def run_verdict(
             f"run {run_id}: {share:.0%} of items did not succeed ({listed}), more than the "
             f"{max_failure_share:.0%} allowed",
         )
-    beyond_cap = sum(problems.values()) - capped  # failures the cap does not explain
+    beyond_cap = sum(problems.values()) - capped + not_as_ordered  # what the cap does not explain
     if capped and not beyond_cap:
         return _cost_cap_reached(capped, cap_usd)
-    if problems:
+    if problems or not_as_ordered:
         cap_note = f"; {_cost_cap_reached(capped, cap_usd).message}" if capped else ""
         return Verdict(
             "completed",

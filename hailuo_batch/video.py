@@ -250,6 +250,24 @@ def _duration_s(container: av.container.InputContainer, stream: av.VideoStream) 
     return None
 
 
+#: the output height each mode is billed for ("768p", "1080p"), and how far off it may be
+MODE_HEIGHTS = {"standard-image-to-video": 768, "pro-image-to-video": 1080}
+RESOLUTION_TOLERANCE_PX = 8
+
+
+def resolution_warning(info: VideoInfo, mode: str) -> str | None:
+    """A warning when the video is not the resolution its mode is billed for: its height (or,
+    for a portrait clip, its shorter side) more than `RESOLUTION_TOLERANCE_PX` from the
+    mode's; None when it matches or the mode names none."""
+    expected = MODE_HEIGHTS.get(mode)
+    if expected is None or not info.width or not info.height:
+        return None
+    sides = (info.height, min(info.width, info.height))
+    if any(abs(side - expected) <= RESOLUTION_TOLERANCE_PX for side in sides):
+        return None
+    return f"the video is {info.width}x{info.height} but {mode} is billed for {expected}p"
+
+
 def duration_warning(info: VideoInfo, requested_s: int | float | None) -> str | None:
     """A warning when the video's length is not the requested clip length (more than
     `DURATION_TOLERANCE_S` apart), or cannot be read; None when it matches or nothing was asked.

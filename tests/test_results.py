@@ -121,6 +121,16 @@ def test_an_item_stored_but_perhaps_paid_twice_is_counted_and_named():
     assert summarize([once], run_id="r", wall_time_s=1)["possible_duplicate_charges"] == 0
 
 
+def test_a_video_that_is_not_the_clip_paid_for_is_counted_and_named():
+    warning = "the video lasts 10.00 s but 6 s were requested"
+    rs = [_r(1, ItemStatus.SUCCEEDED, warning=warning), _r(2, ItemStatus.SUCCEEDED)]
+    s = summarize(rs, run_id="r", wall_time_s=1)
+    assert s["not_as_ordered"] == 1 and s["problems_total"] == 1
+    assert s["problems"] == [{"id": "i1", "row": 1, "status": "succeeded", "reason": warning}]
+    assert "1 videos are not the clip paid for" in summary_markdown(s, results_url="x")
+    assert summarize(rs[1:], run_id="r", wall_time_s=1)["not_as_ordered"] == 0
+
+
 def test_run_summary_says_what_the_run_meant_to_spend_and_why_it_stopped():
     budget = Budget(cap_usd=1.0)
     budget.stop(Stop.BALANCE, "balance exhausted")

@@ -108,3 +108,16 @@ def test_a_skipped_content_violation_is_no_plain_completed() -> None:
     assert "1 of 2 items succeeded; 1 skipped" in v.message
     v = run_verdict(counts(succeeded=1, skipped=1), run_id="r", max_failure_share=0.0)
     assert (v.kind, v.name) == ("failed", "TooManyFailures")
+
+
+def test_videos_that_are_not_the_clip_paid_for_are_no_plain_completed() -> None:
+    """Every item stored, but some clips are shorter, longer or smaller than what was billed:
+    the run says so in its name and message, also beside a cost cap."""
+    v = run_verdict(counts(succeeded=3), run_id="r", not_as_ordered=1)
+    assert (v.kind, v.name) == ("completed", "CompletedWithFailures")
+    assert "3 of 3 items succeeded" in v.message and "1 videos not the clip paid for" in v.message
+    v = run_verdict(
+        counts(succeeded=3, not_submitted=1), run_id="r", capped=1, cap_usd=0.6, not_as_ordered=2
+    )
+    assert v.name == "CompletedWithFailures" and "max cost $0.60 reached" in v.message
+    assert run_verdict(counts(succeeded=3), run_id="r").name == "Completed"

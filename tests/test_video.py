@@ -250,3 +250,39 @@ def test_emulator_video_matches_its_requested_length(videos: dict[str, bytes]) -
     info = verify_mp4(io.BytesIO(videos["emulator"]))
     assert duration_warning(info, 6) is None
     assert duration_warning(info, 10) is not None
+
+
+@pytest.mark.parametrize(
+    ("size", "mode", "warns"),
+    [
+        ((1366, 768), "standard-image-to-video", False),
+        ((432, 768), "standard-image-to-video", False),  # portrait: the height
+        ((768, 1366), "standard-image-to-video", False),  # portrait: the shorter side
+        ((768, 768), "standard-image-to-video", False),
+        ((1920, 1080), "pro-image-to-video", False),
+        ((1920, 1088), "pro-image-to-video", False),  # coded height, within the tolerance
+        ((768, 768), "pro-image-to-video", True),  # billed for 1080p
+        ((1280, 720), "standard-image-to-video", True),
+        ((1920, 1080), "standard-image-to-video", True),
+        ((640, 360), "some-future-mode", False),  # a mode with no known resolution
+    ],
+)
+def test_resolution_warning(size: tuple[int, int], mode: str, warns: bool) -> None:
+    from hailuo_batch.video import resolution_warning
+
+    warning = resolution_warning(VideoInfo(6.0, *size, "h264", 1, 144), mode)
+    if warns:
+        assert warning is not None and f"{size[0]}x{size[1]}" in warning and mode in warning
+    else:
+        assert warning is None
+
+
+def test_the_emulators_video_is_the_resolution_its_mode_is_billed_for(tmp_path: Path) -> None:
+    from hailuo_batch.emulator.video import ImageInfo, output_size
+    from hailuo_batch.video import resolution_warning
+
+    width, height = output_size(ImageInfo("x", 640, 360), 768)  # what a standard task serves
+    encode_pan_zoom(_jpeg(), width, height, 1, 2, tmp_path / "v.mp4")
+    info = verify_mp4(io.BytesIO((tmp_path / "v.mp4").read_bytes()))
+    assert resolution_warning(info, "standard-image-to-video") is None
+    assert resolution_warning(info, "pro-image-to-video") is not None
