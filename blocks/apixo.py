@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr
 
 from hailuo_batch.apixo import DEFAULT_BASE_URL, ApixoClient
 from hailuo_batch.netguard import GuardedTransport
-from hailuo_batch.settings import Settings, check_output_url, get_settings
+from hailuo_batch.settings import BadSettingError, Settings, check_output_url, get_settings
 from hailuo_batch.storage import OutputStore
 
 
@@ -57,7 +57,8 @@ class OutputStorage(Block):
     def get_store(self, url: str | None = None) -> OutputStore:
         """The output store at `url` (default: this block's URL) with this block's S3 options.
         A URL that is not a usable output raises `BadSettingError`."""
-        return OutputStore(check_output_url(url or self.url), self.storage_options() or None)
+        url = self.url if url is None else url
+        return OutputStore(check_output_url(url), self.storage_options() or None)
 
     def storage_options(self) -> dict[str, Any]:
         """fsspec/s3fs options for this location (empty for local paths)."""
@@ -78,12 +79,23 @@ class OutputStorage(Block):
         return opts
 
 
+def _named(block: str | None, name: str) -> str | None:
+    """`block`, or None when no block is named; an empty name is a bad setting, not "none"."""
+    if block is not None and not block.strip():
+        raise BadSettingError(
+            f"{name} is empty: give the name of a block (`prefect block ls` lists them), or leave "
+            "it out"
+        )
+    return block
+
+
 async def open_store(output: str | None, block: str | None, settings: Settings) -> OutputStore:
     """`output`, else the OutputStorage block `block`'s URL, else HAILUO_OUTPUT (with the block's
     S3 options whenever a block is named)."""
-    if not block:
-        return OutputStore(check_output_url(output or settings.output))
-    storage: OutputStorage = await OutputStorage.aload(block)  # type: ignore[assignment]
+    name = _named(block, "storage_block")
+    if name is None:
+        return OutputStore(check_output_url(settings.output if output is None else output))
+    storage: OutputStorage = await OutputStorage.aload(name)  # type: ignore[assignment]
     return storage.get_store(output)
 
 
@@ -94,7 +106,8 @@ async def open_client(block: str | None, settings: Settings) -> ApixoClient:
         "download_transport": GuardedTransport(allow_private=settings.allow_private_networks),
         "retry_rate_limited_submits": False,
     }
-    if not block:
+    name = _named(block, "credentials_block")
+    if name is None:
         return settings.apixo_client(**kwargs)
-    creds: ApixoCredentials = await ApixoCredentials.aload(block)  # type: ignore[assignment]
+    creds: ApixoCredentials = await ApixoCredentials.aload(name)  # type: ignore[assignment]
     return creds.get_client(settings, **kwargs)

@@ -56,7 +56,8 @@ async def rerun_failed(
             `results`; a storage block's S3 options also reach the results file).
     """
     try:  # nothing is paid before the child run: a results file or store that fails is a setting
-        output = options.output or reruns.output_of_results(results)
+        output = options.output
+        output = reruns.output_of_results(results) if output is None else output
         store = await open_store(output, options.storage_block, get_settings())
         source = await _output_of(results, options)
         sel = await blocking(

@@ -454,16 +454,21 @@ def _ui_link(state: Any) -> str | None:
     return f"{str(ui).rstrip('/')}/runs/flow-run/{run_id}"
 
 
-def _check_output(output: str | None, storage_block: str | None) -> str | None:
-    """The --output given (checked), or the default when no storage block names one.
+def _check_output(
+    output: str | None, storage_block: str | None, *, has_default: bool = False
+) -> str | None:
+    """The --output given (checked), or the default when no storage block names one
+    (`has_default`: the command has its own, a rerun its results' output).
 
     A bad output is a bad setting: `BadSettingError` (exit 2) before the manifest is read.
     """
-    from hailuo_batch.settings import check_output_url, get_settings
+    from hailuo_batch.settings import BadSettingError, check_output_url, get_settings
 
+    if storage_block is not None and not storage_block.strip():
+        raise BadSettingError("--storage-block is empty: give a block name, or leave it out")
     if output is not None:
         return check_output_url(output, name="--output")
-    if not storage_block:
+    if not storage_block and not has_default:
         check_output_url(get_settings().output, name="HAILUO_OUTPUT")
     return None
 
@@ -472,6 +477,10 @@ def _missing_api_key(credentials_block: str | None) -> bool:
     """True (and says so) when neither APIXO_API_KEY nor a credentials block gives a key."""
     from hailuo_batch.settings import get_settings
 
+    if credentials_block is not None and not credentials_block.strip():
+        print("error: --credentials-block is empty: give a block name, or leave it out",
+              file=sys.stderr)  # fmt: skip
+        return True
     if credentials_block or get_settings().apixo_api_key is not None:
         return False
     print(
@@ -537,7 +546,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     from hailuo_batch.options import RunOptions
 
     options = options_from(args, RunOptions)
-    output = None if options.output is None else _check_output(options.output, None)
+    output = _check_output(options.output, options.storage_block, has_default=True)
     if args.prompt_suffix is not None:  # appended to every prompt: held to a cell's rules
         from hailuo_batch.manifest import text_problem
 

@@ -16,6 +16,7 @@ import unicodedata
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import fsspec
 import httpx
@@ -81,7 +82,7 @@ def check_output_url(url: str, *, name: str = "output") -> str:
                 f"{name} {url!r} starts with a ':' that may be read as a URL scheme: write "
                 f"./{url} for a local folder of that name, or s3://bucket/prefix"
             )
-        return url
+        return _not_root(url, url, name)
     scheme = match.group(1)
     rest = url[match.end() :]
     if not rest.startswith("//"):
@@ -118,6 +119,19 @@ def check_output_url(url: str, *, name: str = "output") -> str:
             raise BadSettingError(f"{name} {url!r}: s3:// needs the s3fs package installed")
     elif not rest[2:]:
         raise BadSettingError(f"{name} {url!r} names no folder: write file:///path/to/folder")
+    else:
+        _not_root(url, urlsplit(url).path or "/", name)
+    return url
+
+
+def _not_root(url: str, path: str, name: str) -> str:
+    """`url`, unless its local `path` is the file system's root: a run would spread its
+    ledger, claims and videos over `/`."""
+    if not os.path.normpath(os.path.abspath(path)).strip(os.sep):
+        raise BadSettingError(
+            f"{name} {url!r} is the file system's root: give a folder of its own, such as "
+            "./output or /data/videos"
+        )
     return url
 
 
@@ -216,7 +230,7 @@ class Settings(BaseSettings):
 
     max_video_bytes: int = Field(
         512 * 1024 * 1024,
-        gt=0,
+        ge=1024 * 1024,
         description="A result video longer than this is refused while it downloads (the item "
         "ends DOWNLOAD_FAILED, nothing is stored), so an endless or inflating body never fills "
         "the output's disk. A clip of this model is a few MB.",

@@ -177,6 +177,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "simplecache::s3://bucket/x",
         "",
         "s3://",
+        "/",
     ],
 )
 @pytest.mark.parametrize("command", ["run", "validate", "rerun"])
@@ -191,6 +192,18 @@ def test_a_bad_output_exits_2_before_the_manifest_is_read(
     assert err.startswith("error: --output") and "missing.csv" not in err
     assert len(err.strip().splitlines()) == 1
     assert list(in_tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--credentials-block", "--storage-block"])
+@pytest.mark.parametrize("command", ["run", "rerun"])
+def test_an_empty_block_name_exits_2_and_is_never_read_as_none(
+    in_tmp: Path, flag: str, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "missing.csv", flag, " "])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {flag} is empty: give a block name, or leave it out"
 
 
 def test_a_bad_hailuo_output_exits_2_for_run(

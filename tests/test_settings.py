@@ -56,6 +56,12 @@ def test_accepted_outputs(url: str, local: bool) -> None:
         ("out:1", "write ./out:1"),
         ("C:\\videos", "write ./C:\\videos"),
         ("videos/s3://bucket", "not understood"),
+        ("/", "file system's root"),
+        ("//", "file system's root"),
+        ("/..", "file system's root"),
+        ("/tmp/../", "file system's root"),
+        ("file:///", "file system's root"),
+        ("file://localhost/", "file system's root"),
     ],
 )
 def test_refused_outputs_say_what_to_write(url: str, says: str) -> None:
@@ -89,6 +95,9 @@ def test_an_output_is_accepted_only_as_a_plain_path_file_or_s3(text: str) -> Non
         ({"HAILUO_FETCH_TIMEOUT_S": "inf"}, "HAILUO_FETCH_TIMEOUT_S"),
         ({"HAILUO_FETCH_TIMEOUT_S": "nan"}, "HAILUO_FETCH_TIMEOUT_S"),
         ({"HAILUO_MAX_IMAGE_BYTES": "9" * 5000}, "HAILUO_MAX_IMAGE_BYTES"),
+        # every video would be paid for and refused: not a limit, a mistake
+        ({"HAILUO_MAX_VIDEO_BYTES": "10"}, "HAILUO_MAX_VIDEO_BYTES"),
+        ({"HAILUO_OUTPUT": "/"}, "HAILUO_OUTPUT '/' is the file system's root"),
         ({"HAILUO_ALLOW_PRIVATE_NETWORKS": "maybe"}, "HAILUO_ALLOW_PRIVATE_NETWORKS"),
         ({"HAILUO_UNCERTAIN_POLICY": "sometimes"}, "HAILUO_UNCERTAIN_POLICY"),
         ({"HAILUO_OUTPUT": "s3:/bucket/x"}, "HAILUO_OUTPUT 's3:/bucket/x'"),
