@@ -395,3 +395,24 @@ def test_a_presigned_manifest_link_with_a_password_is_never_shown(
     assert "manifest http://**********@" in caplog.text
     for secret in ("pw-" + "x" * 12, "sig" + "y" * 12):
         assert not any(secret in text for text in everything), secret
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        ({"output": ""}, "output is empty"),
+        ({"output": "/"}, "file system's root"),
+        ({"credentials_block": ""}, "credentials_block is empty"),
+        ({"storage_block": " "}, "storage_block is empty"),
+    ],
+)
+def test_an_empty_or_root_option_from_the_ui_form_is_a_bad_setting(
+    flow_env, emulator, tmp_path, images_dir, make_image, option, says
+):
+    """What the UI form or an API call passes is held to the CLI's rules: an empty value is
+    never read as "the default" (a run into ./output of the worker, the environment's key)."""
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
+    kw = {"output": str(tmp_path / "out"), **option}
+    state = generate_videos(manifest=str(m), **kw)
+    assert state.name == "NotStarted" and says in state.message, state.message
+    assert emulator.stats()["submissions"] == 0
