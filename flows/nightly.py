@@ -3,7 +3,9 @@ generate-videos run."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import acreate_markdown_artifact
@@ -11,15 +13,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
-from blocks.apixo import open_store
+from blocks.apixo import open_client, open_store
 from flows.batch import generate_videos, new_run_id
+from flows.run import NOT_STARTED, not_started
 from hailuo_batch import inbox as ib
 from hailuo_batch.apixo.models import shown
 from hailuo_batch.inbox import Claim, Inbox, ManifestCheck, Outcome
 from hailuo_batch.jobs import blocking
 from hailuo_batch.manifest import ItemDefaults
 from hailuo_batch.options import BatchOptions
-from hailuo_batch.settings import get_settings
+from hailuo_batch.settings import BadSettingError, check_output_url, get_settings
 from hailuo_batch.storage import OutputStore
 
 
@@ -43,6 +46,25 @@ async def finish_manifest(
     url = await blocking(inbox.finish, claim, outcome, record)
     get_run_logger().info("manifest %s -> %s (%s)", shown(claim.name), outcome, url)
     return url
+
+
+async def _open_inbox(inbox: str | None, options: BatchOptions) -> Inbox:
+    """The inbox, once the settings every run needs hold: the output (or storage block), the
+    inbox's own location (a local one must exist: a typo would leave every night empty), and
+    the API key or credentials block."""
+    settings = get_settings()
+    out = await open_store(options.output, options.storage_block, settings)
+    if inbox is not None:
+        inbox = check_output_url(inbox, name="inbox")
+        local = urlsplit(inbox).path if inbox.startswith("file://") else inbox
+        if "://" not in inbox or inbox.startswith("file://"):
+            if not Path(local).is_dir():
+                raise BadSettingError(
+                    f"inbox {inbox!r} is not a folder: create it, or fix the path (default: "
+                    "{output}/inbox/)"
+                )
+    (await open_client(options.credentials_block, settings)).close()
+    return Inbox(OutputStore(inbox or ib.default_inbox(out.url), out.storage_options or None))
 
 
 async def _run_one(
@@ -82,8 +104,10 @@ async def nightly_batch(
             generate-videos; max_cost_usd is per manifest).
     """
     logger = get_run_logger()
-    out = await open_store(options.output, options.storage_block, get_settings())
-    box = Inbox(OutputStore(inbox or ib.default_inbox(out.url), out.storage_options or None))
+    try:  # a bad setting fails here, before any manifest is claimed: they stay in the inbox
+        box = await _open_inbox(inbox, options)
+    except Exception as exc:  # noqa: BLE001 - one clean line, never a traceback
+        return not_started(exc)  # type: ignore[no-any-return]
     names = await blocking(box.pending)
     logger.info("inbox %s: %d new manifest(s)", box.url, len(names))
     claim_id = new_run_id()  # UTC time + short flow run id: sortable, unique per run
@@ -95,6 +119,11 @@ async def nightly_batch(
             report["taken"].append(name)
             continue
         outcome, record = await _run_one(box, claim, options)
+        if record.get("state_name") == NOT_STARTED:  # a bad setting, not a bad manifest
+            await blocking(box.release, claim)
+            report["kept"].append({"manifest": name, "error": record.get("error")})
+            logger.error("manifest %s left in the inbox: %s", shown(name), record.get("error"))
+            break  # the same setting would stop every other manifest's run too
         record_url = await finish_manifest(box, claim, outcome, record)
         report[outcome].append({"manifest": name, "record": record_url, **record})
 

@@ -105,6 +105,12 @@ class Inbox:
         """Read the claimed manifest as the batch flow will (nothing is paid here)."""
         return check_manifest(self.url_of(claim), defaults, self.store.storage_options or None)
 
+    def release(self, claim: Claim) -> None:
+        """Put a claimed manifest back in the inbox, untouched: its run could not start (a bad
+        setting), so the next run takes it."""
+        self.store.move(claim.key, claim.name)
+        self.store.prune(f"processing/{claim.claim_id}")
+
     def finish(self, claim: Claim, outcome: Outcome, record: dict[str, Any]) -> str:
         """Move the manifest to `done/` or `failed/` and write its record beside it.
 
@@ -166,6 +172,7 @@ def run_record(
         "flow_run_id": str(state.state_details.flow_run_id),
         "flow_run_name": flow_run_name,
         "state": state.type.value,
+        "state_name": state.name,
         "run_id": summary.get("run_id"),
         "results": summary.get("results"),
         "by_status": summary.get("by_status"),
@@ -177,8 +184,9 @@ def run_record(
 
 
 def new_report(inbox_url: str) -> dict[str, Any]:
-    """A night's report: the manifests done, failed and taken by another run."""
-    return {"inbox": inbox_url, "done": [], "failed": [], "taken": []}
+    """A night's report: the manifests done, failed, taken by another run, and left in the
+    inbox because their run could not start (`kept`, with why)."""
+    return {"inbox": inbox_url, "done": [], "failed": [], "taken": [], "kept": []}
 
 
 def nightly_outcome(report: dict[str, Any]) -> tuple[Literal["completed", "failed"], str, str]:
@@ -190,6 +198,13 @@ def nightly_outcome(report: dict[str, Any]) -> tuple[Literal["completed", "faile
     """
     done, failed = report["done"], report["failed"]
     processed = f"{len(done)} manifest(s) processed"
+    if kept := report.get("kept"):
+        return (
+            "failed",
+            "NotStarted",
+            f"{kept[0]['error']}; {len(kept)} manifest(s) left in the inbox for the next run "
+            f"once the setting is fixed ({processed})",
+        )
     if not failed:
         return "completed", "Completed", processed
     bad = f"{len(failed)} manifest(s) failed: {', '.join(r['manifest'] for r in failed)}"
@@ -201,7 +216,7 @@ def nightly_outcome(report: dict[str, Any]) -> tuple[Literal["completed", "faile
 def report_markdown(report: dict[str, Any]) -> str:
     """The night's report as the markdown artifact shows it."""
     lines = [f"# nightly-batch: {md.code(report['inbox'])}", ""]
-    if not (report["done"] or report["failed"] or report["taken"]):
+    if not (report["done"] or report["failed"] or report["taken"] or report.get("kept")):
         return "\n".join([*lines, "No new manifests."]) + "\n"
     lines += ["| manifest | outcome | run | record |", "|---|---|---|---|"]
     for outcome in ("done", "failed"):
@@ -210,4 +225,8 @@ def report_markdown(report: dict[str, Any]) -> str:
             cells = (md.text(r["manifest"]), outcome, md.text(detail), md.code(r["record"]))
             lines.append("| " + " | ".join(cells) + " |")
     lines += [f"| {md.text(name)} | taken by another run | | |" for name in report["taken"]]
+    lines += [
+        f"| {md.text(r['manifest'])} | left in the inbox | {md.text(r['error'])} | |"
+        for r in report.get("kept", [])
+    ]
     return "\n".join(lines) + "\n"

@@ -154,6 +154,73 @@ def test_a_run_that_fails_moves_its_manifest_aside_with_the_reason(
     assert "sk-wrong-key" not in json.dumps(report)
 
 
+def test_a_bad_setting_leaves_every_manifest_in_the_inbox(
+    flow_env: None, emulator: EmulatorHandle, tmp_path: Path
+) -> None:
+    """A block that does not exist is the night's setting, not the manifests' fault: none is
+    claimed or moved to failed/, and the next night (setting fixed) takes them all."""
+    inbox = tmp_path / "drop"
+    files = f"{emulator.base_url}/files"
+    for name in ("a.csv", "b.csv"):
+        drop_csv(inbox, name, [{"id": name[0], "image_url": f"{files}/dusk.jpg", "prompt": "p"}])
+    before = submissions(emulator)
+    state = run_nightly(inbox=str(inbox), output=str(tmp_path / "out"), credentials_block="typo")
+    assert state.is_failed() and state.name == "NotStarted", state.message
+    assert "typo" in state.message
+    assert sorted(p.name for p in inbox.iterdir()) == ["a.csv", "b.csv"]
+    assert submissions(emulator) == before
+
+
+@pytest.mark.parametrize("case", ["output is a file", "callback mode without its URL"])
+def test_a_run_that_cannot_open_leaves_the_manifests_in_the_inbox(
+    flow_env: None, emulator: EmulatorHandle, tmp_path: Path, case: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A setting that fails only when a run opens it (a file where the output folder should
+    be; callback mode with no callback URL, found by the first manifest's run): no manifest
+    is moved to failed/, and the first one claimed goes back to the inbox."""
+    inbox = tmp_path / "drop"
+    files = f"{emulator.base_url}/files"
+    for name in ("a.csv", "b.csv"):
+        drop_csv(inbox, name, [{"id": name[0], "image_url": f"{files}/dusk.jpg", "prompt": "p"}])
+    options: dict[str, Any] = {"output": str(tmp_path / "out")}
+    if case == "output is a file":
+        (tmp_path / "out").write_text("a file, not a folder")
+    else:
+        monkeypatch.delenv("HAILUO_CALLBACK_URL", raising=False)
+        monkeypatch.setenv("HAILUO_CALLBACK_TOKEN", "t" * 40)
+        get_settings.cache_clear()
+        options["request_type"] = "callback"
+    before = submissions(emulator)
+    state = run_nightly(inbox=str(inbox), **options)
+    assert state.is_failed() and state.name == "NotStarted", state.message
+    if case != "output is a file":
+        assert "left in the inbox" in state.message
+    assert sorted(p.name for p in inbox.iterdir() if p.is_file()) == ["a.csv", "b.csv"]
+    assert not list(inbox.glob("failed/**/*.csv")) and not list(inbox.glob("processing/**/*"))
+    assert submissions(emulator) == before
+
+
+@pytest.mark.parametrize(
+    ("inbox", "says"),
+    [
+        ("{tmp}/typo-inbox", "is not a folder"),
+        ("{tmp}/a-file", "is not a folder"),
+        ("s3:/bucket/in", "lacks '//'"),
+        ("gs://bucket/in", "not supported"),
+        ("  ", "inbox is empty"),
+    ],
+)
+def test_an_inbox_that_cannot_be_one_is_a_bad_setting(
+    flow_env: None, emulator: EmulatorHandle, tmp_path: Path, inbox: str, says: str
+) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    state = run_nightly(inbox=inbox.format(tmp=tmp_path), output=str(tmp_path / "out"))
+    assert state.is_failed() and state.name == "NotStarted", state.message
+    assert says in state.message and "Traceback" not in state.message
+    assert not (tmp_path / "typo-inbox").exists() and not Path("s3:").exists()
+
+
 def test_nightly_forwards_only_parameters_generate_videos_takes() -> None:
     nightly = set(nightly_batch.parameters.properties) - {"inbox"}
     assert nightly <= set(generate_videos.parameters.properties)
