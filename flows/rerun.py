@@ -43,8 +43,9 @@ async def rerun_failed(
     Args:
         results: URL of a previous run's results.jsonl ({output}/runs/{id}/...).
         statuses: Rerun items with these statuses. `skipped` (content violations) only when named.
-        fail_codes: Only items with one of these failCodes.
-        ids: Only these item ids.
+        fail_codes: Only items with one of these failCodes (naming a bad-input code reruns such
+            items unchanged).
+        ids: Only these item ids (any case). An empty list selects nothing.
         mode: Override the mode of every rerun item (else each keeps its own).
         duration: Override the duration (standard mode).
         provider: Override the provider.
@@ -81,7 +82,7 @@ async def rerun_failed(
     if not sel.chosen:
         logger.info("nothing to rerun")
         await acreate_markdown_artifact(sel.markdown + "\n\nnothing to rerun.", description=ABOUT)
-        return {"selected": 0, "results": None}
+        return {"selected": 0, "total": sel.total, "left_out": sel.left_out, "results": None}
     child = generate_videos.with_options(flow_run_name=f"rerun-{reruns.run_id_of_results(results)}")
     state = await child(
         manifest=sel.manifest_url,

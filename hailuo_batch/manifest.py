@@ -521,16 +521,16 @@ def _validate_rows(
 ) -> tuple[list[ManifestItem], list[RowError]]:
     items: list[ManifestItem] = []
     errors: list[RowError] = []
-    # by `_id_key`: the first row and the id as it wrote it
+    # by `id_key`: the first row and the id as it wrote it
     first_row_of: dict[str, tuple[int, str]] = {}
     for raw in rows:
         row = raw.row
         if raw.problem is not None:
             own = _readable_id(raw.cells.get("id"))
-            if own is not None and _id_key(own) in first_row_of:
+            if own is not None and id_key(own) in first_row_of:
                 own = None  # another row has it: the result must not take its name
             elif own is not None:
-                first_row_of[_id_key(own)] = (row, own)
+                first_row_of[id_key(own)] = (row, own)
             errors.append(RowError(row, "row", raw.problem, own))
             continue
         row_errors: list[RowError] = []
@@ -576,7 +576,7 @@ def _claim_id(
     """Claim `item_id` for `row`; the id if it is the row's own, None if taken (an error)."""
     if item_id is None:
         return None
-    taken = first.get(_id_key(item_id))
+    taken = first.get(id_key(item_id))
     if taken is not None:
         first_row, first_id = taken
         reason = f"duplicate id {item_id!r} (first used on row {first_row})"
@@ -587,11 +587,11 @@ def _claim_id(
             )
         errors.append(RowError(row, "id", reason))
         return None
-    first[_id_key(item_id)] = (row, item_id)
+    first[id_key(item_id)] = (row, item_id)
     return item_id
 
 
-def _id_key(item_id: str) -> str:
+def id_key(item_id: str) -> str:
     """What two ids must not share: ids name files (`ledger/{id}.json`, `videos/{id}.mp4`), and
     a case-insensitive store (macOS, Windows, some S3-compatible ones) sees `A1` and `a1` as
     one."""

@@ -13,7 +13,7 @@ import fsspec
 
 from hailuo_batch import markdown as md
 from hailuo_batch.ledger import Ledger, LedgerRecord, LedgerState, LedgerUnavailable
-from hailuo_batch.manifest import is_item_id
+from hailuo_batch.manifest import id_key, is_item_id
 from hailuo_batch.policy import classify_fail_code
 from hailuo_batch.results import ItemResult, ItemStatus, from_jsonl
 from hailuo_batch.secrets import redact_urls
@@ -47,20 +47,36 @@ def select_for_rerun(
     Invalid manifest rows without inputs cannot be rerun: fix the manifest instead.
     """
     wanted = {ItemStatus(s) for s in statuses}
-    codes = set(fail_codes) if fail_codes else None
-    id_set = set(ids) if ids else None
-    chosen, left_out = [], []
+    codes = None if fail_codes is None else set(fail_codes)
+    id_set = None if ids is None else {id_key(i) for i in ids}  # as the manifest: any case
+    chosen: list[ItemResult] = []
+    left_out: list[str] = []
+    for name, given in (("ids", ids), ("fail_codes", fail_codes)):
+        if given is not None and not list(given):
+            left_out.append(f"{name} is an empty list: no item is selected (leave it out to "
+                            "rerun every item that matches the rest)")  # fmt: skip
+    seen: dict[str, ItemResult] = {}
     for r in results:
+        seen.setdefault(id_key(r.id), r)
         if ItemStatus(r.status) not in wanted:
             continue
         if codes is not None and r.fail_code not in codes:
             continue
-        if id_set is not None and r.id not in id_set:
+        if id_set is not None and id_key(r.id) not in id_set:
             continue
         if not r.image_url or not r.prompt:
             left_out.append(f"row {r.row} ({r.id}): no inputs recorded (invalid manifest row)")
             continue
         chosen.append(r)
+    for item_id in ids or ():
+        found = seen.get(id_key(item_id))
+        if found is None:
+            left_out.append(f"id {item_id}: not in the results file")
+        elif ItemStatus(found.status) not in wanted:
+            named = ", ".join(sorted(str(s) for s in wanted)) or "none"
+            left_out.append(
+                f"id {item_id}: {found.status}, not one of the statuses asked ({named})"
+            )
     return chosen, left_out
 
 
@@ -190,11 +206,16 @@ def _read_results(url: str, storage_options: dict[str, Any] | None) -> list[Item
             "is it a run's results.jsonl?"
         )
     try:
-        return from_jsonl(data.decode("utf-8-sig"))
+        results = from_jsonl(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ResultsFileError(f"results file {url} is not UTF-8 text") from None
     except ValueError as exc:
         raise ResultsFileError(f"results file {url}: {exc}") from None
+    if not results:  # a run writes one line per manifest row, and a manifest has rows
+        raise ResultsFileError(
+            f"results file {url} has no rows: give a run's runs/ID/results.jsonl"
+        )
+    return results
 
 
 def carry_records(

@@ -309,3 +309,26 @@ def test_a_rerun_into_another_output_carries_the_record_of_the_rows_own_inputs(t
     dest2 = OutputStore(str(tmp_path / "c"))
     assert carry_records([r(1, "failed", input_hash="c" * 64)], dest2, source)
     assert Ledger(dest2, "rerun").get("i1").task_id == "t-b"
+
+
+def test_an_empty_id_or_fail_code_list_selects_nothing_and_says_so():
+    """An API caller whose computed list of ids came out empty must not rerun everything."""
+    for given in ({"ids": []}, {"fail_codes": []}):
+        chosen, left = select_for_rerun(RESULTS, **given)
+        assert chosen == []
+        assert any("is an empty list: no item is selected" in why for why in left), left
+
+
+def test_ids_match_in_any_case_and_unknown_or_unmatched_ones_are_named():
+    chosen, left = select_for_rerun(RESULTS, ids=["I2", "i1", "nope"])
+    assert ids(chosen) == ["i2"]
+    assert "id nope: not in the results file" in left
+    assert any(why.startswith("id i1: succeeded, not one of the statuses asked") for why in left)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "\ufeff"])
+def test_a_results_file_without_rows_is_refused_not_an_empty_rerun(tmp_path, text):
+    path = tmp_path / "results.jsonl"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ResultsFileError, match="has no rows"):
+        read_results(str(path))

@@ -89,12 +89,14 @@ def test_a_run_that_cannot_open_exits_2_with_one_line_and_pays_nothing(
 def test_a_rerun_of_a_results_file_that_is_not_one_exits_2_with_one_line(flow_env, tmp_path):
     (tmp_path / "not-results.jsonl").write_text('{"id": "a"}\n')
     (tmp_path / "numbers.jsonl").write_text("[1, 2]\n")
+    (tmp_path / "empty.jsonl").write_text("")
     env = _env(flow_env, tmp_path, PREFECT_API_URL=str(PREFECT_API_URL.value()))
     for results, expected in [
         (tmp_path / "missing.jsonl", "not found"),
         (tmp_path, "is a folder"),
         (tmp_path / "not-results.jsonl", "line 1 is not a result record"),
         (tmp_path / "numbers.jsonl", "line 1 is not a result record"),
+        (tmp_path / "empty.jsonl", "has no rows"),
     ]:
         done = _cli("rerun", str(results), "--output", str(tmp_path / "out"), "-q", env=env)
         text = done.stdout + done.stderr
