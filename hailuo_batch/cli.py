@@ -689,9 +689,23 @@ _RESUME = (
 )
 
 
+def _usable_streams() -> None:
+    """stdout and stderr that take any text: a stream closed by the caller (`>&-`) becomes
+    /dev/null, and one that cannot encode a character (`PYTHONIOENCODING=ascii`, the POSIX
+    locale) writes it as an escape instead of raising in the middle of a message."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+            continue
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> None:
     from hailuo_batch.settings import BadSettingError
 
+    _usable_streams()
     bad = _undecodable(sys.argv[1:] if argv is None else argv)
     if bad is not None:
         print(f"error: the argument {bad!r} is not valid UTF-8: retype it (or rename the file)",

@@ -451,3 +451,33 @@ def test_a_receiver_whose_store_is_a_file_names_the_store_not_the_port(tmp_path,
     assert done.returncode == 2, done.stderr
     assert "HAILUO_CALLBACK_STORE" in done.stderr and "cannot start on" not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["validate", "{manifest}"]])
+def test_a_closed_stdout_is_no_traceback(tmp_path, argv):
+    """`hailuo-batch ... >&-`: Python starts with no sys.stdout at all."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,image_url,prompt\na,https://example.com/a.jpg,p\n")
+    args = [a.format(manifest=manifest) for a in argv]
+    done = subprocess.run(
+        [sys.executable, "-c", "import os, sys; os.close(1); sys.stdout = None; "
+         "from hailuo_batch.cli import main; main(sys.argv[1:])", *args],
+        stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in done.stderr and "AttributeError" not in done.stderr, done.stderr
+    assert done.returncode in (0, 1)
+
+
+def test_a_stream_that_cannot_encode_a_character_writes_an_escape(tmp_path):
+    """`PYTHONIOENCODING=ascii` (or the POSIX locale without coercion): a row naming `café`
+    is still reported, with the character escaped, not a UnicodeEncodeError."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,image_url,prompt\ncafé,https://example.com/a.jpg,p\n", "utf-8")
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run(
+        [sys.executable, "-m", "hailuo_batch.cli", "validate", str(manifest)],
+        capture_output=True, text=True, timeout=120, check=False, env=env,
+    )  # fmt: skip
+    text = done.stdout + done.stderr
+    assert "Traceback" not in text and "UnicodeEncodeError" not in text, text
+    assert "caf\\xe9" in text and done.returncode == 1
