@@ -423,7 +423,7 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
                   "results): see the provider's dashboard")  # fmt: skip
         problems = summary.get("problems") or []
         for p in problems:
-            print(f"  {p['status']:<13} {p['id']}: {p['reason']}")
+            print(f"  {p['status']:<13} row {p['row']} ({p['id']}): {p['reason']}")
         more = summary.get("problems_total", len(problems)) - len(problems)
         if more > 0:
             print(f"  ... and {more} more (see the results file)")

@@ -96,6 +96,11 @@ def from_jsonl(text: str) -> list[ItemResult]:
     return out
 
 
+#: the order a person reads problems in: what may have cost money twice, what was paid for and
+#: has no video, what was paid for and is not as ordered, then what cost nothing
+_PROBLEM_ORDER = {"uncertain": 0, "failed": 1, "skipped": 2, "succeeded": 3, "not_submitted": 4}
+
+
 def summarize(
     results: list[ItemResult],
     *,
@@ -108,7 +113,10 @@ def summarize(
     by_status = Counter(r.status for r in results)
     # an item stored, but perhaps paid for twice (an earlier POST of unknown outcome), is
     # something to look at too
-    problems = [r for r in results if r.status != ItemStatus.SUCCEEDED or r.uncertain or r.warning]
+    problems = sorted(
+        (r for r in results if r.status != ItemStatus.SUCCEEDED or r.uncertain or r.warning),
+        key=lambda r: (_PROBLEM_ORDER.get(str(r.status), 9), r.row),
+    )
     by_code = Counter(r.fail_code for r in results if r.fail_code)
     cost_times = [float(r.cost_time_ms) for r in results if r.cost_time_ms is not None]
     spent = None

@@ -181,3 +181,20 @@ def test_results_outlive_an_unreachable_store_on_this_machine(tmp_path):
     assert len(from_jsonl((tmp_path / "local" / "r1" / "results.jsonl").read_text())) == 1
     on_disk = json.loads((tmp_path / "local" / "r1" / "summary.json").read_text())
     assert on_disk["results"] == on_disk["results_fallback"] == url  # says where they are
+
+
+def test_problems_that_cost_money_come_before_free_ones():
+    """Twenty invalid rows cost nothing; the failed item that was paid for must not hide
+    behind them in the first twenty."""
+    rs = [_r(k, ItemStatus.INVALID, fail_code="BAD_ROW") for k in range(1, 21)]
+    rs += [
+        _r(21, ItemStatus.FAILED, fail_code="GENERATION_FAILED"),
+        _r(22, ItemStatus.NOT_SUBMITTED, fail_code="COST_CAP"),
+        _r(23, ItemStatus.UNCERTAIN, fail_code="AMBIGUOUS_SUBMIT", uncertain=True),
+        _r(24, ItemStatus.SKIPPED, fail_code="NSFW"),
+    ]
+    s = summarize(rs, run_id="r", wall_time_s=1)
+    order = [p["status"] for p in s["problems"]]
+    assert order[:4] == ["uncertain", "failed", "skipped", "not_submitted"]
+    assert order[4:] == ["invalid"] * 16 and s["problems_total"] == 24
+    assert [p["row"] for p in s["problems"][4:6]] == [1, 2]  # by row within a status
