@@ -19,6 +19,7 @@ from hailuo_batch.apixo import (
     ApixoError,
     AuthenticationError,
     GenerateRequest,
+    NotFoundError,
     RequestType,
 )
 from hailuo_batch.apixo.errors import ApixoTransportError
@@ -131,5 +132,8 @@ async def read_balance() -> Balance:
     except (AuthenticationError, ApixoTransportError) as exc:
         return Balance(None, exc)
     except ApixoError as exc:
-        rt.log("balance not available: %s", exc, level=logging.WARNING)
+        hint = ""
+        if isinstance(exc, NotFoundError):
+            hint = "; check APIXO_BASE_URL (the API's root, such as https://api.apixo.ai)"
+        rt.log("balance not available: %s%s", exc, hint, level=logging.WARNING)
         return Balance(None)

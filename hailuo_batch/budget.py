@@ -21,6 +21,7 @@ class Stop(StrEnum):
     BALANCE = "InsufficientBalance"  # HTTP 402 / INSUFFICIENT_CREDITS
     LEASE = "LeaseLost"  # this run could not renew its lease: another run may take its items
     UNREACHABLE = "ApiUnreachable"  # the API did not answer the run's first call
+    ENDPOINT = "ApiEndpointNotFound"  # the submit endpoint answered 404: a wrong base URL
 
 
 @dataclass

@@ -21,6 +21,7 @@ from hailuo_batch.apixo import (
     ForbiddenError,
     InsufficientCreditsError,
     InvalidRequestError,
+    NotFoundError,
     TaskState,
     TaskStatus,
 )
@@ -209,6 +210,15 @@ def on_submit_error(
         return replace(back, next="wait", fail_code=RATE_LIMITED, wait_s=max(0.0, wait))
     if isinstance(err, InvalidRequestError):
         return replace(back, status=ItemStatus.INVALID, fail_code=_http_code(err))
+    if isinstance(err, NotFoundError):  # no such endpoint: every other POST would say the same
+        return replace(
+            back,
+            status=ItemStatus.NOT_SUBMITTED,
+            fail_code=_http_code(err),
+            fail_msg=f"{err}: the API has no such endpoint; check APIXO_BASE_URL (the API's "
+            "root, such as https://api.apixo.ai, with no path)",
+            signal=Stop.ENDPOINT,
+        )
     if isinstance(err, ForbiddenError):
         return replace(back, status=ItemStatus.FAILED, fail_code=_http_code(err))
     return replace(back, status=_not_submitted_or_failed(attempts), fail_code=_http_code(err))

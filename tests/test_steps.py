@@ -257,3 +257,14 @@ def test_a_reused_task_id_is_uncertain_and_another_items_result_is_not_stored() 
     step = on_store_error(ResultOfAnotherItem("the one item a's task gave"))
     assert (step.status, step.fail_code, step.ledger) == ("failed", "RESULT_OF_ANOTHER_ITEM", None)
     assert "without paying" in (step.fail_msg or "")
+
+
+def test_a_submit_answered_404_stops_the_run_with_a_hint_at_the_base_url() -> None:
+    from hailuo_batch.apixo import NotFoundError
+    from hailuo_batch.budget import Stop
+
+    step = on_submit_error(NotFoundError("[404] not found", 404), 1)
+    assert (step.next, step.status, step.signal) == ("end", "not_submitted", Stop.ENDPOINT)
+    assert (
+        step.refund and step.fail_code == "HTTP_404" and "APIXO_BASE_URL" in (step.fail_msg or "")
+    )

@@ -82,6 +82,27 @@ def test_an_unreachable_api_stops_the_run_before_anything_is_paid(
     assert emulator.stats()["submissions"] == 0
 
 
+def test_a_base_url_with_a_path_stops_at_the_first_404_and_says_what_to_fix(
+    flow_env, emulator, images_dir, make_image, tmp_path, monkeypatch
+):
+    """APIXO_BASE_URL=.../api/v1: every endpoint answers 404. The first POST's 404 stops the
+    run (no item POSTs after it), named ApiEndpointNotFound, with the setting to check."""
+    monkeypatch.setenv("APIXO_BASE_URL", f"{emulator.base_url}/api/v1")
+    get_settings.cache_clear()
+    rows = items(images_dir, make_image, emulator, 4)
+    state = generate_videos(
+        manifest=str(write_csv(tmp_path / "m.csv", rows)), output=str(tmp_path / "o"),
+        concurrency=1,
+    )  # fmt: skip
+    assert state.is_failed() and state.name == "ApiEndpointNotFound", state.name
+    assert "APIXO_BASE_URL" in state.message
+    res = results_of(state.result(raise_on_failure=False))
+    assert {r.status for r in res.values()} == {"not_submitted"}
+    assert emulator.stats()["submissions"] == 0
+    codes = sorted(r.fail_code or "" for r in res.values())
+    assert codes == ["HTTP_404", "RUN_STOPPED", "RUN_STOPPED", "RUN_STOPPED"], codes
+
+
 def test_a_resumed_run_counts_only_its_own_spend(
     flow_env, emulator, images_dir, make_image, tmp_path
 ):
