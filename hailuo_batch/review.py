@@ -480,8 +480,9 @@ def render_review_page(
     totals = [
         f"{len(results)} item{'' if len(results) == 1 else 's'}",
         f"{sum(1 for r in results if video_href(r))} videos",
-        f"estimated cost ${sum(r.cost_usd for r in results):,.2f}",
-        f"{sum(r.attempts for r in results)} submissions",
+        f"estimated cost of this run ${sum(r.run_cost_usd for r in results):,.2f} (these items "
+        f"over all runs: ${sum(r.cost_usd for r in results):,.2f}, "
+        f"{sum(r.attempts for r in results)} submissions)",
     ]
     if times:
         totals.append(

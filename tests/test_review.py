@@ -427,7 +427,15 @@ def test_page_shows_one_card_per_item_problems_first() -> None:
     header = "".join(page.text).split("ok-0")[0]
     for label in ("uncertain 1", "failed 1", "invalid 1", "skipped 1", "succeeded 2", "6 items"):
         assert label in header
-    assert "estimated cost $0.76" in header and "2 videos" in header
+    assert "over all runs: $0.76" in header and "2 videos" in header
+
+
+def test_the_header_says_what_this_run_cost_apart_from_earlier_runs() -> None:
+    """A resumed run paid nothing: its page must not show the items' lifetime cost as its."""
+    resumed = [r.model_copy(update={"run_cost_usd": 0.0}) for r in nasty_results() if r.cost_usd]
+    header = "".join(Page(render(resumed)).text)
+    assert "estimated cost of this run $0.00" in header
+    assert "over all runs: $" in header and "submissions" in header
 
 
 def test_page_card_has_video_poster_reason_prompt_and_figures() -> None:
