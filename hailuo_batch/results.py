@@ -221,7 +221,8 @@ def reason(r: ItemResult) -> str:
     parts = [p for p in (r.fail_code, r.fail_msg) if p] or ([r.warning] if r.warning else [])
     if r.errors and (not r.fail_msg or len(r.errors) > 1):
         parts.append("; ".join(r.errors))
-    if r.field and r.status == ItemStatus.INVALID:
+    said = " ".join(parts)
+    if r.field and r.status == ItemStatus.INVALID and f"field '{r.field}'" not in said:
         parts.insert(0, f"field {r.field}:")
     return " ".join(parts)
 

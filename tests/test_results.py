@@ -7,6 +7,7 @@ from hailuo_batch.results import (
     ItemResult,
     ItemStatus,
     from_jsonl,
+    reason,
     run_summary,
     summarize,
     summary_markdown,
@@ -198,3 +199,11 @@ def test_problems_that_cost_money_come_before_free_ones():
     assert order[:4] == ["uncertain", "failed", "skipped", "not_submitted"]
     assert order[4:] == ["invalid"] * 16 and s["problems_total"] == 24
     assert [p["row"] for p in s["problems"][4:6]] == [1, 2]  # by row within a status
+
+
+def test_a_reason_names_its_field_once():
+    said = "row 9, field 'id': duplicate id 'a' (first in row 2)"
+    dup = _r(9, ItemStatus.INVALID, fail_code=None, fail_msg=said, field="id")
+    assert reason(dup) == said
+    bare = _r(3, ItemStatus.INVALID, fail_msg="not an image", field="image_url")
+    assert reason(bare) == "field image_url: not an image"
