@@ -202,6 +202,7 @@ def final_state(run: RunState, summary: dict[str, Any], options: BatchOptions) -
         max_failure_share=options.max_failure_share,
         dry_run=options.dry_run,
         would_cost_usd=summary["estimated_batch_cost_usd"],
+        would_submit=run.would_submit,
         not_as_ordered=summary["not_as_ordered"],
     )
     message = v.message + (

@@ -77,6 +77,7 @@ class RunState:
     # batch of any size holds a bounded number of items (and threads) at once
     ahead: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     would_cost_usd: float = 0.0  # a dry run: what submitting its valid items would cost
+    would_submit: int = 0  # a dry run: the valid items a real run would still pay for
     # what each row still costs to submit (resume-aware), by row: the estimate, and a part's
     # share of the cap
     planned_costs: dict[int, float] = field(default_factory=dict)
@@ -132,7 +133,9 @@ async def _check_and_run(
         return outcomes.invalid_image(v, b.run_id)
     if b.dry_run:
         # what a real run would pay: nothing for an item already stored or still in flight
-        b.would_cost_usd += b.planned_costs.get(item.row, b.unit_cost(item))
+        cost = b.planned_costs.get(item.row, b.unit_cost(item))
+        b.would_cost_usd += cost
+        b.would_submit += cost > 0
         return outcomes.not_submitted(item, b.run_id, "dry run")
     return await run_item(b, v, started)
 

@@ -39,6 +39,7 @@ def run_verdict(
     max_failure_share: float | None = None,
     dry_run: bool = False,
     would_cost_usd: float = 0.0,
+    would_submit: int | None = None,
     not_as_ordered: int = 0,
 ) -> Verdict:
     """The final state of a run with these counts by item status. `users_cap`: the cap that
@@ -58,12 +59,14 @@ def run_verdict(
             f"{by_status.get('not_submitted', 0)} items not submitted",
         )
     if dry_run:
+        valid = by_status.get("not_submitted", 0)
+        left = valid if would_submit is None else would_submit
+        done = f" (the other {valid - left} are stored, final or in flight)" if left < valid else ""
         return Verdict(
             "completed",
             "DryRun",
-            f"dry run {run_id}: nothing submitted; submitting the "
-            f"{by_status.get('not_submitted', 0)} valid items would cost about "
-            f"${would_cost_usd:,.2f}",
+            f"dry run {run_id}: nothing submitted; {left} of the {valid} valid items still need "
+            f"paying for{done}: submitting them would cost about ${would_cost_usd:,.2f}",
         )
     succeeded = by_status.get("succeeded", 0)
     if users_cap and capped and capped == total - by_status.get("invalid", 0):

@@ -70,7 +70,11 @@ def test_the_cost_cap_never_hides_other_problems(other: str) -> None:
 def test_a_dry_run_completes():
     v = run_verdict(counts(not_submitted=4), run_id="r", dry_run=True, would_cost_usd=0.76)
     assert (v.kind, v.name) == ("completed", "DryRun")
-    assert "would cost about $0.76" in v.message
+    assert "would cost about $0.76" in v.message and "4 of the 4 valid items" in v.message
+    # over an output where everything is stored already: nothing left, and it says so
+    v = run_verdict(counts(not_submitted=7), run_id="r", dry_run=True, would_submit=0)
+    assert "0 of the 7 valid items still need paying for" in v.message
+    assert "the other 7 are stored, final or in flight" in v.message
 
 
 @pytest.mark.parametrize("cap", [0.0, -0.0, 0.1])

@@ -365,6 +365,8 @@ def test_a_dry_run_over_an_output_estimates_only_what_is_left_to_pay(
     more = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 5))  # 2 new rows
     dry = generate_videos(manifest=str(more), output=out, dry_run=True, return_state=True)
     assert dry.name == "DryRun" and "would cost about $0.38" in dry.message  # 2 x 0.19
+    assert "2 of the 5 valid items still need paying for" in dry.message
+    assert "the other 3 are stored" in dry.message
     assert dry.result()["estimated_batch_cost_usd"] == pytest.approx(2 * 0.19)
     assert emulator.stats()["submissions"] == 3
 
