@@ -31,6 +31,7 @@ class Budget:
     cap_usd: float | None = None
     spent_usd: float = 0.0  # reserved by this run's POSTs and not refunded
     capped: int = 0  # items left unsubmitted because of the cap
+    cap_is_balance: bool = False  # the cap is the balance (--fit-to-balance), not a max cost
     stops: dict[Stop, str] = field(default_factory=dict)
 
     def stop(self, why: Stop, message: str) -> None:
@@ -51,6 +52,11 @@ class Budget:
             return s[1]
         if self.cap_usd is not None and self.spent_usd + unit_usd > self.cap_usd + _EPS:
             self.capped += 1
+            if self.cap_is_balance:
+                return (
+                    f"the balance of ${self.cap_usd:.2f} would not pay for it (--fit-to-balance): "
+                    f"${self.spent_usd:.2f} reserved, this item would add ${unit_usd:.2f}"
+                )
             return (
                 f"max cost reached: ${self.spent_usd:.2f} of ${self.cap_usd:.2f} reserved, "
                 f"this item would add ${unit_usd:.2f}"
@@ -126,7 +132,7 @@ def apply_balance(
     )
     if cap == budget.cap_usd:
         return None
-    budget.cap_usd = cap
+    budget.cap_usd, budget.cap_is_balance = cap, True
     return f"balance ${balance_usd:.2f} < estimate ${estimate_usd:.2f}: submitting what fits"
 
 

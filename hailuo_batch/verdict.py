@@ -71,7 +71,7 @@ def run_verdict(
     succeeded = by_status.get("succeeded", 0)
     if users_cap and capped and capped == total - by_status.get("invalid", 0):
         # nothing submitted only because the user's cap held every valid item back: it did its job
-        return _cost_cap_reached(capped, cap_usd)
+        return _cost_cap_reached(capped, cap_usd, users_cap)
     if total and not succeeded:
         every = ", ".join(f"{n} {s}" for s, n in by_status.items() if n)
         return Verdict("failed", "NothingSucceeded", f"run {run_id}: no item succeeded ({every})")
@@ -85,9 +85,9 @@ def run_verdict(
         )
     beyond_cap = sum(problems.values()) - capped + not_as_ordered  # what the cap does not explain
     if capped and not beyond_cap:
-        return _cost_cap_reached(capped, cap_usd)
+        return _cost_cap_reached(capped, cap_usd, users_cap)
     if problems or not_as_ordered:
-        cap_note = f"; {_cost_cap_reached(capped, cap_usd).message}" if capped else ""
+        cap_note = f"; {_cost_cap_reached(capped, cap_usd, users_cap).message}" if capped else ""
         return Verdict(
             "completed",
             "CompletedWithFailures",
@@ -96,9 +96,14 @@ def run_verdict(
     return Verdict("completed", "Completed", f"run {run_id}: all {total} items succeeded")
 
 
-def _cost_cap_reached(capped: int, cap_usd: float | None) -> Verdict:
+def _cost_cap_reached(capped: int, cap_usd: float | None, users_cap: bool = True) -> Verdict:
+    items = f"{capped} item{'' if capped == 1 else 's'} not submitted"
+    if users_cap:
+        return Verdict(
+            "completed", "CostCapReached", f"max cost ${abs(cap_usd or 0):.2f} reached: {items}"
+        )
     return Verdict(
         "completed",
         "CostCapReached",
-        f"max cost ${abs(cap_usd or 0):.2f} reached: {capped} items not submitted",
+        f"the balance of ${abs(cap_usd or 0):.2f} paid for what fit (--fit-to-balance): {items}",
     )

@@ -64,7 +64,7 @@ def test_the_cost_cap_never_hides_other_problems(other: str) -> None:
     )
     assert (v.kind, v.name) == ("completed", "CompletedWithFailures")
     assert f"2 {other}" in v.message and "5 of 8 items succeeded" in v.message
-    assert "max cost $1.50 reached: 1 items not submitted" in v.message
+    assert "max cost $1.50 reached: 1 item not submitted" in v.message
 
 
 def test_a_dry_run_completes():

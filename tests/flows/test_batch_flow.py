@@ -272,8 +272,12 @@ def test_fit_to_balance_submits_what_fits(flow_env, emulator, tmp_path, images_d
         manifest=str(m), output=str(tmp_path / "o"), fit_to_balance=True, concurrency=2
     )
     assert state.is_completed() and state.name == "CostCapReached", state.message
+    assert "the balance of $0.60 paid for what fit" in state.message  # no max cost was set
+    assert "max cost" not in state.message
     res = results_of(state.result())
     assert sorted(r.status for r in res.values()) == ["not_submitted"] * 3 + ["succeeded"] * 3
+    held = [r for r in res.values() if r.status == "not_submitted"]
+    assert all("the balance of $0.60 would not pay for it" in r.fail_msg for r in held)
     assert emulator.stats()["submissions"] == 3
 
 
