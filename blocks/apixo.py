@@ -89,13 +89,28 @@ def _named(block: str | None, name: str) -> str | None:
     return block
 
 
+async def _load(kind: type[Block], name: str, setting: str) -> Block:
+    """The block `name` of `kind`; one that does not exist is a bad setting that says how to
+    find or make one."""
+    try:
+        return await kind.aload(name)
+    except ValueError as exc:
+        if "Unable to find block document" not in str(exc):
+            raise
+        slug = kind.get_block_type_slug()
+        raise BadSettingError(
+            f"{setting}: no {slug} block named {name!r} on this Prefect server: "
+            f"`prefect block ls` lists them; create it as the README's Blocks section shows"
+        ) from None
+
+
 async def open_store(output: str | None, block: str | None, settings: Settings) -> OutputStore:
     """`output`, else the OutputStorage block `block`'s URL, else HAILUO_OUTPUT (with the block's
     S3 options whenever a block is named)."""
     name = _named(block, "storage_block")
     if name is None:
         return OutputStore(check_output_url(settings.output if output is None else output))
-    storage: OutputStorage = await OutputStorage.aload(name)  # type: ignore[assignment]
+    storage: OutputStorage = await _load(OutputStorage, name, "storage_block")  # type: ignore[assignment]
     return storage.get_store(output)
 
 
@@ -109,5 +124,5 @@ async def open_client(block: str | None, settings: Settings) -> ApixoClient:
     name = _named(block, "credentials_block")
     if name is None:
         return settings.apixo_client(**kwargs)
-    creds: ApixoCredentials = await ApixoCredentials.aload(name)  # type: ignore[assignment]
+    creds: ApixoCredentials = await _load(ApixoCredentials, name, "credentials_block")  # type: ignore[assignment]
     return creds.get_client(settings, **kwargs)

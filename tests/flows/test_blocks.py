@@ -49,3 +49,19 @@ def test_blocks_supply_key_and_s3_output(
     assert [r.status for r in res] == ["succeeded", "succeeded"]
     assert fs.exists(f"{s3_env}/from-block/videos/i0.mp4")
     assert API_KEY not in fs.cat(summary["results"]).decode()
+
+
+def test_a_block_that_does_not_exist_says_how_to_find_one(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
+    for option, slug in (
+        ("credentials_block", "apixo-credentials"),
+        ("storage_block", "hailuo-batch-output-storage"),
+    ):
+        state = generate_videos(manifest=str(m), output=str(tmp_path / "o"), **{option: "nope"})
+        assert state.name == "NotStarted", state.message
+        assert (
+            f"no {slug} block named 'nope'" in state.message and "prefect block ls" in state.message
+        )
+    assert emulator.stats()["submissions"] == 0
