@@ -78,6 +78,11 @@ class LedgerRecord(BaseModel):
     video_key: str | None = None  # where this record's video is (or goes) in the store
     bytes: int | None = None
     sha256: str | None = None
+    # what the stored video is, and what in it is not the clip paid for (a resumed run's
+    # results keep them)
+    video_duration_s: float | None = None
+    video_resolution: str | None = None
+    warning: str | None = None
     cost_time_ms: int | None = None
     run_id: str | None = None
     updated_at: str | None = None

@@ -40,6 +40,7 @@ from hailuo_batch.steps import (
     on_task_final,
 )
 from hailuo_batch.storage import StoredObject
+from hailuo_batch.video import paid_for_facts
 
 
 class ItemEffects(Protocol):
@@ -312,7 +313,9 @@ class _Life:
             stored = await self.fx.store(st.result_urls[0], key, sweep=self.sweep)
         except Exception as err:  # noqa: BLE001 - classified by the steps
             return self.end(on_store_error(err))
+        order = self.request.input
         await self.save(
-            state=LedgerState.STORED, video=stored.url, bytes=stored.size, sha256=stored.sha256
-        )
+            state=LedgerState.STORED, video=stored.url, bytes=stored.size, sha256=stored.sha256,
+            **paid_for_facts(stored.info, str(order.mode), order.duration),
+        )  # fmt: skip
         return self.end(ItemStatus.SUCCEEDED, stored=stored)

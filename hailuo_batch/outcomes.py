@@ -10,8 +10,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from hailuo_batch.apixo import Mode
-from hailuo_batch.apixo.models import PRO_DURATION_S
 from hailuo_batch.ledger import LedgerRecord, LedgerState, Plan
 from hailuo_batch.lifecycle import Outcome
 from hailuo_batch.manifest import ManifestItem, RowError
@@ -19,7 +17,7 @@ from hailuo_batch.results import ItemResult, ItemStatus
 from hailuo_batch.steps import LEDGER_UNAVAILABLE
 from hailuo_batch.storage import StoredObject
 from hailuo_batch.validation import Preflight
-from hailuo_batch.video import VideoInfo, duration_warning, resolution_warning
+from hailuo_batch.video import paid_for_facts
 
 Scrub = Callable[[str], str]
 
@@ -145,7 +143,9 @@ def from_record(
         item, run_id, status=status, task_id=rec.task_id, attempts=rec.attempts,
         cost_usd=round(rec.attempts * unit_usd, 4), run_cost_usd=0.0, video=rec.video,
         bytes=rec.bytes, sha256=rec.sha256, cost_time_ms=rec.cost_time_ms,
-        fail_code=rec.fail_code, fail_msg=scrub(rec.fail_msg) if rec.fail_msg else None, **kw,
+        fail_code=rec.fail_code, fail_msg=scrub(rec.fail_msg) if rec.fail_msg else None,
+        video_duration_s=rec.video_duration_s, video_resolution=rec.video_resolution,
+        warning=rec.warning, **kw,
     )  # fmt: skip
 
 
@@ -178,16 +178,4 @@ def from_outcome(
 def video_facts(item: ManifestItem, stored: StoredObject | None) -> dict[str, Any]:
     """Duration and resolution of a verified video, and a warning if it is not what was paid."""
     info = stored.info if stored is not None else None
-    if not isinstance(info, VideoInfo):
-        return {}
-    requested = PRO_DURATION_S if item.mode == Mode.PRO else item.duration
-    return {
-        "video_duration_s": None if info.duration_s is None else round(info.duration_s, 2),
-        "video_resolution": f"{info.width}x{info.height}",
-        "warning": "; ".join(
-            w
-            for w in (duration_warning(info, requested), resolution_warning(info, str(item.mode)))
-            if w
-        )
-        or None,
-    }
+    return paid_for_facts(info, str(item.mode), item.duration)

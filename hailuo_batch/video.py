@@ -12,9 +12,11 @@ import io
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import av
+
+from hailuo_batch.apixo.models import PRO_DURATION_S
 
 POSTER_AT_S = 0.5
 """A poster shows the frame at this time: the input image has begun to move."""
@@ -248,6 +250,20 @@ def _duration_s(container: av.container.InputContainer, stream: av.VideoStream) 
     if container.duration is not None and container.duration > 0:
         return container.duration / av.time_base
     return None
+
+
+def paid_for_facts(info: VideoInfo | None, mode: str, duration: int | None) -> dict[str, Any]:
+    """A verified video's duration and resolution, and a warning when it is not the clip the
+    order (`mode`, `duration`; a pro clip is always 6 s) paid for; {} with no video info."""
+    if not isinstance(info, VideoInfo):
+        return {}
+    requested = PRO_DURATION_S if mode == "pro-image-to-video" else duration
+    warnings = (duration_warning(info, requested), resolution_warning(info, mode))
+    return {
+        "video_duration_s": None if info.duration_s is None else round(info.duration_s, 2),
+        "video_resolution": f"{info.width}x{info.height}",
+        "warning": "; ".join(w for w in warnings if w) or None,
+    }
 
 
 #: the output height each mode is billed for ("768p", "1080p"), and how far off it may be

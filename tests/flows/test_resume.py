@@ -48,6 +48,12 @@ def test_second_run_resumes_without_paying_or_downloading_again(
     assert len(res) == 4  # the resumed run's results are complete
     assert all(r.status == "succeeded" and "already stored" in r.note for r in res.values())
     assert all(r.sha256 for r in res.values())
+    # what the videos are stays in the latest results file, not only in the first run's
+    facts = {i: (r.video_duration_s, r.video_resolution) for i, r in res.items()}
+    assert facts == {
+        i: (r.video_duration_s, r.video_resolution) for i, r in results_of(first.result()).items()
+    }
+    assert all(d == 6.0 and w.endswith("x768") for d, w in facts.values()), facts
 
 
 def test_changed_row_is_a_new_item(flow_env, emulator, tmp_path, images_dir, make_image):
