@@ -50,7 +50,9 @@ class Budget:
         """Reserve the spend of one POST, or say why not to submit."""
         if (s := self.stopped) is not None:
             return s[1]
-        if self.cap_usd is not None and self.spent_usd + unit_usd > self.cap_usd + _EPS:
+        cap = self.cap_usd
+        # a cap of 0 pays for nothing, even an item priced at 0 (HAILUO_PRICE_*=0)
+        if cap is not None and (cap <= 0 or self.spent_usd + unit_usd > cap + _EPS):
             self.capped += 1
             if self.cap_is_balance:
                 return (

@@ -56,3 +56,12 @@ def test_a_balance_falling_past_the_estimate_is_said_and_past_the_cap_too():
     assert w is not None and "max cost" not in w
     w = overspend_warning(0.57, 0.15, 1.0)  # past the estimate, within the cap
     assert w is not None and "max cost" not in w
+
+
+def test_a_cap_of_zero_pays_for_nothing_even_at_a_price_of_zero():
+    from hailuo_batch.budget import Budget
+
+    b = Budget(cap_usd=0.0)
+    assert b.reserve(0.0) is not None and b.capped == 1 and b.spent_usd == 0
+    free = Budget(cap_usd=None)
+    assert free.reserve(0.0) is None  # no cap: a free item goes
