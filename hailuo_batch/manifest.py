@@ -606,21 +606,9 @@ def _readable_id(value: Any) -> str | None:
     return text if is_item_id(text) else None
 
 
-#: names Windows (and SMB shares, and stores synced to them) keep for devices, with any suffix
-_DEVICE_NAMES = frozenset(
-    {"CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(10)), *(f"LPT{n}" for n in range(10))}
-)
-
-
 def is_item_id(text: str) -> bool:
-    """Whether `text` is an item id: safe as a file name in every store, never a path (no
-    `..`, no trailing `.`, which `{id}.mp4` would double, and no Windows device name)."""
-    return (
-        bool(ID_PATTERN.fullmatch(text))
-        and ".." not in text
-        and not text.endswith(".")
-        and text.split(".", 1)[0].upper() not in _DEVICE_NAMES
-    )
+    """Whether `text` is an item id: safe as a file name in every store, never a path."""
+    return bool(ID_PATTERN.fullmatch(text)) and ".." not in text
 
 
 def _blank(value: Any) -> bool:
@@ -760,8 +748,7 @@ class _RowFields:
                 "id",
                 f"{_shown(str(value).strip() if isinstance(value, str) else value)} is not a "
                 "valid id: use 1-128 letters, digits, '.', '_' or '-', starting with a letter "
-                "or digit, without '..' or slashes, not ending with '.', and not a Windows "
-                "device name (CON, NUL, COM1, ...)",
+                "or digit, without '..' or slashes",
             )
         return own
 

@@ -217,18 +217,12 @@ def test_identical_rows_without_id_are_duplicates(tmp_path: Path) -> None:
     assert m.errors[0].row == 2 and "first used on row 1" in m.errors[0].reason
 
 
-@pytest.mark.parametrize(
-    "good", ["a", "A1", "0", "clip_01.v2-final", "x" * 128, "console", "com10", "nul_1", "CONx"]
-)
+@pytest.mark.parametrize("good", ["a", "A1", "0", "clip_01.v2-final", "x" * 128])
 def test_valid_ids(tmp_path: Path, good: str) -> None:
     assert load_manifest(csv_manifest(tmp_path, f"{good},{IMG},p,,")).items[0].id == good
 
 
-@pytest.mark.parametrize(
-    "bad",
-    ["../x", "a/b", ".hidden", "-a", "a..b", "x" * 129, "a b", "é", "ok.", "CON", "nul",
-     "aux.mp4", "COM1", "lpt9.x", "Prn"],
-)  # fmt: skip
+@pytest.mark.parametrize("bad", ["../x", "a/b", ".hidden", "-a", "a..b", "x" * 129, "a b", "é"])
 def test_invalid_ids(tmp_path: Path, bad: str) -> None:
     err = one_error(tmp_path, f"{bad},{IMG},p,,")
     assert (err.row, err.field) == (1, "id")
