@@ -151,7 +151,7 @@ async def _guard_money(
     returns the estimate and the balance."""
 
     def seen(rec: LedgerRecord) -> None:  # tasks earlier runs recorded are their items'
-        run.owners.know(rec.id, [rec.task_id, *rec.task_ids])
+        run.owners.know(rec.id, [rec.task_id, *rec.task_ids], [rec.result])
 
     run.planned_costs = await run.rt.blocking(
         planned_costs, run.ledger, parsed.items, run.plan, run.unit_cost, seen

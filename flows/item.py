@@ -277,7 +277,8 @@ class FlowEffects:
         if other := self.b.owners.claim_result(url, self.item.id):
             raise ResultOfAnotherItem(
                 f"the provider's result for task {self.expected and self.expected.task_id} "
-                f"is the one item {other}'s task gave"
+                f"is the one item {other}'s task gave (item {other} keeps it: one of the two "
+                "may hold the other's video, check both)"
             )
         out = await store_video(self.item, url, key, sweep=sweep)
         return _or_raise(out.stored, out.error)

@@ -80,6 +80,7 @@ class LedgerRecord(BaseModel):
     sha256: str | None = None
     # what the stored video is, and what in it is not the clip paid for (a resumed run's
     # results keep them)
+    result: str | None = None  # what names the stored video's source (`steps.result_identity`)
     video_duration_s: float | None = None
     video_resolution: str | None = None
     warning: str | None = None

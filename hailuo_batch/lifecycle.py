@@ -38,6 +38,7 @@ from hailuo_batch.steps import (
     on_store_error,
     on_submit_error,
     on_task_final,
+    result_identity,
 )
 from hailuo_batch.storage import StoredObject
 from hailuo_batch.video import paid_for_facts
@@ -316,6 +317,7 @@ class _Life:
         order = self.request.input
         await self.save(
             state=LedgerState.STORED, video=stored.url, bytes=stored.size, sha256=stored.sha256,
+            result=result_identity(st.result_urls[0]),
             **paid_for_facts(stored.info, str(order.mode), order.duration),
         )  # fmt: skip
         return self.end(ItemStatus.SUCCEEDED, stored=stored)

@@ -30,7 +30,6 @@ from hailuo_batch.budget import Stop
 from hailuo_batch.ledger import LedgerState
 from hailuo_batch.policy import after_failure, classify_fail_code
 from hailuo_batch.results import ItemStatus
-from hailuo_batch.secrets import is_signing_param
 from hailuo_batch.settings import FailClass
 from hailuo_batch.storage import video_key
 from hailuo_batch.video import NotAVideoError
@@ -90,11 +89,17 @@ class TaskOwners:
         self._tasks: dict[str, str] = {}
         self._results: dict[str, str] = {}
 
-    def know(self, item_id: str, task_ids: Iterable[str | None]) -> None:
-        """Tasks a ledger record says are `item_id`'s (the first owner named stays)."""
+    def know(
+        self, item_id: str, task_ids: Iterable[str | None], results: Iterable[str | None] = ()
+    ) -> None:
+        """Tasks and stored results (`result_identity`) a ledger record says are `item_id`'s
+        (the first owner named stays)."""
         for task_id in task_ids:
             if task_id:
                 self._tasks.setdefault(task_id, item_id)
+        for result in results:
+            if result:
+                self._results.setdefault(result, item_id)
 
     def claim_task(self, task_id: str, item_id: str) -> str | None:
         """Take `task_id` for `item_id`; the other item that holds it, else None."""
@@ -108,21 +113,23 @@ class TaskOwners:
         return None if owner == item_id else owner
 
 
-#: query parameters that say how long a signed URL is valid, not what it names (S3 and GCS
-#: ones start with x-amz- / x-goog-; `st` / `se` are an Azure SAS's start and expiry)
-_VALIDITY_PARAMS = frozenset({"exp", "expire", "expires", "expiry", "expiration", "st", "se"})
+#: the query parameters of the signing schemes a result URL may carry (S3 and GCS ones start
+#: with x-amz- / x-goog-; CloudFront's; an Azure SAS's; the emulator's `exp` / `sig`): they say
+#: who may read an object and until when, never which object it is. Generic names (`key`,
+#: `token`, `file`) are kept: a download endpoint may name its object with them.
+_SIGNING_PARAMS = frozenset(
+    {"expires", "signature", "key-pair-id", "policy", "sig", "se", "st", "sv", "sp", "sr",
+     "spr", "skoid", "sktid", "skt", "ske", "sks", "skv", "exp"}
+)  # fmt: skip
 
 
 def result_identity(url: str) -> str:
-    """`url` without its fragment and its signing parameters (signature, expiry, credential):
-    what names the object itself."""
+    """`url` without its fragment and its signing parameters: what names the object itself."""
     parts = urlsplit(url)
     kept = sorted(
         (k, v)
         for k, v in parse_qsl(parts.query, keep_blank_values=True)
-        if not is_signing_param(k)
-        and k.lower() not in _VALIDITY_PARAMS
-        and not k.lower().startswith(("x-amz-", "x-goog-"))
+        if k.lower() not in _SIGNING_PARAMS and not k.lower().startswith(("x-amz-", "x-goog-"))
     )
     return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path, urlencode(kept), ""))
 

@@ -246,6 +246,13 @@ def test_task_owners_catch_one_task_or_one_result_for_two_items() -> None:
     assert owners.claim_result("https://cdn.example/dl?file=t3&X-Amz-Date=1", "c") is None
     assert owners.claim_result("https://cdn.example/dl?file=t4&X-Amz-Date=2", "d") is None
     assert owners.claim_result("https://cdn.example/dl?X-Amz-Date=9&file=t3", "d") == "c"
+    # generic names may be what names the object: kept, so two objects stay two
+    for name in ("token", "key", "file_token", "id"):
+        assert owners.claim_result(f"https://api.example/download?{name}=A", f"{name}-a") is None
+        assert owners.claim_result(f"https://api.example/download?{name}=B", f"{name}-b") is None
+    # a stored result an earlier run recorded is its item's
+    owners.know("stored", [], ["https://cdn.example/v/t9.mp4", None])
+    assert owners.claim_result("https://cdn.example/v/t9.mp4?exp=5&sig=x", "e") == "stored"
 
 
 def test_a_reused_task_id_is_uncertain_and_another_items_result_is_not_stored() -> None:

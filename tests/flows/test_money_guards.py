@@ -300,6 +300,13 @@ def test_a_result_that_is_another_items_video_is_not_stored_as_this_ones(
         assert owner in res[i].fail_msg and not res[i].video
     videos = tmp_path / "out" / "videos"
     assert sorted(p.name for p in videos.glob("*.mp4")) == [f"{owner}.mp4"]
+    # the next run, the provider still naming that video: the stored item's result is known
+    # from the ledger, so the others are still refused (and nothing is paid)
+    still = results_of(
+        generate_videos(manifest=manifest, output=out).result(raise_on_failure=False)
+    )
+    for i in {"i0", "i1", "i2"} - {owner}:
+        assert still[i].fail_code == "RESULT_OF_ANOTHER_ITEM", still[i]
     emulator.clear_faults()
     again = results_of(generate_videos(manifest=manifest, output=out).result())
     statuses = {i: (r.status, r.fail_code, r.fail_msg) for i, r in again.items()}
