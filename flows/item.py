@@ -14,7 +14,8 @@ from prefect.concurrency.asyncio import concurrency as global_concurrency
 from flows.runtime import Runtime
 from flows.tasks import poll_item, store_video, submit_item
 from hailuo_batch import outcomes
-from hailuo_batch.apixo import AmbiguousSubmitError, GenerateRequest, TaskStatus
+from hailuo_batch.apixo import GenerateRequest, TaskStatus
+from hailuo_batch.apixo.client import retried_refusal
 from hailuo_batch.budget import Budget
 from hailuo_batch.ledger import (
     Ledger,
@@ -252,8 +253,7 @@ class FlowEffects:
         lease_fresh = self.b.ledger.lease_fresh
         sub = await submit_item(self.item, request, may_retry=lease_fresh)
         self.b.rt.recorder.task_finished()
-        refused = sub.error is not None and not isinstance(sub.error, AmbiguousSubmitError)
-        if refused and not lease_fresh():
+        if sub.error is not None and retried_refusal(sub.error) and not lease_fresh():
             # a refusal proves nothing was created, and the `submitting` record may be another
             # run's by now: the lease lapsed while the POST was answered or retried
             raise LeaseLapsed(f"this run's lease lapsed while the POST was retried: {sub.error}")

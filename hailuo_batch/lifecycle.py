@@ -138,7 +138,7 @@ class _Life:
         self.budget, self.fx, self.policy, self.sweep = budget, fx, policy, sweep
         self.clock = clock
         self.run_posts = 0
-        self.refused_since: float | None = None  # the first 429 of this item in this run
+        self.refused_since: float | None = None  # the first 429 since the last accepted POST
         self.notes: list[str] = []
         self.last_status: TaskStatus | None = None
         self.stale = False  # the ledger is behind `rec`: a write failed
@@ -258,6 +258,7 @@ class _Life:
                     )
                 await self.fx.rate_limited(step.wait_s or 0.0)
                 continue
+            self.refused_since = None  # accepted: a later 429 starts a new wait
             await self.save(
                 state=LedgerState.SUBMITTED,
                 task_id=task_id,
@@ -284,7 +285,9 @@ class _Life:
             self.rec.resubmits,
             overrides=self.policy.failcode_overrides,
             max_resubmits=self.policy.max_resubmits,
-            succeeded_before=self.rec.state == LedgerState.SUCCEEDED
+            # the task was seen to succeed (a stored video found missing or damaged is read
+            # again too)
+            succeeded_before=self.rec.state in (LedgerState.SUCCEEDED, LedgerState.STORED)
             or self.rec.fail_code == FAILED_AFTER_SUCCESS,
         )
         self.signal(step)

@@ -115,7 +115,7 @@ def summarize(
     # something to look at too
     problems = sorted(
         (r for r in results if r.status != ItemStatus.SUCCEEDED or r.uncertain or r.warning),
-        key=lambda r: (_PROBLEM_ORDER.get(str(r.status), 9), r.row),
+        key=lambda r: (0 if r.uncertain else _PROBLEM_ORDER.get(str(r.status), 9), r.row),
     )
     by_code = Counter(r.fail_code for r in results if r.fail_code)
     cost_times = [float(r.cost_time_ms) for r in results if r.cost_time_ms is not None]

@@ -433,6 +433,47 @@ def test_a_task_that_succeeded_is_not_paid_for_again_when_it_later_reads_failed(
     assert fates["a"] == (ItemStatus.SUCCEEDED, True) and len(created) == 1
 
 
+def test_the_429_patience_starts_again_after_an_accepted_post() -> None:
+    """A 429, then the POST is accepted, its task runs a minute and fails transiently, and the
+    resubmission meets a 429: that is a new wait, not a minute of refusals."""
+
+    class Slow(Effects):
+        async def poll(self, task_id: str, *, immediate: bool) -> TaskStatus:
+            self.w.now += 60.0  # the generation takes a minute
+            return await super().poll(task_id, immediate=immediate)
+
+    world = World(["429", "accept", "429", "accept"], ["GENERATION_FAILED"], [], [], set())
+    out = asyncio.run(
+        live_item(
+            start_record(manifest_item("a"), None, Plan("submit")), REQUEST, unit_cost=UNIT,
+            budget=Budget(), fx=Slow(world, "a", "run0", []),
+            policy=LifePolicy(max_resubmits=MAX_RESUBMITS, rate_limit_patience_s=PATIENCE),
+            clock=lambda: world.now,
+        )
+    )  # fmt: skip
+    assert out.status == ItemStatus.SUCCEEDED, (out.status, out.fail_code, out.fail_msg)
+    assert len([t for t in world.posts["a"] if t]) == 2
+
+
+def test_a_stored_task_read_again_and_found_failed_is_not_paid_for_again() -> None:
+    """A stored video found missing or damaged: the run reads the task again for a fresh URL.
+    If the provider now says it failed, the task still succeeded once: no new POST."""
+    world = World([], [], [], [], set())
+    world.tasks["task_9"] = Task("a", "flip", reads=1)  # its success was read before
+    rec = LedgerRecord(
+        id="a", input_hash=manifest_item("a").input_hash, state=LedgerState.STORED,
+        task_id="task_9", task_ids=["task_9"], attempts=1, video="videos/a.mp4",
+    )  # fmt: skip
+    out = asyncio.run(
+        live_item(
+            rec, REQUEST, unit_cost=UNIT, budget=Budget(), fx=Effects(world, "a", "run1", []),
+            policy=LifePolicy(max_resubmits=MAX_RESUBMITS), resumed=True,
+        )
+    )  # fmt: skip
+    assert (out.status, out.fail_code) == (ItemStatus.FAILED, "FAILED_AFTER_SUCCESS")
+    assert world.posts.get("a") is None
+
+
 def test_a_run_that_lost_its_claim_does_not_post() -> None:
     world = World([], [], [], [], set())
 

@@ -207,3 +207,11 @@ def test_a_reason_names_its_field_once():
     assert reason(dup) == said
     bare = _r(3, ItemStatus.INVALID, fail_msg="not an image", field="image_url")
     assert reason(bare) == "field image_url: not an image"
+
+
+def test_an_item_perhaps_paid_twice_comes_first_whatever_its_status():
+    rs = [
+        _r(1, ItemStatus.FAILED, fail_code="GENERATION_FAILED"),
+        _r(2, ItemStatus.SUCCEEDED, uncertain=True, note="possible duplicate charge"),
+    ]
+    assert [p["row"] for p in summarize(rs, run_id="r", wall_time_s=1)["problems"]] == [2, 1]

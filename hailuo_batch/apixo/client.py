@@ -154,6 +154,12 @@ def _retry_read(exc: ApixoError) -> bool:
     )
 
 
+def retried_refusal(exc: ApixoError) -> bool:
+    """Whether a submit's error is a refusal the client retries (it proves nothing was
+    created): a 429, a 503, a connection never made."""
+    return _retry_submit(exc)
+
+
 def _retry_submit(exc: ApixoError) -> bool:
     """A submit retries only what proves no task was created (see the module doc)."""
     if isinstance(exc, RateLimitedError):

@@ -576,3 +576,22 @@ def test_a_request_that_cannot_be_built_is_reported_never_sent(base_url: str) ->
             client.submit(REQ)
     assert err.value.request_sent is False and "invalid URL" in str(err.value)
     assert sent == []
+
+
+def test_the_refusals_a_submit_retries_are_those_that_prove_nothing_was_created() -> None:
+    """What a lapsed lease may cut short (`retried_refusal`): never a 401, 402, 400 or 404,
+    whose own meaning (stop the run, a bad row, a wrong base URL) must reach the run."""
+    from hailuo_batch.apixo.client import retried_refusal
+
+    assert retried_refusal(RateLimitedError("slow", retry_after=1.0))
+    assert retried_refusal(ServerError("busy", 503))
+    assert retried_refusal(ApixoTransportError("refused", request_sent=False))
+    for err in (
+        AuthenticationError("bad key"),
+        InsufficientCreditsError("top up"),
+        InvalidRequestError("bad"),
+        NotFoundError("gone", 404),
+        ServerError("boom", 500),
+        ApixoTransportError("reset", request_sent=True),
+    ):
+        assert not retried_refusal(err), err
