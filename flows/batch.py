@@ -21,7 +21,7 @@ from flows.tasks import read_balance, read_manifest
 from hailuo_batch import outcomes
 from hailuo_batch.artifacts import keeps_run_name
 from hailuo_batch.budget import InsufficientBalance, Stop, apply_balance, overspend_warning
-from hailuo_batch.ledger import LedgerRecord, planned_costs
+from hailuo_batch.ledger import planned_costs
 from hailuo_batch.manifest import Manifest, ManifestError, ManifestItem
 from hailuo_batch.options import BatchOptions, flow_parameters
 from hailuo_batch.parts import PartJob
@@ -132,8 +132,9 @@ async def _run_batch(run: RunState, job: PartJob, rerun_of: str | None, started:
         held_for_prefect_s=round(run.rt.recorder.waited_s, 1),
         rerun_of=rerun_of,
     )
+    users_cap = None if run.budget.cap_is_balance else summary["max_cost_usd"]
     spend = overspend_warning(
-        summary["balance_spent_usd"], summary["estimated_cost_usd"], summary["max_cost_usd"]
+        summary["balance_spent_usd"], summary["estimated_cost_usd"], users_cap
     )
     if spend:  # loud: the cap may not have held what the provider really charged
         summary["spend_warning"] = spend
@@ -150,11 +151,8 @@ async def _guard_money(
     """Estimate what is left to submit and apply the balance policy (`apply_balance`);
     returns the estimate and the balance."""
 
-    def seen(rec: LedgerRecord) -> None:  # tasks earlier runs recorded are their items'
-        run.owners.know(rec.id, [rec.task_id, *rec.task_ids], [rec.result])
-
     run.planned_costs = await run.rt.blocking(
-        planned_costs, run.ledger, parsed.items, run.plan, run.unit_cost, seen
+        planned_costs, run.ledger, parsed.items, run.plan, run.unit_cost, run.know
     )
     estimate = sum(run.planned_costs.values())
     msg = "%d rows to check, %d invalid; estimated cost of what is left to submit $%.2f"
@@ -196,9 +194,7 @@ def final_state(run: RunState, summary: dict[str, Any], options: BatchOptions) -
         stopped=run.budget.stopped,
         capped=run.budget.capped,
         cap_usd=run.budget.cap_usd,
-        users_cap=options.max_cost_usd is not None
-        and run.budget.cap_usd is not None
-        and run.budget.cap_usd >= options.max_cost_usd,
+        users_cap=not run.budget.cap_is_balance,
         max_failure_share=options.max_failure_share,
         dry_run=options.dry_run,
         would_cost_usd=summary["estimated_batch_cost_usd"],

@@ -98,6 +98,17 @@ class RunState:
     def unit_cost(self, item: ManifestItem) -> float:
         return estimate_cost(str(item.mode), item.duration, self.prices)
 
+    def know(self, rec: LedgerRecord) -> None:
+        """The tasks and stored result an earlier run recorded are `rec`'s item's."""
+        self.owners.know(rec.id, [rec.task_id, *rec.task_ids], [rec.result])
+
+    def know_records(self, items: list[ManifestItem]) -> None:
+        """`know` every record of `items` (a part's run, which plans no spend of its own)."""
+        for item in items:
+            with contextlib.suppress(LedgerUnavailable):  # the item says so when it runs
+                if (rec := self.ledger.record_for(item.id, item.input_hash)) is not None:
+                    self.know(rec)
+
 
 async def check_and_run(b: RunState, item: ManifestItem) -> ItemResult:
     """Check the item's image (plain threaded work, not a task run), then run it unless it is

@@ -120,9 +120,13 @@ async def nightly_batch(
             continue
         outcome, record = await _run_one(box, claim, options)
         if record.get("state_name") == NOT_STARTED:  # a bad setting, not a bad manifest
-            await blocking(box.release, claim)
-            report["kept"].append({"manifest": name, "error": record.get("error")})
-            logger.error("manifest %s left in the inbox: %s", shown(name), record.get("error"))
+            where = "left in the inbox"
+            try:
+                await blocking(box.release, claim)
+            except Exception as exc:  # noqa: BLE001 - the store may be what failed: say where
+                where = f"still at {box.url_of(claim)} (could not move it back: {exc})"
+            report["kept"].append({"manifest": name, "error": record.get("error"), "at": where})
+            logger.error("manifest %s %s: %s", shown(name), where, record.get("error"))
             break  # the same setting would stop every other manifest's run too
         record_url = await finish_manifest(box, claim, outcome, record)
         report[outcome].append({"manifest": name, "record": record_url, **record})

@@ -458,6 +458,7 @@ async def _run_part_job(run_id: str, part: int, job: PartJob) -> Any:
             except ValueError as exc:  # nothing paid: the parent finishes the part as it read it
                 return Failed(name="ManifestChanged", message=f"part {pid}: {exc}")
             run.rt.board.plan = run.rt.board.plan.for_batch(len(items))  # probes it can afford
+            await run.rt.blocking(run.know_records, items)  # tasks and results already owned
             run.parts.runs = frozenset({run_id})  # what the batch run decided for an item stands
             run.parts.claim = pid  # each item checks the part is still this run's before it starts
             one, on_error = partial(check_and_run, run), partial(_internal_error, pid)

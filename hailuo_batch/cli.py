@@ -428,10 +428,7 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
         if more > 0:
             print(f"  ... and {more} more (see the results file)")
     elif summary and summary.get("selected") == 0:  # a rerun that found nothing to do
-        if summary.get("total") == 0:
-            print("nothing to rerun: the results file has no rows")
-        else:
-            print("nothing to rerun: no item of the results file matches the filters")
+        print("nothing to rerun: no item of the results file matches the filters")
         for why in summary.get("left_out") or []:
             print(f"  not rerun: {why}")
     link = _ui_link(state)

@@ -199,11 +199,12 @@ def nightly_outcome(report: dict[str, Any]) -> tuple[Literal["completed", "faile
     done, failed = report["done"], report["failed"]
     processed = f"{len(done)} manifest(s) processed"
     if kept := report.get("kept"):
+        where = kept[0].get("at", "left in the inbox")
         return (
             "failed",
             "NotStarted",
-            f"{kept[0]['error']}; {len(kept)} manifest(s) left in the inbox for the next run "
-            f"once the setting is fixed ({processed})",
+            f"{kept[0]['error']}; manifest {kept[0]['manifest']} {where}, and the others not "
+            f"claimed: the next run takes them once the setting is fixed ({processed})",
         )
     if not failed:
         return "completed", "Completed", processed
@@ -226,7 +227,8 @@ def report_markdown(report: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     lines += [f"| {md.text(name)} | taken by another run | | |" for name in report["taken"]]
     lines += [
-        f"| {md.text(r['manifest'])} | left in the inbox | {md.text(r['error'])} | |"
+        f"| {md.text(r['manifest'])} | {md.text(r.get('at', 'left in the inbox'))} | "
+        f"{md.text(r['error'])} | |"
         for r in report.get("kept", [])
     ]
     return "\n".join(lines) + "\n"

@@ -46,13 +46,15 @@ def select_for_rerun(
     Skipped items (content violations) match only when `skipped` is named in `statuses`.
     Invalid manifest rows without inputs cannot be rerun: fix the manifest instead.
     """
+    ids = None if ids is None else list(ids)  # read once: a generator is not used up twice
+    fail_codes = None if fail_codes is None else list(fail_codes)
     wanted = {ItemStatus(s) for s in statuses}
     codes = None if fail_codes is None else set(fail_codes)
     id_set = None if ids is None else {id_key(i) for i in ids}  # as the manifest: any case
     chosen: list[ItemResult] = []
     left_out: list[str] = []
     for name, given in (("ids", ids), ("fail_codes", fail_codes)):
-        if given is not None and not list(given):
+        if given is not None and not given:
             left_out.append(f"{name} is an empty list: no item is selected (leave it out to "
                             "rerun every item that matches the rest)")  # fmt: skip
     seen: dict[str, ItemResult] = {}
@@ -336,7 +338,8 @@ def write_selection(
         f"another --mode / --duration, or name it with --fail-code {r.fail_code})"
         for r in unchanged
     ]
-    chosen = [r for r in chosen if r not in unchanged]
+    held = {id(r) for r in unchanged}
+    chosen = [r for r in chosen if id(r) not in held]
     busy = live_in_source(chosen, store, source, lease_ttl_s)
     left_out += [
         f"row {r.row} ({r.id}): being processed by run {busy[r.id]} in "

@@ -52,6 +52,7 @@ def _state(completed: bool, message: str | None = None) -> SimpleNamespace:
     return SimpleNamespace(
         state_details=SimpleNamespace(flow_run_id="fr-1"),
         type=SimpleNamespace(value="COMPLETED" if completed else "FAILED"),
+        name="Completed" if completed else "NothingSucceeded",
         is_completed=lambda: completed,
         message=message,
     )

@@ -266,11 +266,11 @@ def test_a_download_of_exactly_the_limit_is_whole(headers: dict[str, str]) -> No
 def test_the_limit_is_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     from hailuo_batch.settings import Settings
 
-    monkeypatch.setenv("HAILUO_MAX_VIDEO_BYTES", "1234")
-    assert Settings().apixo_client(api_key=SecretStr("k")).max_download_bytes == 1234
+    monkeypatch.setenv("HAILUO_MAX_VIDEO_BYTES", "2000000")
+    assert Settings().apixo_client(api_key=SecretStr("k")).max_download_bytes == 2_000_000
     assert (
-        Settings(_env_file=None, max_video_bytes=99)
+        Settings(_env_file=None, max_video_bytes=1 << 20)
         .apixo_client(api_key=SecretStr("k"))
         .max_download_bytes
-        == 99
+        == 1 << 20
     )

@@ -52,8 +52,10 @@ def test_a_mixed_batch_tells_the_truth_in_the_cli_and_the_ui(
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
     # the CLI names every item that did not succeed, with its reason, and the run in the UI
-    assert "skipped       crowd: CONTENT_VIOLATION" in text
-    assert "invalid       too-short: field image_url:" in text and "short side" in text
+    # with its row, what was paid for first (the skipped violation), then what cost nothing
+    assert "skipped       row 3 (crowd): CONTENT_VIOLATION" in text
+    assert "invalid       row 4 (too-short): field image_url:" in text and "short side" in text
+    assert text.index("(crowd): CONTENT_VIOLATION") < text.index("(too-short): field")
     assert "review:" in text and "index.html" in text
     assert "Prefect:" in text and "/runs/flow-run/" in text
     run_id = text.split("/runs/flow-run/", 1)[1].split()[0]

@@ -416,14 +416,12 @@ def test_earlier_inputs_whose_download_failed_never_take_another_prompts_video(
     a = write_csv(tmp_path / "a.csv", rows)
     b = write_csv(tmp_path / "b.csv", [{**rows[0], "prompt": "prompt B"}])
     out = tmp_path / "out"
-    monkeypatch.setenv("HAILUO_MAX_VIDEO_BYTES", "1000")  # every download of run 1 refused
-    get_settings.cache_clear()
+    emulator.script_faults("download", "html_body", 10)  # every download of run 1 refused
     first = results_of(
         generate_videos(manifest=str(a), output=str(out)).result(raise_on_failure=False)
     )["i0"]
-    assert first.fail_code == "DOWNLOAD_FAILED"
-    monkeypatch.delenv("HAILUO_MAX_VIDEO_BYTES")
-    get_settings.cache_clear()
+    assert first.fail_code == "NOT_A_VIDEO"
+    emulator.clear_faults()
     second = results_of(generate_videos(manifest=str(b), output=str(out)).result())["i0"]
     b_sha = (out / "videos" / "i0.mp4").read_bytes()
     third = results_of(generate_videos(manifest=str(a), output=str(out)).result())["i0"]
