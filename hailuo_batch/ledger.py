@@ -72,6 +72,9 @@ class LedgerRecord(BaseModel):
     # HAILUO_TRANSIENT_MAX_RESUBMITS bounds. POSTs of unknown outcome are not counted here (each
     # is reported uncertain by its run), so they never use up the resubmission a failure needs
     resubmits: int = 0
+    # a POST was sent while an earlier one's outcome was unknown: the item may have been paid
+    # for twice, and every later run that reports on it says so
+    possible_duplicate: bool = False
     fail_code: str | None = None
     fail_msg: str | None = None
     video: str | None = None
@@ -151,6 +154,12 @@ def plan_item(
     plan = _plan_same_inputs(
         record, force=force, uncertain_policy=uncertain_policy, resubmit_lost=resubmit_lost
     )
+    if record.possible_duplicate and not plan.uncertain:  # said by every run, not only one
+        note = "; ".join(
+            n for n in (plan.note, "resubmitted once while an earlier POST's outcome was "
+                        "unknown (possible duplicate charge)") if n
+        )  # fmt: skip
+        plan = replace(plan, uncertain=True, note=note)
     return replace(plan, attempts=record.attempts, resubmits=0 if force else record.resubmits)
 
 

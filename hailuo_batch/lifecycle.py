@@ -209,8 +209,17 @@ class _Life:
                 return self.end(ItemStatus.NOT_SUBMITTED, fail_code=CLAIM_LOST, fail_msg=lost_why)
             # durable BEFORE the POST: a crash from here on leaves a visible `submitting` record
             before = self.rec
+            # a POST while an earlier one's outcome is unknown: a possible second charge, kept
+            # on the record so that no later run forgets to say so
+            twice = before.possible_duplicate or before.state in (
+                LedgerState.UNCERTAIN,
+                LedgerState.SUBMITTING,
+            )
             if not await self.save(
-                state=LedgerState.SUBMITTING, task_id=None, attempts=before.attempts + 1
+                state=LedgerState.SUBMITTING,
+                task_id=None,
+                attempts=before.attempts + 1,
+                possible_duplicate=twice,
             ):
                 self.budget.refund(self.unit)
                 self.rec, self.stale = before, False

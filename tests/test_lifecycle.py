@@ -370,6 +370,24 @@ def test_a_kill_between_post_and_record_is_reported_uncertain_by_the_next_run() 
     assert world.duplicates.get("a", 0) == 1 and world.unflagged_duplicates == []
 
 
+def test_a_possible_double_charge_is_reported_by_every_later_run() -> None:
+    """Run 0 is killed right after its POST (billed, no taskId recorded); run 1 resubmits it,
+    reporting it uncertain, and is killed while polling, before any result is written; run 2
+    only polls. Run 2 must still say the item may have been paid for twice, and so must a
+    run after it: no run's report can be the only one that ever said so."""
+    world = World([], [], [], [], kill_at={3, 8})
+    for run in ("run0", "run1"):
+        try:
+            asyncio.run(one_run(world, ["a"], run, None, False))
+        except Killed:
+            pass
+    assert len([t for t in world.posts["a"] if t]) == 2  # billed twice
+    assert world.ledger["a"].possible_duplicate
+    for run in ("run2", "run3"):
+        fates, _, created = asyncio.run(one_run(world, ["a"], run, None, False))
+        assert fates["a"] == (ItemStatus.SUCCEEDED, True) and created == [], run
+
+
 def test_a_refused_resubmission_keeps_the_earlier_possible_charge_on_record() -> None:
     # run0 is killed right after its POST was accepted (ledger: submitting); run1 resubmits
     # it as uncertain and is refused (401); run2 must still know the first task may exist
