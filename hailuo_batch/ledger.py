@@ -246,17 +246,22 @@ def with_retries(
     *,
     delays: Sequence[float] = STORE_RETRY_DELAYS_S,
     sleep: Callable[[float], None] = time.sleep,
+    write: bool = False,
 ) -> T:
     """Call `fn`, retrying any storage failure after each of `delays`; then `LedgerUnavailable`.
 
-    FileNotFoundError is an answer, not a failure, and passes through at once.
+    FileNotFoundError is an answer to a read ("no such record"), not a failure, and passes
+    through at once; to a `write` it is a failure like any other (a bucket or folder that
+    disappeared, perhaps for a moment).
     """
     last: Exception | None = None
     for pause in (*delays, None):
         try:
             return fn()
-        except FileNotFoundError:
-            raise
+        except FileNotFoundError as exc:
+            if not write:
+                raise
+            last = exc
         except Exception as exc:  # noqa: BLE001 - s3fs/botocore/OS errors of every kind
             last = exc
         if pause is None:
@@ -290,8 +295,8 @@ class Ledger:
         self._sleep = sleep
         self.last_beat: float | None = None  # time.monotonic() of the last renewal that stuck
 
-    def _retry(self, fn: Callable[[], T], what: str) -> T:
-        return with_retries(fn, what, delays=self.retry_delays_s, sleep=self._sleep)
+    def _retry(self, fn: Callable[[], T], what: str, *, write: bool = False) -> T:
+        return with_retries(fn, what, delays=self.retry_delays_s, sleep=self._sleep, write=write)
 
     # --- records ---------------------------------------------------------------------------
     def get(self, item_id: str) -> LedgerRecord | None:
@@ -353,14 +358,14 @@ class Ledger:
 
     def _write(self, key: str, record: LedgerRecord) -> None:
         body = record.model_dump_json()
-        self._retry(lambda: self.store.write_text_atomic(key, body), f"writing {key}")
+        self._retry(lambda: self.store.write_text_atomic(key, body), f"writing {key}", write=True)
 
     # --- leases ----------------------------------------------------------------------------
     def heartbeat(self) -> None:
         """Renew this run's lease (with retries); remember when it last stuck."""
         body = json.dumps({"run_id": self.run_id, "beat": time.time(), "ttl": self.lease_ttl_s})
         key = f"leases/{self.run_id}.json"
-        self._retry(lambda: self.store.write_text_atomic(key, body), f"renewing {key}")
+        self._retry(lambda: self.store.write_text_atomic(key, body), f"renewing {key}", write=True)
         self.last_beat = time.monotonic()
 
     def lease_fresh(self, now: float | None = None) -> bool:
@@ -410,7 +415,8 @@ class Ledger:
     def _claim(self, key: str) -> str | None:
         body = json.dumps({"run_id": self.run_id, "at": _now()}).encode()
         for _ in range(3):
-            if self._retry(lambda: self.store.create_exclusive(key, body), f"claiming {key}"):
+            create = partial(self.store.create_exclusive, key, body)
+            if self._retry(create, f"claiming {key}", write=True):
                 return None
             owner, seen = self._claim_of(key)
             if owner == "":
@@ -500,7 +506,7 @@ async def keep_lease(
         await asyncio.sleep(max(0.5, ledger.lease_ttl_s / 8))
         try:
             await blocking(ledger.heartbeat)
-        except LedgerUnavailable as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever the store says, the run goes on
             warn(f"lease renewal failed, trying again: {exc}")
         if not ledger.lease_fresh():
             lapsed(

@@ -318,7 +318,9 @@ def write_results(
     try:
         for name, text in files.items():
             key = run_key(run_id, name)
-            with_retries(partial(store.write_text_atomic, key, text), key, delays=delays)
+            with_retries(
+                partial(store.write_text_atomic, key, text), key, delays=delays, write=True
+            )
         return summary["results"], None
     except LedgerUnavailable as exc:
         fallback = OutputStore(str(Path(fallback_dir).absolute()))
@@ -340,4 +342,4 @@ def write_summary(store: Any, run_id: str, summary: dict[str, Any]) -> None:
         return  # the store did not take the first one
     key = run_key(run_id, "summary.json")
     with contextlib.suppress(LedgerUnavailable):
-        with_retries(partial(store.write_text_atomic, key, dumps(summary)), key)
+        with_retries(partial(store.write_text_atomic, key, dumps(summary)), key, write=True)

@@ -573,3 +573,57 @@ def test_an_earlier_record_keeps_its_video_key_only_if_it_stored_there(store):
         assert current.input_hash == "b" * 64 and mine.task_id == "t1"
         assert mine.video_key == kept and led.record_for("x", H) == mine
     assert led.records_for("x", "b" * 64) == (current, current)
+
+
+def test_a_bucket_that_disappears_is_a_store_failure_not_an_answer(s3_env, moto_server, tmp_path):
+    """Writes into a bucket deleted mid-run: each ledger write and the lease's renewal fail as
+    `LedgerUnavailable` (retried, then the item or the run goes on), never a FileNotFoundError
+    that escapes; reads still take a missing record as "none"; and the results fall back to
+    this machine."""
+    import boto3
+
+    from hailuo_batch.results import ItemResult, write_results
+
+    store = OutputStore(f"s3://{s3_env}/out")
+    led = Ledger(store, "r1", lease_ttl_s=60, retry_delays_s=(0.0,))
+    led.heartbeat()
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    for obj in s3.list_objects_v2(Bucket=s3_env).get("Contents", []):
+        s3.delete_object(Bucket=s3_env, Key=obj["Key"])
+    s3.delete_bucket(Bucket=s3_env)
+    store.fs.invalidate_cache()
+    with pytest.raises(LedgerUnavailable):
+        led.heartbeat()
+    with pytest.raises(LedgerUnavailable):
+        led.put(LedgerRecord(id="a", input_hash="h", state=LedgerState.SUBMITTING, attempts=1))
+    with pytest.raises(LedgerUnavailable):
+        led.claim("a")
+    summary: dict = {}
+    url, error = write_results(
+        store, "r1", [ItemResult(id="a", row=1, status="succeeded")], summary,
+        fallback_dir=str(tmp_path / "fallback"), retry_delays=(0.0,),
+    )  # fmt: skip
+    assert error is not None and url.startswith(str(tmp_path / "fallback"))
+    assert (tmp_path / "fallback" / "r1" / "results.jsonl").exists()
+
+
+def test_the_lease_keeper_survives_any_store_error() -> None:
+    class Store:
+        def write_text_atomic(self, key: str, text: str) -> None:
+            raise FileNotFoundError("The specified bucket does not exist")
+
+    led = Ledger(Store(), "r1", lease_ttl_s=8, retry_delays_s=())  # type: ignore[arg-type]
+    warned: list[str] = []
+
+    async def go() -> None:
+        async def blocking(fn, *a):  # type: ignore[no-untyped-def]
+            return fn(*a)
+
+        job = asyncio.create_task(
+            keep_lease(led, blocking=blocking, warn=warned.append, lapsed=warned.append)
+        )
+        await asyncio.sleep(1.2)
+        job.cancel()
+
+    asyncio.run(go())
+    assert warned and "lease renewal failed" in warned[0]
