@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from prefect.concurrency.asyncio import concurrency as global_concurrency
@@ -26,6 +27,7 @@ from hailuo_batch.ledger import (
     plan_in_batch,
     stored_intact,
     stored_unrecorded,
+    with_retries,
 )
 from hailuo_batch.lifecycle import LifePolicy, live_item
 from hailuo_batch.manifest import ManifestItem
@@ -172,7 +174,10 @@ async def run_item(b: RunState, v: Preflight, started: Callable[[], None]) -> It
         return outcomes.not_submitted(item, b.run_id, why, ledger=True)
     except Exception as exc:  # noqa: BLE001 - one item's bug must not lose every row's result
         b.rt.log("item %s: unexpected error: %r", item.id, exc, level=logging.ERROR)
-        return outcomes.internal_error(item, b.run_id, exc, b.rt.scrub)
+        rec = None  # what the ledger knows: a task it may have paid for stays in the result
+        with contextlib.suppress(Exception):
+            rec = await b.rt.blocking(b.ledger.record_for, item.id, item.input_hash)
+        return outcomes.internal_error(item, b.run_id, exc, b.rt.scrub, rec, b.unit_cost(item))
     finally:
         with contextlib.suppress(LedgerUnavailable):  # a stale claim expires with the lease
             await b.rt.blocking(b.ledger.release, item.id)
@@ -296,7 +301,8 @@ class FlowEffects:
 
     async def choose_key(self, rec: LedgerRecord) -> str:
         store = self.b.rt.store
-        return await self.b.rt.blocking(choose_video_key, rec.id, rec.input_hash, store.exists)
+        choose = partial(choose_video_key, rec.id, rec.input_hash, store.exists)
+        return await self.b.rt.blocking(with_retries, choose, f"choosing a key for {rec.id}")
 
     async def rate_limited(self, wait_s: float) -> None:
         """Give the slot up and wait for one again: the run's in-flight target comes down to

@@ -320,7 +320,10 @@ class _Life:
         return await self.store(st)
 
     async def store(self, st: TaskStatus) -> Outcome:
-        key = self.rec.video_key or await self.fx.choose_key(self.rec)
+        try:
+            key = self.rec.video_key or await self.fx.choose_key(self.rec)
+        except Exception as err:  # noqa: BLE001 - the store could not be read: the task is
+            return self.end(on_store_error(err))  # kept (`submitted`), the next run fetches it
         await self.save(state=LedgerState.SUCCEEDED, cost_time_ms=st.cost_time_ms, video_key=key)
         try:
             stored = await self.fx.store(st.result_urls[0], key, sweep=self.sweep)

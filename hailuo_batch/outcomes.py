@@ -78,12 +78,24 @@ def not_submitted(item: ManifestItem, run_id: str, why: str, *, ledger: bool = F
     return base_result(item, run_id, status=ItemStatus.NOT_SUBMITTED, fail_code=code, fail_msg=why)
 
 
-def internal_error(item: ManifestItem, run_id: str, exc: Exception, scrub: Scrub) -> ItemResult:
-    """An item whose run hit a bug: failed, and resumed by the next run from its ledger record."""
+def internal_error(
+    item: ManifestItem,
+    run_id: str,
+    exc: Exception,
+    scrub: Scrub,
+    rec: LedgerRecord | None = None,
+    unit_usd: float = 0.0,
+) -> ItemResult:
+    """An item whose run hit a bug: failed, and resumed by the next run from its ledger record
+    (`rec`, when it could be read: its task and POSTs stay in the result)."""
+    known: dict[str, Any] = {}
+    if rec is not None and rec.input_hash == item.input_hash:
+        known = {"task_id": rec.task_id, "attempts": rec.attempts,
+                 "cost_usd": round(rec.attempts * unit_usd, 4)}  # fmt: skip
     return base_result(
         item, run_id, status=ItemStatus.FAILED, fail_code="INTERNAL_ERROR",
         fail_msg=scrub(f"{type(exc).__name__}: {exc}; its ledger record says where it "
-                       "stopped, and the next run resumes it"),
+                       "stopped, and the next run resumes it"), **known,
     )  # fmt: skip
 
 

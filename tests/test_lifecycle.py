@@ -492,6 +492,30 @@ def test_a_stored_task_read_again_and_found_failed_is_not_paid_for_again() -> No
     assert world.posts.get("a") is None
 
 
+def test_a_store_that_cannot_be_read_after_the_task_succeeded_keeps_the_paid_task() -> None:
+    """Choosing the video's key lists the store; an outage there, after the POST, used to
+    escape as an internal error with no task in the result. The item now fails with its task
+    kept, and the next run stores the video without paying."""
+
+    class Down(Effects):
+        async def choose_key(self, rec: LedgerRecord) -> str:
+            raise OSError("the output store is unreachable")
+
+    world = World([], [], [], [], set())
+    out = asyncio.run(
+        live_item(
+            start_record(manifest_item("a"), None, Plan("submit")), REQUEST, unit_cost=UNIT,
+            budget=Budget(), fx=Down(world, "a", "run0", []),
+            policy=LifePolicy(max_resubmits=MAX_RESUBMITS),
+        )
+    )  # fmt: skip
+    assert (out.status, out.fail_code) == (ItemStatus.FAILED, "DOWNLOAD_FAILED")
+    assert out.rec.task_id is not None and out.run_posts == 1
+    assert world.ledger["a"].state == LedgerState.SUBMITTED
+    fates, _, created = asyncio.run(one_run(world, ["a"], "run1", None, False))
+    assert fates["a"][0] == ItemStatus.SUCCEEDED and created == []
+
+
 def test_a_run_that_lost_its_claim_does_not_post() -> None:
     world = World([], [], [], [], set())
 
