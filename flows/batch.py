@@ -200,6 +200,7 @@ def final_state(run: RunState, summary: dict[str, Any], options: BatchOptions) -
         would_cost_usd=summary["estimated_batch_cost_usd"],
         would_submit=run.would_submit,
         not_as_ordered=summary["not_as_ordered"],
+        ledger_behind=summary["ledger_behind"],
     )
     message = v.message + (
         f"; WARNING: {summary['spend_warning']}" if "spend_warning" in summary else ""

@@ -92,6 +92,7 @@ class Outcome:
     cost_time_ms: int | None = None
     stored: StoredObject | None = None
     notes: list[str] = field(default_factory=list)
+    ledger_behind: bool = False  # its last ledger write failed: the next run may not know it
 
 
 async def live_item(
@@ -116,7 +117,7 @@ async def live_item(
     out = await life.run(resumed)
     if life.stale and await life.save():  # one more try, so a resumed run knows the task
         life.notes.append("ledger caught up")
-    out.rec = life.rec
+    out.rec, out.ledger_behind = life.rec, life.stale
     return out
 
 

@@ -183,6 +183,7 @@ def from_outcome(
         sha256=stored.sha256 if stored else None,
         note=scrub("; ".join(notes)) or None,
         uncertain=plan.uncertain or out.uncertain,
+        ledger_behind=out.ledger_behind,
         **video_facts(item, stored),
     )
 

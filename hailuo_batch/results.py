@@ -72,6 +72,9 @@ class ItemResult(BaseModel):
     # resume and reruns
     note: str | None = None  # e.g. "already stored by run X", "inputs changed since run Y"
     uncertain: bool = False  # an earlier POST may have been accepted without a recorded taskId
+    # the ledger could not record this item's last step (the store refused): the next run
+    # into the output does not know its task, and may pay for it again
+    ledger_behind: bool = False
     run_id: str | None = None
     finished_at: str | None = None
 
@@ -114,7 +117,11 @@ def summarize(
     # an item stored, but perhaps paid for twice (an earlier POST of unknown outcome), is
     # something to look at too
     problems = sorted(
-        (r for r in results if r.status != ItemStatus.SUCCEEDED or r.uncertain or r.warning),
+        (
+            r
+            for r in results
+            if r.status != ItemStatus.SUCCEEDED or r.uncertain or r.warning or r.ledger_behind
+        ),
         key=lambda r: (0 if r.uncertain else _PROBLEM_ORDER.get(str(r.status), 9), r.row),
     )
     by_code = Counter(r.fail_code for r in results if r.fail_code)
@@ -143,6 +150,8 @@ def summarize(
         "possible_duplicate_charges": sum(
             r.uncertain and r.status != ItemStatus.UNCERTAIN for r in results
         ),
+        # the ledger is behind for these: the next run may pay for them again
+        "ledger_behind": sum(r.ledger_behind for r in results),
         # stored, but not the clip that was paid for (its length or resolution)
         "not_as_ordered": sum(
             r.status == ItemStatus.SUCCEEDED and bool(r.warning) for r in results
@@ -198,6 +207,12 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
             f"- **{summary['possible_duplicate_charges']} items may have been paid for twice** "
             "(a POST of unknown outcome before; `uncertain` in the results): check the "
             "provider's dashboard"
+        )
+    if summary.get("ledger_behind"):
+        lines.append(
+            f"- **{summary['ledger_behind']} items' ledger records could not be written**: the "
+            "next run into this output does not know their tasks and may pay for them again "
+            "(their task ids are in the results file)"
         )
     if summary.get("not_as_ordered"):
         lines.append(

@@ -41,15 +41,22 @@ def run_verdict(
     would_cost_usd: float = 0.0,
     would_submit: int | None = None,
     not_as_ordered: int = 0,
+    ledger_behind: int = 0,
 ) -> Verdict:
     """The final state of a run with these counts by item status. `users_cap`: the cap that
     held items back is the user's `max_cost_usd`, not the balance `fit_to_balance` fitted to."""
     total = sum(by_status.values())
     problems = {s: by_status.get(s, 0) for s in PROBLEM_STATUSES if by_status.get(s, 0)}
-    listed = ", ".join(
-        [f"{n} {s}" for s, n in problems.items()]
-        + ([f"{not_as_ordered} videos not the clip paid for"] if not_as_ordered else [])
-    )
+    said = [f"{n} {s}" for s, n in problems.items()]
+    if not_as_ordered:
+        said.append(f"{not_as_ordered} videos not the clip paid for")
+    if ledger_behind:
+        said.append(
+            f"{ledger_behind} items the ledger could not record (the next run may pay for "
+            "them again: their tasks are in the results file)"
+        )
+    listed = ", ".join(said)
+    extra = not_as_ordered + ledger_behind  # succeeded, but something to look at
     if stopped is not None:
         why, message = stopped
         return Verdict(
@@ -83,10 +90,10 @@ def run_verdict(
             f"run {run_id}: {share:.0%} of items did not succeed ({listed}), more than the "
             f"{max_failure_share:.0%} allowed",
         )
-    beyond_cap = sum(problems.values()) - capped + not_as_ordered  # what the cap does not explain
+    beyond_cap = sum(problems.values()) - capped + extra  # what the cap does not explain
     if capped and not beyond_cap:
         return _cost_cap_reached(capped, cap_usd, users_cap)
-    if problems or not_as_ordered:
+    if problems or extra:
         cap_note = f"; {_cost_cap_reached(capped, cap_usd, users_cap).message}" if capped else ""
         return Verdict(
             "completed",

@@ -224,8 +224,15 @@ class Effects:
         task.reads += 1
         if task.outcome == "flip" and task.reads > 1:
             # a paid task that succeeded: its later failure is no transient failure the item
-            # may be resubmitted for (not counted in `failed_reads`)
+            # may be resubmitted for (not counted in `failed_reads`), unless the ledger never
+            # learned of the success (a failed write that the run which saw it reported)
             task.failed = True
+            known = self.w.ledger.get(self.item)
+            if known is None or (
+                known.state not in (LedgerState.SUCCEEDED, LedgerState.STORED)
+                and known.fail_code != "FAILED_AFTER_SUCCESS"
+            ):
+                self.w.failed_reads.setdefault(self.item, set()).add(task_id)
             return TaskStatus(
                 task_id=task_id, state=TaskState.FAILED, fail_code="GENERATION_FAILED"
             )
@@ -514,6 +521,27 @@ def test_a_store_that_cannot_be_read_after_the_task_succeeded_keeps_the_paid_tas
     assert world.ledger["a"].state == LedgerState.SUBMITTED
     fates, _, created = asyncio.run(one_run(world, ["a"], "run1", None, False))
     assert fates["a"][0] == ItemStatus.SUCCEEDED and created == []
+
+
+def test_a_ledger_that_refuses_every_write_after_the_post_is_said_in_the_outcome() -> None:
+    world = World([], [], [], [False] + [True] * 20, set())
+    out = asyncio.run(
+        live_item(
+            start_record(manifest_item("a"), None, Plan("submit")), REQUEST, unit_cost=UNIT,
+            budget=Budget(), fx=Effects(world, "a", "run0", []),
+            policy=LifePolicy(max_resubmits=MAX_RESUBMITS),
+        )
+    )  # fmt: skip
+    assert out.status == ItemStatus.SUCCEEDED and out.ledger_behind
+    assert world.ledger["a"].state == LedgerState.SUBMITTING  # what the next run will find
+    ok = asyncio.run(
+        live_item(
+            start_record(manifest_item("b"), None, Plan("submit")), REQUEST, unit_cost=UNIT,
+            budget=Budget(), fx=Effects(World([], [], [], [], set()), "b", "run0", []),
+            policy=LifePolicy(max_resubmits=MAX_RESUBMITS),
+        )
+    )  # fmt: skip
+    assert not ok.ledger_behind
 
 
 def test_a_run_that_lost_its_claim_does_not_post() -> None:

@@ -215,3 +215,13 @@ def test_an_item_perhaps_paid_twice_comes_first_whatever_its_status():
         _r(2, ItemStatus.SUCCEEDED, uncertain=True, note="possible duplicate charge"),
     ]
     assert [p["row"] for p in summarize(rs, run_id="r", wall_time_s=1)["problems"]] == [2, 1]
+
+
+def test_an_item_the_ledger_could_not_record_is_counted_and_named():
+    rs = [
+        _r(1, ItemStatus.SUCCEEDED, ledger_behind=True, note="ledger not updated"),
+        _r(2, ItemStatus.SUCCEEDED),
+    ]
+    s = summarize(rs, run_id="r", wall_time_s=1)
+    assert s["ledger_behind"] == 1 and [p["row"] for p in s["problems"]] == [1]
+    assert "1 items' ledger records could not be written" in summary_markdown(s, results_url="x")

@@ -125,3 +125,11 @@ def test_videos_that_are_not_the_clip_paid_for_are_no_plain_completed() -> None:
     )
     assert v.name == "CompletedWithFailures" and "max cost $0.60 reached" in v.message
     assert run_verdict(counts(succeeded=3), run_id="r").name == "Completed"
+
+
+def test_items_the_ledger_could_not_record_are_no_plain_completed() -> None:
+    """Every video stored, but the store refused the ledger's writes: the next run would not
+    know the tasks and may pay again. Green would hide it."""
+    v = run_verdict(counts(succeeded=2), run_id="r", ledger_behind=2)
+    assert (v.kind, v.name) == ("completed", "CompletedWithFailures")
+    assert "2 items the ledger could not record" in v.message
