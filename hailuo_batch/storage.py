@@ -350,10 +350,26 @@ class OutputStore:
                 if exclusive and _precondition_failed(exc):
                     raise FileExistsError(f"{self.url_for(key)} already exists") from exc
                 raise
+            self._check_uploaded(key, path, size)
             return size, digest, info
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(spool)
+
+    def _check_uploaded(self, key: str, path: str, size: int) -> None:
+        """One HEAD after the upload: a store (or a proxy before it) that answered the PUT but
+        keeps nothing, or other bytes, must not leave a run reporting a stored video."""
+        self.fs.invalidate_cache(path)
+        try:
+            held = self.fs.info(path).get("size")
+        except FileNotFoundError:
+            held = None
+        if held != size:
+            got = "nothing" if held is None else f"{held:,} bytes"
+            raise OSError(
+                f"{self.url_for(key)}: the store accepted the upload of {size:,} bytes but holds "
+                f"{got}"
+            )
 
     def _spool_prefix(self, key: str) -> str:
         """Spool files of `key` in this store: a digest of the key's full URL, then `~`."""

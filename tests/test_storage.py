@@ -167,6 +167,26 @@ def test_s3_failure_after_a_multipart_part_aborts_the_upload(
     assert client.list_multipart_uploads(Bucket=s3_env).get("Uploads", []) == []
 
 
+def test_an_upload_the_store_acknowledged_but_does_not_hold_is_a_failure(
+    s3_store: OutputStore,
+) -> None:
+    """A store, or a proxy before it, that answers 200 to the PUT and keeps nothing (or other
+    bytes): the write fails, so no run reports a video that is not there."""
+    real = s3_store.fs.put_file
+    s3_store.fs.put_file = lambda *a, **kw: None  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OSError, match="accepted the upload of 11 bytes but holds nothing"):
+            s3_store.write_stream_atomic("videos/a.mp4", [b"hello world"], expected_size=11)
+        s3_store.write_bytes_atomic("videos/b.mp4", b"short")  # another object at the key
+        s3_store.fs.put_file = lambda *a, **kw: None  # type: ignore[method-assign]
+        with pytest.raises(OSError, match="but holds 5 bytes"):
+            s3_store.write_stream_atomic("videos/b.mp4", [b"hello world"], expected_size=11)
+    finally:
+        s3_store.fs.put_file = real  # type: ignore[method-assign]
+    stored = s3_store.write_stream_atomic("videos/c.mp4", [b"hello world"], expected_size=11)
+    assert stored.size == 11 and s3_store.read_bytes("videos/c.mp4") == b"hello world"
+
+
 def test_presign_s3_gives_a_fetchable_url(s3_store: OutputStore) -> None:
     s3_store.write_bytes_atomic("inputs/a.bin", b"payload")
     url = s3_store.presign("inputs/a.bin", 600)
