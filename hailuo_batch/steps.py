@@ -171,24 +171,18 @@ def on_submit_error(
     `uncertain` when an earlier POST's outcome is unknown (`uncertain_before`), so a refusal
     never hides a possible charge from the next run, else `not_submitted`.
     """
-    if isinstance(err, AmbiguousSubmitError):
-        return Step(
-            "end",
-            ledger=LedgerState.UNCERTAIN,
-            status=ItemStatus.UNCERTAIN,
-            fail_code=AMBIGUOUS_SUBMIT,
-            fail_msg=str(err),
-            uncertain=True,
-        )
-    if isinstance(err, TaskIdReused):  # the POST was accepted: this item's task may be charged
-        return Step(
-            "end",
-            ledger=LedgerState.UNCERTAIN,
-            status=ItemStatus.UNCERTAIN,
-            fail_code=TASK_ID_REUSED,
-            fail_msg=str(err),
-            uncertain=True,
-        )
+    # the task may exist and be charged: an answer lost, or the taskId of another item's task
+    unknown = {AmbiguousSubmitError: AMBIGUOUS_SUBMIT, TaskIdReused: TASK_ID_REUSED}
+    for kind, code in unknown.items():
+        if isinstance(err, kind):
+            return Step(
+                "end",
+                ledger=LedgerState.UNCERTAIN,
+                status=ItemStatus.UNCERTAIN,
+                fail_code=code,
+                fail_msg=str(err),
+                uncertain=True,
+            )
     if isinstance(err, LeaseLapsed):  # nothing sent; the record may be another run's by now
         return Step(
             "end", refund=True, status=ItemStatus.NOT_SUBMITTED, fail_code=CLAIM_LOST,
