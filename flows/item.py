@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -27,13 +27,14 @@ from hailuo_batch.ledger import (
     plan_in_batch,
     stored_intact,
     stored_unrecorded,
+    task_from_results,
     with_retries,
 )
 from hailuo_batch.lifecycle import LifePolicy, live_item
 from hailuo_batch.manifest import ManifestItem
 from hailuo_batch.pacing import AdaptiveSlots, Slot
 from hailuo_batch.policy import Prices, estimate_cost
-from hailuo_batch.results import ItemResult
+from hailuo_batch.results import ItemResult, from_jsonl
 from hailuo_batch.steps import (
     LeaseLapsed,
     ResultOfAnotherItem,
@@ -41,7 +42,7 @@ from hailuo_batch.steps import (
     TaskOwners,
     choose_video_key,
 )
-from hailuo_batch.storage import StoredObject
+from hailuo_batch.storage import StoredObject, run_key
 from hailuo_batch.validation import Preflight, preflight
 
 GLOBAL_LIMIT = "apixo"
@@ -86,6 +87,8 @@ class RunState:
     planned_costs: dict[int, float] = field(default_factory=dict)
     parts: PartsOfRun = field(default_factory=PartsOfRun)
     owners: TaskOwners = field(default_factory=TaskOwners)  # which item each task is
+    # the results files of earlier runs read so far, by run id (`results_of_run`)
+    run_results: dict[str, list[ItemResult]] = field(default_factory=dict)
 
     def plan(self, item: ManifestItem, rec: LedgerRecord | None) -> Plan:
         return plan_in_batch(
@@ -99,6 +102,28 @@ class RunState:
 
     def unit_cost(self, item: ManifestItem) -> float:
         return estimate_cost(str(item.mode), item.duration, self.prices)
+
+    def results_of_run(self, run_id: str) -> list[ItemResult]:
+        """The results file run `run_id` wrote into this output ([] when there is none, or it
+        cannot be read); read once per run."""
+        if run_id not in self.run_results:
+            try:
+                text = self.rt.store.read_text(run_key(run_id, "results.jsonl"))
+                self.run_results[run_id] = from_jsonl(text)
+            except Exception:  # noqa: BLE001 - no file, a bad id or a bad line: nothing known
+                self.run_results[run_id] = []
+        return self.run_results[run_id]
+
+    def key_of(self, url: str) -> str | None:
+        """The key of `url` in this run's store, None when it is not one of its objects."""
+        root = self.rt.store.url_for("").rstrip("/") + "/"
+        return url[len(root) :] if url.startswith(root) else None
+
+    def task_behind(self, rec: LedgerRecord) -> LedgerRecord | None:
+        """`ledger.task_from_results` for `rec`, from the results of the run that wrote it."""
+        if not rec.run_id:
+            return None
+        return task_from_results(rec, self.results_of_run(rec.run_id), self.key_of)
 
     def know(self, rec: LedgerRecord) -> None:
         """The tasks and stored result an earlier run recorded are `rec`'s item's."""
@@ -196,7 +221,16 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
             await b.rt.blocking(b.ledger.keep, current)
             replaced = False
 
+    recovered = None
+    if rec is not None and not replaced:  # a run whose ledger writes failed left its results
+        recovered = await b.rt.blocking(b.task_behind, rec)
+        if recovered is not None:
+            rec = current = await b.rt.blocking(b.ledger.put, recovered)
     plan = b.plan(item, rec)
+    why = None
+    if recovered is not None:
+        why = f"task {recovered.task_id} recovered from run {recovered.run_id}'s results"
+        plan = replace(plan, note="; ".join(n for n in (why, plan.note) if n))
     if (
         plan.action == "done"
         and rec is not None
@@ -210,6 +244,7 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
             await keep_replaced()
             rec = await b.rt.blocking(b.ledger.put, found)
             note = f"video of task {rec.task_id} found stored at {rec.video}; recorded"
+            note = "; ".join(n for n in (why, note) if n)
             plan = Plan("done", note=note, attempts=rec.attempts, resubmits=rec.resubmits)
     done = outcomes.planned_result(item, rec, plan, unit_cost, b.run_id, b.rt.scrub)
     if done is not None:

@@ -536,6 +536,37 @@ def stored_intact(store: OutputStore, rec: LedgerRecord) -> bool:
     return rec.sha256 is None or store.sha256(key) == rec.sha256
 
 
+def task_from_results(
+    rec: LedgerRecord, results: Iterable[Any], video_key_of: Callable[[str], str | None]
+) -> LedgerRecord | None:
+    """What the results file of the run that wrote `rec` knows and its ledger does not, or
+    None. A run whose ledger writes failed after the POST (the store refused them) still wrote
+    the task into its results (`ledger_behind`); the record stayed `submitting`, and the next
+    run would pay again. Here that task comes back: `submitted` (poll it) or, when that run
+    stored the video, `succeeded` with its key and bytes (adopted by `stored_unrecorded`, if
+    intact). `video_key_of` turns a stored video's URL into a key of this store (None: not
+    one of this store's)."""
+    if rec.task_id is not None or rec.state not in (LedgerState.SUBMITTING, LedgerState.UNCERTAIN):
+        return None
+    for r in results:
+        if r.id != rec.id or r.input_hash != rec.input_hash or not r.task_id:
+            continue
+        update: dict[str, Any] = {
+            "state": LedgerState.SUBMITTED,
+            "task_id": r.task_id,
+            "task_ids": [*rec.task_ids, r.task_id]
+            if r.task_id not in rec.task_ids
+            else rec.task_ids,
+        }
+        key = video_key_of(r.video) if r.video and r.sha256 else None
+        if r.status == "succeeded" and key is not None:
+            update.update(
+                state=LedgerState.SUCCEEDED, video_key=key, sha256=r.sha256, bytes=r.bytes
+            )
+        return rec.model_copy(update=update)
+    return None
+
+
 def stored_unrecorded(
     store: OutputStore, rec: LedgerRecord, input_hash: str
 ) -> LedgerRecord | None:

@@ -211,8 +211,8 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
     if summary.get("ledger_behind"):
         lines.append(
             f"- **{summary['ledger_behind']} items' ledger records could not be written**: the "
-            "next run into this output does not know their tasks and may pay for them again "
-            "(their task ids are in the results file)"
+            "next run into this output takes their tasks from this run's results file (keep "
+            "it: without it, that run would pay for them again)"
         )
     if summary.get("not_as_ordered"):
         lines.append(

@@ -52,8 +52,8 @@ def run_verdict(
         said.append(f"{not_as_ordered} videos not the clip paid for")
     if ledger_behind:
         said.append(
-            f"{ledger_behind} items the ledger could not record (the next run may pay for "
-            "them again: their tasks are in the results file)"
+            f"{ledger_behind} items the ledger could not record (the next run takes their "
+            "tasks from this run's results file; without it, it would pay again)"
         )
     listed = ", ".join(said)
     extra = not_as_ordered + ledger_behind  # succeeded, but something to look at

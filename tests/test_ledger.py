@@ -627,3 +627,35 @@ def test_the_lease_keeper_survives_any_store_error() -> None:
 
     asyncio.run(go())
     assert warned and "lease renewal failed" in warned[0]
+
+
+def test_a_task_the_ledger_missed_comes_back_from_its_runs_results() -> None:
+    from hailuo_batch.ledger import task_from_results
+    from hailuo_batch.results import ItemResult
+
+    behind = LedgerRecord(
+        id="a", input_hash="h", state=LedgerState.SUBMITTING, attempts=1, run_id="r0"
+    )
+    key_of = {"s3://b/out/videos/a.mp4": "videos/a.mp4"}.get
+    failed = ItemResult(id="a", row=1, status="failed", task_id="t1", input_hash="h")
+    got = task_from_results(behind, [failed], key_of)
+    assert got is not None and (got.state, got.task_id, got.task_ids) == ("submitted", "t1", ["t1"])
+    stored = failed.model_copy(
+        update={"status": "succeeded", "video": "s3://b/out/videos/a.mp4", "sha256": "ab",
+                "bytes": 3}
+    )  # fmt: skip
+    got = task_from_results(behind, [stored], key_of)
+    assert got is not None and (got.state, got.video_key, got.sha256) == (
+        "succeeded", "videos/a.mp4", "ab",
+    )  # fmt: skip
+    # nothing to take: another item, other inputs, no task, a record that knows its task,
+    # a video that is not this store's
+    assert task_from_results(behind, [failed.model_copy(update={"id": "b"})], key_of) is None
+    assert (
+        task_from_results(behind, [failed.model_copy(update={"input_hash": "x"})], key_of) is None
+    )
+    assert task_from_results(behind, [failed.model_copy(update={"task_id": None})], key_of) is None
+    known = behind.model_copy(update={"state": LedgerState.SUBMITTED, "task_id": "t0"})
+    assert task_from_results(known, [failed], key_of) is None
+    elsewhere = stored.model_copy(update={"video": "s3://other/videos/a.mp4"})
+    assert task_from_results(behind, [elsewhere], key_of).state == "submitted"  # type: ignore[union-attr]

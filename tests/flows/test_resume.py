@@ -491,3 +491,44 @@ def test_a_lease_that_lapses_while_a_post_is_retried_stops_the_retries(
     assert state.name == "LeaseLost", state.name
     res = results_of(summary)
     assert res["i0"].status == "not_submitted" and "lease lapsed" in res["i0"].fail_msg
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_a_task_the_ledger_could_not_record_is_taken_from_the_runs_results(
+    flow_env, emulator, tmp_path, images_dir, make_image, stored
+):
+    """What a run whose ledger writes were refused after the POST leaves: a `submitting`
+    record, and a results file naming the task (and the video, if it was stored). The next
+    run takes the task from those results: it pays nothing, and a stored video is adopted."""
+    from hailuo_batch.apixo import ApixoClient
+    from hailuo_batch.results import ItemResult, to_jsonl
+    from tests.flows.flowkit import API_KEY
+
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
+    item = load_manifest(str(m)).items[0]
+    out = tmp_path / "out"
+    store = OutputStore(str(out))
+    first = generate_videos(manifest=str(m), output=str(out))  # a real task and video
+    done = results_of(first.result())["i0"]
+    ledger = Ledger(store, "r0")
+    ledger.put(LedgerRecord(id="i0", input_hash=item.input_hash, state=LedgerState.SUBMITTING,
+                            attempts=1))  # fmt: skip
+    line = ItemResult(
+        id="i0", row=1, status="succeeded" if stored else "failed", task_id=done.task_id,
+        input_hash=item.input_hash, video=done.video if stored else None,
+        sha256=done.sha256 if stored else None, bytes=done.bytes if stored else None,
+    )  # fmt: skip
+    store.write_text_atomic("runs/r0/results.jsonl", to_jsonl([line]))
+    if not stored:
+        (out / "videos" / "i0.mp4").unlink()
+    before = emulator.stats()
+    res = results_of(generate_videos(manifest=str(m), output=str(out)).result())["i0"]
+    after = emulator.stats()
+    assert res.status == "succeeded" and res.task_id == done.task_id, res
+    assert "recovered from run r0's results" in (res.note or "")
+    assert after["submissions"] == before["submissions"]  # nothing paid again
+    assert not res.uncertain
+    if stored:  # adopted: not even read again
+        assert after["status_reads_total"] == before["status_reads_total"]
+    with ApixoClient(API_KEY, emulator.base_url) as c:
+        assert c.get_status(done.task_id).task_id == done.task_id
