@@ -19,6 +19,7 @@ from hailuo_batch.apixo import GenerateRequest, TaskStatus
 from hailuo_batch.apixo.client import retried_refusal
 from hailuo_batch.budget import Budget
 from hailuo_batch.ledger import (
+    BEHIND_STATES,
     Ledger,
     LedgerRecord,
     LedgerUnavailable,
@@ -33,6 +34,7 @@ from hailuo_batch.ledger import (
 from hailuo_batch.lifecycle import LifePolicy, live_item
 from hailuo_batch.manifest import ManifestItem
 from hailuo_batch.pacing import AdaptiveSlots, Slot
+from hailuo_batch.parts import results_folder
 from hailuo_batch.policy import Prices, estimate_cost
 from hailuo_batch.results import ItemResult, from_jsonl
 from hailuo_batch.steps import (
@@ -88,7 +90,7 @@ class RunState:
     parts: PartsOfRun = field(default_factory=PartsOfRun)
     owners: TaskOwners = field(default_factory=TaskOwners)  # which item each task is
     # the results files of earlier runs read so far, by run id (`results_of_run`)
-    run_results: dict[str, list[ItemResult]] = field(default_factory=dict)
+    run_results: dict[str, dict[tuple[str, str | None], ItemResult]] = field(default_factory=dict)
 
     def plan(self, item: ManifestItem, rec: LedgerRecord | None) -> Plan:
         return plan_in_batch(
@@ -103,15 +105,22 @@ class RunState:
     def unit_cost(self, item: ManifestItem) -> float:
         return estimate_cost(str(item.mode), item.duration, self.prices)
 
-    def results_of_run(self, run_id: str) -> list[ItemResult]:
-        """The results file run `run_id` wrote into this output ([] when there is none, or it
-        cannot be read); read once per run."""
+    def results_of_run(self, run_id: str) -> dict[tuple[str, str | None], ItemResult]:
+        """The results run `run_id` wrote into this output, by (id, input_hash): read once per
+        run, a bad line skipped; {} when it wrote none. A store that cannot be read raises
+        `LedgerUnavailable` (the item is then not submitted: never paid again blind)."""
         if run_id not in self.run_results:
+            key = run_key(results_folder(run_id), "results.jsonl")
             try:
-                text = self.rt.store.read_text(run_key(run_id, "results.jsonl"))
-                self.run_results[run_id] = from_jsonl(text)
-            except Exception:  # noqa: BLE001 - no file, a bad id or a bad line: nothing known
-                self.run_results[run_id] = []
+                text = with_retries(partial(self.rt.store.read_text, key), f"reading {key}")
+            except (FileNotFoundError, ValueError):  # no such file, or not a run id at all
+                text = ""
+            found: dict[tuple[str, str | None], ItemResult] = {}
+            for line in text.splitlines():
+                with contextlib.suppress(ValueError):
+                    for r in from_jsonl(line):
+                        found[(r.id, r.input_hash)] = r
+            self.run_results[run_id] = found
         return self.run_results[run_id]
 
     def key_of(self, url: str) -> str | None:
@@ -120,10 +129,15 @@ class RunState:
         return url[len(root) :] if url.startswith(root) else None
 
     def task_behind(self, rec: LedgerRecord) -> LedgerRecord | None:
-        """`ledger.task_from_results` for `rec`, from the results of the run that wrote it."""
-        if not rec.run_id:
+        """`ledger.task_from_results` for `rec`, from the results of the run that wrote it;
+        a record that knows its task, or is past submitting, reads nothing."""
+        if not rec.run_id or rec.task_id is not None or rec.state not in BEHIND_STATES:
             return None
-        return task_from_results(rec, self.results_of_run(rec.run_id), self.key_of)
+        line = self.results_of_run(rec.run_id).get((rec.id, rec.input_hash))
+        found = task_from_results(rec, [line] if line else [], self.key_of)
+        if found is not None:
+            self.know(found)
+        return found
 
     def know(self, rec: LedgerRecord) -> None:
         """The tasks and stored result an earlier run recorded are `rec`'s item's."""

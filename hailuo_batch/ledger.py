@@ -56,6 +56,8 @@ class LedgerState(StrEnum):
 
 
 TERMINAL = {LedgerState.FAILED, LedgerState.SKIPPED}
+#: states of a record that may be behind what its run did after the POST (`task_from_results`)
+BEHIND_STATES = frozenset({LedgerState.SUBMITTING, LedgerState.UNCERTAIN})
 #: states in which a task exists (or existed) that may have been paid for and whose video is
 #: not stored
 PAID_NOT_STORED = {LedgerState.SUBMITTED, LedgerState.SUCCEEDED, LedgerState.LOST}
@@ -546,7 +548,7 @@ def task_from_results(
     stored the video, `succeeded` with its key and bytes (adopted by `stored_unrecorded`, if
     intact). `video_key_of` turns a stored video's URL into a key of this store (None: not
     one of this store's)."""
-    if rec.task_id is not None or rec.state not in (LedgerState.SUBMITTING, LedgerState.UNCERTAIN):
+    if rec.task_id is not None or rec.state not in BEHIND_STATES:
         return None
     for r in results:
         if r.id != rec.id or r.input_hash != rec.input_hash or not r.task_id:
@@ -561,8 +563,10 @@ def task_from_results(
         key = video_key_of(r.video) if r.video and r.sha256 else None
         if r.status == "succeeded" and key is not None:
             update.update(
-                state=LedgerState.SUCCEEDED, video_key=key, sha256=r.sha256, bytes=r.bytes
-            )
+                state=LedgerState.SUCCEEDED, video_key=key, sha256=r.sha256, bytes=r.bytes,
+                video_duration_s=r.video_duration_s, video_resolution=r.video_resolution,
+                warning=r.warning,
+            )  # fmt: skip
         return rec.model_copy(update=update)
     return None
 

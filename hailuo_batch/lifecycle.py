@@ -216,6 +216,7 @@ class _Life:
                 LedgerState.UNCERTAIN,
                 LedgerState.SUBMITTING,
             )
+            was_stale = self.stale  # an earlier write of this life may have failed too
             if not await self.save(
                 state=LedgerState.SUBMITTING,
                 task_id=None,
@@ -223,7 +224,7 @@ class _Life:
                 possible_duplicate=twice,
             ):
                 self.budget.refund(self.unit)
-                self.rec, self.stale = before, False
+                self.rec, self.stale = before, was_stale
                 return self.end(
                     ItemStatus.NOT_SUBMITTED,
                     fail_code=LEDGER_UNAVAILABLE,

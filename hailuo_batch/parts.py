@@ -134,6 +134,15 @@ def part_folder(run_id: str, part: int) -> str:
     return f"{run_id}/parts/{part + 1}"
 
 
+def results_folder(run_id: str) -> str:
+    """Where, under `runs/`, the run that wrote a ledger record as `run_id` left its results:
+    its own folder, or a part's folder under its batch run (`part_run_id`)."""
+    batch, sep, number = run_id.rpartition("-part-")
+    if sep and batch and number.isdigit() and int(number) > 0:
+        return part_folder(batch, int(number) - 1)
+    return run_id
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where a large run's parts go: `on_workers` (child runs of the part deployment, started

@@ -214,6 +214,12 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
             "next run into this output takes their tasks from this run's results file (keep "
             "it: without it, that run would pay for them again)"
         )
+        if summary.get("results_fallback"):
+            lines.append(
+                "- the results file is on this machine only (the store refused it): copy it to "
+                f"{md.code('runs/' + summary['run_id'] + '/results.jsonl')} in the output "
+                "before the next run"
+            )
     if summary.get("not_as_ordered"):
         lines.append(
             f"- **{summary['not_as_ordered']} videos are not the clip paid for** (length or "

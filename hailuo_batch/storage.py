@@ -366,6 +366,9 @@ class OutputStore:
             held = None
         if held != size:
             got = "nothing" if held is None else f"{held:,} bytes"
+            if held is not None:  # not the verified bytes: never left under a final name
+                with contextlib.suppress(Exception):
+                    self.fs.rm_file(path)
             raise OSError(
                 f"{self.url_for(key)}: the store accepted the upload of {size:,} bytes but holds "
                 f"{got}"

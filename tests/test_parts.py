@@ -260,3 +260,13 @@ def test_a_child_runs_exactly_the_rows_the_parent_read() -> None:
         part_items(changed, [1, 3], [keys[1], keys[3]])
     with pytest.raises(ValueError, match=r"rows \[7\] changed"):  # gone
         part_items(items, [7], ["i7#0"])
+
+
+def test_a_part_runs_results_are_found_from_the_run_id_its_records_carry() -> None:
+    from hailuo_batch.parts import part_folder, part_run_id, results_folder
+
+    assert results_folder("20261125T1Z-ab") == "20261125T1Z-ab"
+    for k in (0, 1, 11):
+        assert results_folder(part_run_id("20261125T1Z-ab", k)) == part_folder("20261125T1Z-ab", k)
+    assert results_folder("x-part-0") == "x-part-0" and results_folder("-part-3") == "-part-3"
+    assert results_folder("x-part-two") == "x-part-two"

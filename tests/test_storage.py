@@ -181,6 +181,7 @@ def test_an_upload_the_store_acknowledged_but_does_not_hold_is_a_failure(
         s3_store.fs.put_file = lambda *a, **kw: None  # type: ignore[method-assign]
         with pytest.raises(OSError, match="but holds 5 bytes"):
             s3_store.write_stream_atomic("videos/b.mp4", [b"hello world"], expected_size=11)
+        assert not s3_store.exists("videos/b.mp4")  # bytes not verified: not left there
     finally:
         s3_store.fs.put_file = real  # type: ignore[method-assign]
     stored = s3_store.write_stream_atomic("videos/c.mp4", [b"hello world"], expected_size=11)
