@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -54,7 +55,7 @@ from hailuo_batch.ledger import (
     Plan,
     plan_item,
 )
-from hailuo_batch.lifecycle import LifePolicy, live_item
+from hailuo_batch.lifecycle import LifePolicy, Outcome, live_item
 from hailuo_batch.manifest import ManifestItem
 from hailuo_batch.outcomes import start_record
 from hailuo_batch.results import ItemStatus
@@ -267,6 +268,16 @@ def manifest_item(item: str) -> ManifestItem:
     )  # fmt: skip
 
 
+def live_new(fx: Effects, **kw: Any) -> Outcome:
+    """One life of `fx`'s item from a first submission, as a run without a record starts it."""
+    return asyncio.run(
+        live_item(
+            start_record(manifest_item(fx.item), None, Plan("submit")), REQUEST, unit_cost=UNIT,
+            budget=Budget(), fx=fx, **{"policy": LifePolicy(max_resubmits=MAX_RESUBMITS), **kw},
+        )
+    )  # fmt: skip
+
+
 async def one_run(
     world: World,
     items: list[str],
@@ -468,14 +479,11 @@ def test_the_429_patience_starts_again_after_an_accepted_post() -> None:
             return await super().poll(task_id, immediate=immediate)
 
     world = World(["429", "accept", "429", "accept"], ["GENERATION_FAILED"], [], [], set())
-    out = asyncio.run(
-        live_item(
-            start_record(manifest_item("a"), None, Plan("submit")), REQUEST, unit_cost=UNIT,
-            budget=Budget(), fx=Slow(world, "a", "run0", []),
-            policy=LifePolicy(max_resubmits=MAX_RESUBMITS, rate_limit_patience_s=PATIENCE),
-            clock=lambda: world.now,
-        )
-    )  # fmt: skip
+    out = live_new(
+        Slow(world, "a", "run0", []),
+        policy=LifePolicy(max_resubmits=MAX_RESUBMITS, rate_limit_patience_s=PATIENCE),
+        clock=lambda: world.now,
+    )
     assert out.status == ItemStatus.SUCCEEDED, (out.status, out.fail_code, out.fail_msg)
     assert len([t for t in world.posts["a"] if t]) == 2
 
@@ -509,13 +517,7 @@ def test_a_store_that_cannot_be_read_after_the_task_succeeded_keeps_the_paid_tas
             raise OSError("the output store is unreachable")
 
     world = World([], [], [], [], set())
-    out = asyncio.run(
-        live_item(
-            start_record(manifest_item("a"), None, Plan("submit")), REQUEST, unit_cost=UNIT,
-            budget=Budget(), fx=Down(world, "a", "run0", []),
-            policy=LifePolicy(max_resubmits=MAX_RESUBMITS),
-        )
-    )  # fmt: skip
+    out = live_new(Down(world, "a", "run0", []))
     assert (out.status, out.fail_code) == (ItemStatus.FAILED, "DOWNLOAD_FAILED")
     assert out.rec.task_id is not None and out.run_posts == 1
     assert world.ledger["a"].state == LedgerState.SUBMITTED
@@ -525,22 +527,10 @@ def test_a_store_that_cannot_be_read_after_the_task_succeeded_keeps_the_paid_tas
 
 def test_a_ledger_that_refuses_every_write_after_the_post_is_said_in_the_outcome() -> None:
     world = World([], [], [], [False] + [True] * 20, set())
-    out = asyncio.run(
-        live_item(
-            start_record(manifest_item("a"), None, Plan("submit")), REQUEST, unit_cost=UNIT,
-            budget=Budget(), fx=Effects(world, "a", "run0", []),
-            policy=LifePolicy(max_resubmits=MAX_RESUBMITS),
-        )
-    )  # fmt: skip
+    out = live_new(Effects(world, "a", "run0", []))
     assert out.status == ItemStatus.SUCCEEDED and out.ledger_behind
     assert world.ledger["a"].state == LedgerState.SUBMITTING  # what the next run will find
-    ok = asyncio.run(
-        live_item(
-            start_record(manifest_item("b"), None, Plan("submit")), REQUEST, unit_cost=UNIT,
-            budget=Budget(), fx=Effects(World([], [], [], [], set()), "b", "run0", []),
-            policy=LifePolicy(max_resubmits=MAX_RESUBMITS),
-        )
-    )  # fmt: skip
+    ok = live_new(Effects(World([], [], [], [], set()), "b", "run0", []))
     assert not ok.ledger_behind
 
 
