@@ -150,7 +150,6 @@ async def _guard_money(
 ) -> tuple[float, float | None]:
     """Estimate what is left to submit and apply the balance policy (`apply_balance`);
     returns the estimate and the balance."""
-
     run.planned_costs = await run.rt.blocking(
         planned_costs, run.ledger, parsed.items, run.plan, run.unit_cost, run.know
     )

@@ -19,12 +19,12 @@ from hailuo_batch.apixo import GenerateRequest, TaskStatus
 from hailuo_batch.apixo.client import retried_refusal
 from hailuo_batch.budget import Budget
 from hailuo_batch.ledger import (
-    BEHIND_STATES,
     Ledger,
     LedgerRecord,
     LedgerUnavailable,
     Plan,
     claim_or_wait,
+    may_be_behind,
     plan_in_batch,
     stored_intact,
     stored_unrecorded,
@@ -131,7 +131,7 @@ class RunState:
     def task_behind(self, rec: LedgerRecord) -> LedgerRecord | None:
         """`ledger.task_from_results` for `rec`, from the results of the run that wrote it;
         a record that knows its task, or is past submitting, reads nothing."""
-        if not rec.run_id or rec.task_id is not None or rec.state not in BEHIND_STATES:
+        if not rec.run_id or not may_be_behind(rec):  # nothing to read for
             return None
         line = self.results_of_run(rec.run_id).get((rec.id, rec.input_hash))
         found = task_from_results(rec, [line] if line else [], self.key_of)
@@ -241,10 +241,10 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
         if recovered is not None:
             rec = current = await b.rt.blocking(b.ledger.put, recovered)
     plan = b.plan(item, rec)
-    why = None
+    recovered_note = None
     if recovered is not None:
-        why = f"task {recovered.task_id} recovered from run {recovered.run_id}'s results"
-        plan = replace(plan, note="; ".join(n for n in (why, plan.note) if n))
+        recovered_note = f"task {recovered.task_id} recovered from run {recovered.run_id}'s results"
+        plan = replace(plan, note="; ".join(n for n in (recovered_note, plan.note) if n))
     if (
         plan.action == "done"
         and rec is not None
@@ -258,7 +258,7 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
             await keep_replaced()
             rec = await b.rt.blocking(b.ledger.put, found)
             note = f"video of task {rec.task_id} found stored at {rec.video}; recorded"
-            note = "; ".join(n for n in (why, note) if n)
+            note = "; ".join(n for n in (recovered_note, note) if n)
             plan = Plan("done", note=note, attempts=rec.attempts, resubmits=rec.resubmits)
     done = outcomes.planned_result(item, rec, plan, unit_cost, b.run_id, b.rt.scrub)
     if done is not None:

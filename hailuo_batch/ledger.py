@@ -56,8 +56,6 @@ class LedgerState(StrEnum):
 
 
 TERMINAL = {LedgerState.FAILED, LedgerState.SKIPPED}
-#: states of a record that may be behind what its run did after the POST (`task_from_results`)
-BEHIND_STATES = frozenset({LedgerState.SUBMITTING, LedgerState.UNCERTAIN})
 #: states in which a task exists (or existed) that may have been paid for and whose video is
 #: not stored
 PAID_NOT_STORED = {LedgerState.SUBMITTED, LedgerState.SUCCEEDED, LedgerState.LOST}
@@ -538,6 +536,12 @@ def stored_intact(store: OutputStore, rec: LedgerRecord) -> bool:
     return rec.sha256 is None or store.sha256(key) == rec.sha256
 
 
+def may_be_behind(rec: LedgerRecord) -> bool:
+    """Whether `rec` may be behind what its run did after the POST: a POST was sent, and no
+    task is recorded (`task_from_results` looks in that run's results)."""
+    return rec.task_id is None and rec.state in (LedgerState.SUBMITTING, LedgerState.UNCERTAIN)
+
+
 def task_from_results(
     rec: LedgerRecord, results: Iterable[Any], video_key_of: Callable[[str], str | None]
 ) -> LedgerRecord | None:
@@ -548,7 +552,7 @@ def task_from_results(
     stored the video, `succeeded` with its key and bytes (adopted by `stored_unrecorded`, if
     intact). `video_key_of` turns a stored video's URL into a key of this store (None: not
     one of this store's)."""
-    if rec.task_id is not None or rec.state not in BEHIND_STATES:
+    if not may_be_behind(rec):
         return None
     for r in results:
         if r.id != rec.id or r.input_hash != rec.input_hash or not r.task_id:

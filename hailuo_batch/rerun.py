@@ -92,9 +92,9 @@ def bad_input_unchanged(
     """Whether a rerun would send a bad-input failure again as it was: the contract says such
     an item is not resubmitted unchanged (it fails again, and is paid for again). Naming its
     failCode (`fail_codes`) says the user changed what the row points at, and reruns it."""
-    if r.status != ItemStatus.FAILED or classify_fail_code(r.fail_code, failcode_overrides) != (
-        "bad_input"
-    ):
+    if r.status != ItemStatus.FAILED:
+        return False
+    if classify_fail_code(r.fail_code, failcode_overrides) != "bad_input":
         return False
     if fail_codes and r.fail_code in set(fail_codes):
         return False

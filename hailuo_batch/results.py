@@ -73,7 +73,7 @@ class ItemResult(BaseModel):
     note: str | None = None  # e.g. "already stored by run X", "inputs changed since run Y"
     uncertain: bool = False  # an earlier POST may have been accepted without a recorded taskId
     # the ledger could not record this item's last step (the store refused): the next run
-    # into the output does not know its task, and may pay for it again
+    # into the output takes its task from this results file (`ledger.task_from_results`)
     ledger_behind: bool = False
     run_id: str | None = None
     finished_at: str | None = None

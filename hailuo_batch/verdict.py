@@ -104,13 +104,10 @@ def run_verdict(
 
 
 def _cost_cap_reached(capped: int, cap_usd: float | None, users_cap: bool = True) -> Verdict:
-    items = f"{capped} item{'' if capped == 1 else 's'} not submitted"
+    cap = f"${abs(cap_usd or 0):.2f}"
     if users_cap:
-        return Verdict(
-            "completed", "CostCapReached", f"max cost ${abs(cap_usd or 0):.2f} reached: {items}"
-        )
-    return Verdict(
-        "completed",
-        "CostCapReached",
-        f"the balance of ${abs(cap_usd or 0):.2f} paid for what fit (--fit-to-balance): {items}",
-    )
+        why = f"max cost {cap} reached"
+    else:
+        why = f"the balance of {cap} paid for what fit (--fit-to-balance)"
+    items = f"{capped} item{'' if capped == 1 else 's'} not submitted"
+    return Verdict("completed", "CostCapReached", f"{why}: {items}")
