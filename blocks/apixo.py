@@ -10,7 +10,13 @@ from pydantic import Field, SecretStr
 
 from hailuo_batch.apixo import DEFAULT_BASE_URL, ApixoClient
 from hailuo_batch.netguard import GuardedTransport
-from hailuo_batch.settings import BadSettingError, Settings, check_output_url, get_settings
+from hailuo_batch.settings import (
+    BadSettingError,
+    Settings,
+    check_block_name,
+    check_output_url,
+    get_settings,
+)
 from hailuo_batch.storage import OutputStore
 
 
@@ -79,16 +85,6 @@ class OutputStorage(Block):
         return opts
 
 
-def _named(block: str | None, name: str) -> str | None:
-    """`block`, or None when no block is named; an empty name is a bad setting, not "none"."""
-    if block is not None and not block.strip():
-        raise BadSettingError(
-            f"{name} is empty: give the name of a block (`prefect block ls` lists them), or leave "
-            "it out"
-        )
-    return block
-
-
 async def _load(kind: type[Block], name: str, setting: str) -> Block:
     """The block `name` of `kind`; one that does not exist is a bad setting that says how to
     find or make one."""
@@ -107,7 +103,7 @@ async def _load(kind: type[Block], name: str, setting: str) -> Block:
 async def open_store(output: str | None, block: str | None, settings: Settings) -> OutputStore:
     """`output`, else the OutputStorage block `block`'s URL, else HAILUO_OUTPUT (with the block's
     S3 options whenever a block is named)."""
-    name = _named(block, "storage_block")
+    name = check_block_name(block, name="storage_block")
     if name is None:
         return OutputStore(check_output_url(settings.output if output is None else output))
     storage: OutputStorage = await _load(OutputStorage, name, "storage_block")  # type: ignore[assignment]
@@ -121,7 +117,7 @@ async def open_client(block: str | None, settings: Settings) -> ApixoClient:
         "download_transport": GuardedTransport(allow_private=settings.allow_private_networks),
         "retry_rate_limited_submits": False,
     }
-    name = _named(block, "credentials_block")
+    name = check_block_name(block, name="credentials_block")
     if name is None:
         return settings.apixo_client(**kwargs)
     creds: ApixoCredentials = await _load(ApixoCredentials, name, "credentials_block")  # type: ignore[assignment]

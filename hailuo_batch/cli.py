@@ -464,10 +464,9 @@ def _check_output(
 
     A bad output is a bad setting: `BadSettingError` (exit 2) before the manifest is read.
     """
-    from hailuo_batch.settings import BadSettingError, check_output_url, get_settings
+    from hailuo_batch.settings import check_block_name, check_output_url, get_settings
 
-    if storage_block is not None and not storage_block.strip():
-        raise BadSettingError("--storage-block is empty: give a block name, or leave it out")
+    check_block_name(storage_block, name="--storage-block")
     if output is not None:
         return check_output_url(output, name="--output")
     if not storage_block and not has_default:
@@ -477,13 +476,11 @@ def _check_output(
 
 def _missing_api_key(credentials_block: str | None) -> bool:
     """True (and says so) when neither APIXO_API_KEY nor a credentials block gives a key."""
-    from hailuo_batch.settings import get_settings
+    from hailuo_batch.settings import check_block_name, get_settings
 
-    if credentials_block is not None and not credentials_block.strip():
-        print("error: --credentials-block is empty: give a block name, or leave it out",
-              file=sys.stderr)  # fmt: skip
-        return True
-    if credentials_block or get_settings().apixo_api_key is not None:
+    if check_block_name(credentials_block, name="--credentials-block") or (
+        get_settings().apixo_api_key is not None
+    ):
         return False
     print(
         "error: no apixo API key: set APIXO_API_KEY, or pass --credentials-block NAME "

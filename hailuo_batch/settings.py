@@ -124,6 +124,15 @@ def check_output_url(url: str, *, name: str = "output") -> str:
     return url
 
 
+def check_block_name(block: str | None, *, name: str) -> str | None:
+    """`block`, or None when no block is named; an empty name is a bad setting, never read as
+    "no block" (the environment's key or output would be used instead, silently). `name` is
+    how the caller calls the setting (`--credentials-block`, `storage_block`)."""
+    if block is not None and not block.strip():
+        raise BadSettingError(f"{name} is empty: give a block name, or leave it out")
+    return block
+
+
 def _not_root(url: str, path: str, name: str) -> str:
     """`url`, unless its local `path` is the file system's root: a run would spread its
     ledger, claims and videos over `/`."""
