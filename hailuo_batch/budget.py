@@ -32,6 +32,7 @@ class Budget:
     spent_usd: float = 0.0  # reserved by this run's POSTs and not refunded
     capped: int = 0  # items left unsubmitted because of the cap
     cap_is_balance: bool = False  # the cap is the balance (--fit-to-balance), not a max cost
+    cap_is_share: bool = False  # a part's run on a worker: the cap is its share of the run's
     stops: dict[Stop, str] = field(default_factory=dict)
 
     def stop(self, why: Stop, message: str) -> None:
@@ -54,6 +55,12 @@ class Budget:
         # a cap of 0 pays for nothing, even an item priced at 0 (HAILUO_PRICE_*=0)
         if cap is not None and (cap <= 0 or self.spent_usd + unit_usd > cap + _EPS):
             self.capped += 1
+            if self.cap_is_share:
+                return (
+                    f"this part's share of the run's spending cap is reserved: "
+                    f"${self.spent_usd:.2f} of ${self.cap_usd:.2f}, this item would add "
+                    f"${unit_usd:.2f}"
+                )
             if self.cap_is_balance:
                 return (
                     f"the balance of ${self.cap_usd:.2f} would not pay for it (--fit-to-balance): "

@@ -65,3 +65,18 @@ def test_a_cap_of_zero_pays_for_nothing_even_at_a_price_of_zero():
     assert b.reserve(0.0) is not None and b.capped == 1 and b.spent_usd == 0
     free = Budget(cap_usd=None)
     assert free.reserve(0.0) is None  # no cap: a free item goes
+
+
+def test_each_kind_of_cap_names_itself_when_it_holds_an_item_back():
+    said = {}
+    for kind, budget in {
+        "max cost": Budget(cap_usd=0.25),
+        "balance": Budget(cap_usd=0.25, cap_is_balance=True),
+        "share": Budget(cap_usd=0.25, cap_is_share=True),
+    }.items():
+        assert budget.reserve(0.19) is None
+        said[kind] = budget.reserve(0.19)
+    assert said["max cost"].startswith("max cost reached: $0.19 of $0.25")
+    assert "balance of $0.25" in said["balance"] and "--fit-to-balance" in said["balance"]
+    assert "part's share of the run's spending cap" in said["share"]
+    assert "$0.19 of $0.25" in said["share"] and "max cost" not in said["share"]

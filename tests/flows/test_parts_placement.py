@@ -194,3 +194,27 @@ def test_a_part_run_stops_starting_items_once_the_batch_run_took_its_part_over(
     assert summary["items"] == len(results) == 5
     assert 1 <= posts < 5 and len(left) == 5 - posts, [(r.id, r.status) for r in results]
     assert all("taken over by run R" in (r.fail_msg or "") for r in left)
+
+
+def test_a_part_run_held_by_its_share_says_so_not_the_users_max_cost(
+    flow_env, emulator, s3_env, tmp_path, images_dir, make_image
+):
+    """A part on a worker is given its share of the run's cap (the user's max cost or the
+    balance, spread over the parts): the items its share cannot pay for say it is the part's
+    share, not "max cost reached" at a figure the user never gave."""
+    url, local = manifest_in_s3(s3_env, tmp_path, items(images_dir, make_image, emulator, 3))
+    unit = estimate_cost("standard-image-to-video", 6, Prices.from_settings(get_settings()))
+    job = part_job(url, local, s3_env, concurrency=1)
+    job = job.model_copy(
+        update={"options": job.options.model_copy(update={"max_cost_usd": 1.5 * unit})}
+    )
+    Ledger(OutputStore(f"s3://{s3_env}/out"), "R", lease_ttl_s=120).heartbeat()  # a live parent
+    before = submissions(emulator)
+    summary = asyncio.run(flows.parts.run_part("R", 0, job))
+    results = from_jsonl(
+        s3fs.S3FileSystem().cat(f"{s3_env}/out/runs/R/parts/1/results.jsonl").decode()
+    )
+    held = [r for r in results if r.status == "not_submitted"]
+    assert submissions(emulator) - before == 1 and summary["capped"] == len(held) == 2
+    assert all("part's share of the run's spending cap" in (r.fail_msg or "") for r in held)
+    assert not any("max cost reached" in (r.fail_msg or "") for r in held)
