@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+import fsspec.core
+from fsspec.implementations.local import LocalFileSystem
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -56,13 +57,12 @@ async def _open_inbox(inbox: str | None, options: BatchOptions) -> Inbox:
     out = await open_store(options.output, options.storage_block, settings)
     if inbox is not None:
         inbox = check_output_url(inbox, name="inbox")
-        local = urlsplit(inbox).path if inbox.startswith("file://") else inbox
-        if "://" not in inbox or inbox.startswith("file://"):
-            if not Path(local).is_dir():
-                raise BadSettingError(
-                    f"inbox {inbox!r} is not a folder: create it, or fix the path (default: "
-                    "{output}/inbox/)"
-                )
+        fs, root = fsspec.core.url_to_fs(inbox, **out.storage_options)
+        if isinstance(fs, LocalFileSystem) and not Path(root).is_dir():
+            raise BadSettingError(
+                f"inbox {inbox!r} is not a folder: create it, or fix the path (default: "
+                "{output}/inbox/)"
+            )
     (await open_client(options.credentials_block, settings)).close()
     return Inbox(OutputStore(inbox or ib.default_inbox(out.url), out.storage_options or None))
 

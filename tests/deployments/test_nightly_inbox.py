@@ -206,6 +206,7 @@ def test_a_run_that_cannot_open_leaves_the_manifests_in_the_inbox(
     [
         ("{tmp}/typo-inbox", "is not a folder"),
         ("{tmp}/a-file", "is not a folder"),
+        ("file://{tmp}/typo-inbox", "is not a folder"),
         ("s3:/bucket/in", "lacks '//'"),
         ("gs://bucket/in", "not supported"),
         ("  ", "inbox is empty"),
