@@ -3,6 +3,9 @@ generate-videos run."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,8 @@ from flows.run import NOT_STARTED, not_started
 from hailuo_batch import inbox as ib
 from hailuo_batch.apixo.models import shown
 from hailuo_batch.inbox import Claim, Inbox, ManifestCheck, Outcome
-from hailuo_batch.jobs import blocking
+from hailuo_batch.jobs import blocking, running
+from hailuo_batch.ledger import Ledger, keep_lease
 from hailuo_batch.manifest import ItemDefaults
 from hailuo_batch.options import BatchOptions
 from hailuo_batch.settings import BadSettingError, check_output_url, get_settings
@@ -104,14 +108,59 @@ async def nightly_batch(
             generate-videos; max_cost_usd is per manifest).
     """
     logger = get_run_logger()
+    claim_id = new_run_id()  # UTC time + short flow run id: sortable, unique per run
     try:  # a bad setting fails here, before any manifest is claimed: they stay in the inbox
         box = await _open_inbox(inbox, options)
+        lease = Ledger(box.store, claim_id, lease_ttl_s=get_settings().lease_ttl_s)
+        await blocking(_hold, lease, box)
     except Exception as exc:  # noqa: BLE001 - one clean line, never a traceback
         return not_started(exc)  # type: ignore[no-any-return]
+    keeper = partial(
+        keep_lease, lease, blocking=blocking, warn=logger.warning, lapsed=logger.warning
+    )
+    try:
+        async with running(keeper):
+            report = await _night(box, claim_id, options, lease)
+    finally:
+        with contextlib.suppress(Exception):  # an unended lease simply expires
+            await blocking(lease.end_lease)
+    await acreate_markdown_artifact(ib.report_markdown(report), description="nightly-batch report")
+    kind, state_name, message = ib.nightly_outcome(report)
+    make = Completed if kind == "completed" else Failed
+    return make(name=state_name, message=message, data=report)  # type: ignore[return-value]
+
+
+def _hold(lease: Ledger, box: Inbox) -> None:
+    """This run's lease in the inbox; the first write there, so an inbox that takes no writes
+    (a bucket that does not exist, no permission) is a bad setting before anything is claimed."""
+    try:
+        lease.heartbeat()
+    except Exception as exc:
+        raise BadSettingError(
+            f"the inbox {box.url} takes no writes ({exc}): check that the bucket or folder "
+            "exists and the credentials may write there"
+        ) from exc
+
+
+async def _night(box: Inbox, claim_id: str, options: BatchOptions, lease: Ledger) -> dict[str, Any]:
+    """Take back what a killed nightly run left, then claim and run every new manifest."""
+    logger = get_run_logger()
+    report = ib.new_report(box.url)
+    recovered: dict[str, str] = {}  # manifest name -> the claim of the run that left it
+    for left in await blocking(box.stranded, functools.cache(lease.lease_alive)):
+        if await blocking(box.recover, left):
+            recovered[left.name] = left.claim_id
+            logger.warning(
+                "manifest %s was left at %s by a nightly run that did not finish: running it "
+                "again (its items resume from the ledger: nothing is paid twice)",
+                shown(left.name), box.url_of(left),
+            )  # fmt: skip
+        else:
+            why = "a manifest of the same name waits in the inbox: move one of them by hand"
+            report["stranded"].append({"manifest": left.name, "key": left.key, "why": why})
+            logger.error("manifest %s at %s: %s", shown(left.name), box.url_of(left), why)
     names = await blocking(box.pending)
     logger.info("inbox %s: %d new manifest(s)", box.url, len(names))
-    claim_id = new_run_id()  # UTC time + short flow run id: sortable, unique per run
-    report = ib.new_report(box.url)
     for name in names:
         claim = await claim_manifest(box, name, claim_id)
         if claim is None:
@@ -119,6 +168,8 @@ async def nightly_batch(
             report["taken"].append(name)
             continue
         outcome, record = await _run_one(box, claim, options)
+        if name in recovered:
+            record["recovered_from_claim"] = recovered[name]
         if record.get("state_name") == NOT_STARTED:  # a bad setting, not a bad manifest
             where = "left in the inbox"
             try:
@@ -130,8 +181,4 @@ async def nightly_batch(
             break  # the same setting would stop every other manifest's run too
         record_url = await finish_manifest(box, claim, outcome, record)
         report[outcome].append({"manifest": name, "record": record_url, **record})
-
-    await acreate_markdown_artifact(ib.report_markdown(report), description="nightly-batch report")
-    kind, state_name, message = ib.nightly_outcome(report)
-    make = Completed if kind == "completed" else Failed
-    return make(name=state_name, message=message, data=report)  # type: ignore[return-value]
+    return report

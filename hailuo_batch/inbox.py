@@ -13,8 +13,14 @@ Users drop manifests (`*.csv`, `*.jsonl`, `*.json`) at the inbox's top level (de
 4. moves it to `done/{claim}/{name}` with `{name}.run.json` (the run's id, results file,
    counts), or to `failed/{claim}/` with a report if the run itself failed.
 
-A run that dies between claiming and moving leaves `processing/{name}.claim` behind, which keeps
-a re-dropped file of that name waiting: delete the marker to release it.
+A nightly run holds a lease in the inbox (`leases/{claim}.json`, renewed while it runs, as a
+batch run's ledger lease is). A run killed while it ran a manifest leaves it at
+`processing/{claim}/{name}`: the next nightly run finds it there with its claim's lease over
+(`stranded`), puts it back in the inbox (`recover`) and runs it again; the batch run resumes
+from the ledger, so nothing is paid twice and the videos the killed run paid for are fetched.
+A run that dies between creating a claim marker and moving the file leaves
+`processing/{name}.claim` behind, which keeps a re-dropped file of that name waiting: delete
+the marker to release it.
 
 Plain functions over an `OutputStore`; no Prefect.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -97,6 +104,32 @@ class Inbox:
         finally:
             self.store.delete(marker)
         return Claim(name=name, claim_id=claim_id, key=key)
+
+    def stranded(self, alive: Callable[[str], bool]) -> list[Claim]:
+        """Manifests claimed by a nightly run that did not finish them (killed, crashed): those
+        at `processing/{claim}/{name}` whose claim's lease `alive` says is over."""
+        found = []
+        for key in self.store.list("processing"):
+            parts = key.split("/")
+            if len(parts) != 3 or not parts[2].lower().endswith(MANIFEST_SUFFIXES):
+                continue
+            if not alive(parts[1]):
+                found.append(Claim(name=parts[2], claim_id=parts[1], key=key))
+        return found
+
+    def recover(self, claim: Claim) -> bool:
+        """Put a stranded manifest back in the inbox, to be claimed again like a new one;
+        False (it stays where it is) while a manifest of the same name waits in the inbox.
+        One another nightly run put back first is left to it (True)."""
+        if not self.store.exists(claim.key):
+            return True
+        if self.store.exists(claim.name):
+            return False
+        try:
+            self.release(claim)
+        except FileNotFoundError:  # another nightly run put it back first
+            pass
+        return True
 
     def url_of(self, claim: Claim) -> str:
         return self.store.url_for(claim.key)
@@ -186,7 +219,7 @@ def run_record(
 def new_report(inbox_url: str) -> dict[str, Any]:
     """A night's report: the manifests done, failed, taken by another run, and left in the
     inbox because their run could not start (`kept`, with why)."""
-    return {"inbox": inbox_url, "done": [], "failed": [], "taken": [], "kept": []}
+    return {"inbox": inbox_url, "done": [], "failed": [], "taken": [], "kept": [], "stranded": []}
 
 
 def nightly_outcome(report: dict[str, Any]) -> tuple[Literal["completed", "failed"], str, str]:
@@ -206,10 +239,17 @@ def nightly_outcome(report: dict[str, Any]) -> tuple[Literal["completed", "faile
             f"{kept[0]['error']}; manifest {kept[0]['manifest']} {where}, and the others not "
             f"claimed: the next run takes them once the setting is fixed ({processed})",
         )
-    if not failed:
+    stuck = [r["key"] for r in report.get("stranded", [])]
+    if not failed and not stuck:
         return "completed", "Completed", processed
-    bad = f"{len(failed)} manifest(s) failed: {', '.join(r['manifest'] for r in failed)}"
-    if done:
+    bad = "; ".join(
+        ([f"{len(failed)} manifest(s) failed: {', '.join(r['manifest'] for r in failed)}"]
+         if failed else [])
+        + ([f"{len(stuck)} manifest(s) left by a run that did not finish could not be put "
+            f"back, a manifest of the same name waits in the inbox: {', '.join(stuck)}"]
+           if stuck else [])
+    )  # fmt: skip
+    if done or not failed:
         return "completed", "CompletedWithFailures", f"{processed}; {bad}"
     return "failed", "Failed", bad
 
@@ -217,7 +257,7 @@ def nightly_outcome(report: dict[str, Any]) -> tuple[Literal["completed", "faile
 def report_markdown(report: dict[str, Any]) -> str:
     """The night's report as the markdown artifact shows it."""
     lines = [f"# nightly-batch: {md.code(report['inbox'])}", ""]
-    if not (report["done"] or report["failed"] or report["taken"] or report.get("kept")):
+    if not any(report.get(k) for k in ("done", "failed", "taken", "kept", "stranded")):
         return "\n".join([*lines, "No new manifests."]) + "\n"
     lines += ["| manifest | outcome | run | record |", "|---|---|---|---|"]
     for outcome in ("done", "failed"):
@@ -230,5 +270,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"| {md.text(r['manifest'])} | {md.text(r.get('at', 'left in the inbox'))} | "
         f"{md.text(r['error'])} | |"
         for r in report.get("kept", [])
+    ]
+    lines += [
+        f"| {md.text(r['key'])} | left by a run that did not finish | {md.text(r['why'])} | |"
+        for r in report.get("stranded", [])
     ]
     return "\n".join(lines) + "\n"

@@ -274,3 +274,101 @@ def test_a_manifest_claimed_by_a_live_run_is_left_alone(inbox_url: str) -> None:
     box.store.write_text_atomic("processing/m.csv.claim", "other-run")
     assert box.claim("m.csv", "mine") is None
     assert box.pending() == ["m.csv"]  # still there for the run that holds it
+
+
+def test_stranded_manifests_are_found_by_their_claims_lease(inbox_url: str) -> None:
+    """A manifest under processing/ whose claim's lease is over was left by a killed run: it is
+    put back and claimed again; a live claim's manifest, or one whose name waits in the inbox
+    again, stays where it is."""
+    from hailuo_batch.ledger import Ledger
+
+    box = Inbox(OutputStore(inbox_url))
+    for name in ("dead.csv", "live.csv", "clash.csv"):
+        box.store.write_text_atomic(name, "image_url,prompt\n")
+    assert box.claim("dead.csv", "C-dead") is not None
+    assert box.claim("clash.csv", "C-dead") is not None
+    assert box.claim("live.csv", "C-live") is not None
+    box.store.write_text_atomic("clash.csv", "image_url,prompt\n")  # dropped again meanwhile
+    Ledger(box.store, "C-live", lease_ttl_s=60).heartbeat()
+    me = Ledger(box.store, "C-me", lease_ttl_s=60)
+    stranded = box.stranded(me.lease_alive)
+    assert sorted(c.key for c in stranded) == [
+        "processing/C-dead/clash.csv",
+        "processing/C-dead/dead.csv",
+    ]
+    assert [box.recover(c) for c in stranded] == [False, True]  # name order: clash, dead
+    assert box.pending() == ["clash.csv", "dead.csv"]
+    assert box.store.exists("processing/C-dead/clash.csv")  # the older one is not overwritten
+    assert box.store.exists("processing/C-live/live.csv")
+    assert box.recover(stranded[1]) is True  # another run put it back first: no error
+
+
+def test_a_killed_nightly_runs_its_manifest_again_the_next_night_paying_once(
+    flow_env: None,
+    emulator: EmulatorHandle,
+    prefect_server: PrefectServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGKILL a nightly run once every item of its manifest is paid for and before the videos
+    are stored: the manifest sits in processing/ with nobody to finish it. The next night takes
+    it back, its batch run resumes from the ledger, stores every video and pays nothing again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("HAILUO_LEASE_TTL_S", "2")
+    get_settings.cache_clear()
+    out = tmp_path / "out"
+    files = f"{emulator.base_url}/files"
+    rows = [
+        {"id": f"k{i}", "image_url": f"{files}/dusk.jpg", "prompt": f"late {i}"} for i in range(3)
+    ]
+    drop_csv(out / "inbox", "late.csv", rows)
+    before = submissions(emulator)
+    emulator.script_faults("download", "slow", count=3)  # no video is stored before the kill
+    code = (
+        "import asyncio, sys; from flows.batch import flow_parameters; "
+        "from flows.nightly import nightly_batch; "
+        "asyncio.run(nightly_batch(**flow_parameters(nightly_batch, output=sys.argv[1])))"
+    )
+    env = {**os.environ, "PREFECT_API_URL": prefect_server.api}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(out)], env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def every_task_recorded() -> bool:
+        states = [json.loads(p.read_text())["state"] for p in (out / "ledger").glob("*.json")]
+        return len(states) == 3 and "submitting" not in states
+
+    deadline = time.monotonic() + 90
+    while not every_task_recorded():
+        assert proc.poll() is None, "the nightly run ended before it was killed"
+        assert time.monotonic() < deadline, "no task recorded in time"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = list((out / "inbox" / "processing").glob("*/late.csv"))
+    assert len(left) == 1 and not list((out / "videos").glob("*.mp4"))
+    time.sleep(2.5)  # the killed run's leases lapse
+
+    state = run_nightly(output=str(out))
+    report = state.result(raise_on_failure=False)
+    assert state.is_completed() and state.name == "Completed", state.message
+    [done] = report["done"]
+    assert done["manifest"] == "late.csv" and done["recovered_from_claim"] == left[0].parent.name
+    assert not list((out / "inbox" / "processing").rglob("*.csv"))
+    assert len(list((out / "videos").glob("*.mp4"))) == 3
+    assert submissions(emulator) - before == 3  # every item paid once, in the killed run
+
+
+def test_an_s3_inbox_in_a_bucket_that_does_not_exist_is_a_bad_setting(
+    flow_env: None, emulator: EmulatorHandle, s3_env: str, tmp_path: Path
+) -> None:
+    before = submissions(emulator)
+    state = run_nightly(inbox="s3://no-such-bucket-here/inbox/", output=str(tmp_path / "out"))
+    assert state.is_failed() and state.name == "NotStarted", state.message
+    assert "takes no writes" in state.message and "Traceback" not in state.message
+    assert submissions(emulator) == before
