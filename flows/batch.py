@@ -16,7 +16,7 @@ from flows import report
 from flows.item import RunState, check_and_run
 from flows.parts import run_items
 from flows.run import RunNotStarted, new_run_id, not_started, opened_run
-from flows.runtime import end_state
+from flows.runtime import WARNING_MARK, end_state
 from flows.tasks import read_balance, read_manifest
 from hailuo_batch import outcomes
 from hailuo_batch.artifacts import keeps_run_name
@@ -202,7 +202,7 @@ def final_state(run: RunState, summary: dict[str, Any], options: BatchOptions) -
         ledger_behind=summary["ledger_behind"],
     )
     message = v.message + (
-        f"; WARNING: {summary['spend_warning']}" if "spend_warning" in summary else ""
+        f"{WARNING_MARK}{summary['spend_warning']}" if "spend_warning" in summary else ""
     )
     return end_state(v.kind == "completed", v.name, message, summary)
 

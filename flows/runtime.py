@@ -71,11 +71,17 @@ class Runtime:
         self.log(msg, level=logging.WARNING)
 
 
+#: what a run's state message adds for something a person must see even when every item
+#: made it (the balance fell by more than the run estimated)
+WARNING_MARK = "; WARNING: "
+
+
 def end_state(completed: bool, name: str | None, message: str | None, data: Any) -> Any:
-    """A flow's return: `data` itself when all went well, else a state named `name`."""
+    """A flow's return: `data` itself when all went well and nothing is to be said, else a
+    state named `name` with its message."""
     # a plain value comes back to the caller as is; a returned State's data can be dropped when
     # the server answers the state proposal with its own state
-    if completed and name == "Completed":
+    if completed and name == "Completed" and WARNING_MARK not in (message or ""):
         return data
     return (Completed if completed else Failed)(name=name, message=message, data=data)
 

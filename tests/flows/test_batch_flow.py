@@ -316,6 +316,23 @@ def test_a_balance_that_falls_past_the_estimate_and_cap_is_said_loudly(
     assert on_disk["spend_warning"] == warning
 
 
+def test_a_green_run_that_spent_past_its_estimate_still_says_so_in_its_state(
+    flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch
+):
+    """Every item made it, no cap: the state stays Completed, and its message still carries
+    the balance's fall past the estimate (a plain return would drop it)."""
+    from hailuo_batch.settings import get_settings
+
+    monkeypatch.setenv("HAILUO_PRICE_STANDARD_6S_USD", "0.05")  # the emulator charges 0.19
+    get_settings.cache_clear()
+    m = _six_items(tmp_path, images_dir, make_image, emulator)
+    state = generate_videos(manifest=str(m), output=str(tmp_path / "o"), concurrency=3)
+    summary = state.result(raise_on_failure=False)
+    assert summary["by_status"]["succeeded"] == 6 and "spend_warning" in summary
+    assert state.is_completed() and state.name == "Completed"
+    assert "WARNING: the balance fell by $1.14" in (state.message or "")
+
+
 def test_a_cap_of_zero_pays_nothing_and_says_the_cap_was_reached(
     flow_env, emulator, tmp_path, images_dir, make_image
 ):
