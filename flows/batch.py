@@ -60,8 +60,9 @@ async def generate_videos(
         manifest: Manifest: CSV, JSONL or JSON; path or fsspec URL.
         options: How to run the batch (output, defaults for rows, concurrency, money guards,
             blocks); each option is described in the form.
-        force: Resubmit items whose earlier run ended failed, skipped or uncertain (reruns set
-            this; stored videos are never redone).
+        force: Resubmit items whose earlier run ended failed, skipped or uncertain; never
+            a content violation or unchanged bad input (rerun-failed with a failCode named
+            does that); stored videos are never redone.
         resubmit_lost: Pay for a new task for items whose task the provider lost (404 or poll
             timeout); they are reported as possible duplicate charges.
         rerun_of: Results file of the run this one reruns (for the report).
@@ -73,9 +74,11 @@ async def generate_videos(
         async with opened_run(
             options, run_id, force=force, resubmit_lost=resubmit_lost, dry_run=options.dry_run
         ) as run:
+            run.chosen = rerun_of is not None  # the rerun flow chose what force resubmits
             job = PartJob(
-                manifest=manifest, options=options, force=force, resubmit_lost=resubmit_lost
-            )
+                manifest=manifest, options=options, force=force, resubmit_lost=resubmit_lost,
+                rerun=run.chosen,
+            )  # fmt: skip
             return await _run_batch(run, job, rerun_of, started)
     except RunNotStarted as exc:  # a bad block, key or output: one clean line, exit 2
         return not_started(exc)

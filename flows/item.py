@@ -35,7 +35,7 @@ from hailuo_batch.lifecycle import LifePolicy, live_item
 from hailuo_batch.manifest import ManifestItem
 from hailuo_batch.pacing import AdaptiveSlots, Slot
 from hailuo_batch.parts import results_folder
-from hailuo_batch.policy import Prices, estimate_cost
+from hailuo_batch.policy import Prices, estimate_cost, not_forced_again
 from hailuo_batch.results import ItemResult, from_jsonl
 from hailuo_batch.steps import (
     LeaseLapsed,
@@ -75,6 +75,9 @@ class RunState:
     slots: AdaptiveSlots  # --concurrency is the ceiling; 429s bring the in-flight target down
     budget: Budget = field(default_factory=Budget)
     force: bool = False
+    # a rerun that chose its items itself (`rerun-failed`): force resubmits all it was given;
+    # else force leaves content violations and unchanged bad input (`policy.not_forced_again`)
+    chosen: bool = False
     resubmit_lost: bool = False
     use_global_limit: bool = False  # the Prefect global concurrency limit `apixo` exists
     dry_run: bool = False
@@ -100,6 +103,9 @@ class RunState:
             force=self.force,
             uncertain_policy=self.rt.settings.uncertain_policy,
             resubmit_lost=self.resubmit_lost,
+            not_forced=None
+            if self.chosen
+            else partial(not_forced_again, overrides=self.rt.settings.failcode_policy),
         )
 
     def unit_cost(self, item: ManifestItem) -> float:

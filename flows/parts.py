@@ -462,6 +462,7 @@ async def _run_part_job(run_id: str, part: int, job: PartJob) -> Any:
             run.parts.runs = frozenset({run_id})  # what the batch run decided for an item stands
             run.parts.claim = pid  # each item checks the part is still this run's before it starts
             run.budget.cap_is_share = True  # its cap is its share (or none), not the user's cap
+            run.chosen = job.rerun
             one, on_error = partial(check_and_run, run), partial(_internal_error, pid)
             results = await Parts(items, max(1, len(items)), one, on_error).in_order()
             summary = {

@@ -126,8 +126,13 @@ def plan_item(
     force: bool = False,
     uncertain_policy: UncertainPolicy = "resubmit",
     resubmit_lost: bool = False,
+    not_forced: Callable[[str | None], str | None] | None = None,
 ) -> Plan:
-    """Decide how to resume one item. A plain function: every branch is unit-tested."""
+    """Decide how to resume one item. A plain function: every branch is unit-tested.
+
+    `not_forced(fail_code)`, when given, says why `force` must not resubmit a failed or
+    skipped item (`policy.not_forced_again`); a rerun that chose its items itself leaves it
+    out."""
     if record is None:
         return Plan("submit")
     if record.input_hash != input_hash:
@@ -152,8 +157,9 @@ def plan_item(
             )
         return Plan("submit", note=note, keep_video=kept)
     plan = _plan_same_inputs(
-        record, force=force, uncertain_policy=uncertain_policy, resubmit_lost=resubmit_lost
-    )
+        record, force=force, uncertain_policy=uncertain_policy, resubmit_lost=resubmit_lost,
+        not_forced=not_forced,
+    )  # fmt: skip
     if record.possible_duplicate and not plan.uncertain:  # said by every run, not only one
         note = "; ".join(
             n for n in (plan.note, "resubmitted once while an earlier POST's outcome was "
@@ -171,6 +177,7 @@ def plan_in_batch(
     force: bool = False,
     uncertain_policy: UncertainPolicy = "resubmit",
     resubmit_lost: bool = False,
+    not_forced: Callable[[str | None], str | None] | None = None,
 ) -> Plan:
     """`plan_item` for a run finishing the parts its child runs left (`part_runs`: their run
     ids). A record one of them wrote is this batch's own decision and stands: no forced rerun of
@@ -179,7 +186,7 @@ def plan_in_batch(
     if record is None or record.run_id not in part_runs:
         return plan_item(
             record, input_hash, force=force, uncertain_policy=uncertain_policy,
-            resubmit_lost=resubmit_lost,
+            resubmit_lost=resubmit_lost, not_forced=not_forced,
         )  # fmt: skip
     plan = plan_item(record, input_hash, uncertain_policy="hold")
     if plan.action == "submit" and record.state != LedgerState.NOT_SUBMITTED:
@@ -189,7 +196,12 @@ def plan_in_batch(
 
 
 def _plan_same_inputs(
-    record: LedgerRecord, *, force: bool, uncertain_policy: UncertainPolicy, resubmit_lost: bool
+    record: LedgerRecord,
+    *,
+    force: bool,
+    uncertain_policy: UncertainPolicy,
+    resubmit_lost: bool,
+    not_forced: Callable[[str | None], str | None] | None,
 ) -> Plan:
     """`plan_item` for a record of the same inputs (attempts and resubmits are set by it)."""
     if record.state == LedgerState.STORED:
@@ -218,8 +230,15 @@ def _plan_same_inputs(
             "(--resubmit-lost pays for a new task)",
         )
     if record.state in TERMINAL:
-        if force:
+        why = not_forced(record.fail_code) if force and not_forced is not None else None
+        if force and why is None:
             return Plan("submit", note=f"rerun of {record.state} item")
+        if why is not None:
+            return Plan(
+                "cached",
+                note=f"final in run {record.run_id}: {why} (force leaves it; "
+                "`hailuo-batch rerun --fail-code CODE` resubmits it once its input is fixed)",
+            )
         return Plan("cached", note=f"final in run {record.run_id}")
     return Plan("submit")  # NOT_SUBMITTED: nothing was created
 

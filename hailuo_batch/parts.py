@@ -105,6 +105,7 @@ class PartJob(BaseModel):
     row_keys: list[str] = []
     force: bool = False
     resubmit_lost: bool = False
+    rerun: bool = False  # the batch is a rerun that chose its items (`RunState.chosen`)
 
 
 def item_key(item: ManifestItem) -> str:

@@ -125,6 +125,22 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
+def not_forced_again(
+    fail_code: str | None, overrides: Mapping[str, FailClass] | None = None
+) -> str | None:
+    """Why `force` alone must not pay again for an item whose task ended with `fail_code`:
+    the contract never resubmits a content violation automatically, nor bad input unchanged
+    (the same inputs fail again, and are paid for again). None: force may resubmit it. A rerun
+    that names the failCode (`rerun-failed --fail-code`) says the user changed what the row
+    points at, and resubmits it."""
+    cls = classify_fail_code(fail_code, overrides)
+    if cls == "content":
+        return f"{fail_code} is a content violation: never resubmitted automatically"
+    if cls == "bad_input":
+        return f"{fail_code} is bad input: not resubmitted unchanged"
+    return None
+
+
 def after_failure(fail_class: FailClass, resubmits: int, max_resubmits: int) -> str:
     """What to do with an item whose task ended `failed`.
 

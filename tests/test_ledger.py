@@ -2,6 +2,7 @@ import asyncio
 import hashlib
 import json
 import time
+from functools import partial
 
 import anyio
 import pytest
@@ -659,3 +660,31 @@ def test_a_task_the_ledger_missed_comes_back_from_its_runs_results() -> None:
     assert task_from_results(known, [failed], key_of) is None
     elsewhere = stored.model_copy(update={"video": "s3://other/videos/a.mp4"})
     assert task_from_results(behind, [elsewhere], key_of).state == "submitted"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("state", "code", "forced"),
+    [
+        (LedgerState.SKIPPED, "CONTENT_VIOLATION", False),
+        (LedgerState.SKIPPED, "NSFW", False),
+        (LedgerState.FAILED, "PROMPT_TOO_LONG", False),
+        (LedgerState.FAILED, "INVALID_IMAGE_URL", False),
+        (LedgerState.FAILED, "GENERATION_FAILED", True),
+        (LedgerState.FAILED, "SOMETHING_NEW", True),
+        (LedgerState.FAILED, None, True),
+    ],
+)
+def test_force_leaves_content_violations_and_unchanged_bad_input(state, code, forced):
+    from hailuo_batch.policy import not_forced_again
+
+    rec = LedgerRecord(id="a", input_hash="h", state=state, fail_code=code, run_id="r1")
+    plan = plan_item(rec, "h", force=True, not_forced=not_forced_again)
+    assert (plan.action == "submit") is forced
+    if not forced:
+        assert plan.action == "cached" and code in (plan.note or "")
+    # a rerun that chose its items (no `not_forced`) resubmits what it was given
+    assert plan_item(rec, "h", force=True).action == "submit"
+    # a failCode moved to another class by the user's policy follows its new class
+    moved = partial(not_forced_again, overrides={code: "transient"}) if code else None
+    if moved is not None:
+        assert plan_item(rec, "h", force=True, not_forced=moved).action == "submit"

@@ -270,6 +270,53 @@ def test_rerun_failed_items_only(flow_env, emulator, tmp_path, images_dir, make_
     assert emulator.stats()["submissions_by_prompt"]["l [fail:PROMPT_TOO_LONG]"] == 1
 
 
+def test_force_from_the_form_never_pays_again_for_content_or_unchanged_bad_input(
+    flow_env, emulator, tmp_path, images_dir, make_image, monkeypatch
+):
+    """`force` (a box on the deployment's form) resubmits failed and skipped items, but not a
+    content violation or a bad-input failure with the same inputs: the contract's rule, as
+    `rerun-failed` keeps it. A rerun that names the failCode still resends it."""
+    monkeypatch.setenv("HAILUO_TRANSIENT_MAX_RESUBMITS", "0")
+    get_settings.cache_clear()
+    (images_dir / "a.jpg").write_bytes(make_image(640, 360).read_bytes())
+    img = f"{emulator.base_url}/files/a.jpg"
+    rows = [
+        {"id": "flaky", "image_url": img, "prompt": "g [flaky:GENERATION_FAILED]"},
+        {"id": "nsfw", "image_url": img, "prompt": "g [fail:CONTENT_VIOLATION]"},
+        {"id": "bad", "image_url": img, "prompt": "g [fail:INVALID_PROMPT]"},
+        {"id": "big", "image_url": img, "prompt": "g [fail:IMAGE_TOO_LARGE]"},
+    ]
+    m, out = write_csv(tmp_path / "m.csv", rows), tmp_path / "out"
+    first_summary = generate_videos(manifest=str(m), output=str(out)).result(raise_on_failure=False)
+    first = results_of(first_summary)
+    assert [first[i].status for i in ("flaky", "nsfw", "bad", "big")] == [
+        "failed", "skipped", "failed", "failed",
+    ]  # fmt: skip
+    posts = dict(emulator.stats()["submissions_by_prompt"])
+
+    forced = generate_videos(manifest=str(m), output=str(out), force=True)
+    res = results_of(forced.result(raise_on_failure=False))
+    by_prompt = emulator.stats()["submissions_by_prompt"]
+    assert res["flaky"].status == "succeeded"  # a transient failure is what force is for
+    assert by_prompt["g [flaky:GENERATION_FAILED]"] == posts["g [flaky:GENERATION_FAILED]"] + 1
+    for i, code in (("nsfw", "CONTENT_VIOLATION"), ("bad", "INVALID_PROMPT"),
+                    ("big", "IMAGE_TOO_LARGE")):  # fmt: skip
+        assert by_prompt[rows_prompt(rows, i)] == posts[rows_prompt(rows, i)], i  # not paid again
+        assert res[i].status == first[i].status and code in (res[i].note or ""), res[i]
+        assert "--fail-code" in (res[i].note or "")
+
+    state = run_flow_sync(
+        rerun_failed, results=first_summary["results"], fail_codes=["INVALID_PROMPT"],
+    )  # fmt: skip
+    assert emulator.stats()["submissions_by_prompt"]["g [fail:INVALID_PROMPT]"] == (
+        posts["g [fail:INVALID_PROMPT]"] + 1
+    ), state.message
+
+
+def rows_prompt(rows: list[dict[str, str]], item_id: str) -> str:
+    return next(r["prompt"] for r in rows if r["id"] == item_id)
+
+
 async def _rerun_report(flow_run_id) -> tuple[str, list[str]]:
     """The rerun's markdown artifact and the names of the flow runs it started."""
     async with get_client() as client:
