@@ -62,6 +62,9 @@ class PartsOfRun:
     # a part run on a worker: the part's claim, checked before each item starts (the batch run
     # may have taken the part over while this run's lease looked dead)
     claim: str | None = None
+    # ... and the batch run it is a part of: once that run is over (cancelled, crashed), the
+    # part starts no further item
+    batch_run: str | None = None
 
 
 @dataclass
@@ -279,6 +282,13 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
             if holder != b.run_id:
                 why = f"part {b.parts.claim} was taken over by run {holder or 'nobody'}"
                 return outcomes.not_submitted(item, b.run_id, f"{why}: not touched")
+            batch = b.parts.batch_run
+            if batch is not None and not await b.rt.blocking(b.ledger.lease_alive, batch):
+                why = (
+                    f"the batch run {batch} is over (cancelled, or it stopped): not started; "
+                    "run the batch again to finish it"
+                )
+                return outcomes.not_submitted(item, b.run_id, why)
         started()
         await keep_replaced()
         out = await live_item(

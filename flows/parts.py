@@ -446,7 +446,11 @@ async def _run_part_job(run_id: str, part: int, job: PartJob) -> Any:
             if owner != run_id:  # the batch run took the part over: never take it back from it
                 owner = await run.rt.blocking(run.ledger.claim_part, pid)
             if owner is None and not await run.rt.blocking(run.ledger.lease_alive, run_id):
-                owner = f"nobody: the batch run {run_id} is over"  # it finished the part itself
+                msg = (
+                    f"part {pid}: the batch run {run_id} is over (cancelled, or it stopped): "
+                    "nothing done here; run the batch again to finish it"
+                )
+                return Cancelled(name="BatchRunOver", message=msg)
             if owner is not None:
                 msg = f"part {pid} is held by run {owner}: nothing done here"
                 return Completed(name="PartTakenOver", message=msg)
@@ -461,6 +465,7 @@ async def _run_part_job(run_id: str, part: int, job: PartJob) -> Any:
             await run.rt.blocking(run.know_records, items)  # tasks and results already owned
             run.parts.runs = frozenset({run_id})  # what the batch run decided for an item stands
             run.parts.claim = pid  # each item checks the part is still this run's before it starts
+            run.parts.batch_run = run_id  # ... and that the batch run still lives
             run.budget.cap_is_share = True  # its cap is its share (or none), not the user's cap
             run.chosen = job.rerun
             one, on_error = partial(check_and_run, run), partial(_internal_error, pid)

@@ -153,10 +153,13 @@ def test_a_part_run_that_starts_after_the_parent_took_its_part_does_nothing(
     # the batch run is over (its lease ended, so its claim is stale): a part it took stays
     # its own, and a part nobody took is not started either
     parent.end_lease()
-    for part, said in [(0, "held by run R"), (1, "the batch run R is over")]:
-        state = asyncio.run(flows.parts.run_part("R", part, job, return_state=True))
-        assert state.is_completed() and state.name == "PartTakenOver", state
-        assert said in (state.message or "")
+    state = asyncio.run(flows.parts.run_part("R", 0, job, return_state=True))
+    assert state.is_completed() and state.name == "PartTakenOver", state
+    assert "held by run R" in (state.message or "")
+    # a part nobody took, of a batch run that is over (cancelled, crashed): not green
+    state = asyncio.run(flows.parts.run_part("R", 1, job, return_state=True))
+    assert state.is_cancelled() and state.name == "BatchRunOver", state
+    assert "the batch run R is over" in (state.message or "")
     assert submissions(emulator) == before
 
 
@@ -218,3 +221,36 @@ def test_a_part_run_held_by_its_share_says_so_not_the_users_max_cost(
     assert submissions(emulator) - before == 1 and summary["capped"] == len(held) == 2
     assert all("part's share of the run's spending cap" in (r.fail_msg or "") for r in held)
     assert not any("max cost reached" in (r.fail_msg or "") for r in held)
+
+
+def test_a_part_run_starts_no_item_once_its_batch_run_is_over(
+    flow_env, emulator, s3_env, tmp_path, images_dir, make_image
+):
+    """The batch run was cancelled (or it crashed) while its part ran on a worker: the part
+    finishes what it started and starts no further item, each saying why."""
+    url, local = manifest_in_s3(s3_env, tmp_path, items(images_dir, make_image, emulator, 5))
+    store = OutputStore(f"s3://{s3_env}/out")
+    parent = Ledger(store, "R", lease_ttl_s=120)
+    parent.heartbeat()
+    job = part_job(url, local, s3_env, concurrency=1)
+    before = submissions(emulator)
+
+    def cancel_parent() -> None:  # once the first POST went out, the batch run is cancelled
+        for _ in range(3000):
+            if submissions(emulator) > before:
+                break
+            time.sleep(0.01)
+        parent.end_lease()
+
+    canceller = threading.Thread(target=cancel_parent)
+    canceller.start()
+    summary = asyncio.run(flows.parts.run_part("R", 0, job))
+    canceller.join()
+    results = from_jsonl(
+        s3fs.S3FileSystem().cat(f"{s3_env}/out/runs/R/parts/1/results.jsonl").decode()
+    )
+    posts = submissions(emulator) - before
+    left = [r for r in results if r.status == "not_submitted"]
+    assert summary["items"] == len(results) == 5
+    assert 1 <= posts < 5 and len(left) == 5 - posts, [(r.id, r.status) for r in results]
+    assert all("the batch run R is over" in (r.fail_msg or "") for r in left)
