@@ -154,7 +154,7 @@ async def _guard_money(
     """Estimate what is left to submit and apply the balance policy (`apply_balance`);
     returns the estimate and the balance."""
     run.planned_costs = await run.rt.blocking(
-        planned_costs, run.ledger, parsed.items, run.plan, run.unit_cost, run.know
+        planned_costs, run.ledger, parsed.items, run.plan, run.unit_cost, run.know_at_start
     )
     estimate = sum(run.planned_costs.values())
     msg = "%d rows to check, %d invalid; estimated cost of what is left to submit $%.2f"

@@ -97,6 +97,8 @@ class RunState:
     owners: TaskOwners = field(default_factory=TaskOwners)  # which item each task is
     # the results files of earlier runs read so far, by run id (`results_of_run`)
     run_results: dict[str, dict[tuple[str, str | None], ItemResult]] = field(default_factory=dict)
+    # each item's POSTs before this run began, by (id, input_hash) (`know_at_start`)
+    posts_at_start: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def plan(self, item: ManifestItem, rec: LedgerRecord | None) -> Plan:
         return plan_in_batch(
@@ -151,6 +153,20 @@ class RunState:
     def know(self, rec: LedgerRecord) -> None:
         """The tasks and stored result an earlier run recorded are `rec`'s item's."""
         self.owners.know(rec.id, [rec.task_id, *rec.task_ids], [rec.result])
+
+    def know_at_start(self, rec: LedgerRecord) -> None:
+        """`know`, and how many POSTs the item had before this run (`parts_spend`)."""
+        self.know(rec)
+        self.posts_at_start[(rec.id, rec.input_hash)] = rec.attempts
+
+    def parts_spend(self, rec: LedgerRecord | None, unit_usd: float) -> float:
+        """What a part run of this batch spent on the item it left (killed, cancelled) for
+        this run to finish: this run's spend, though the part's record says it. 0 for any other
+        record, and in a part run itself."""
+        if rec is None or self.parts.claim is not None or rec.run_id not in self.parts.runs:
+            return 0.0
+        before = self.posts_at_start.get((rec.id, rec.input_hash), 0)
+        return max(0, rec.attempts - before) * unit_usd
 
     def know_records(self, items: list[ManifestItem]) -> None:
         """`know` every record of `items` (a part's run, which plans no spend of its own)."""
@@ -250,6 +266,7 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
         if recovered is not None:
             rec = current = await b.rt.blocking(b.ledger.put, recovered)
     plan = b.plan(item, rec)
+    parts_usd = b.parts_spend(rec, unit_cost)
     recovered_note = None
     if recovered is not None:
         recovered_note = f"task {recovered.task_id} recovered from run {recovered.run_id}'s results"
@@ -271,7 +288,7 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
             plan = Plan("done", note=note, attempts=rec.attempts, resubmits=rec.resubmits)
     done = outcomes.planned_result(item, rec, plan, unit_cost, b.run_id, b.rt.scrub)
     if done is not None:
-        return done
+        return outcomes.with_spend(done, parts_usd)
     assert v.request is not None  # only valid items get here
     await b.rt.recorder.wait_ready()  # the Prefect server keeps up with this run's records
     async with b.slots.slot() as slot, _provider_slot(b):
@@ -304,7 +321,8 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
             resumed=plan.action == "poll",
             sweep=plan.action == "poll",
         )
-    return outcomes.from_outcome(item, out, plan, unit_cost, b.run_id, b.rt.scrub)
+    result = outcomes.from_outcome(item, out, plan, unit_cost, b.run_id, b.rt.scrub)
+    return outcomes.with_spend(result, parts_usd)
 
 
 class FlowEffects:

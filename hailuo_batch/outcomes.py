@@ -188,6 +188,13 @@ def from_outcome(
     )
 
 
+def with_spend(result: ItemResult, usd: float) -> ItemResult:
+    """`result` with `usd` more spent by this run (POSTs a part of it made)."""
+    if usd <= 0:
+        return result
+    return result.model_copy(update={"run_cost_usd": round(result.run_cost_usd + usd, 4)})
+
+
 def video_facts(item: ManifestItem, stored: StoredObject | None) -> dict[str, Any]:
     """Duration and resolution of a verified video, and a warning if it is not what was paid."""
     info = stored.info if stored is not None else None

@@ -254,3 +254,54 @@ def test_a_part_run_starts_no_item_once_its_batch_run_is_over(
     assert summary["items"] == len(results) == 5
     assert 1 <= posts < 5 and len(left) == 5 - posts, [(r.id, r.status) for r in results]
     assert all("the batch run R is over" in (r.fail_msg or "") for r in left)
+
+
+def test_what_a_killed_part_paid_counts_as_the_batch_runs_spend(
+    flow_env, emulator, s3_env, tmp_path, images_dir, make_image, monkeypatch
+):
+    """A part on a worker pays for its first item and is killed; the batch run finishes the
+    part from the ledger. That POST is this batch's spend: in the item's run cost and the
+    run's estimate, so the balance's fall agrees with it and no price warning is raised."""
+    from hailuo_batch.apixo import ApixoClient
+    from hailuo_batch.ledger import LedgerRecord, LedgerState
+    from hailuo_batch.validation import preflight
+    from tests.flows.flowkit import API_KEY
+
+    monkeypatch.setenv("HAILUO_ITEMS_PER_FLOW_RUN", "3")
+    monkeypatch.setattr(flows.parts.deployment, "get_id", lambda: "a-deployment")
+    get_settings.cache_clear()
+    url, local = manifest_in_s3(s3_env, tmp_path, items(images_dir, make_image, emulator, 6))
+    rows = load_manifest(str(local), ItemDefaults()).items
+    unit = estimate_cost("standard-image-to-video", 6, Prices.from_settings(get_settings()))
+    paid: list[str] = []
+
+    async def killed_after_paying(run, k, job, name):
+        pid = part_run_id(run.run_id, k)
+        child = Ledger(run.rt.store, pid, lease_ttl_s=120)
+        child.heartbeat()
+        assert child.claim_part(pid) is None
+        item = next(i for i in rows if i.row == job.rows[0])
+        request = preflight(item, settings=get_settings()).request
+        task_id = ApixoClient(API_KEY, emulator.base_url).submit(request)
+        child.put(
+            LedgerRecord(id=item.id, input_hash=item.input_hash, state=LedgerState.SUBMITTED,
+                         task_id=task_id, task_ids=[task_id], attempts=1)
+        )  # fmt: skip
+        paid.append(item.id)
+        child.end_lease()  # killed: its lease is over
+        return "CRASHED", None
+
+    monkeypatch.setattr(flows.parts, "_run_on_worker", killed_after_paying)
+    asyncio.run(deploy_parts_nowhere())
+    before = submissions(emulator)
+    state = generate_videos(
+        manifest=url, output=f"s3://{s3_env}/out", concurrency=4, return_state=True
+    )
+    summary = state.result(raise_on_failure=False)
+    results = {r.id: r for r in from_jsonl(s3fs.S3FileSystem().cat(summary["results"]).decode())}
+    assert len(paid) == 2 and submissions(emulator) - before == 6  # one POST per item
+    assert all(results[i].status == "succeeded" for i in results), state.message
+    assert all(results[i].run_cost_usd == pytest.approx(unit) for i in paid)
+    assert summary["estimated_cost_usd"] == pytest.approx(6 * unit)
+    assert summary["balance_spent_usd"] == pytest.approx(6 * unit)
+    assert "spend_warning" not in summary and state.name == "Completed", state.message
