@@ -25,11 +25,17 @@ DEFAULT_RERUN_STATUSES = (ItemStatus.FAILED, ItemStatus.NOT_SUBMITTED, ItemStatu
 
 def output_of_results(results_url: str) -> str:
     """`{output}/runs/{run_id}/results.jsonl` -> `{output}`."""
+    if not results_url.strip():
+        raise ValueError(
+            "no results file given: give the URL of a previous run's results.jsonl "
+            "({output}/runs/{run_id}/results.jsonl)"
+        )
     parts = results_url.rstrip("/").rsplit("/", 3)
     if len(parts) != 4 or parts[1] != "runs" or parts[3] != "results.jsonl":
         raise ValueError(
             f"{results_url} is not a results file of the form {{output}}/runs/{{run_id}}/"
-            "results.jsonl; pass the output explicitly"
+            "results.jsonl; give the output to rerun into (--output, or output in the "
+            "options)"
         )
     return parts[0]
 

@@ -79,8 +79,11 @@ def test_overrides():
 def test_output_of_results():
     assert output_of_results("s3://b/out/runs/2026-x/results.jsonl") == "s3://b/out"
     assert output_of_results("/data/out/runs/r1/results.jsonl") == "/data/out"
-    with pytest.raises(ValueError, match="pass the output"):
+    with pytest.raises(ValueError, match="give the output to rerun into"):
         output_of_results("/data/results.jsonl")
+    for nothing in ("", "   "):  # the form's empty field: say what to give, not " is not ..."
+        with pytest.raises(ValueError, match=r"^no results file given: give the URL"):
+            output_of_results(nothing)
 
 
 @pytest.fixture
