@@ -55,6 +55,11 @@ class Budget:
         # a cap of 0 pays for nothing, even an item priced at 0 (HAILUO_PRICE_*=0)
         if cap is not None and (cap <= 0 or self.spent_usd + unit_usd > cap + _EPS):
             self.capped += 1
+            if self.cap_is_share and cap <= 0:
+                return (
+                    "nothing of the run's spending cap was left for this part when it started "
+                    "(the parts before it hold it all)"
+                )
             if self.cap_is_share:
                 return (
                     f"this part's share of the run's spending cap is reserved: "

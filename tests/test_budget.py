@@ -80,3 +80,6 @@ def test_each_kind_of_cap_names_itself_when_it_holds_an_item_back():
     assert "balance of $0.25" in said["balance"] and "--fit-to-balance" in said["balance"]
     assert "part's share of the run's spending cap" in said["share"]
     assert "$0.19 of $0.25" in said["share"] and "max cost" not in said["share"]
+    nothing_left = Budget(cap_usd=0.0, cap_is_share=True).reserve(0.19)
+    assert nothing_left is not None and "$0.00 of $0.00" not in nothing_left
+    assert "nothing of the run's spending cap was left for this part" in nothing_left
