@@ -136,6 +136,12 @@ class Inbox:
 
     def check(self, claim: Claim, defaults: ItemDefaults) -> ManifestCheck:
         """Read the claimed manifest as the batch flow will (nothing is paid here)."""
+        if "::" in claim.name:  # fsspec reads `a::b` as a chained URL: the file is never found
+            return ManifestCheck(
+                ok=False,
+                error=f"the file name {claim.name!r} holds '::', which fsspec reads as a "
+                "chained URL: rename it without '::' and drop it in the inbox again",
+            )
         return check_manifest(self.url_of(claim), defaults, self.store.storage_options or None)
 
     def release(self, claim: Claim) -> None:

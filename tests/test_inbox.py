@@ -76,3 +76,15 @@ def test_a_failed_run_sends_its_manifest_to_failed_with_the_reason() -> None:
     _, crashed = run_record(record, "x", _state(False), RuntimeError("worker died"))
     assert crashed["error"] == "worker died" and crashed["run_id"] is None
     assert run_record(record, "x", _state(False), None)[1]["error"] == "run failed"
+
+
+def test_a_manifest_whose_name_holds_a_double_colon_is_refused_saying_to_rename_it(
+    tmp_path: Path,
+) -> None:
+    box = Inbox(OutputStore(str(tmp_path / "inbox")))
+    box.store.write_text_atomic("x::y.csv", "image_url,prompt\nhttps://x/y.jpg,pan\n")
+    claim = box.claim("x::y.csv", "C")
+    assert claim is not None
+    check = box.check(claim, ItemDefaults())
+    assert not check.ok and "rename it without '::'" in (check.error or "")
+    assert "not found" not in (check.error or "")
