@@ -69,16 +69,35 @@ def control_character(text: str) -> str | None:
     return None
 
 
+def format_character(text: str) -> str | None:
+    """A description of the first invisible format character (Unicode category Cf: zero-width
+    space U+200B, left-to-right mark U+200E, byte order mark U+FEFF, ...) in `text`, or None.
+    Pasted after a URL it is invisible on screen, yet the server is asked for another name."""
+    for pos, ch in enumerate(text):
+        if unicodedata.category(ch) == "Cf":
+            name = unicodedata.name(ch, "")
+            return f"U+{ord(ch):04X}{' ' + name if name else ''} at position {pos + 1}"
+    return None
+
+
 def image_url_kind(url: str) -> ImageUrlKind:
     """Which accepted form `url` is ("http", "s3" or "local"); `ImageUrlError` for anything else.
 
     Pure: never resolves, opens or stats anything, so the answer cannot depend on the target.
+    Control characters, lone surrogates and invisible format characters (category Cf) are
+    refused wherever they are, naming the character and its position.
     """
     if not isinstance(url, str) or not url.strip():
         raise ImageUrlError(f"image URL is empty: use {ACCEPTED_FORMS}")
     bad = control_character(url)
     if bad:
         raise ImageUrlError(f"image URL contains a control character ({bad}): remove it")
+    bad = format_character(url)
+    if bad:
+        raise ImageUrlError(
+            f"image URL contains an invisible format character ({bad}): remove it "
+            "(in an http(s) URL, percent-encode it if the name really contains it)"
+        )
     if url != url.strip():
         raise ImageUrlError("image URL starts or ends with white space: remove it")
     match = _SCHEME_PREFIX.match(url)

@@ -18,6 +18,7 @@ from hailuo_batch.netguard import (
     address_problem,
     check_url_allowed,
     control_character,
+    format_character,
     image_url_kind,
 )
 
@@ -179,6 +180,12 @@ def test_accepted_image_url_forms(url: str, kind: str) -> None:
         "/tmp/a\ud800.jpg",
         "https://example.com/\x7f.jpg",
         " https://example.com/a.jpg",
+        # invisible format characters (category Cf): shown as nothing, sent as %E2%80%8B...
+        "http://example.com/good.jpg\u200b",
+        "https://example.com/good.jpg\u200e",
+        "\ufeff/data/images/a.jpg",
+        "s3://my-bucket/in/a\u2060.jpg",
+        "https://exam\u00adple.com/a.jpg",
         "",
         "   ",
     ],
@@ -210,6 +217,7 @@ def test_any_string_is_one_accepted_form_or_refused(text: str) -> None:
         assert "://" not in text and "::" not in text
         assert not re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", text)
     assert control_character(text) is None
+    assert format_character(text) is None
 
 
 @settings(max_examples=100, deadline=None)

@@ -117,3 +117,30 @@ def test_an_unexpected_error_is_a_verdict_not_a_crash(monkeypatch: pytest.Monkey
 def test_loopback_images_are_refused_with_the_guard_on() -> None:
     verdict = preflight(item("http://127.0.0.1:9/a.jpg"), settings=settings())
     assert not verdict.ok and "HAILUO_ALLOW_PRIVATE_NETWORKS=1" in verdict.errors[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("http://cdn.example.com/good.jpg\u200b", "U+200B ZERO WIDTH SPACE at position 32"),
+        ("http://cdn.example.com/good.jpg\u200e", "U+200E LEFT-TO-RIGHT MARK at position 32"),
+        (
+            "\ufeffhttps://cdn.example.com/good.jpg",
+            "U+FEFF ZERO WIDTH NO-BREAK SPACE at position 1",
+        ),
+        ("/data/in/good.jpg\u2060", "U+2060 WORD JOINER at position 18"),
+    ],
+)
+def test_an_invisible_character_in_the_image_url_is_refused_before_any_fetch(
+    url: str, named: str, no_io: list[str]
+) -> None:
+    """A URL pasted with a trailing zero-width space looks right on screen but names another
+    file: it was fetched and refused as 'image not found: http://.../good.jpg (HTTP 404)', a
+    reason that looked wrong. It is refused before any I/O, naming the character."""
+    verdict = preflight(item(url), settings=settings())
+    assert not verdict.ok and verdict.field == "image_url"
+    assert verdict.errors == [
+        f"image URL contains an invisible format character ({named}): remove it "
+        "(in an http(s) URL, percent-encode it if the name really contains it)"
+    ]
+    assert no_io == []
