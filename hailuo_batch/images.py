@@ -135,12 +135,15 @@ def _try_sniff(header: bytes, *, complete: bool) -> ImageInfo | None:
         try:
             with Image.open(io.BytesIO(header)) as im:
                 return ImageInfo(format=(im.format or "unknown").lower(), width=0, height=0)
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        except Exception:  # noqa: BLE001 - see below
+            # Whatever a plugin raises on bytes it half recognises (a malformed DDS raises
+            # NotImplementedError, others struct.error or TypeError) means the same thing:
+            # not an image the provider takes.
             return None if not complete and len(header) < 16 else _UNKNOWN
     try:
         # Plugin classes directly: no decompression-bomb refusal, we only want the header.
         im = factory(io.BytesIO(header))
-    except (OSError, SyntaxError, ValueError, IndexError, EOFError):
+    except Exception:  # noqa: BLE001 - any parser error: the header is cut short or malformed
         return None if not complete else ImageInfo(format=fmt, width=0, height=0)
     width, height = im.size
     im.close()

@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import s3fs
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import settings as settings_
 from hypothesis import strategies as st
 from PIL import Image
@@ -136,6 +136,38 @@ def test_sniff_only_needs_the_header() -> None:
     data = image_bytes(1920, 1080, "PNG")
     info = sniff_image(data[:64])
     assert (info.format, info.width, info.height) == ("png", 1920, 1080)
+
+
+_MAGICS = [
+    b"DDS " + (124).to_bytes(4, "little"),
+    b"8BPS",
+    b"\x00\x00\x01\x00",
+    b"icns",
+    b"qoif",
+    b"FORM",
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR",
+    b"\xff\xd8\xff\xc0",
+    b"\xff\xd8\xff\xe1",
+]
+
+
+@settings_(max_examples=300, deadline=None)
+@given(st.sampled_from(_MAGICS), st.binary(max_size=300))
+@example(
+    b"DDS " + (124).to_bytes(4, "little"),
+    (0x1007).to_bytes(4, "little") + b"\0" * 64 + (32).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"ZZZZ" + b"\0" * 140,
+)  # fmt: skip
+def test_whatever_pillow_raises_on_a_file_means_it_is_not_an_image(
+    magic: bytes, rest: bytes
+) -> None:
+    """A file that starts like an image and then breaks a plugin (a DDS with a pixel format
+    Pillow does not implement raises NotImplementedError) is a verdict, never an exception."""
+    info = sniff_image(magic + rest)
+    assert info.format in ("unknown", "jpeg", "png") or info.width == 0
+    if info.format == "unknown":
+        assert check_image_rules(info, max_bytes=MB) == [
+            "not a recognisable image (JPEG or PNG only)"
+        ]
 
 
 def test_sniff_of_non_image_bytes_is_unknown() -> None:

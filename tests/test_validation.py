@@ -144,3 +144,25 @@ def test_an_invisible_character_in_the_image_url_is_refused_before_any_fetch(
         "(in an http(s) URL, percent-encode it if the name really contains it)"
     ]
     assert no_io == []
+
+
+def _malformed_dds() -> bytes:
+    """256 bytes: a DDS header whose pixel format Pillow does not implement."""
+    import struct
+
+    header = b"DDS " + struct.pack("<7I", 124, 0x1007, 720, 1280, 0, 0, 0) + b"\0" * 44
+    pixel_format = struct.pack("<8I", 32, 0x4, int.from_bytes(b"ZZZZ", "little"), 0, 0, 0, 0, 0)
+    return (header + pixel_format).ljust(256, b"\0")
+
+
+def test_a_file_pillow_half_recognises_is_not_an_image_without_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pillow's DDS plugin raises NotImplementedError on this file: the row said 'the item
+    could not be checked (NotImplementedError)' under a full traceback in the log."""
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(_malformed_dds())
+    verdict = preflight(item(str(path)), settings=settings(), output_is_local=False)
+    assert not verdict.ok and verdict.field == "image_url"
+    assert verdict.errors == ["not a recognisable image (JPEG or PNG only)"]
+    assert not [r for r in caplog.records if r.exc_info]
