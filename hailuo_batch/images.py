@@ -67,6 +67,18 @@ class ImageInfo:
     least_bytes: int | None = None
 
 
+#: Pillow's own default for `Image.MAX_IMAGE_PIXELS` (1 GiB of 24-bit pixels over 4)
+PILLOW_DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+
+
+def pixel_limit() -> int:
+    """The most pixels an image may have: above twice `PIL.Image.MAX_IMAGE_PIXELS` Pillow
+    raises `DecompressionBombError` instead of opening it (the provider's decoder refuses it as
+    UNSUPPORTED_FORMAT, and so does the emulator). Pillow's default when this process turned
+    its guard off: the provider's is on."""
+    return 2 * (Image.MAX_IMAGE_PIXELS or PILLOW_DEFAULT_MAX_PIXELS)
+
+
 def check_image_rules(info: ImageInfo, *, max_bytes: int) -> list[str]:
     """Every provider rule `info` breaks, as messages naming the rule and the values."""
     problems: list[str] = []
@@ -93,6 +105,11 @@ def check_image_rules(info: ImageInfo, *, max_bytes: int) -> list[str]:
             problems.append(
                 f"short side {short} px is too small: it must be more than {MIN_SHORT_SIDE} px"
             )
+    if w > 0 and h > 0 and w * h > (limit := pixel_limit()):
+        problems.append(
+            f"the image has {w * h} pixels ({w}x{h}), over the limit of {limit} pixels "
+            "(above it Pillow refuses to decode an image, as a decompression bomb)"
+        )
     if info.size_bytes is not None and info.least_bytes and info.size_bytes < info.least_bytes:
         problems.append(
             f"the file is {info.size_bytes} bytes, too small to hold a {w}x{h} "

@@ -526,3 +526,73 @@ def test_an_empty_image_over_http_is_called_empty(http_base: str, route: str) ->
     is empty, as a local empty file's does, not 'HTTP 416'."""
     with pytest.raises(ImageFetchError, match=r"is empty \(0 bytes\)"):
         inspect_image(f"{http_base}/{route}/x.jpg", settings=settings())
+
+
+# --- decompression bombs ----------------------------------------------------------------------
+
+
+def _png_of_zeros(width: int, height: int) -> bytes:
+    """A valid 8-bit grayscale PNG of `width` x `height` black pixels, built fast: rows of
+    zeros compress to the same bytes after every full flush, so one block is repeated."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    rows_per_block = max(1, 4 * MB // (width + 1))
+    block = b"\0" * ((width + 1) * rows_per_block)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+    parts, adler, left = [b"\x78\xda"], 1, height
+    while left:
+        n = min(left, rows_per_block)
+        raw = block[: (width + 1) * n]
+        parts.append(body if n == rows_per_block else deflate.compress(raw) + deflate.flush(
+            zlib.Z_FULL_FLUSH))  # fmt: skip
+        adler = zlib.adler32(raw, adler)
+        left -= n
+    parts += [deflate.flush(), struct.pack(">I", adler)]
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
+        + chunk(b"IEND", b"")
+    )  # fmt: skip
+
+
+def test_a_decompression_bomb_is_refused_before_paying(tmp_path: Path) -> None:
+    """A valid 30000x30000 PNG of zeros (under 1 MB) broke no rule and was paid for; the
+    provider's decoder (and the emulator) refuse it as a decompression bomb."""
+    from hailuo_batch.emulator.video import ImageRejected
+    from hailuo_batch.emulator.video import inspect_image as provider_check
+    from hailuo_batch.manifest import ManifestItem
+    from hailuo_batch.validation import preflight
+
+    data = _png_of_zeros(30_000, 30_000)
+    assert len(data) < 2 * MB
+    with pytest.raises(ImageRejected) as rejected:
+        provider_check(data, 20 * MB)
+    assert rejected.value.code == "UNSUPPORTED_FORMAT"
+    path = tmp_path / "bomb.png"
+    path.write_bytes(data)
+    item = ManifestItem(
+        id="bomb", row=1, image_url=str(path), prompt="p", mode="standard-image-to-video",  # type: ignore[arg-type]
+        duration=6, provider="auto",  # type: ignore[arg-type]
+    )  # fmt: skip
+    verdict = preflight(item, settings=settings(), output_is_local=False)
+    assert not verdict.ok
+    assert verdict.errors == [
+        "the image has 900000000 pixels (30000x30000), over the limit of 178956970 pixels "
+        "(above it Pillow refuses to decode an image, as a decompression bomb)"
+    ]
+
+
+def test_the_pixel_limit_is_pillows_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500_000)
+    assert rules(1000, 1000) == []  # exactly twice the setting: Pillow still opens it
+    assert rules(1000, 1001) == [
+        "the image has 1001000 pixels (1000x1001), over the limit of 1000000 pixels "
+        "(above it Pillow refuses to decode an image, as a decompression bomb)"
+    ]
