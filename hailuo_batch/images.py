@@ -65,6 +65,9 @@ class ImageInfo:
     # the fewest bytes a whole file of this format and these dimensions can have
     # (`least_bytes`), None when there is no such bound
     least_bytes: int | None = None
+    # what the file's own structure says is broken (e.g. a JPEG without image data), as
+    # messages for `check_image_rules`
+    defects: tuple[str, ...] = ()
 
 
 #: Pillow's own default for `Image.MAX_IMAGE_PIXELS` (1 GiB of 24-bit pixels over 4)
@@ -105,6 +108,7 @@ def check_image_rules(info: ImageInfo, *, max_bytes: int) -> list[str]:
             problems.append(
                 f"short side {short} px is too small: it must be more than {MIN_SHORT_SIDE} px"
             )
+    problems.extend(info.defects)
     if w > 0 and h > 0 and w * h > (limit := pixel_limit()):
         problems.append(
             f"the image has {w * h} pixels ({w}x{h}), over the limit of {limit} pixels "
@@ -164,8 +168,20 @@ def _try_sniff(header: bytes, *, complete: bool) -> ImageInfo | None:
         return None if not complete else ImageInfo(format=fmt, width=0, height=0)
     width, height = im.size
     im.close()
-    least = least_bytes(fmt, width, height, _jpeg_frame(header) if fmt == "jpeg" else None)
-    return ImageInfo(format=fmt, width=width, height=height, least_bytes=least)
+    frame: int | None = None
+    defects: tuple[str, ...] = ()
+    if fmt == "jpeg":
+        frame, scan = _jpeg_layout(header)
+        if scan is None and not complete:
+            return None  # the start of scan may be in the bytes not read yet
+        if not scan:
+            where = f" within the first {HEADER_BOUND // 1024} KiB" if scan is None else ""
+            defects = (
+                "the JPEG has no image data: no start-of-scan marker (FF DA) follows its "
+                f"frame header{where}",
+            )
+    least = least_bytes(fmt, width, height, frame)
+    return ImageInfo(format=fmt, width=width, height=height, least_bytes=least, defects=defects)
 
 
 #: deflate codes at most 258 bytes in a 2-bit match: no zlib stream is smaller than 1/1032 of
@@ -195,23 +211,39 @@ def least_bytes(fmt: str, width: int, height: int, jpeg_frame: int | None) -> in
     return None
 
 
-def _jpeg_frame(header: bytes) -> int | None:
-    """The marker of a JPEG's frame header (SOF0-SOF15: 0xC0-0xCF but DHT, JPG and DAC), found
-    by walking the segments of `header`; None when it is not within it."""
+def _jpeg_layout(header: bytes) -> tuple[int | None, bool | None]:
+    """(frame, scan) from walking the segments of a JPEG's first bytes `header`.
+
+    `frame` is the marker of its frame header (SOF0-SOF15: 0xC0-0xCF but DHT, JPG and DAC),
+    None when there is none before the first scan or the end. `scan` is True when a start of
+    scan (FF DA) follows the frame header, False when the image ends (EOI) or a scan starts
+    without one, None when `header` ends first. Bytes between segments that are not a marker
+    are skipped, as decoders do; the walk stops at EOI, so bytes appended after the image (a
+    video, say) are never read as part of it.
+    """
+    frame: int | None = None
     pos = 2
-    while pos + 4 <= len(header):
-        if header[pos] != 0xFF:
-            return None
+    while pos + 2 <= len(header):
+        if header[pos] != 0xFF:  # stray bytes before a marker
+            pos += 1
+            continue
         marker = header[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return marker
-        if marker == 0xDA or marker == 0xD9:  # a scan or the end before any frame
-            return None
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8 or marker == 0x00:  # no length field
+            pos += 2
+            continue
+        if marker == 0xD9:  # the end of the image
+            return frame, False
+        if marker == 0xDA:
+            return frame, frame is not None
+        if frame is None and 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            frame = marker
+        if pos + 4 > len(header):
+            break
         pos += 2 + int.from_bytes(header[pos + 2 : pos + 4], "big")
-    return None
+    return frame, None
 
 
 _UNKNOWN = ImageInfo(format="unknown", width=0, height=0)

@@ -495,6 +495,7 @@ def test_no_complete_image_is_under_its_bound(w: int, h: int, fmt: str, mode: st
     data = buf.getvalue()
     info = sniff_image(data)
     assert info.least_bytes is not None and info.least_bytes <= len(data)
+    assert info.defects == ()
 
 
 def test_an_arithmetic_coded_jpeg_has_no_bound() -> None:
@@ -596,3 +597,59 @@ def test_the_pixel_limit_is_pillows_own(monkeypatch: pytest.MonkeyPatch) -> None
         "the image has 1001000 pixels (1000x1001), over the limit of 1000000 pixels "
         "(above it Pillow refuses to decode an image, as a decompression bomb)"
     ]
+
+
+# --- a JPEG without image data ----------------------------------------------------------------
+
+
+def _jpeg_without_scan(frame: int, width: int = 60_000, height: int = 60_000) -> bytes:
+    """SOI, a 3-component frame header of `frame` type claiming `width` x `height`, EOI."""
+    import struct
+
+    components = b"".join(bytes([i, 0x11, 0]) for i in (1, 2, 3))
+    sof = b"\xff" + bytes([frame]) + struct.pack(">HBHHB", 17, 8, height, width, 3) + components
+    return b"\xff\xd8" + sof + b"\xff\xd9"
+
+
+NO_SCAN = "the JPEG has no image data: no start-of-scan marker (FF DA) follows its frame header"
+
+
+@pytest.mark.parametrize(
+    ("frame", "width", "height"),
+    [(0xC9, 60_000, 60_000), (0xC3, 60_000, 60_000), (0xC9, 1280, 720), (0xC0, 640, 480)],
+    ids=["arithmetic", "lossless", "arithmetic-small", "baseline-small"],
+)
+def test_a_jpeg_with_no_image_data_is_refused_before_paying(
+    frame: int, width: int, height: int, tmp_path: Path
+) -> None:
+    """23 bytes (SOI, an SOF9 or SOF3 frame header, EOI) passed: arithmetic and lossless
+    frames have no least-size bound, and nothing asked for the scan that holds the pixels."""
+    from hailuo_batch.manifest import ManifestItem
+    from hailuo_batch.validation import preflight
+
+    data = _jpeg_without_scan(frame, width, height)
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(data)
+    item = ManifestItem(
+        id="noscan", row=1, image_url=str(path), prompt="p", mode="standard-image-to-video",  # type: ignore[arg-type]
+        duration=6, provider="auto",  # type: ignore[arg-type]
+    )  # fmt: skip
+    verdict = preflight(item, settings=settings(), output_is_local=False)
+    assert not verdict.ok
+    assert NO_SCAN in verdict.errors
+
+
+def test_a_scan_marker_in_bytes_appended_after_the_end_does_not_count() -> None:
+    data = _jpeg_without_scan(0xC9, 1280, 720) + b"\0\0\xff\xda\x00\x08" + b"\0" * 100
+    assert sniff_image(data).defects == (NO_SCAN,)
+
+
+def test_a_scan_far_behind_the_frame_header_is_looked_for(tmp_path: Path) -> None:
+    """A frame header in the first 64 KiB and the scan behind 200 KB of metadata: fine."""
+    data = image_bytes(1200, 800, "JPEG")
+    sos = data.index(b"\xff\xda")
+    app = b"\xff\xe3" + (65535).to_bytes(2, "big") + b"\x00" * 65533
+    path = tmp_path / "late-scan.jpg"
+    path.write_bytes(data[:sos] + app * 3 + data[sos:])
+    info = inspect_image(str(path), settings=settings())
+    assert check_image_rules(info, max_bytes=20 * MB) == []
