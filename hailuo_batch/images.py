@@ -9,6 +9,7 @@ found, HTTP error, timeout, refused address) raise `ImageFetchError`; rule viola
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -18,7 +19,7 @@ import stat
 import threading
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -43,6 +44,8 @@ HEADER_BOUND = 1024 * 1024
 """Most bytes read to find format and dimensions: a JPEG's SOF may sit behind EXIF, XMP and ICC
 segments of several hundred KB (each segment is at most 64 KB, but a file may have many)."""
 FIRST_READ = 64 * 1024
+TAIL_BYTES = 64
+"""Bytes read at the end of a file to see how it ends (a PNG's IEND chunk, a JPEG's EOI)."""
 MAX_REDIRECTS = 5
 # Aspect ratio must be strictly inside (2:5, 5:2); short side strictly above 300 px.
 MIN_RATIO = (2, 5)
@@ -385,26 +388,18 @@ def _inspect_http(url: str, *, settings: Settings) -> ImageInfo:
         with httpx.Client(
             transport=transport, timeout=timeout, follow_redirects=False, trust_env=False
         ) as client:
-            current = httpx.URL(url)
-            for _hop in range(MAX_REDIRECTS + 1):
-                headers = {"Range": f"bytes=0-{HEADER_BOUND - 1}", "Accept-Encoding": "identity"}
-                with client.stream("GET", current, headers=headers) as resp:
-                    if resp.is_redirect:  # only when a Location header is present
-                        current = _next_hop(current, resp, shown)
-                        continue
-                    if resp.status_code == 404:
-                        raise ImageFetchError(f"image not found: {shown} (HTTP 404)")
-                    if resp.status_code == 416 and resp.headers.get("content-range") in (
-                        "bytes */0",
-                        "*/0",
-                    ):  # no byte 0 to send: the file is empty
-                        raise ImageFetchError(f"image {shown} is empty (0 bytes)")
-                    if resp.status_code not in (200, 206):
-                        raise ImageFetchError(
-                            f"cannot fetch image {shown}: HTTP {resp.status_code}"
-                        )
-                    return _read_http_body(resp, settings=settings, deadline=deadline, url=shown)
-            raise ImageFetchError(f"image URL {shown}: more than {MAX_REDIRECTS} redirects")
+            head_range = f"bytes=0-{HEADER_BOUND - 1}"
+            with _get(client, httpx.URL(url), head_range, shown) as (final, resp):
+                info = _read_http_body(resp, settings=settings, deadline=deadline, url=shown)
+            if info.size_bytes is None and not check_image_rules(
+                info, max_bytes=settings.max_image_bytes
+            ):
+                # a 206 of `bytes 0-N/*` that filled the range: the size is still unknown
+                size, _tail = _read_http_tail(
+                    client, final, settings=settings, deadline=deadline, shown=shown
+                )
+                info = _with_size(info, size)
+            return info
     except BlockedAddressError as exc:
         raise ImageFetchError(f"image URL {shown} refused: {exc}") from exc
     except httpx.RemoteProtocolError as exc:
@@ -423,6 +418,43 @@ def _inspect_http(url: str, *, settings: Settings) -> ImageInfo:
         raise ImageFetchError(
             f"image URL {shown} redirects to a location that does not parse"
         ) from exc
+
+
+@contextlib.contextmanager
+def _get(
+    client: httpx.Client, url: httpx.URL, byte_range: str | None, shown: str
+) -> Iterator[tuple[httpx.URL, httpx.Response]]:
+    """GET `url` with `byte_range` (a Range header value), following at most MAX_REDIRECTS
+    redirects (each target checked as a manifest's URL is): the final URL and its 200 or 206
+    answer, body not read yet. Any other answer raises `ImageFetchError`. Every request of an
+    image check goes through here, on the check's one guarded client."""
+    headers = {"Accept-Encoding": "identity"}
+    if byte_range:
+        headers["Range"] = byte_range
+    current = url
+    for _hop in range(MAX_REDIRECTS + 1):
+        with client.stream("GET", current, headers=headers) as resp:
+            if resp.is_redirect:  # only when a Location header is present
+                current = _next_hop(current, resp, shown)
+                continue
+            if resp.status_code == 404:
+                raise ImageFetchError(f"image not found: {shown} (HTTP 404)")
+            if resp.status_code == 416 and resp.headers.get("content-range") in (
+                "bytes */0",
+                "*/0",
+            ):  # no byte 0 to send: the file is empty
+                raise ImageFetchError(f"image {shown} is empty (0 bytes)")
+            if resp.status_code not in (200, 206):
+                raise ImageFetchError(f"cannot fetch image {shown}: HTTP {resp.status_code}")
+            encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise ImageFetchError(
+                    f"image {shown} was sent compressed (Content-Encoding: {encoding[:40]}): "
+                    "serve image files as they are"
+                )
+            yield current, resp
+            return
+    raise ImageFetchError(f"image URL {shown}: more than {MAX_REDIRECTS} redirects")
 
 
 def _next_hop(current: httpx.URL, resp: httpx.Response, shown: str) -> httpx.URL:
@@ -448,64 +480,122 @@ def _next_hop(current: httpx.URL, resp: httpx.Response, shown: str) -> httpx.URL
     return target
 
 
+class _Body:
+    """The body of one answer, read as far as asked within the fetch's deadline: its first
+    `keep` bytes, its last TAIL_BYTES bytes and how many bytes came."""
+
+    def __init__(self, resp: httpx.Response, *, deadline: float, keep: int = 0) -> None:
+        self._chunks = resp.iter_raw()
+        self._deadline = deadline
+        self._keep = keep
+        self.head = bytearray()
+        self.tail = b""
+        self.received = 0
+        self.ended = False
+
+    def read_to(self, count: int) -> None:
+        """Read until `count` bytes came (a chunk may bring more) or the body ends."""
+        while not self.ended and self.received < count:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self.ended = True
+                return
+            if time.monotonic() > self._deadline:
+                raise httpx.ReadTimeout("the time limit for this fetch ran out")
+            self.received += len(chunk)
+            if len(self.head) < self._keep:
+                self.head += chunk[: self._keep - len(self.head)]
+            self.tail = (self.tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
+
+
 def _read_http_body(
     resp: httpx.Response, *, settings: Settings, deadline: float, url: str
 ) -> ImageInfo:
-    """Read the header (and, without a known size, count up to max_bytes+1) within the deadline."""
-    encoding = resp.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise ImageFetchError(
-            f"image {url} was sent compressed (Content-Encoding: {encoding[:40]}): "
-            "serve image files as they are"
-        )
-    size = _total_size(resp, url)
+    """Read the header (and, without a known size, count up to max_bytes+1) within the deadline.
+
+    The size is the Content-Length of a 200, the total of a 206's Content-Range, or, for a
+    206 whose total is unknown (`bytes 0-N/*`) and whose range ends before the one asked for,
+    N + 1 (the file ends there); else it stays None."""
     ranged = resp.status_code == 206
+    size: int | None = None
+    if ranged:
+        start, end, size = _content_range(resp, url)
+        if start != 0:
+            raise ImageFetchError(f"image {url}: the server answered a range not starting at 0")
+        if size is None and end + 1 < HEADER_BOUND:
+            size = end + 1  # asked for more than it has: the whole file is in this range
+    else:
+        size = _content_length(resp)
     # Without a known size, keep counting past the header, stopping at max_bytes + 1.
     count_to = HEADER_BOUND if size is not None or ranged else settings.max_image_bytes + 1
-    buf = bytearray()
-    received = 0
-    info: ImageInfo | None = None
-    try_at = FIRST_READ  # parse attempts at 64 KiB and at the bound, not on every chunk
-    for chunk in resp.iter_raw():
-        if time.monotonic() > deadline:
-            raise httpx.ReadTimeout("the time limit for this fetch ran out")
-        received += len(chunk)
-        if info is None:
-            buf += chunk[: HEADER_BOUND - len(buf)]
-            if len(buf) >= try_at:
-                info = _try_sniff(bytes(buf), complete=len(buf) >= HEADER_BOUND)
-                try_at = HEADER_BOUND
-        if info is not None and received >= count_to:
-            break
+    body = _Body(resp, deadline=deadline, keep=HEADER_BOUND)
+    body.read_to(count_to)
+    received = body.received
     if size is not None and received > size:
         raise ImageFetchError(
             f"image {url}: the server sent more bytes ({received}) than the size it announced "
             f"({size})"
         )
-    if info is None:
-        info = sniff_image(bytes(buf))
+    if ranged and body.ended and received < min(end + 1, HEADER_BOUND):
+        raise ImageFetchError(
+            f"image {url}: the answer ended after {received} of the {end + 1} bytes of its range"
+        )
+    info = sniff_image(bytes(body.head))
     if size is None and not ranged:
         size = min(received, count_to)  # the whole body, or max_bytes + 1: "too big"
     return _with_size(info, size)
 
 
+def _read_http_tail(
+    client: httpx.Client, url: httpx.URL, *, settings: Settings, deadline: float, shown: str
+) -> tuple[int, bytes]:
+    """(the file's size, its last bytes) from a suffix range request (`Range: bytes=-N`).
+
+    A 206 says where its range ends: that is the end of the file, whether its total is given
+    or `*`. A server that ignores Range sends the whole body: it is read and counted up to
+    max_image_bytes + 1 (the size is then max_image_bytes + 1: "too big")."""
+    with _get(client, url, f"bytes=-{TAIL_BYTES}", shown) as (_, resp):
+        body = _Body(resp, deadline=deadline)
+        if resp.status_code == 206:
+            start, end, total = _content_range(resp, shown)
+            if total is not None and end + 1 != total:
+                raise ImageFetchError(
+                    f"image {shown}: the server answered a range for the last bytes that does "
+                    "not reach the end of the file"
+                )
+            length = end - start + 1
+            body.read_to(min(length, settings.max_image_bytes) + 1)
+            if body.received > length or (body.ended and body.received < length):
+                raise ImageFetchError(
+                    f"image {shown}: the server sent {body.received} bytes for a range of {length}"
+                )
+            return end + 1, body.tail
+        body.read_to(settings.max_image_bytes + 1)
+        if not body.ended:
+            return settings.max_image_bytes + 1, body.tail
+        return body.received, body.tail
+
+
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d{1,18})-(\d{1,18})/(\d{1,18}|\*)\s*", re.IGNORECASE)
 
 
-def _total_size(resp: httpx.Response, url: str) -> int | None:
-    """The full object size from Content-Range (206) or Content-Length (200)."""
-    if resp.status_code == 206:
-        match = _CONTENT_RANGE.fullmatch(resp.headers.get("content-range", ""))
-        if match is None:
-            raise ImageFetchError(f"image {url}: the server answered with an unreadable range")
-        start, end, total = match.groups()
-        if int(start) != 0 or int(end) < int(start):
-            raise ImageFetchError(f"image {url}: the server answered a range not starting at 0")
-        if total == "*":
-            return None
-        if int(total) <= int(end):
-            raise ImageFetchError(f"image {url}: the server announced an inconsistent size")
-        return int(total)
+def _content_range(resp: httpx.Response, url: str) -> tuple[int, int, int | None]:
+    """(first byte, last byte, total size or None when `*`) of a 206's Content-Range."""
+    match = _CONTENT_RANGE.fullmatch(resp.headers.get("content-range", ""))
+    if match is None:
+        raise ImageFetchError(f"image {url}: the server answered with an unreadable range")
+    start, end = int(match.group(1)), int(match.group(2))
+    total = None if match.group(3) == "*" else int(match.group(3))
+    if end < start:
+        raise ImageFetchError(
+            f"image {url}: the server answered a range that ends before it starts"
+        )
+    if total is not None and total <= end:
+        raise ImageFetchError(f"image {url}: the server announced an inconsistent size")
+    return start, end, total
+
+
+def _content_length(resp: httpx.Response) -> int | None:
     length = resp.headers.get("content-length", "").strip()
     if length.isdigit() and len(length) <= 18:
         return int(length)

@@ -151,6 +151,15 @@ ROUTES: dict[str, Route] = {
     "range-unreadable": send(
         head("206 Partial Content", Content_Length="4", Content_Range="bytes x-y/z") + b"abcd"
     ),
+    # a range of unknown total (`/*`), no length, and the connection closes half way
+    "star-short": send(
+        head(
+            "206 Partial Content",
+            Content_Range=f"bytes 0-{len(PHOTO) - 1}/*",
+            Connection="close",
+        )
+        + PHOTO[: len(PHOTO) // 2]
+    ),
     "gzip": send(head(Content_Length=str(len(PHOTO)), Content_Encoding="gzip") + PHOTO),
     "not-http": send(b"SSH-2.0-OpenSSH_9.2\r\n"),
     "close-at-once": lambda c, s: None,
@@ -239,6 +248,7 @@ def test_broken_answers_are_one_fetch_error(server: HostileServer, route: str) -
         ("range-not-from-0", "not starting at 0"),
         ("range-unreadable", "unreadable range"),
         ("gzip", "sent compressed"),
+        ("star-short", f"ended after {len(PHOTO) // 2} of the {len(PHOTO)} bytes of its range"),
         ("redirect-loop", "more than 5 redirects"),
         ("to-file", "not http"),
         ("to-ftp", "not http"),

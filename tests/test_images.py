@@ -259,6 +259,24 @@ def test_missing_s3_object_is_a_fetch_error(s3_env: str) -> None:
 # --- http -------------------------------------------------------------------------------------
 
 
+def byte_range(header: str, size: int) -> tuple[int, int]:
+    """(first, last) byte of a `bytes=a-b`, `bytes=a-` or `bytes=-n` Range on `size` bytes."""
+    first, last = header.split("=", 1)[1].split("-")
+    if not first:
+        return max(0, size - int(last)), size - 1
+    return int(first), min(int(last), size - 1) if last else size - 1
+
+
+def noise(width: int, height: int, fmt: str, **kwargs: object) -> bytes:
+    """An image of random pixels: barely compressible, so a 1280x720 one is over 1 MiB."""
+    import random
+
+    pixels = random.Random(f"{width}x{height}").randbytes(width * height * 3)
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (width, height), pixels).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
 class Handler(BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     protocol_version = "HTTP/1.1"
@@ -281,16 +299,18 @@ class Handler(BaseHTTPRequestHandler):
             if route == "files" and name in self.files:  # plain, with Content-Length
                 self._head(200, {"Content-Length": str(len(data))})
                 self.wfile.write(data)
-            elif route == "ranged" and name in self.files:  # honours Range
-                end = min(int(self.headers["Range"].split("-")[1]), len(data) - 1)
+            elif route in ("ranged", "star") and name in self.files:  # honours Range
+                # "star" does not say the total: `bytes 0-N/*` (legal HTTP)
+                start, end = byte_range(self.headers["Range"], len(data))
+                total = "*" if route == "star" else str(len(data))
                 self._head(
                     206,
                     {
-                        "Content-Length": str(end + 1),
-                        "Content-Range": f"bytes 0-{end}/{len(data)}",
+                        "Content-Length": str(end + 1 - start),
+                        "Content-Range": f"bytes {start}-{end}/{total}",
                     },
                 )
-                self.wfile.write(data[: end + 1])
+                self.wfile.write(data[start : end + 1])
             elif route == "nolength" and name in self.files:  # close-delimited body
                 self._head(200, {"Connection": "close"})
                 self.wfile.write(data)
@@ -326,6 +346,8 @@ def http_base() -> Iterator[str]:
         "shot.png": image_bytes(720, 1280, "PNG"),
         "anim.webp": image_bytes(800, 800, "WEBP"),
         "big-exif.jpg": image_bytes(900, 700, icc_profile=b"\0" * 200_000),
+        "noise.png": noise(1280, 720, "PNG"),
+        "noise.jpg": noise(1280, 720, "JPEG", quality=95),
     }
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
@@ -336,11 +358,29 @@ def http_base() -> Iterator[str]:
     server.server_close()
 
 
-@pytest.mark.parametrize("route", ["files", "ranged", "nolength"])
-def test_http_image_info_with_and_without_length(http_base: str, route: str) -> None:
-    data = Handler.files["big-exif.jpg"]
-    info = inspect_image(f"{http_base}/{route}/big-exif.jpg", settings=settings())
-    assert facts(info) == ("jpeg", 900, 700, len(data))
+@pytest.mark.parametrize("route", ["files", "ranged", "nolength", "star"])
+@pytest.mark.parametrize("name", ["big-exif.jpg", "noise.jpg", "noise.png"])
+def test_http_image_info_with_and_without_length(http_base: str, route: str, name: str) -> None:
+    data = Handler.files[name]
+    info = inspect_image(f"{http_base}/{route}/{name}", settings=settings())
+    assert info.size_bytes == len(data)
+    assert check_image_rules(info, max_bytes=20 * MB) == []
+
+
+@pytest.mark.parametrize("name", ["noise.jpg", "noise.png"])
+def test_a_range_answer_without_a_total_is_checked_against_the_size_limit(
+    http_base: str, name: str
+) -> None:
+    """A 206 with `Content-Range: bytes 0-N/*` (total unknown, legal HTTP) left the size
+    unknown, and unknown passed the size rule: a file over the limit was paid for."""
+    data = Handler.files[name]
+    limit = len(data) - 1000  # over 1 MiB, so the first range answer does not hold it all
+    assert limit > images.HEADER_BOUND
+    info = inspect_image(f"{http_base}/star/{name}", settings=settings(max_image_bytes=limit))
+    assert info.size_bytes == len(data)
+    assert check_image_rules(info, max_bytes=limit) == [
+        f"file size {len(data)} bytes is over the limit of {limit} bytes (HAILUO_MAX_IMAGE_BYTES)"
+    ]
 
 
 def test_http_format_by_content(http_base: str) -> None:
