@@ -1,7 +1,10 @@
 """Check an input image against the provider's rules before paying for a task.
 
-`inspect_image` reads only the first bytes of an image (never the whole file) from an http(s)
-URL, an s3:// URL or a plain local path, and returns its format, dimensions and size.
+`inspect_image` reads the first bytes of an image and its last few bytes from an http(s) URL,
+an s3:// URL or a plain local path, and returns its format, dimensions and size; only a file
+whose last bytes are not how its format ends (a PNG's IEND, a JPEG's EOI) is read whole (within
+the size limit) and its image data decoded cheaply, to tell a file cut short from one with bytes
+appended after a complete image.
 `check_image_rules` turns that into a list of human-readable rule violations (empty = fine).
 A URL of any other form raises `ImageUrlError` before anything is read; fetch problems (not
 found, HTTP error, timeout, refused address) raise `ImageFetchError`; rule violations never do.
@@ -19,6 +22,7 @@ import stat
 import threading
 import time
 import unicodedata
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
@@ -283,20 +287,23 @@ def inspect_image(
     """Format, dimensions and size of the image at `source` (http(s), s3:// or a local path).
 
     Any other form raises `ImageUrlError` before any I/O. Reads at most about HEADER_BOUND
-    bytes. http(s) fetches go through `GuardedTransport` (every connection, redirects included,
-    is checked against the private-network policy and made to the address that was checked),
-    and the whole fetch, from DNS to the last byte and across redirects, ends within
-    `settings.fetch_timeout_s`.
+    bytes and the last TAIL_BYTES, unless the file does not end as its format does (see
+    `_check_ending`). Every http(s) request of one check goes through one `GuardedTransport`
+    (every connection, redirects included, is checked against the private-network policy and
+    made to the address that was checked), and the whole check, from DNS to the last byte,
+    across redirects and requests, ends within `settings.fetch_timeout_s`.
     """
     kind = image_url_kind(source)
     if kind == "http":
         return _inspect_http(source, settings=settings)
     if kind == "s3":
-        return _inspect_fsspec(source, storage_options=storage_options)
-    return _inspect_local(source)
+        return _inspect_fsspec(
+            source, storage_options=storage_options, max_bytes=settings.max_image_bytes
+        )
+    return _inspect_local(source, max_bytes=settings.max_image_bytes)
 
 
-def _inspect_local(path: str) -> ImageInfo:
+def _inspect_local(path: str, *, max_bytes: int) -> ImageInfo:
     """A plain local path: only a regular file is read (never a FIFO, device or directory)."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -319,10 +326,22 @@ def _inspect_local(path: str) -> ImageInfo:
             raise ImageFetchError(f"image {path} is not a regular file")
         size = st.st_size
 
-        def read_upto(n: int) -> bytes:
-            return os.pread(fd, min(n, size), 0)
+        def read(start: int, end: int) -> bytes:
+            out = bytearray()
+            while start + len(out) < end:
+                got = os.pread(fd, end - start - len(out), start + len(out))
+                if not got:  # the file shrank while it was read
+                    break
+                out += got
+            return bytes(out)
 
-        return _with_size(_sniff_progressive(read_upto, size), size)
+        info = _with_size(_sniff_progressive(lambda n: read(0, min(n, size)), size), size)
+        return _check_ending(
+            info,
+            max_bytes=max_bytes,
+            read_tail=lambda: read(max(0, size - TAIL_BYTES), size),
+            read_all=lambda: read(0, size),
+        )
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ImageFetchError(f"cannot read image {path}: {reason}") from exc
@@ -330,16 +349,22 @@ def _inspect_local(path: str) -> ImageInfo:
         os.close(fd)
 
 
-def _inspect_fsspec(source: str, *, storage_options: dict | None) -> ImageInfo:
+def _inspect_fsspec(source: str, *, storage_options: dict | None, max_bytes: int) -> ImageInfo:
     try:
         fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
         info = fs.info(path)
         if info.get("type") == "directory":
             raise ImageFetchError(f"image {source} is a directory, not a file")
         size = int(info["size"])
-        return _with_size(
+        found = _with_size(
             _sniff_progressive(lambda n: fs.cat_file(path, start=0, end=min(n, size)), size),
             size,
+        )
+        return _check_ending(
+            found,
+            max_bytes=max_bytes,
+            read_tail=lambda: fs.cat_file(path, start=max(0, size - TAIL_BYTES), end=size),
+            read_all=lambda: fs.cat_file(path, start=0, end=size),
         )
     except ImageFetchError:
         raise
@@ -353,6 +378,126 @@ def _inspect_fsspec(source: str, *, storage_options: dict | None) -> ImageInfo:
 
 def _with_size(info: ImageInfo, size: int | None) -> ImageInfo:
     return replace(info, size_bytes=size)
+
+
+def _with_defect(info: ImageInfo, defect: str | None) -> ImageInfo:
+    return replace(info, defects=(*info.defects, defect)) if defect else info
+
+
+# --- how a file ends ----------------------------------------------------------------------------
+
+#: the IEND chunk that closes every complete PNG: length 0, type, CRC
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+#: the EOI marker that closes every complete JPEG
+JPEG_END = b"\xff\xd9"
+
+
+def _needs_ending_check(info: ImageInfo, max_bytes: int) -> bool:
+    """Whether to look at how the file ends: a JPEG or PNG that breaks no rule so far (one
+    that does is refused anyway; a decompression bomb is never decoded)."""
+    return info.format in ACCEPTED_FORMATS and not check_image_rules(info, max_bytes=max_bytes)
+
+
+def _ends_as_expected(fmt: str, tail: bytes) -> bool:
+    """Whether the last bytes of a file are how a complete `fmt` file ends."""
+    if fmt == "png":
+        return tail.endswith(PNG_END)
+    if fmt == "jpeg":
+        return tail.endswith(JPEG_END)
+    return True
+
+
+def _check_ending(
+    info: ImageInfo,
+    *,
+    max_bytes: int,
+    read_tail: Callable[[], bytes],
+    read_all: Callable[[], bytes],
+) -> ImageInfo:
+    """`info`, with a defect when its file is cut short (an interrupted upload).
+
+    Cheap in the common case: only the last TAIL_BYTES bytes are read, and a file that ends
+    as its format does (IEND, EOI) is taken as complete. Any other ending is not refused on
+    its own (phones' motion photos append a video after the JPEG; some tools write bytes
+    after a PNG's IEND): the whole file (within the size limit) is read and its image data
+    looked at, and only data that really ends early is refused.
+    """
+    if not _needs_ending_check(info, max_bytes) or _ends_as_expected(info.format, read_tail()):
+        return info
+    return _with_defect(info, _cut_short(info.format, read_all()))
+
+
+def _cut_short(fmt: str, data: bytes) -> str | None:
+    """Why the image data of `data`, a whole JPEG or PNG file, ends early or cannot be
+    decoded; None when its image is complete (whatever follows it)."""
+    if fmt == "png":
+        return _png_cut_short(data)
+    if fmt == "jpeg":
+        return _jpeg_cut_short(data)
+    return None
+
+
+def _png_cut_short(data: bytes) -> str | None:
+    """Walk the chunks to IEND, inflating the IDAT stream (output discarded, a MiB at a
+    time): a file that ends inside a chunk, before IEND, or before its zlib stream ends is
+    cut short. Nothing after IEND is read."""
+    rule = "a PNG must end with its IEND chunk"
+    inflate = zlib.decompressobj()
+    pos = 8
+    while True:
+        if pos + 12 > len(data):
+            return (
+                f"the file is cut short: its PNG data stops at byte {len(data)}, before the "
+                f"IEND chunk ({rule})"
+            )
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        if pos + 12 + length > len(data):
+            name = kind.decode("latin-1", "replace")
+            return (
+                f"the file is cut short: it ends at byte {len(data)}, inside the {name!r} "
+                f"chunk that starts at byte {pos} ({rule})"
+            )
+        if kind == b"IEND":
+            break
+        if kind == b"IDAT" and not inflate.eof:
+            pending = data[pos + 8 : pos + 8 + length]
+            try:
+                while pending and not inflate.eof:
+                    inflate.decompress(pending, 1 << 20)
+                    pending = inflate.unconsumed_tail
+            except zlib.error as exc:
+                return f"the PNG image data cannot be decoded (zlib: {exc})"
+        pos += 12 + length
+    if not inflate.eof:
+        return (
+            "the file is cut short: its PNG image data (IDAT) ends before the image is "
+            f"complete ({rule}, after the whole image)"
+        )
+    return None
+
+
+def _jpeg_cut_short(data: bytes) -> str | None:
+    """Decode at 1/8 scale (Pillow's `draft`: the entropy-coded data is all read, little
+    else is done); Pillow says 'truncated' when the data ends before the image does."""
+    try:
+        im = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+        try:
+            im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+        finally:
+            im.close()
+    except OSError as exc:
+        if "truncated" in str(exc):
+            return (
+                f"the file is cut short: its JPEG image data ends before the image is "
+                f"complete, at byte {len(data)} (a JPEG must end with its EOI marker, FF D9, "
+                "after the whole image)"
+            )
+        return f"the JPEG image data cannot be decoded ({exc})"
+    except Exception as exc:  # noqa: BLE001 - any decoder error: the provider cannot use it
+        return f"the JPEG image data cannot be decoded ({type(exc).__name__}: {exc})"
+    return None
 
 
 _SSL_LOCK = threading.Lock()
@@ -390,16 +535,39 @@ def _inspect_http(url: str, *, settings: Settings) -> ImageInfo:
         ) as client:
             head_range = f"bytes=0-{HEADER_BOUND - 1}"
             with _get(client, httpx.URL(url), head_range, shown) as (final, resp):
-                info = _read_http_body(resp, settings=settings, deadline=deadline, url=shown)
-            if info.size_bytes is None and not check_image_rules(
-                info, max_bytes=settings.max_image_bytes
-            ):
-                # a 206 of `bytes 0-N/*` that filled the range: the size is still unknown
-                size, _tail = _read_http_tail(
+                info, body = _read_http_body(resp, settings=settings, deadline=deadline, url=shown)
+                size = info.size_bytes
+                if (
+                    _needs_ending_check(info, settings.max_image_bytes)
+                    and resp.status_code == 200
+                    and size is not None
+                ):
+                    body.read_to(size)  # Range was ignored: the rest of the file is coming
+                tail: bytes | None = None
+                if size is not None and body.received >= size:
+                    tail = body.tail  # this answer held the whole file
+                in_head = bytes(body.head) if size is not None and size <= len(body.head) else None
+            if not _needs_ending_check(info, settings.max_image_bytes):
+                return info
+            if tail is None:
+                # the last bytes, and the size when a 206 said `bytes 0-N/*` and filled the range
+                size, tail = _read_http_tail(
                     client, final, settings=settings, deadline=deadline, shown=shown
                 )
+                if info.size_bytes is not None and size != info.size_bytes:
+                    raise ImageFetchError(
+                        f"image {shown} changed while it was checked (its size was "
+                        f"{info.size_bytes} bytes, then {size})"
+                    )
                 info = _with_size(info, size)
-            return info
+                if not _needs_ending_check(info, settings.max_image_bytes):
+                    return info
+            assert size is not None
+            if _ends_as_expected(info.format, tail):
+                return info
+            if in_head is None:
+                in_head = _read_http_whole(client, final, size, deadline=deadline, shown=shown)
+            return _with_defect(info, _cut_short(info.format, in_head))
     except BlockedAddressError as exc:
         raise ImageFetchError(f"image URL {shown} refused: {exc}") from exc
     except httpx.RemoteProtocolError as exc:
@@ -510,7 +678,7 @@ class _Body:
 
 def _read_http_body(
     resp: httpx.Response, *, settings: Settings, deadline: float, url: str
-) -> ImageInfo:
+) -> tuple[ImageInfo, _Body]:
     """Read the header (and, without a known size, count up to max_bytes+1) within the deadline.
 
     The size is the Content-Length of a 200, the total of a 206's Content-Range, or, for a
@@ -543,7 +711,7 @@ def _read_http_body(
     info = sniff_image(bytes(body.head))
     if size is None and not ranged:
         size = min(received, count_to)  # the whole body, or max_bytes + 1: "too big"
-    return _with_size(info, size)
+    return _with_size(info, size), body
 
 
 def _read_http_tail(
@@ -574,6 +742,23 @@ def _read_http_tail(
         if not body.ended:
             return settings.max_image_bytes + 1, body.tail
         return body.received, body.tail
+
+
+def _read_http_whole(
+    client: httpx.Client, url: httpx.URL, size: int, *, deadline: float, shown: str
+) -> bytes:
+    """The whole file (`size` bytes, at most the size limit), for a look at its image data."""
+    with _get(client, url, None, shown) as (_, resp):
+        if resp.status_code != 200:
+            raise ImageFetchError(f"image {shown}: the server answered a range not asked for")
+        body = _Body(resp, deadline=deadline, keep=size + 1)
+        body.read_to(size + 1)
+        if body.received != size:
+            raise ImageFetchError(
+                f"image {shown} changed while it was checked (its size was {size} bytes, "
+                f"then {body.received})"
+            )
+        return bytes(body.head)
 
 
 _CONTENT_RANGE = re.compile(r"\s*bytes\s+(\d{1,18})-(\d{1,18})/(\d{1,18}|\*)\s*", re.IGNORECASE)

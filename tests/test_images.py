@@ -299,6 +299,9 @@ class Handler(BaseHTTPRequestHandler):
             if route == "files" and name in self.files:  # plain, with Content-Length
                 self._head(200, {"Content-Length": str(len(data))})
                 self.wfile.write(data)
+            elif route in ("ranged", "star") and name in self.files and not self.headers["Range"]:
+                self._head(200, {"Content-Length": str(len(data))})
+                self.wfile.write(data)
             elif route in ("ranged", "star") and name in self.files:  # honours Range
                 # "star" does not say the total: `bytes 0-N/*` (legal HTTP)
                 start, end = byte_range(self.headers["Range"], len(data))
@@ -348,6 +351,8 @@ def http_base() -> Iterator[str]:
         "big-exif.jpg": image_bytes(900, 700, icc_profile=b"\0" * 200_000),
         "noise.png": noise(1280, 720, "PNG"),
         "noise.jpg": noise(1280, 720, "JPEG", quality=95),
+        **{f"cut-{name}": data for name, data in CUT.items()},
+        **{f"extra-{name}": data for name, data in WITH_TRAILING_DATA.items()},
     }
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
@@ -693,3 +698,102 @@ def test_a_scan_far_behind_the_frame_header_is_looked_for(tmp_path: Path) -> Non
     path.write_bytes(data[:sos] + app * 3 + data[sos:])
     info = inspect_image(str(path), settings=settings())
     assert check_image_rules(info, max_bytes=20 * MB) == []
+
+
+# --- files cut short (an interrupted upload) ---------------------------------------------------
+
+
+def _half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+CUT = {
+    "noise.jpg": _half(noise(1280, 720, "JPEG", quality=95)),
+    "noise.png": _half(noise(1280, 720, "PNG")),
+    "progressive.jpg": _half(noise(1280, 720, "JPEG", quality=90, progressive=True)),
+    "flat.png": _half(image_bytes(1280, 720, "PNG")),
+    "no-eoi.jpg": noise(1280, 720, "JPEG", quality=90)[:-2],
+}
+#: complete images followed by other bytes: a phone's "motion photo" (an MP4 after the
+#: JPEG), bytes after a PNG's IEND
+WITH_TRAILING_DATA = {
+    "motion.jpg": noise(1280, 720, "JPEG", quality=90)
+    + b"\0\0\0\x18ftypmp42\0\0\0\0mp42isom"
+    + bytes(range(256)) * 1200,
+    "after-iend.png": noise(1280, 720, "PNG") + b"\0" * 1000,
+    "small-after-iend.png": image_bytes(800, 600, "PNG") + b"trailing text",
+}
+
+
+def _preflight_errors(url: str, **overrides: object) -> list[str]:
+    from hailuo_batch.manifest import ManifestItem
+    from hailuo_batch.validation import preflight
+
+    item = ManifestItem(
+        id="x", row=1, image_url=url, prompt="p", mode="standard-image-to-video",  # type: ignore[arg-type]
+        duration=6, provider="auto",  # type: ignore[arg-type]
+    )  # fmt: skip
+    return preflight(item, settings=settings(**overrides), output_is_local=False).errors
+
+
+@pytest.mark.parametrize("name", sorted(CUT))
+def test_a_local_file_cut_short_is_refused_before_paying(name: str, tmp_path: Path) -> None:
+    """Half of a 1280x720 noise JPEG or PNG passed: `least_bytes` is a tiny lower bound, and
+    the provider then failed the paid task as UNSUPPORTED_FORMAT (the emulator does too)."""
+    from hailuo_batch.emulator.video import ImageRejected
+    from hailuo_batch.emulator.video import inspect_image as provider_check
+
+    with pytest.raises(ImageRejected, match="cannot be decoded"):
+        provider_check(CUT[name], 20 * MB)
+    path = tmp_path / name
+    path.write_bytes(CUT[name])
+    errors = _preflight_errors(str(path))
+    assert len(errors) == 1 and errors[0].startswith("the file is cut short: "), errors
+    assert ("IEND" if name.endswith(".png") else "EOI marker, FF D9") in errors[0]
+
+
+@pytest.mark.parametrize("route", ["files", "ranged", "star", "nolength"])
+@pytest.mark.parametrize("name", ["noise.jpg", "noise.png"])
+def test_an_http_file_cut_short_is_refused_before_paying(
+    http_base: str, route: str, name: str
+) -> None:
+    """Over HTTP as on disk, whatever the server does with Range (honours it, with or without
+    the total, or ignores it and sends the body with or without a length)."""
+    errors = _preflight_errors(f"{http_base}/{route}/cut-{name}")
+    assert len(errors) == 1 and errors[0].startswith("the file is cut short: "), errors
+
+
+def test_an_s3_file_cut_short_is_refused_before_paying(s3_env: str) -> None:
+    s3fs.S3FileSystem().pipe_file(f"{s3_env}/in/cut.png", CUT["noise.png"])
+    errors = _preflight_errors(f"s3://{s3_env}/in/cut.png")
+    assert len(errors) == 1 and errors[0].startswith("the file is cut short: "), errors
+
+
+@pytest.mark.parametrize("name", sorted(WITH_TRAILING_DATA))
+def test_a_complete_image_with_bytes_after_it_is_accepted(
+    name: str, tmp_path: Path, http_base: str
+) -> None:
+    """Its last bytes are not IEND or EOI, but its image data is whole: not refused."""
+    path = tmp_path / name
+    path.write_bytes(WITH_TRAILING_DATA[name])
+    assert _preflight_errors(str(path)) == []
+    for route in ("files", "ranged", "star", "nolength"):
+        assert _preflight_errors(f"{http_base}/{route}/extra-{name}") == [], route
+
+
+@pytest.mark.parametrize("name", ["noise.jpg", "noise.png", "photo.jpg", "shot.png"])
+@pytest.mark.parametrize("route", ["files", "ranged", "star", "nolength"])
+def test_a_complete_image_is_not_decoded(
+    http_base: str, route: str, name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The common case stays cheap: an image that ends as its format does is never read
+    whole nor decoded."""
+
+    def no_decoding(fmt: str, data: bytes) -> str | None:
+        raise AssertionError("a complete image was decoded")
+
+    monkeypatch.setattr(images, "_cut_short", no_decoding)
+    assert _preflight_errors(f"{http_base}/{route}/{name}") == []
+    path = tmp_path / name
+    path.write_bytes(Handler.files[name])
+    assert _preflight_errors(str(path)) == []
