@@ -25,6 +25,7 @@ not counted, and for a JSON array row N is the N-th element.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
 import io
@@ -33,7 +34,7 @@ import logging
 import math
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -423,8 +424,16 @@ def _no_constant(name: str) -> Any:
 
 def _json_value(text: str, url: str, where: str) -> Any:
     """Parse JSON strictly; every way it can fail becomes one clean `ManifestError`."""
-    try:
+    with _json_errors(text, url, where):
         return json.loads(text, object_pairs_hook=_object, parse_constant=_no_constant)
+
+
+@contextlib.contextmanager
+def _json_errors(text: str, url: str, where: str) -> Iterator[None]:
+    """Every way parsing `text` can fail becomes one clean `ManifestError` (with the line of a
+    JSON Lines row in `where`, else the line and column the decoder names)."""
+    try:
+        yield
     except json.JSONDecodeError as exc:
         line = f"line {where}" if where else f"line {exc.lineno}"
         hint = "; each line must be one JSON object" if where else ""
@@ -466,15 +475,69 @@ def _a(noun: str) -> str:
 
 
 def _json_rows(text: str, url: str) -> tuple[list[str], list[_Raw]]:
-    value = _json_value(text, url, "") if text.strip() else []
-    if not isinstance(value, list):
+    """The rows of a JSON array, decoded one element at a time: a file of millions of tiny
+    elements (`[{},{},...]`) is refused at the row limit instead of first filling gigabytes
+    of memory with all of them."""
+    rows: list[_Raw] = []
+    if not text.strip():
+        return [], rows
+    start = _skip_space(text, 0)
+    if not text.startswith("[", start):
         raise ManifestError(
-            f"manifest {url} must be a JSON array of objects (got {_a(_json_type(value))}); "
+            f"manifest {url} must be a JSON array of objects (got {_top_level(text, start, url)}); "
             "use .jsonl for one object per line"
         )
-    _check_row_count(url, len(value))
-    rows = [_json_row(i, v) for i, v in enumerate(value, start=1)]
+    with _json_errors(text, url, ""):
+        for value in _json_elements(text, start + 1, lambda: _check_row_count(url, len(rows) + 1)):
+            rows.append(_json_row(len(rows) + 1, value))
     return _json_columns(rows), rows
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+"""What JSON counts as white space (`str.isspace` counts more)."""
+
+
+def _skip_space(text: str, pos: int) -> int:
+    """The index of the first character at or after `pos` that is not JSON white space."""
+    match = _JSON_SPACE.match(text, pos)
+    return match.end() if match else pos
+
+
+_JSON_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_no_constant)
+
+
+def _json_elements(text: str, pos: int, before_each: Callable[[], None]) -> Iterator[Any]:
+    """The elements of the JSON array whose `[` is just before `pos`, one at a time, then a
+    check that only white space follows it; `before_each` runs before an element is decoded.
+    A malformed array raises the `json.JSONDecodeError` that `json.loads` would."""
+    pos = _skip_space(text, pos)
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            before_each()
+            value, pos = _JSON_DECODER.raw_decode(text, pos)
+            yield value
+            pos = _skip_space(text, pos)
+            if text.startswith("]", pos):
+                pos += 1
+                break
+            if not text.startswith(",", pos):
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            pos = _skip_space(text, pos + 1)
+            if text.startswith("]", pos):  # json.loads says the same of `[1,]`
+                raise json.JSONDecodeError("Expecting value", text, pos)
+    end = _skip_space(text, pos)
+    if end != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+
+
+def _top_level(text: str, start: int, url: str) -> str:
+    """What a JSON text that is not an array holds (`an object`, ...), from its first character
+    for an object (never decoded: it may be huge), else by decoding it (a scalar is small)."""
+    if text.startswith("{", start):
+        return "an object"
+    return _a(_json_type(_json_value(text, url, "")))
 
 
 def _json_row(row: int, value: Any) -> _Raw:

@@ -10,6 +10,8 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -440,3 +442,75 @@ def test_a_json_id_with_a_fraction_says_to_write_it_as_text(tmp_path: Path) -> N
     text = json.dumps([{"id": 1.0, "image_url": "https://h/a.jpg", "prompt": "p"}])
     [err] = load_manifest(write(tmp_path, "m.json", text)).errors
     assert err.field == "id" and 'write it as text, "1.0"' in err.reason
+
+
+# --- JSON arrays are read one element at a time -----------------------------------------------
+
+_PEAK_RSS = """
+import resource, sys
+from hailuo_batch.manifest import ManifestError, load_manifest
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_manifest(sys.argv[1])
+except ManifestError as exc:
+    print(exc)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_json_array_of_millions_of_tiny_rows_is_refused_without_filling_memory(
+    tmp_path: Path,
+) -> None:
+    """The review's case: 6 MiB of `{}` elements (under the 64 MiB limit) took ~1 GB before the
+    row limit was checked; the 63 MiB version ran the machine out of memory. The row limit is
+    now checked element by element, as it is for CSV and JSON Lines."""
+    path = write(tmp_path, "m.json", "[" + ",".join(["{}"] * 2_000_000) + "]")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, path],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    said, grew_mb = done.stdout.strip().rsplit("\n", 1)
+    assert "has more than 100,000 rows: split it into manifests" in said
+    assert int(grew_mb) < 150, f"loading grew the process by {grew_mb} MB"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[",
+        "[1",
+        "[1,]",
+        "[1 2]",
+        "[,1]",
+        "[]]",
+        "[1] x",
+        "[{}",
+        "[{} {}]",
+        "[1,\n\n  ]",
+        '[{"a": "b}]',
+        '[\n{"a": 1},\n{"a": 2,}\n]',
+        "[tru]",
+        '["\\x"]',
+        "[[1, 2], [3]",
+    ],
+)
+def test_a_malformed_json_array_names_the_line_and_column_json_itself_would(
+    tmp_path: Path, text: str
+) -> None:
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(text)
+    want = f"line {expected.value.lineno}, column {expected.value.colno}): {expected.value.msg}"
+    with pytest.raises(ManifestError, match="malformed JSON") as err:
+        load_manifest(write(tmp_path, "m.json", text))
+    assert str(err.value).endswith(want)
+
+
+def test_a_json_object_at_the_top_is_named_without_being_read(tmp_path: Path) -> None:
+    """A huge object is never decoded: the first character says it is not an array."""
+    text = '{"rows": [' + ",".join(["{}"] * 1000) + "]"  # not even closed
+    with pytest.raises(ManifestError, match=r"must be a JSON array of objects \(got an object\)"):
+        load_manifest(write(tmp_path, "m.json", text))
