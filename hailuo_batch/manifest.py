@@ -8,8 +8,9 @@ Parsing is strict, because a row read wrongly is a row paid for wrongly:
 
 - CSV: a quote that is never closed, text after a closing quote, or a NUL byte refuses the file
   with its line number; a header naming a column twice refuses the file; a row with fewer or
-  more cells than the header, a value under a nameless column, or a quoted cell spanning lines
-  that look like further rows (an unbalanced quote gluing rows together) is an invalid row.
+  more cells than the header, a value under a nameless column, a line that repeats the header
+  (two files pasted together), or a quoted cell spanning lines that look like further rows (an
+  unbalanced quote gluing rows together) is an invalid row.
 - JSON / JSON Lines: malformed JSON, NaN/Infinity, numbers too long to convert and nesting too
   deep refuse the file (with the line for JSON Lines); an object with the same key twice is an
   invalid row.
@@ -326,10 +327,29 @@ def _csv_rows(text: str, url: str) -> tuple[list[str], list[_Raw]]:
         if not any(cell.strip() for cell in record):
             continue  # blank line
         _check_row_count(url, len(rows) + 1)
+        if _repeats_header(record, names):  # its "id" cell is no id: the row claims none
+            rows.append(_Raw(len(rows) + 1, {}, _repeated_header(names, start)))
+            continue
         cells = {name: value for name, value in zip(names, record, strict=False) if name}
         problem = _csv_record_problem(record, names, start, reader.line_num)
         rows.append(_Raw(len(rows) + 1, cells, problem))
     return [c for c in names if c], rows
+
+
+def _repeats_header(record: list[str], names: list[str]) -> bool:
+    """Whether a data line is the header line again (names are case-insensitive and may carry
+    spaces, as in the header): two CSV files pasted together, or an export that repeats it."""
+    cells = [cell.strip().lower() for cell in record]
+    while cells and not cells[-1]:
+        cells.pop()
+    return cells == names
+
+
+def _repeated_header(names: list[str], line: int) -> str:
+    return (
+        f"repeats the header ({', '.join(n for n in names if n)}) on line {line}: a header "
+        "belongs on the first line only; delete this line (were two files pasted together?)"
+    )
 
 
 def _check_row_count(url: str, rows: int) -> None:

@@ -109,6 +109,23 @@ def test_ragged_rows_are_each_reported(tmp_path: Path) -> None:
     assert "5 cells" in m.errors[1].reason
 
 
+@pytest.mark.parametrize("again", ["id,image_url,prompt", " ID , Image_URL,PROMPT,,"])
+def test_a_header_line_repeated_mid_file_says_so_and_the_neighbours_run(
+    tmp_path: Path, again: str
+) -> None:
+    """Two CSV files pasted together: the second header was a row with id "id" and an image
+    URL "image_url" ("cannot give the provider the local image image_url"). It is now named
+    for what it is, and its "id" cell claims no id (a later row may be called "id")."""
+    text = f"id,image_url,prompt\na,{IMG},first\n{again}\nid,{IMG},third\n"
+    m = load_manifest(write(tmp_path, "m.csv", text))
+    assert [i.id for i in m.items] == ["a", "id"]
+    assert [(e.row, e.field, e.id) for e in m.errors] == [(2, "row", None)]
+    assert str(m.errors[0]).startswith(
+        "row 2, field 'row': repeats the header (id, image_url, prompt) on line 3: "
+    )
+    assert "delete this line" in m.errors[0].reason
+
+
 def test_a_value_under_a_nameless_column_is_reported(tmp_path: Path) -> None:
     m = load_manifest(write(tmp_path, "m.csv", f"image_url,,prompt\n{IMG},x,p\n{IMG},,q\n"))
     assert [i.prompt for i in m.items] == ["q"]
