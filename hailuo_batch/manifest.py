@@ -604,8 +604,8 @@ def _validate_rows(
 ) -> tuple[list[ManifestItem], list[RowError]]:
     items: list[ManifestItem] = []
     errors: list[RowError] = []
-    # by `id_key`: the first row and the id as it wrote it
-    first_row_of: dict[str, tuple[int, str]] = {}
+    # by `id_key`: the first row, the id as it wrote it, and whether it was derived (no id)
+    first_row_of: dict[str, tuple[int, str, bool]] = {}
     for raw in rows:
         row = raw.row
         if raw.problem is not None:
@@ -613,7 +613,7 @@ def _validate_rows(
             if own is not None and id_key(own) in first_row_of:
                 own = None  # another row has it: the result must not take its name
             elif own is not None:
-                first_row_of[id_key(own)] = (row, own)
+                first_row_of[id_key(own)] = (row, own, False)
             errors.append(RowError(row, "row", raw.problem, own))
             continue
         row_errors: list[RowError] = []
@@ -630,7 +630,7 @@ def _validate_rows(
                 fields.image_url, fields.prompt, fields.mode, fields.duration, fields.provider
             )[:12]
         )
-        own = _claim_id(item_id, row, first_row_of, row_errors)
+        own = _claim_id(item_id, row, first_row_of, row_errors, derived=explicit_id is None)
         if row_errors:
             errors.extend(_with_id(row_errors, own if explicit_id else None))
             continue
@@ -654,24 +654,48 @@ def _with_id(errors: list[RowError], item_id: str | None) -> list[RowError]:
 
 
 def _claim_id(
-    item_id: str | None, row: int, first: dict[str, tuple[int, str]], errors: list[RowError]
+    item_id: str | None,
+    row: int,
+    first: dict[str, tuple[int, str, bool]],
+    errors: list[RowError],
+    *,
+    derived: bool = False,
 ) -> str | None:
-    """Claim `item_id` for `row`; the id if it is the row's own, None if taken (an error)."""
+    """Claim `item_id` for `row`; the id if it is the row's own, None if taken (an error).
+    `derived`: the row has no id and `item_id` comes from its inputs; the message then speaks
+    of the inputs, never of an id the person did not write."""
     if item_id is None:
         return None
     taken = first.get(id_key(item_id))
-    if taken is not None:
-        first_row, first_id = taken
+    if taken is None:
+        first[id_key(item_id)] = (row, item_id, derived)
+        return item_id
+    first_row, first_id, first_derived = taken
+    if derived and first_derived:
+        reason = (
+            f"has the same inputs as row {first_row} (image, prompt, mode, duration and "
+            "provider) and neither has an id, so both would be the same video, made once; to "
+            "get several clips of the same inputs, give each row its own value in an id column"
+        )
+    elif derived:
+        reason = (
+            f"has no id, and the id made from its inputs, {item_id!r}, is the one row "
+            f"{first_row} gives: give this row its own value in the id column"
+        )
+    elif first_derived:
+        reason = (
+            f"duplicate id {item_id!r}: row {first_row} has no id, and the id made from its "
+            "inputs is this one; choose another id"
+        )
+    elif first_id != item_id:
+        reason = (
+            f"duplicate id {item_id!r}: row {first_row} has {first_id!r}, which differs only "
+            "in case (an id names the item's files, and some stores ignore case)"
+        )
+    else:
         reason = f"duplicate id {item_id!r} (first used on row {first_row})"
-        if first_id != item_id:
-            reason = (
-                f"duplicate id {item_id!r}: row {first_row} has {first_id!r}, which differs only "
-                "in case (an id names the item's files, and some stores ignore case)"
-            )
-        errors.append(RowError(row, "id", reason))
-        return None
-    first[id_key(item_id)] = (row, item_id)
-    return item_id
+    errors.append(RowError(row, "id", reason))
+    return None
 
 
 def id_key(item_id: str) -> str:

@@ -211,10 +211,32 @@ def test_ids_that_differ_only_in_case_are_duplicates(tmp_path: Path) -> None:
     assert "differs only in case" in m.errors[1].reason
 
 
-def test_identical_rows_without_id_are_duplicates(tmp_path: Path) -> None:
-    m = load_manifest(csv_manifest(tmp_path, f"{IMG},p", f"{IMG},p", header="image_url,prompt"))
-    assert len(m.items) == 1
-    assert m.errors[0].row == 2 and "first used on row 1" in m.errors[0].reason
+def test_identical_rows_without_id_say_their_inputs_are_the_same(tmp_path: Path) -> None:
+    """The second row used to be 'duplicate id 'item-2d9a1f58fad0' (first used on row 1)', an
+    id nobody wrote. It now says what is the same and how to get several clips of it."""
+    m = load_manifest(
+        csv_manifest(tmp_path, f"{IMG},p,", f"{IMG},p,6", header="image_url,prompt,duration")
+    )
+    assert [i.row for i in m.items] == [1]
+    [err] = m.errors
+    assert (err.row, err.field, err.id) == (2, "id", None)
+    assert err.reason.startswith("has the same inputs as row 1 (image, prompt, mode, duration")
+    assert "give each row its own value in an id column" in err.reason
+    assert "item-" not in err.reason
+
+
+def test_an_id_written_and_one_made_from_the_inputs_say_which_is_which(tmp_path: Path) -> None:
+    derived = "item-" + manifest_module.input_hash(IMG, "p", Mode.STANDARD, 6, Provider.AUTO)[:12]
+    m = load_manifest(csv_manifest(tmp_path, f",{IMG},p,,", f"{derived},{IMG},q,,"))
+    assert [str(e) for e in m.errors] == [
+        f"row 2, field 'id': duplicate id '{derived}': row 1 has no id, and the id made from "
+        "its inputs is this one; choose another id"
+    ]
+    m = load_manifest(csv_manifest(tmp_path, f"{derived},{IMG},q,,", f",{IMG},p,,"))
+    assert [str(e) for e in m.errors] == [
+        f"row 2, field 'id': has no id, and the id made from its inputs, '{derived}', is the "
+        "one row 1 gives: give this row its own value in the id column"
+    ]
 
 
 @pytest.mark.parametrize("good", ["a", "A1", "0", "clip_01.v2-final", "x" * 128])
