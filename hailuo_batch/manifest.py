@@ -37,7 +37,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import fsspec
@@ -229,26 +229,71 @@ def _format_of(url: str) -> str:
 
 def _read_text(url: str, storage_options: dict | None) -> str:
     _refuse_special_file(url)
+    options, timeout_s = _with_time_limit(url, dict(storage_options or {}))
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        with fsspec.open(url, "rb", **options) as f:
             data = bytes(f.read(MAX_MANIFEST_BYTES + 1))
-    except FileNotFoundError as exc:
-        raise ManifestError(f"manifest not found: {url}; check the path or URL") from exc
-    except IsADirectoryError as exc:
-        raise ManifestError(f"manifest {url} is a directory; give the manifest file") from exc
-    except PermissionError as exc:
-        raise ManifestError(f"no permission to read manifest {url}: {exc}") from exc
     except Exception as exc:
-        raise ManifestError(
-            f"cannot read manifest {url}: {type(exc).__name__}: {exc}; "
-            "check the URL, credentials and network"
-        ) from exc
+        if timeout_s is not None and _timed_out(exc):
+            raise ManifestError(
+                f"manifest {url} did not answer within {timeout_s:g} s "
+                "(HAILUO_FETCH_TIMEOUT_S): check that its server is up and the URL is right "
+                "(try it with curl), or raise HAILUO_FETCH_TIMEOUT_S for a slow server; "
+                "nothing was submitted"
+            ) from exc
+        _refuse_unreadable(url, exc)
     if len(data) > MAX_MANIFEST_BYTES:
         raise ManifestError(
             f"manifest {url} is larger than {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB: "
             "split it into several manifests"
         )
     return _decode(data, url)
+
+
+def _with_time_limit(url: str, options: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
+    """`options` with a time limit on each http(s) request (HAILUO_FETCH_TIMEOUT_S, from the
+    connection to the last byte), and that limit; fsspec's own waits forever for a server that
+    accepts the connection and never answers."""
+    if fsspec.utils.get_protocol(url) not in ("http", "https"):
+        return options, None
+    import aiohttp  # fsspec's http file system is built on it
+
+    from hailuo_batch.settings import BadSettingError, get_settings
+
+    try:
+        timeout_s = get_settings().fetch_timeout_s
+    except BadSettingError as exc:
+        raise ManifestError(f"cannot read manifest {url}: {exc}") from None
+    client = dict(options.get("client_kwargs") or {})
+    client.setdefault("timeout", aiohttp.ClientTimeout(total=timeout_s))
+    return {**options, "client_kwargs": client}, timeout_s
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether `exc` is, or was caused by, a timeout (fsspec reports a HEAD and GET that both
+    timed out as FileNotFoundError)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, TimeoutError):  # asyncio's, aiohttp's and fsspec's included
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _refuse_unreadable(url: str, exc: Exception) -> NoReturn:
+    """The `ManifestError` for a manifest that could not be read (`exc`)."""
+    if isinstance(exc, FileNotFoundError):
+        raise ManifestError(f"manifest not found: {url}; check the path or URL") from exc
+    if isinstance(exc, IsADirectoryError):
+        raise ManifestError(f"manifest {url} is a directory; give the manifest file") from exc
+    if isinstance(exc, PermissionError):
+        raise ManifestError(f"no permission to read manifest {url}: {exc}") from exc
+    raise ManifestError(
+        f"cannot read manifest {url}: {type(exc).__name__}: {exc}; "
+        "check the URL, credentials and network"
+    ) from exc
 
 
 def _decode(data: bytes, url: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -481,3 +482,44 @@ def test_a_stream_that_cannot_encode_a_character_writes_an_escape(tmp_path):
     text = done.stdout + done.stderr
     assert "Traceback" not in text and "UnicodeEncodeError" not in text, text
     assert "caf\\xe9" in text and done.returncode == 1
+
+
+@pytest.fixture
+def silent_server() -> str:
+    """An http base URL whose server accepts every connection and never answers."""
+    import socket
+    import threading
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(sock.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.parametrize("name", ["hang.csv", "hang.json"])
+def test_a_manifest_url_that_never_answers_is_given_up_on_and_named(
+    silent_server: str, name: str
+) -> None:
+    """`validate http://.../hang.csv` (and a run) waited forever: fsspec's http reader has no
+    time limit. HAILUO_FETCH_TIMEOUT_S now bounds each request, and the error says what to check."""
+    import time
+
+    env = {**os.environ, "HAILUO_FETCH_TIMEOUT_S": "1"}
+    began = time.monotonic()
+    done = cli("validate", f"{silent_server}/{name}", env=env)
+    assert time.monotonic() - began < 30
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: manifest {silent_server}/{name} did not answer within 1 s")
+    assert "HAILUO_FETCH_TIMEOUT_S" in line and "server is up" in line
