@@ -659,7 +659,7 @@ def cmd_receiver(args: argparse.Namespace) -> int:
 
 def _load_settings() -> None:
     """Read the settings once up front: a malformed one stops here (exit 2), before any work.
-    `HAILUO_*` variables that are no setting (typos) are named on stderr."""
+    `HAILUO_*` and `APIXO_*` variables that are no setting (typos) are named on stderr."""
     from hailuo_batch.settings import get_settings, unknown_variables
 
     for name in unknown_variables():

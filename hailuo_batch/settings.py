@@ -38,6 +38,8 @@ from hailuo_batch.secrets import redact_urls
 
 FailClass = Literal["content", "bad_input", "transient", "balance", "unknown"]
 ENV_PREFIX = "HAILUO_"
+#: the prefixes of the variables these settings read (APIXO_API_KEY and APIXO_BASE_URL)
+VARIABLE_PREFIXES = (ENV_PREFIX, "APIXO_")
 MAX_DURATION_S = 7 * 24 * 3600
 """The upper bound of every `*_S` setting (a timer past ~9.2e9 s overflows)."""
 MAX_PRICE_USD = 1000.0
@@ -504,13 +506,14 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
-    """`HAILUO_*` variables that are no setting, each with the nearest setting's name if any:
-    a typo (`HAILUO_FETCH_TIMEOUT`) would otherwise silently leave the default in force."""
+    """`HAILUO_*` and `APIXO_*` variables that are no setting, each with the nearest setting's
+    name if any: a typo (`HAILUO_FETCH_TIMEOUT`, `APIXO_BASE_UR`) would otherwise silently
+    leave the default in force (for the base URL: the real, paid API)."""
     environ = os.environ if environ is None else environ
     known = {_variable_name(n) for n in Settings.model_fields} | set(OTHER_VARIABLES)
     out = []
     for name in sorted(environ):
-        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+        if name.upper().startswith(VARIABLE_PREFIXES) and name.upper() not in known:
             near = difflib.get_close_matches(name.upper(), sorted(known), n=1)
             out.append(f"{name} (did you mean {near[0]}?)" if near else name)
     return out

@@ -523,3 +523,13 @@ def test_a_manifest_url_that_never_answers_is_given_up_on_and_named(
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"error: manifest {silent_server}/{name} did not answer within 1 s")
     assert "HAILUO_FETCH_TIMEOUT_S" in line and "server is up" in line
+
+
+def test_a_misspelt_apixo_variable_is_named(in_tmp: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("APIXO_BASE_UR", "http://127.0.0.1:18787")
+    path = in_tmp / "m.jsonl"
+    path.write_text(json.dumps({"image_url": "https://cdn.example.com/a.jpg", "prompt": "p"}))
+    with pytest.raises(SystemExit):
+        main(["validate", str(path)])
+    err = capsys.readouterr().err
+    assert "warning: APIXO_BASE_UR (did you mean APIXO_BASE_URL?) is not a setting" in err

@@ -156,6 +156,16 @@ def test_typos_in_variable_names_are_found() -> None:
     assert unknown_variables(env) == ["HAILUO_FETCH_TIMEOUT (did you mean HAILUO_FETCH_TIMEOUT_S?)"]
 
 
+def test_typos_in_apixo_variable_names_are_found_too() -> None:
+    """`APIXO_BASE_UR=http://127.0.0.1:8787` was ignored without a word, and the run went to
+    the real, paid API."""
+    env = {"APIXO_BASE_UR": "http://127.0.0.1:8787", "APIXO_APIKEY": "k", "APIXO_BASE_URL": "x"}
+    assert unknown_variables(env) == [
+        "APIXO_APIKEY (did you mean APIXO_API_KEY?)",
+        "APIXO_BASE_UR (did you mean APIXO_BASE_URL?)",
+    ]
+
+
 DURATIONS = sorted(n for n in Settings.model_fields if n.endswith("_s"))
 PRICES = sorted(n for n in Settings.model_fields if n.startswith("price_"))
 
