@@ -48,6 +48,7 @@ MAX_PRICE_USD = 1000.0
 OUTPUT_PROTOCOLS = ("file", "s3")
 #: HAILUO_* variables read outside these settings (not typos)
 OTHER_VARIABLES = ("HAILUO_PROJECT_DIR", "HAILUO_DEMO_DIR", "HAILUO_DEMO_PREFECT_PORT")
+API_ROOT = f"the API's root, such as {DEFAULT_BASE_URL}"
 _SCHEME_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 
 
@@ -347,7 +348,9 @@ class Settings(BaseSettings):
         `kwargs` go to `ApixoClient` (transports, `retry_rate_limited_submits`, ...)."""
         if base_url is not None:  # a credentials block's: held to the rules of APIXO_BASE_URL
             try:
-                base_url = check_http_url(base_url, name="the credentials block's base_url")
+                base_url = check_http_url(
+                    base_url, name="the credentials block's base_url", root=API_ROOT
+                )
             except ValueError as exc:
                 raise BadSettingError(str(exc)) from None
         key = api_key if api_key is not None else self.apixo_api_key
@@ -382,12 +385,17 @@ class Settings(BaseSettings):
     def _check_callback_url(cls, v: str | None) -> str | None:
         if v is None or not v.strip():
             return None
-        return check_http_url(v, name="HAILUO_CALLBACK_URL")
+        return check_http_url(
+            v,
+            name="HAILUO_CALLBACK_URL",
+            root="the receiver's public base URL, such as https://hooks.example.com (the run "
+            "adds /callbacks/<token> to it)",
+        )
 
     @field_validator("apixo_base_url")
     @classmethod
     def _strip_slash(cls, v: str) -> str:
-        return check_http_url(v, name="APIXO_BASE_URL")
+        return check_http_url(v, name="APIXO_BASE_URL", root=API_ROOT)
 
     @field_validator("apixo_api_key", mode="before")
     @classmethod
@@ -424,9 +432,11 @@ class Settings(BaseSettings):
 _SECRET_VARIABLES = ("APIXO_API_KEY", "HAILUO_CALLBACK_TOKEN")
 
 
-def check_http_url(value: str, *, name: str) -> str:
-    """`value` stripped (and without a trailing "/") if it is an http(s) URL with a host that
-    decodes and a port from 1 to 65535; else `ValueError` whose message starts with `name`."""
+def check_http_url(value: str, *, name: str, root: str | None = None) -> str:
+    """`value` stripped (and without a trailing "/") if it is an http(s) base URL with a host
+    that decodes, a port from 1 to 65535 and no query or fragment (paths are added to it);
+    else `ValueError` whose message starts with `name`. `root` says what to give instead
+    ("the API's root, such as https://api.apixo.ai")."""
     v = value.strip().rstrip("/")
     shown = repr(redact_urls(v)[:80])  # never echo a password typed into the URL
     if not v.startswith(("http://", "https://")):
@@ -445,6 +455,11 @@ def check_http_url(value: str, *, name: str) -> str:
         )
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"{name} {shown}: the port must be from 1 to 65535")
+    if "?" in v or "#" in v:  # paths are added to a base URL: a query would end up in the middle
+        raise ValueError(
+            f"{name} {shown} must not hold a query (?...) or fragment (#...): give "
+            f"{root or 'the base URL alone'}"
+        )
     return v
 
 

@@ -226,6 +226,8 @@ def test_a_bad_hailuo_output_exits_2_for_run(
         ("HAILUO_FETCH_TIMEOUT_S", "inf"),
         ("HAILUO_ALLOW_PRIVATE_NETWORKS", "perhaps"),
         ("APIXO_BASE_URL", "api.apixo.ai"),
+        ("APIXO_BASE_URL", "http://127.0.0.1:18787?x=1"),
+        ("HAILUO_CALLBACK_URL", "https://hooks.example.com/#top"),
     ],
 )
 def test_a_malformed_setting_is_one_line_and_exit_2(manifest: Path, name: str, value: str) -> None:

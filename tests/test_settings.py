@@ -246,3 +246,25 @@ def test_a_credentials_blocks_base_url_is_held_to_the_same_rules(base_url: str) 
     there, leave the item reported as a possible charge)."""
     with pytest.raises(BadSettingError, match="base_url"):
         load_settings().apixo_client(api_key=SecretStr("k"), base_url=base_url)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:18787?x=1", "https://api.apixo.ai/?", "https://api.apixo.ai#v1"]
+)
+def test_a_base_url_with_a_query_or_fragment_is_a_bad_setting(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`APIXO_BASE_URL=http://127.0.0.1:18787?x=1` was accepted and the run ended
+    ApiEndpointNotFound (exit 1): the API's paths went after the query."""
+    monkeypatch.setenv("APIXO_BASE_URL", url)
+    with pytest.raises(BadSettingError) as err:
+        load_settings()
+    assert str(err.value).startswith("invalid setting APIXO_BASE_URL")
+    assert "query (?...) or fragment (#...)" in str(err.value)
+    assert "the API's root, such as https://api.apixo.ai" in str(err.value)
+    monkeypatch.delenv("APIXO_BASE_URL")
+    with pytest.raises(BadSettingError, match="the API's root"):  # a credentials block's
+        load_settings().apixo_client(api_key=SecretStr("k"), base_url=url)
+    monkeypatch.setenv("HAILUO_CALLBACK_URL", url)
+    with pytest.raises(BadSettingError, match=r"HAILUO_CALLBACK_URL.*receiver's public base URL"):
+        load_settings()
