@@ -137,12 +137,23 @@ def check_block_name(block: str | None, *, name: str) -> str | None:
 
 
 def _not_root(url: str, path: str, name: str) -> str:
-    """`url`, unless its local `path` is the file system's root: a run would spread its
-    ledger, claims and videos over `/`."""
-    if not os.path.normpath(os.path.abspath(path)).strip(os.sep):
+    """`url`, unless its local `path` is the file system's root (a run would spread its
+    ledger, claims and videos over `/`), or a file, or a folder inside a file (the run would
+    fail with FileExistsError after its Prefect server started)."""
+    full = os.path.normpath(os.path.abspath(path))
+    if not full.strip(os.sep):
         raise BadSettingError(
             f"{name} {url!r} is the file system's root: give a folder of its own, such as "
             "./output or /data/videos"
+        )
+    at = full
+    while not os.path.lexists(at) and os.path.dirname(at) != at:
+        at = os.path.dirname(at)
+    if os.path.lexists(at) and not os.path.isdir(at):
+        where = "is a file" if at == full else f"is inside {at!r}, which is a file"
+        raise BadSettingError(
+            f"{name} {url!r} {where}: it must be a folder (new or existing) for the videos and "
+            "records; give another path, such as ./output"
         )
     return url
 

@@ -535,3 +535,29 @@ def test_a_misspelt_apixo_variable_is_named(in_tmp: Path, monkeypatch, capsys) -
         main(["validate", str(path)])
     err = capsys.readouterr().err
     assert "warning: APIXO_BASE_UR (did you mean APIXO_BASE_URL?) is not a setting" in err
+
+
+@pytest.mark.parametrize("under", ["", "/sub"])
+@pytest.mark.parametrize("where", ["--output", "HAILUO_OUTPUT", "HAILUO_CALLBACK_STORE"])
+def test_an_output_that_is_a_file_is_refused_before_anything_starts(
+    manifest: Path, tmp_path: Path, where: str, under: str
+) -> None:
+    """`run m.json --output some-file` said, after a Prefect server had started, 'the run could
+    not start (FileExistsError: ...)'. It is now a bad setting, before anything starts."""
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    target = f"{afile}{under}"
+    env = {**os.environ, "APIXO_API_KEY": "k", "APIXO_BASE_URL": "http://127.0.0.1:9"}
+    argv = ["run", str(manifest), "-q", "--dry-run"]
+    if where == "--output":
+        argv += ["--output", target]
+    else:
+        env[where] = target
+        argv += [] if where == "HAILUO_OUTPUT" else ["--output", str(tmp_path / "out")]
+    env.pop("PREFECT_API_URL", None)
+    done = cli(*argv, env=env)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()  # no note of a temporary Prefect server either
+    what = "is a file" if not under else f"is inside {str(afile)!r}, which is a file"
+    assert f"{where} {target!r} {what}: it must be a folder" in line
+    assert afile.read_text() == "x" and not (tmp_path / "out").exists()
