@@ -5,8 +5,8 @@ Exit codes:
      skipped, failed or invalid: the results file says which)
   1  `validate` found invalid rows or could not use the manifest; a run failed (its flow run
      ended Failed or Crashed, e.g. an unreadable manifest or an unreachable API)
-  2  bad usage or a bad setting (option, HAILUO_* / APIXO_* variable, --output): reported in one
-     line before the manifest is read and before anything is paid
+  2  bad usage or a bad setting (option, HAILUO_* / APIXO_* variable, --output, a malformed or
+     unreachable PREFECT_API_URL): reported in one line before anything is paid
   130  interrupted (Ctrl-C)
 """
 
@@ -398,7 +398,10 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
     )
     bar_task = bar.add_task("", total=None)
 
+    started: list[bool] = []  # progress was reported: the run got past its start
+
     def on_progress(state: prog.ProgressState) -> None:
+        started[:] = [True]
         counts = " ".join(f"{k}={v}" for k, v in sorted(state.by_status.items()))
         bar.update(bar_task, total=state.total, completed=state.done, description=counts)
 
@@ -406,6 +409,20 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
     try:
         with bar:
             state = run_flow_sync(flow_fn, **params)
+    except RuntimeError as exc:
+        if (url := _unreached_prefect_api(exc)) is None:
+            raise
+        if started:  # not seen in practice: Prefect checks the API once, before the run starts
+            print(f"error: the Prefect API at {url} stopped answering during the run: "
+                  f"once it is back, {_RESUME.split('; ', 1)[1]}", file=sys.stderr)  # fmt: skip
+            return 1
+        print(
+            f"error: the Prefect API at {url} did not answer, so the run did not start and "
+            "nothing was submitted: start it (`prefect server start`), check PREFECT_API_URL, "
+            "or unset PREFECT_API_URL to run on a temporary server",
+            file=sys.stderr,
+        )
+        return 2
     finally:
         prog.remove_listener(on_progress)
     summary = _summary_of(state)
@@ -443,6 +460,14 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
         return 2
     print(f"run failed: {state.message}", file=sys.stderr)
     return 1
+
+
+def _unreached_prefect_api(exc: RuntimeError) -> str | None:
+    """The API URL when `exc` is Prefect's "Failed to reach API at URL" (its client checks the
+    server's version when it first connects, before a flow run starts), else None."""
+    said = str(exc)
+    prefix = "Failed to reach API at "
+    return said.removeprefix(prefix).rstrip(".") if said.startswith(prefix) else None
 
 
 def _ui_link(state: Any) -> str | None:
@@ -512,7 +537,16 @@ def _prepare_prefect(quiet: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")
     from prefect.settings import get_current_settings
 
-    if get_current_settings().api.url:
+    if api := get_current_settings().api.url:
+        if not str(api).startswith(("http://", "https://")):
+            from hailuo_batch.secrets import redact_urls
+            from hailuo_batch.settings import BadSettingError
+
+            raise BadSettingError(
+                f"PREFECT_API_URL {redact_urls(str(api))[:80]!r} is not an http(s) URL: give a "
+                "Prefect server's API, such as http://127.0.0.1:4200/api, or unset "
+                "PREFECT_API_URL to run on a temporary server"
+            )
         return
     from hailuo_batch.orchestrator import server_env
 

@@ -561,3 +561,25 @@ def test_an_output_that_is_a_file_is_refused_before_anything_starts(
     what = "is a file" if not under else f"is inside {str(afile)!r}, which is a file"
     assert f"{where} {target!r} {what}: it must be a folder" in line
     assert afile.read_text() == "x" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("api", "says"),
+    [
+        ("http://127.0.0.1:1/api", "the Prefect API at http://127.0.0.1:1/api/ did not answer"),
+        ("garbage", "PREFECT_API_URL 'garbage' is not an http(s) URL"),
+    ],
+)
+def test_an_unreachable_or_malformed_prefect_api_is_one_line_and_exit_2(
+    manifest: Path, tmp_path: Path, api: str, says: str
+) -> None:
+    """A ~100-line traceback ending 'RuntimeError: Failed to reach API at ...' and exit 1 were
+    all a person got; now one line says what to do, and nothing was paid."""
+    env = {**os.environ, "PREFECT_API_URL": api, "APIXO_API_KEY": "k",
+           "APIXO_BASE_URL": "http://127.0.0.1:9"}  # fmt: skip
+    done = cli("run", str(manifest), "-o", str(tmp_path / "out"), "-q", "--dry-run", env=env)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {says}")
+    assert "unset PREFECT_API_URL" in line and "run on a temporary server" in line
+    assert not (tmp_path / "out").exists()
