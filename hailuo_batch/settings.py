@@ -152,8 +152,8 @@ def _not_root(url: str, path: str, name: str) -> str:
     if os.path.lexists(at) and not os.path.isdir(at):
         where = "is a file" if at == full else f"is inside {at!r}, which is a file"
         raise BadSettingError(
-            f"{name} {url!r} {where}: it must be a folder (new or existing) for the videos and "
-            "records; give another path, such as ./output"
+            f"{name} {url!r} {where}: it must be a folder (new or existing); give the path "
+            "of a folder instead"
         )
     return url
 

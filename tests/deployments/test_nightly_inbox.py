@@ -205,7 +205,7 @@ def test_a_run_that_cannot_open_leaves_the_manifests_in_the_inbox(
     ("inbox", "says"),
     [
         ("{tmp}/typo-inbox", "is not a folder"),
-        ("{tmp}/a-file", "is not a folder"),
+        ("{tmp}/a-file", "is a file: it must be a folder"),
         ("file://{tmp}/typo-inbox", "is not a folder"),
         ("s3:/bucket/in", "lacks '//'"),
         ("gs://bucket/in", "not supported"),
