@@ -477,27 +477,50 @@ def _png_cut_short(data: bytes) -> str | None:
     return None
 
 
+#: the next marker in a JPEG's entropy-coded data: FF, then neither a stuffed zero nor a restart
+#: marker (RST0-7) nor another fill byte
+_JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
 def _jpeg_cut_short(data: bytes) -> str | None:
-    """Decode at 1/8 scale (Pillow's `draft`: the entropy-coded data is all read, little
-    else is done); Pillow says 'truncated' when the data ends before the image does."""
-    try:
-        im = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
-        try:
-            im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
-        finally:
-            im.close()
-    except OSError as exc:
-        if "truncated" in str(exc):
-            return (
-                f"the file is cut short: its JPEG image data ends before the image is "
-                f"complete, at byte {len(data)} (a JPEG must end with its EOI marker, FF D9, "
-                "after the whole image)"
-            )
-        return f"the JPEG image data cannot be decoded ({exc})"
-    except Exception as exc:  # noqa: BLE001 - any decoder error: the provider cannot use it
-        return f"the JPEG image data cannot be decoded ({type(exc).__name__}: {exc})"
-    return None
+    """Walk the segments and, after each start of scan, the entropy-coded data to the end of
+    the image (EOI, FF D9), as a decoder reads them but decoding nothing (no memory beyond
+    `data`, whatever the image's size or coding); a file whose markers end first is cut
+    short. Nothing after EOI is read (a motion photo's video, a camera's trailer)."""
+    cut = (
+        f"the file is cut short: its JPEG image data ends before the image is complete, at "
+        f"byte {len(data)} (a JPEG must end with its EOI marker, FF D9, after the whole image)"
+    )
+    pos = 2  # after SOI
+    while True:
+        while (
+            pos < len(data)
+            and data[pos] == 0xFF
+            and pos + 1 < len(data)
+            and (data[pos + 1] == 0xFF)
+        ):
+            pos += 1  # fill bytes before a marker
+        if pos + 2 > len(data):
+            return cut
+        if data[pos] != 0xFF:
+            return f"the JPEG image data cannot be decoded (no marker at byte {pos})"
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return None  # the end of the image
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length field
+            pos += 2
+            continue
+        if pos + 4 > len(data):
+            return cut
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if end > len(data):
+            return cut
+        pos = end
+        if marker == 0xDA:  # a scan: its entropy-coded data runs to the next marker
+            found = _JPEG_NEXT_MARKER.search(data, pos)
+            if found is None:
+                return cut
+            pos = found.start()
 
 
 _SSL_LOCK = threading.Lock()

@@ -15,7 +15,7 @@ import s3fs
 from hypothesis import example, given
 from hypothesis import settings as settings_
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageFile
 
 from hailuo_batch import images
 from hailuo_batch.images import (
@@ -797,3 +797,28 @@ def test_a_complete_image_is_not_decoded(
     path = tmp_path / name
     path.write_bytes(Handler.files[name])
     assert _preflight_errors(str(path)) == []
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_cut_short_verdict_never_decodes_the_image(
+    progressive: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slow path (the file does not end with EOI) walks the JPEG's markers: a large
+    progressive image, whose decoder would hold every coefficient in memory, costs nothing
+    more than its bytes; restart markers, stuffed zeros and fill bytes are data, not an end."""
+    buf = io.BytesIO()
+    noise = Image.effect_noise((1600, 1200), 64).convert("RGB")
+    noise.save(buf, "JPEG", quality=85, progressive=progressive, restart_marker_blocks=4)
+    whole = buf.getvalue()
+    assert whole.endswith(b"\xff\xd9")
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert images._cut_short("jpeg", whole + b"\x00" * 40 + b"ftypmp42" * 100) is None
+    assert images._cut_short("jpeg", whole[:-2] + b"\xff\xff\xff\xd9") is None  # fill bytes
+    for cut in (len(whole) // 2, len(whole) - 2, len(whole) - 1):
+        said = images._cut_short("jpeg", whole[:cut])
+        assert said is not None and said.startswith("the file is cut short"), cut
