@@ -26,6 +26,7 @@ from hailuo_batch.manifest import Manifest, ManifestError, ManifestItem
 from hailuo_batch.options import BatchOptions, flow_parameters
 from hailuo_batch.parts import PartJob
 from hailuo_batch.polling import save_stats
+from hailuo_batch.rerun import is_selection
 from hailuo_batch.results import ItemResult, run_summary
 from hailuo_batch.secrets import redact_urls
 from hailuo_batch.verdict import run_verdict
@@ -74,7 +75,8 @@ async def generate_videos(
         async with opened_run(
             options, run_id, force=force, resubmit_lost=resubmit_lost, dry_run=options.dry_run
         ) as run:
-            run.chosen = rerun_of is not None  # the rerun flow chose what force resubmits
+            # the rerun flow chose what force resubmits: its selection, not a label on a form
+            run.chosen = rerun_of is not None and is_selection(manifest, run.rt.store)
             job = PartJob(
                 manifest=manifest, options=options, force=force, resubmit_lost=resubmit_lost,
                 rerun=run.chosen,

@@ -23,6 +23,16 @@ from hailuo_batch.storage import OutputStore, special_file
 DEFAULT_RERUN_STATUSES = (ItemStatus.FAILED, ItemStatus.NOT_SUBMITTED, ItemStatus.UNCERTAIN)
 
 
+#: where `write_selection` writes a rerun's manifest, in the output it reruns into
+SELECTIONS = "reruns"
+
+
+def is_selection(manifest_url: str, store: OutputStore) -> bool:
+    """Whether `manifest_url` is a selection `write_selection` wrote into `store`: a rerun
+    that chose its items (each failCode it resends was named), as `force` alone never does."""
+    return manifest_url.startswith(store.url_for(SELECTIONS) + "/")
+
+
 def output_of_results(results_url: str) -> str:
     """`{output}/runs/{run_id}/results.jsonl` -> `{output}`."""
     if not results_url.strip():
@@ -354,7 +364,7 @@ def write_selection(
     chosen = [r for r in chosen if r.id not in busy]
     carried = [] if dry_run else carry_records(chosen, store, source)
     rows = [rerun_row(r, prompt_suffix=prompt_suffix, **(overrides or {})) for r in chosen]
-    key = f"reruns/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-manifest.jsonl"
+    key = f"{SELECTIONS}/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-manifest.jsonl"
     store.write_text_atomic(key, to_manifest_jsonl(rows))
     url = store.url_for(key)
     text = selection_markdown(results_url, len(chosen), statuses, url, left_out, dry_run=dry_run)

@@ -305,6 +305,14 @@ def test_force_from_the_form_never_pays_again_for_content_or_unchanged_bad_input
         assert res[i].status == first[i].status and code in (res[i].note or ""), res[i]
         assert "--fail-code" in (res[i].note or "")
 
+    # a label typed into the form's `rerun_of` does not turn the guard off: only a rerun's
+    # own selection does
+    labelled = generate_videos(manifest=str(m), output=str(out), force=True, rerun_of="x")
+    assert results_of(labelled.result(raise_on_failure=False))["nsfw"].status == "skipped"
+    assert (
+        emulator.stats()["submissions_by_prompt"]["g [fail:CONTENT_VIOLATION]"]
+        == (posts["g [fail:CONTENT_VIOLATION]"])
+    )
     state = run_flow_sync(
         rerun_failed, results=first_summary["results"], fail_codes=["INVALID_PROMPT"],
     )  # fmt: skip
