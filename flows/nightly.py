@@ -8,12 +8,14 @@ import functools
 from functools import partial
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import fsspec.core
 from fsspec.implementations.local import LocalFileSystem
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import StateType
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
@@ -124,6 +126,7 @@ async def nightly_batch(
     finally:
         with contextlib.suppress(Exception):  # an unended lease simply expires
             await blocking(lease.end_lease)
+            await blocking(box.store.delete, _flow_run_key(claim_id))
     await acreate_markdown_artifact(ib.report_markdown(report), description="nightly-batch report")
     kind, state_name, message = ib.nightly_outcome(report)
     make = Completed if kind == "completed" else Failed
@@ -131,15 +134,36 @@ async def nightly_batch(
 
 
 def _hold(lease: Ledger, box: Inbox) -> None:
-    """This run's lease in the inbox; the first write there, so an inbox that takes no writes
-    (a bucket that does not exist, no permission) is a bad setting before anything is claimed."""
+    """This run's lease in the inbox, and which flow run holds it; the first write there, so
+    an inbox that takes no writes (a bucket that does not exist, no permission) is a bad
+    setting before anything is claimed."""
     try:
         lease.heartbeat()
+        box.store.write_text_atomic(_flow_run_key(lease.run_id), str(flow_run.get_id()))
     except Exception as exc:
         raise BadSettingError(
             f"the inbox {box.url} takes no writes ({exc}): check that the bucket or folder "
             "exists and the credentials may write there"
         ) from exc
+
+
+def _flow_run_key(claim_id: str) -> str:
+    """Where a nightly run says which flow run it is, beside its lease."""
+    return f"leases/{claim_id}.flow_run"
+
+
+async def _was_cancelled(box: Inbox, claim_id: str) -> bool:
+    """Whether the nightly flow run that held `claim_id` was cancelled (from the Prefect
+    API); False when that cannot be told (a run that crashed, or an earlier version's)."""
+    try:
+        run_id = (await blocking(box.store.read_text, _flow_run_key(claim_id))).strip()
+        async with get_client() as client:
+            found = await client.read_flow_run(UUID(run_id))
+    except Exception:  # noqa: BLE001 - unknown: treated as a crash, the manifest is resumed
+        return False
+    return found.state is not None and found.state.type in (
+        StateType.CANCELLED, StateType.CANCELLING,
+    )  # fmt: skip
 
 
 async def _night(box: Inbox, claim_id: str, options: BatchOptions, lease: Ledger) -> dict[str, Any]:
@@ -148,6 +172,17 @@ async def _night(box: Inbox, claim_id: str, options: BatchOptions, lease: Ledger
     report = ib.new_report(box.url)
     recovered: dict[str, str] = {}  # manifest name -> the claim of the run that left it
     for left in await blocking(box.stranded, functools.cache(lease.lease_alive)):
+        if await _was_cancelled(box, left.claim_id):  # the user stopped it: never resumed alone
+            record = {
+                **ib.new_record(left, str(flow_run.get_id())),
+                "stage": "cancelled",
+                "error": f"the nightly run of claim {left.claim_id} was cancelled while it ran "
+                "this manifest: it is not run again on its own; drop it in the inbox again to "
+                "run what is left (nothing already paid for is paid again)",
+            }
+            url = await finish_manifest(box, left, "failed", record)
+            report["failed"].append({"manifest": left.name, "record": url, **record})
+            continue
         if await blocking(box.recover, left):
             recovered[left.name] = left.claim_id
             logger.warning(

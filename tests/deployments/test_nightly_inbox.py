@@ -364,6 +364,47 @@ def test_a_killed_nightly_runs_its_manifest_again_the_next_night_paying_once(
     assert submissions(emulator) - before == 3  # every item paid once, in the killed run
 
 
+def test_a_cancelled_nightlys_manifest_is_not_resumed_on_its_own(
+    flow_env: None,
+    emulator: EmulatorHandle,
+    prefect_server: PrefectServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The user cancelled the nightly run (the worker stops its process): the next night does
+    not pay for what the user stopped; it moves the manifest aside, saying how to run the rest."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    monkeypatch.setenv("HAILUO_LEASE_TTL_S", "2")
+    get_settings.cache_clear()
+    out = tmp_path / "out"
+    inbox = out / "inbox"
+    drop_csv(inbox, "stopped.csv", [{"id": "s0", "image_url": "x", "prompt": "p"}])
+    box = Inbox(OutputStore(str(inbox)))
+    assert box.claim("stopped.csv", "C-stopped") is not None  # as the cancelled run left it
+
+    async def a_cancelled_flow_run() -> str:
+        async with get_client() as client:
+            created = await client.create_flow_run(
+                nightly_batch, name=f"cancelled-{uuid.uuid4().hex[:6]}"
+            )
+            await client.set_flow_run_state(created.id, Cancelled(), force=True)
+            return str(created.id)
+
+    box.store.write_text_atomic("leases/C-stopped.flow_run", asyncio.run(a_cancelled_flow_run()))
+    before = submissions(emulator)
+    state = run_nightly(output=str(out))
+    assert state.is_failed() and "stopped.csv" in (state.message or ""), state.message
+    [failed] = state.result(raise_on_failure=False)["failed"]
+    assert failed["stage"] == "cancelled" and "drop it in the inbox again" in failed["error"]
+    assert (inbox / "failed" / "C-stopped" / "stopped.csv").exists()
+    assert not list((inbox / "processing").rglob("*.csv")) and not (inbox / "stopped.csv").exists()
+    assert submissions(emulator) == before
+
+
 def test_an_s3_inbox_in_a_bucket_that_does_not_exist_is_a_bad_setting(
     flow_env: None, emulator: EmulatorHandle, s3_env: str, tmp_path: Path
 ) -> None:
