@@ -57,8 +57,6 @@ def _submissions(emulator) -> int:
 @pytest.mark.parametrize(
     ("case", "extra_args", "extra_env"),
     [
-        ("output is a file", ["--output", "{manifest}"], {}),
-        ("output under a file", ["--output", "{manifest}/out"], {}),
         ("no such credentials block", ["--credentials-block", "nope"], {}),
         ("no such storage block", ["--storage-block", "nope"], {}),
         ("callback mode without its URL", ["--request-type", "callback"],
