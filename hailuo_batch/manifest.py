@@ -251,9 +251,9 @@ def _read_text(url: str, storage_options: dict | None) -> str:
 
 
 def _with_time_limit(url: str, options: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
-    """`options` with a time limit on each http(s) request (HAILUO_FETCH_TIMEOUT_S, from the
-    connection to the last byte), and that limit; fsspec's own waits forever for a server that
-    accepts the connection and never answers."""
+    """`options` with a time limit (HAILUO_FETCH_TIMEOUT_S) on each http(s) connection and on
+    each wait for bytes, and that limit; fsspec's own waits forever for a server that accepts
+    the connection and never answers."""
     if fsspec.utils.get_protocol(url) not in ("http", "https"):
         return options, None
     import aiohttp  # fsspec's http file system is built on it
@@ -265,7 +265,9 @@ def _with_time_limit(url: str, options: dict[str, Any]) -> tuple[dict[str, Any],
     except BadSettingError as exc:
         raise ManifestError(f"cannot read manifest {url}: {exc}") from None
     client = dict(options.get("client_kwargs") or {})
-    client.setdefault("timeout", aiohttp.ClientTimeout(total=timeout_s))
+    # the limit is on each connection and each wait for bytes, not on the whole body: a large
+    # manifest over a slow link still arrives, a server that goes silent does not hold the run
+    client.setdefault("timeout", aiohttp.ClientTimeout(sock_connect=timeout_s, sock_read=timeout_s))
     return {**options, "client_kwargs": client}, timeout_s
 
 
