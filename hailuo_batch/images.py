@@ -572,6 +572,15 @@ def _inspect_http(url: str, *, settings: Settings) -> ImageInfo:
                 in_head = bytes(body.head) if size is not None and size <= len(body.head) else None
             if not _needs_ending_check(info, settings.max_image_bytes):
                 return info
+            if tail is None and size is not None:
+                try:  # the last bytes, asked for by where they are
+                    size, tail = _read_http_tail(
+                        client, final, settings=settings, deadline=deadline, shown=shown,
+                        size=size,
+                    )  # fmt: skip
+                except ImageFetchError:  # a server that answers that range oddly: read it all
+                    in_head = _read_http_whole(client, final, size, deadline=deadline, shown=shown)
+                    tail = in_head[-TAIL_BYTES:]
             if tail is None:
                 # the last bytes, and the size when a 206 said `bytes 0-N/*` and filled the range
                 size, tail = _read_http_tail(
@@ -738,14 +747,23 @@ def _read_http_body(
 
 
 def _read_http_tail(
-    client: httpx.Client, url: httpx.URL, *, settings: Settings, deadline: float, shown: str
+    client: httpx.Client,
+    url: httpx.URL,
+    *,
+    settings: Settings,
+    deadline: float,
+    shown: str,
+    size: int | None = None,
 ) -> tuple[int, bytes]:
-    """(the file's size, its last bytes) from a suffix range request (`Range: bytes=-N`).
+    """(the file's size, its last bytes) from a range request: the last TAIL_BYTES of a file
+    of a known `size` by where they are (`Range: bytes=S-E`, which every server that honours
+    ranges takes), else a suffix range (`Range: bytes=-N`).
 
     A 206 says where its range ends: that is the end of the file, whether its total is given
     or `*`. A server that ignores Range sends the whole body: it is read and counted up to
     max_image_bytes + 1 (the size is then max_image_bytes + 1: "too big")."""
-    with _get(client, url, f"bytes=-{TAIL_BYTES}", shown) as (_, resp):
+    wanted = f"-{TAIL_BYTES}" if size is None else f"{max(0, size - TAIL_BYTES)}-{size - 1}"
+    with _get(client, url, f"bytes={wanted}", shown) as (_, resp):
         body = _Body(resp, deadline=deadline)
         if resp.status_code == 206:
             start, end, total = _content_range(resp, shown)

@@ -314,6 +314,21 @@ class Handler(BaseHTTPRequestHandler):
                     },
                 )
                 self.wfile.write(data[start : end + 1])
+            elif route == "headonly" and name in self.files and not self.headers["Range"]:
+                self._head(200, {"Content-Length": str(len(data))})
+                self.wfile.write(data)
+            elif route == "headonly" and name in self.files:  # a range from 0 only, else 416
+                start, end = byte_range(self.headers["Range"], len(data))
+                if start != 0:
+                    self._head(416, {"Content-Range": f"bytes */{len(data)}",
+                                     "Content-Length": "0"})  # fmt: skip
+                    return
+                self._head(
+                    206,
+                    {"Content-Length": str(end + 1 - start),
+                     "Content-Range": f"bytes {start}-{end}/{len(data)}"},
+                )  # fmt: skip
+                self.wfile.write(data[start : end + 1])
             elif route == "nolength" and name in self.files:  # close-delimited body
                 self._head(200, {"Connection": "close"})
                 self.wfile.write(data)
@@ -822,3 +837,15 @@ def test_a_cut_short_verdict_never_decodes_the_image(
     for cut in (len(whole) // 2, len(whole) - 2, len(whole) - 1):
         said = images._cut_short("jpeg", whole[:cut])
         assert said is not None and said.startswith("the file is cut short"), cut
+
+
+@pytest.mark.parametrize("name", ["noise.jpg", "noise.png"])
+def test_a_server_that_refuses_the_tails_range_gets_the_whole_file_read(
+    http_base: str, name: str
+) -> None:
+    """A server that honours a range from byte 0 but answers 416 for the last bytes: the check
+    reads the whole file instead, accepting a complete image and refusing a cut one, never
+    refusing an image over how its server answers ranges."""
+    assert _preflight_errors(f"{http_base}/headonly/{name}") == []
+    errors = _preflight_errors(f"{http_base}/headonly/cut-{name}")
+    assert len(errors) == 1 and errors[0].startswith("the file is cut short: "), errors
