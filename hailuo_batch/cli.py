@@ -17,6 +17,7 @@ import contextlib
 import enum
 import json
 import os
+import signal
 import sys
 import typing
 from collections import Counter
@@ -730,6 +731,14 @@ def _usable_streams() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+class _Stopped(BaseException):
+    """SIGTERM reached the CLI's own handler (outside a flow run, or re-sent by Prefect)."""
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise _Stopped()
+
+
 def main(argv: list[str] | None = None) -> None:
     from hailuo_batch.settings import BadSettingError
 
@@ -752,6 +761,12 @@ def main(argv: list[str] | None = None) -> None:
         "emulator": cmd_emulator,
         "receiver": cmd_receiver,
     }
+    if args.command in ("run", "rerun"):
+        # Prefect's SIGTERM bridge raises TerminationSignal, and on its way out sends SIGTERM
+        # again to the handler it found: with Python's default there, the process died with
+        # -15 (no line, depending on where the signal landed); with this one, every path
+        # ends in the one line below and exit 143
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         if args.command != "emulator":
             _load_settings()
@@ -769,7 +784,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:  # `... | head` (the reader left), or output to a full disk
         _output_failed(exc)
     except BaseException as exc:  # SIGTERM: Prefect raises TerminationSignal in the main thread
-        if type(exc).__name__ != "TerminationSignal":
+        if not isinstance(exc, _Stopped) and type(exc).__name__ != "TerminationSignal":
             raise
         print(f"stopped (SIGTERM): {_RESUME}", file=sys.stderr)
         code = 143
