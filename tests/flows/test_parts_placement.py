@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -76,6 +77,41 @@ def part_job(url: str, local: Path, bucket: str, concurrency: int) -> PartJob:
         rows=[i.row for i in parsed.items],
         row_keys=[item_key(i) for i in parsed.items],
     )
+
+
+def part_results(bucket: str) -> list:
+    """The results part 1 of batch run R wrote for its parent."""
+    return from_jsonl(
+        s3fs.S3FileSystem().cat(f"{bucket}/out/runs/R/parts/1/results.jsonl").decode()
+    )
+
+
+def part_stops_after_its_first_post(
+    emulator, bucket: str, url: str, local: Path, act: Callable[[], None], says: str
+) -> None:
+    """Run part 1 of the live batch run R (every row, one item at a time); once its first POST
+    went out, `act` (the batch run takes the part over, or ends): the part finishes what it
+    started, starts no further item, and each item it left says `says`."""
+    job = part_job(url, local, bucket, concurrency=1)
+    before = submissions(emulator)
+
+    def after_the_first_post() -> None:
+        for _ in range(3000):
+            if submissions(emulator) > before:
+                break
+            time.sleep(0.01)
+        act()
+
+    actor = threading.Thread(target=after_the_first_post)
+    actor.start()
+    summary = asyncio.run(flows.parts.run_part("R", 0, job))
+    actor.join()
+    results = part_results(bucket)
+    posts = submissions(emulator) - before
+    left = [r for r in results if r.status == "not_submitted"]
+    assert summary["items"] == len(results) == 5
+    assert 1 <= posts < 5 and len(left) == 5 - posts, [(r.id, r.status) for r in results]
+    assert all(says in (r.fail_msg or "") for r in left)
 
 
 def test_parts_no_worker_starts_run_in_the_parent_within_the_cap(
@@ -173,30 +209,13 @@ def test_a_part_run_stops_starting_items_once_the_batch_run_took_its_part_over(
     store = OutputStore(f"s3://{s3_env}/out")
     parent = Ledger(store, "R", lease_ttl_s=120)
     parent.heartbeat()
-    job = part_job(url, local, s3_env, concurrency=1)
-    before = submissions(emulator)
     child_id = part_run_id("R", 0)
 
-    def take_over() -> None:  # once the first POST went out, the batch run takes the part
-        for _ in range(3000):
-            if submissions(emulator) > before:
-                break
-            time.sleep(0.01)
+    def take_over() -> None:  # the batch run takes the part
         store.delete(f"claims/parts/{child_id}.json")
         assert parent.claim_part(child_id) is None
 
-    thief = threading.Thread(target=take_over)
-    thief.start()
-    summary = asyncio.run(flows.parts.run_part("R", 0, job))
-    thief.join()
-    results = from_jsonl(
-        s3fs.S3FileSystem().cat(f"{s3_env}/out/runs/R/parts/1/results.jsonl").decode()
-    )
-    posts = submissions(emulator) - before
-    left = [r for r in results if r.status == "not_submitted"]
-    assert summary["items"] == len(results) == 5
-    assert 1 <= posts < 5 and len(left) == 5 - posts, [(r.id, r.status) for r in results]
-    assert all("taken over by run R" in (r.fail_msg or "") for r in left)
+    part_stops_after_its_first_post(emulator, s3_env, url, local, take_over, "taken over by run R")
 
 
 def test_a_part_run_held_by_its_share_says_so_not_the_users_max_cost(
@@ -214,9 +233,7 @@ def test_a_part_run_held_by_its_share_says_so_not_the_users_max_cost(
     Ledger(OutputStore(f"s3://{s3_env}/out"), "R", lease_ttl_s=120).heartbeat()  # a live parent
     before = submissions(emulator)
     summary = asyncio.run(flows.parts.run_part("R", 0, job))
-    results = from_jsonl(
-        s3fs.S3FileSystem().cat(f"{s3_env}/out/runs/R/parts/1/results.jsonl").decode()
-    )
+    results = part_results(s3_env)
     held = [r for r in results if r.status == "not_submitted"]
     assert submissions(emulator) - before == 1 and summary["capped"] == len(held) == 2
     assert all("part's share of the run's spending cap" in (r.fail_msg or "") for r in held)
@@ -229,31 +246,12 @@ def test_a_part_run_starts_no_item_once_its_batch_run_is_over(
     """The batch run was cancelled (or it crashed) while its part ran on a worker: the part
     finishes what it started and starts no further item, each saying why."""
     url, local = manifest_in_s3(s3_env, tmp_path, items(images_dir, make_image, emulator, 5))
-    store = OutputStore(f"s3://{s3_env}/out")
-    parent = Ledger(store, "R", lease_ttl_s=120)
+    parent = Ledger(OutputStore(f"s3://{s3_env}/out"), "R", lease_ttl_s=120)
     parent.heartbeat()
-    job = part_job(url, local, s3_env, concurrency=1)
-    before = submissions(emulator)
-
-    def cancel_parent() -> None:  # once the first POST went out, the batch run is cancelled
-        for _ in range(3000):
-            if submissions(emulator) > before:
-                break
-            time.sleep(0.01)
-        parent.end_lease()
-
-    canceller = threading.Thread(target=cancel_parent)
-    canceller.start()
-    summary = asyncio.run(flows.parts.run_part("R", 0, job))
-    canceller.join()
-    results = from_jsonl(
-        s3fs.S3FileSystem().cat(f"{s3_env}/out/runs/R/parts/1/results.jsonl").decode()
+    # the batch run is cancelled: its lease ends
+    part_stops_after_its_first_post(
+        emulator, s3_env, url, local, parent.end_lease, "the batch run R is over"
     )
-    posts = submissions(emulator) - before
-    left = [r for r in results if r.status == "not_submitted"]
-    assert summary["items"] == len(results) == 5
-    assert 1 <= posts < 5 and len(left) == 5 - posts, [(r.id, r.status) for r in results]
-    assert all("the batch run R is over" in (r.fail_msg or "") for r in left)
 
 
 def test_what_a_killed_part_paid_counts_as_the_batch_runs_spend(
