@@ -572,20 +572,19 @@ def _inspect_http(url: str, *, settings: Settings) -> ImageInfo:
                 in_head = bytes(body.head) if size is not None and size <= len(body.head) else None
             if not _needs_ending_check(info, settings.max_image_bytes):
                 return info
-            if tail is None and size is not None:
-                try:  # the last bytes, asked for by where they are
+            if tail is None:
+                # the last bytes (by where they are when the size is known), and the size when
+                # a 206 said `bytes 0-N/*` and filled the range
+                try:
                     size, tail = _read_http_tail(
                         client, final, settings=settings, deadline=deadline, shown=shown,
-                        size=size,
+                        size=info.size_bytes,
                     )  # fmt: skip
                 except ImageFetchError:  # a server that answers that range oddly: read it all
-                    in_head = _read_http_whole(client, final, size, deadline=deadline, shown=shown)
-                    tail = in_head[-TAIL_BYTES:]
-            if tail is None:
-                # the last bytes, and the size when a 206 said `bytes 0-N/*` and filled the range
-                size, tail = _read_http_tail(
-                    client, final, settings=settings, deadline=deadline, shown=shown
-                )
+                    if (known := info.size_bytes) is None:
+                        raise
+                    in_head = _read_http_whole(client, final, known, deadline=deadline, shown=shown)
+                    size, tail = known, in_head[-TAIL_BYTES:]
                 if info.size_bytes is not None and size != info.size_bytes:
                     raise ImageFetchError(
                         f"image {shown} changed while it was checked (its size was "

@@ -329,6 +329,20 @@ class Handler(BaseHTTPRequestHandler):
                      "Content-Range": f"bytes {start}-{end}/{len(data)}"},
                 )  # fmt: skip
                 self.wfile.write(data[start : end + 1])
+            elif route == "changing" and name in self.files:  # another file after the head
+                rng = self.headers["Range"] or ""
+                if rng.startswith("bytes=0-"):
+                    start, end = byte_range(rng, len(data))
+                    self._head(
+                        206,
+                        {"Content-Length": str(end + 1 - start),
+                         "Content-Range": f"bytes {start}-{end}/{len(data)}"},
+                    )  # fmt: skip
+                    self.wfile.write(data[start : end + 1])
+                    return
+                other = self.files["shot.png"]  # a complete PNG of another size
+                self._head(200, {"Content-Length": str(len(other))})
+                self.wfile.write(other)
             elif route == "nolength" and name in self.files:  # close-delimited body
                 self._head(200, {"Connection": "close"})
                 self.wfile.write(data)
@@ -849,3 +863,10 @@ def test_a_server_that_refuses_the_tails_range_gets_the_whole_file_read(
     assert _preflight_errors(f"{http_base}/headonly/{name}") == []
     errors = _preflight_errors(f"{http_base}/headonly/cut-{name}")
     assert len(errors) == 1 and errors[0].startswith("the file is cut short: "), errors
+
+
+def test_an_image_that_changes_between_its_head_and_its_tail_is_refused(http_base: str) -> None:
+    """The head said one size; the request for the last bytes got another, complete file (a
+    server that ignores that range and serves what is there now): not taken as checked."""
+    errors = _preflight_errors(f"{http_base}/changing/noise.png")
+    assert len(errors) == 1 and "changed while it was checked" in errors[0], errors
