@@ -493,12 +493,7 @@ def _jpeg_cut_short(data: bytes) -> str | None:
     )
     pos = 2  # after SOI
     while True:
-        while (
-            pos < len(data)
-            and data[pos] == 0xFF
-            and pos + 1 < len(data)
-            and (data[pos + 1] == 0xFF)
-        ):
+        while pos + 1 < len(data) and data[pos] == data[pos + 1] == 0xFF:
             pos += 1  # fill bytes before a marker
         if pos + 2 > len(data):
             return cut
