@@ -183,6 +183,22 @@ async def _night(box: Inbox, claim_id: str, options: BatchOptions, lease: Ledger
             url = await finish_manifest(box, left, "failed", record)
             report["failed"].append({"manifest": left.name, "record": url, **record})
             continue
+        stops = [*await blocking(box.recovered_from, left.name), left.claim_id]
+        if ib.stopped_too_often(stops[:-1]):  # it kills its run: it would every night
+            record = {
+                **ib.new_record(left, str(flow_run.get_id())),
+                "stage": "stopped",
+                "stopped_claims": stops,
+                "error": f"the nightly runs of claims {', '.join(stops)} all stopped (killed or "
+                "crashed) while they ran this manifest: it is not run again on its own; look at "
+                "those flow runs for what stopped them (memory, a worker's time limit), then "
+                "drop it in the inbox again to run what is left (nothing already paid for is "
+                "paid again)",
+            }
+            logger.error("manifest %s: %s", shown(left.name), record["error"])
+            url = await finish_manifest(box, left, "failed", record)
+            report["failed"].append({"manifest": left.name, "record": url, **record})
+            continue
         if await blocking(box.recover, left):
             recovered[left.name] = left.claim_id
             logger.warning(

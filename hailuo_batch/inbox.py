@@ -18,6 +18,9 @@ batch run's ledger lease is). A run killed while it ran a manifest leaves it at
 `processing/{claim}/{name}`: the next nightly run finds it there with its claim's lease over
 (`stranded`), puts it back in the inbox (`recover`) and runs it again; the batch run resumes
 from the ledger, so nothing is paid twice and the videos the killed run paid for are fetched.
+The stops are counted (`processing/{name}.recovered`, until the manifest finishes): one that
+stops its run a third time (`stopped_too_often`) goes to `failed/` with a report instead, so a
+manifest that kills the process cannot hold up the inbox night after night.
 A run that dies between creating a claim marker and moving the file leaves
 `processing/{name}.claim` behind, which keeps a re-dropped file of that name waiting: delete
 the marker to release it.
@@ -39,6 +42,7 @@ from hailuo_batch.manifest import ItemDefaults, ManifestError, load_manifest
 from hailuo_batch.storage import OutputStore
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json")
+MAX_RECOVERIES = 2  # a manifest whose nightly run stopped a third time is not run again alone
 Outcome = Literal["done", "failed"]
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -117,14 +121,30 @@ class Inbox:
                 found.append(Claim(name=parts[2], claim_id=parts[1], key=key))
         return found
 
+    def recovered_from(self, name: str) -> list[str]:
+        """The claims of the nightly runs that stopped while running `name` and whose manifest
+        was put back since it last finished (oldest first)."""
+        try:
+            found = json.loads(self.store.read_text(_recoveries_key(name)))
+        except FileNotFoundError:
+            return []
+        except ValueError:  # a torn or hand-edited record: still counts as one stop
+            return ["?"]
+        return [str(c) for c in found] if isinstance(found, list) else ["?"]
+
     def recover(self, claim: Claim) -> bool:
-        """Put a stranded manifest back in the inbox, to be claimed again like a new one;
-        False (it stays where it is) while a manifest of the same name waits in the inbox.
-        One another nightly run put back first is left to it (True)."""
+        """Put a stranded manifest back in the inbox, to be claimed again like a new one, and
+        count the stop (`recovered_from`); False (it stays where it is) while a manifest of the
+        same name waits in the inbox. One another nightly run put back first is left to it."""
         if not self.store.exists(claim.key):
             return True
         if self.store.exists(claim.name):
             return False
+        before = self.recovered_from(claim.name)
+        if claim.claim_id not in before:  # counted before the move: a kill between over-counts
+            self.store.write_text_atomic(
+                _recoveries_key(claim.name), json.dumps([*before, claim.claim_id])
+            )
         try:
             self.release(claim)
         except FileNotFoundError:  # another nightly run put it back first
@@ -161,7 +181,20 @@ class Inbox:
         record_key = f"{folder}/{claim.name}.{suffix}"
         self.store.write_text_atomic(record_key, json.dumps(record, indent=2, default=str) + "\n")
         self.store.prune(f"processing/{claim.claim_id}")  # kept while another manifest is there
+        self.store.delete(_recoveries_key(claim.name))  # a later drop of the name starts afresh
         return self.store.url_for(record_key)
+
+
+def _recoveries_key(name: str) -> str:
+    """Where the claims of the nightly runs that stopped on manifest `name` are counted."""
+    return f"processing/{name}.recovered"
+
+
+def stopped_too_often(recovered_from: list[str]) -> bool:
+    """Whether a stranded manifest has stopped its nightly run once more than may be put back
+    (`MAX_RECOVERIES`): something in it kills the process (memory, a worker's time limit), and
+    running it every night would hold up every manifest behind it, night after night."""
+    return len(recovered_from) >= MAX_RECOVERIES
 
 
 def check_manifest(

@@ -303,6 +303,65 @@ def test_stranded_manifests_are_found_by_their_claims_lease(inbox_url: str) -> N
     assert box.recover(stranded[1]) is True  # another run put it back first: no error
 
 
+def test_each_stop_of_a_manifest_is_counted_until_it_finishes(inbox_url: str) -> None:
+    """Every nightly run that stopped on a manifest is counted when it is put back; the third
+    stop is one too many; finishing the manifest clears the count for a later drop."""
+    from hailuo_batch.inbox import stopped_too_often
+
+    box = Inbox(OutputStore(inbox_url))
+    box.store.write_text_atomic("m.csv", "image_url,prompt\n")
+    stops = []
+    for claim_id in ("C1", "C2", "C3"):
+        claim = box.claim("m.csv", claim_id)
+        assert claim is not None
+        stops.append(stopped_too_often(box.recovered_from("m.csv")))
+        if not stops[-1]:
+            assert box.recover(claim)
+            assert box.recover(claim)  # put back twice (two nights at once): counted once
+    assert stops == [False, False, True]
+    assert box.recovered_from("m.csv") == ["C1", "C2"]
+    box.finish(claim, "failed", {})
+    assert box.recovered_from("m.csv") == []
+    assert box.pending() == [] and box.stranded(lambda _: False) == []
+
+
+def test_a_manifest_that_stopped_its_nightly_run_three_times_is_moved_aside(
+    flow_env: None,
+    emulator: EmulatorHandle,
+    prefect_server: PrefectServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two nights already put it back after their runs were killed on it, and a third run was
+    killed on it too: it goes to failed/ with a report naming every claim, nothing is paid, and
+    the manifest dropped behind it runs."""
+    monkeypatch.setenv("HAILUO_LEASE_TTL_S", "2")
+    get_settings.cache_clear()
+    out = tmp_path / "out"
+    inbox = out / "inbox"
+    files = f"{emulator.base_url}/files"
+    drop_csv(inbox, "heavy.csv", [{"id": "h0", "image_url": f"{files}/dusk.jpg", "prompt": "p"}])
+    box = Inbox(OutputStore(str(inbox)))
+    for claim_id in ("C1", "C2", "C3"):  # as three killed nights left it
+        claim = box.claim("heavy.csv", claim_id)
+        assert claim is not None
+        if claim_id != "C3":
+            assert box.recover(claim)
+    drop_csv(inbox, "later.csv", [{"id": "l0", "image_url": f"{files}/dusk.jpg", "prompt": "q"}])
+    before = submissions(emulator)
+    state = run_nightly(output=str(out))
+    assert state.name == "CompletedWithFailures", state.message
+    assert "failed: heavy.csv" in (state.message or "")
+    report = state.result(raise_on_failure=False)
+    [failed] = report["failed"]
+    assert failed["stage"] == "stopped" and failed["stopped_claims"] == ["C1", "C2", "C3"]
+    assert "drop it in the inbox again" in failed["error"]
+    assert (inbox / "failed" / "C3" / "heavy.csv").exists()
+    assert [d["manifest"] for d in report["done"]] == ["later.csv"]
+    assert submissions(emulator) - before == 1  # later.csv's item only
+    assert not list((inbox / "processing").rglob("*.csv*"))
+
+
 def test_a_killed_nightly_runs_its_manifest_again_the_next_night_paying_once(
     flow_env: None,
     emulator: EmulatorHandle,
