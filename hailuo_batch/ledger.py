@@ -218,10 +218,14 @@ def _plan_same_inputs(
         return Plan("hold", note=note + "; held (HAILUO_UNCERTAIN_POLICY=hold)", uncertain=True)
     if record.state == LedgerState.LOST:
         if resubmit_lost:
+            lost_how = (
+                "did not end within the wait (it may still end and be billed)"
+                if record.fail_code == "POLL_TIMEOUT"  # steps.POLL_TIMEOUT (steps imports this)
+                else "is gone at the provider"
+            )
             return Plan(
                 "submit",
-                note=f"task {record.task_id} is gone at the provider; resubmitted "
-                "(possible duplicate charge)",
+                note=f"task {record.task_id} {lost_how}; resubmitted (possible duplicate charge)",
                 uncertain=True,
             )
         return Plan(

@@ -143,7 +143,8 @@ CALLBACK_LATE_S = 30.0
 class ScheduleTicker:
     """Reads on a fixed `PollSchedule`. With a `waiter` (callback mode) a delivery for
     `task_id` wakes it early; after an unconfirmed callback it drops the waiter and reads on
-    `fallback` for the time that is left."""
+    `fallback` for the time that is left. With a `board`, each success's generation time is
+    learned, as `LearnedTicker` does (the next run's give-up time comes from it)."""
 
     def __init__(
         self,
@@ -152,11 +153,13 @@ class ScheduleTicker:
         task_id: str = "",
         waiter: CallbackWaiter | None = None,
         fallback: PollSchedule | None = None,
+        board: StatsBoard | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self.schedule = schedule
         self.task_id = task_id
         self.waiter = waiter
+        self.board = board
         self.fallback = fallback or schedule
         self.clock = clock
         self.started = clock()
@@ -193,6 +196,10 @@ class ScheduleTicker:
     def ended(self, status: TaskStatus) -> None:
         """A backstop read (not a delivery) that finds the task ended well before it: its
         callback is missing, and the waiter says so (`CallbackWaiter.missing`)."""
+        if self.board is not None and status.state == TaskState.SUCCESS:
+            self.board.observe(
+                generation_seconds(status.create_time, status.complete_time, status.cost_time_ms)
+            )
         if self.waiter is None or self._wake is None or self._woken or not self._waited:
             return
         if status.complete_time is not None:
@@ -206,10 +213,14 @@ class ScheduleTicker:
 
 
 def callback_schedules(
-    guidance: PollSchedule, backstop_s: float, *, immediate: bool
+    guidance: PollSchedule, backstop_s: float, *, immediate: bool, timeout_s: float | None = None
 ) -> tuple[PollSchedule, PollSchedule]:
     """Callback mode's backstop schedule (a slow poll for lost callbacks) and the schedule an
-    item falls back to after an unconfirmed callback (the guidance's interval from the start)."""
+    item falls back to after an unconfirmed callback (the guidance's interval from the start).
+    Both give up after `timeout_s` (default: the guidance's): the learned give-up time, so a
+    slow day's tasks are waited for as long in callback mode as when polling."""
+    if timeout_s is not None:
+        guidance = dataclasses.replace(guidance, timeout_s=timeout_s)
     backstop = dataclasses.replace(
         guidance,
         initial_s=0.0 if immediate else max(guidance.initial_s, backstop_s),
@@ -233,8 +244,11 @@ def ticker_for(
     poll every `backstop_s` as backstop. `immediate`: a resumed task, read at once."""
     if waiter is None:
         return LearnedTicker(board, started=sent_at, immediate=immediate)
-    backstop, fallback = callback_schedules(board.plan.guidance, backstop_s, immediate=immediate)
-    return ScheduleTicker(backstop, task_id=task_id, waiter=waiter, fallback=fallback)
+    backstop, fallback = callback_schedules(
+        board.plan.guidance, backstop_s, immediate=immediate,
+        timeout_s=board.plan.give_up_s(board.stats),
+    )  # fmt: skip
+    return ScheduleTicker(backstop, task_id=task_id, waiter=waiter, fallback=fallback, board=board)
 
 
 def learned_plan(guidance: PollSchedule) -> LearnedPollPlan:

@@ -188,6 +188,10 @@ def test_lost_tasks_are_read_again_unless_resubmitting_lost_is_asked_for():
     assert p.action == "poll"
     p = plan_item(lost, H, resubmit_lost=True)
     assert p.action == "submit" and p.uncertain and "possible duplicate" in p.note
+    assert "gone at the provider" in p.note  # no fail code: as a 404 reported it
+    timed_out = rec(LedgerState.LOST, task_id="t", attempts=1, fail_code="POLL_TIMEOUT")
+    p = plan_item(timed_out, H, resubmit_lost=True)  # not gone: it may still end, and bill
+    assert "gone" not in p.note and "may still end" in p.note
 
 
 def test_a_changed_row_never_takes_the_stored_video_of_the_old_one():

@@ -401,6 +401,35 @@ def test_the_ticker_is_learned_unless_callbacks_wake_the_item(tmp_path: Path) ->
     assert ticker.timeout_s == FAST.timeout_s  # the provider's guidance still bounds the wait
 
 
+def test_callback_mode_waits_as_long_as_polling_for_a_slow_days_tasks(tmp_path: Path) -> None:
+    """Earlier runs saw generations of 380-500 s, near the guidance's 600 s give-up: a polling
+    item waits up to 3x their p99, and so must an item waiting for its callback (it gave up at
+    600 s, failing paid tasks whose success was on its way)."""
+    earlier = GenerationStats([380.0 + 0.6 * i for i in range(200)]).to_json()
+    board = stats_board(earlier, PollSchedule())
+    waiter = CallbackWaiter(CallbackStore(str(tmp_path / "cb")), 0.01)
+    polled = ticker_for("t1", board, None, 120.0, sent_at=None, immediate=False)
+    woken = ticker_for("t2", board, waiter, 120.0, sent_at=None, immediate=False)
+    assert polled.timeout_s > 1000.0
+    assert woken.timeout_s == polled.timeout_s
+    assert sum(woken.schedule.delays()) == pytest.approx(polled.timeout_s)  # type: ignore[attr-defined]
+    polled.close()
+    woken.close()
+
+
+def test_callback_mode_learns_generation_times_for_the_next_run(tmp_path: Path) -> None:
+    board = stats_board(None, FAST)
+    waiter = CallbackWaiter(CallbackStore(str(tmp_path / "cb")), 0.01)
+
+    async def scenario() -> None:
+        ticker = ticker_for("t1", board, waiter, 0.01, sent_at=None, immediate=True)
+        read = Script([status(TaskState.SUCCESS, create_time=1_000, complete_time=43_000)])
+        await watch_task("t1", read, ticker, not_found_grace_s=30, warn=lambda m: None)
+
+    run(scenario())
+    assert board.stats.samples == [42.0]
+
+
 def test_a_task_the_backstop_finds_long_ended_says_its_callback_is_missing() -> None:
     """Callbacks that never arrive (a wrong URL or token, a receiver down) only slow the run
     down: the first backstop read that finds a task ended long before, with no delivery, says
