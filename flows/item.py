@@ -36,7 +36,7 @@ from hailuo_batch.manifest import ManifestItem
 from hailuo_batch.pacing import AdaptiveSlots, Slot
 from hailuo_batch.parts import results_folder
 from hailuo_batch.policy import Prices, estimate_cost, not_forced_again
-from hailuo_batch.results import ItemResult, from_jsonl
+from hailuo_batch.results import ItemResult, from_jsonl, jsonl_lines
 from hailuo_batch.steps import (
     LeaseLapsed,
     ResultOfAnotherItem,
@@ -127,7 +127,7 @@ class RunState:
             except (FileNotFoundError, ValueError):  # no such file, or not a run id at all
                 text = ""
             found: dict[tuple[str, str | None], ItemResult] = {}
-            for line in text.splitlines():
+            for line in jsonl_lines(text):
                 with contextlib.suppress(ValueError):
                     for r in from_jsonl(line):
                         found[(r.id, r.input_hash)] = r

@@ -79,13 +79,25 @@ class ItemResult(BaseModel):
     finished_at: str | None = None
 
 
+#: characters `str.splitlines()` (and JavaScript) end a line at that JSON leaves raw inside
+#: strings (a prompt pasted from a word processor holds U+2028): written as escapes
+_RAW_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def to_jsonl(results: Iterable[ItemResult]) -> str:
-    return "".join(r.model_dump_json() + "\n" for r in results)
+    """One JSON line per result; every line break inside a value is escaped."""
+    return "".join(r.model_dump_json().translate(_RAW_BREAKS) + "\n" for r in results)
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text: only "\n" ends one (a file written before the escapes may
+    hold a raw U+2028 inside a string, which `str.splitlines()` would cut)."""
+    return text.split("\n")
 
 
 def from_jsonl(text: str) -> list[ItemResult]:
     out = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(jsonl_lines(text), start=1):
         if line.strip():
             try:
                 out.append(ItemResult.model_validate_json(line))

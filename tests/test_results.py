@@ -1,6 +1,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hailuo_batch.budget import Budget, Stop
 from hailuo_batch.results import (
@@ -42,6 +44,28 @@ def test_jsonl_round_trip_keeps_every_field():
     assert len(text.splitlines()) == 2
     assert json.loads(text.splitlines()[0])["status"] == "succeeded"
     assert from_jsonl(text) == rs
+
+
+_ANY_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(prompts=st.lists(_ANY_TEXT, min_size=1, max_size=5), msg=_ANY_TEXT, note=_ANY_TEXT)
+def test_any_text_in_a_result_keeps_one_line_per_result(prompts, msg, note):
+    """A prompt, provider message or note may hold U+2028, U+2029, NEL, form feeds...: the
+    file still has one line per row for any reader, and reads back whole."""
+    rs = [
+        _r(i, ItemStatus.FAILED, prompt=p, fail_msg=msg, note=note) for i, p in enumerate(prompts)
+    ]
+    text = to_jsonl(rs)
+    assert len(text.splitlines()) == len(rs)
+    assert from_jsonl(text) == rs
+
+
+def test_a_results_file_with_a_raw_line_separator_inside_a_value_still_reads():
+    """Files written before the escapes hold U+2028 raw inside a string: only \\n ends a line."""
+    raw = _r(1, ItemStatus.FAILED, prompt="one\u2028two", task_id="task_1").model_dump_json()
+    assert from_jsonl(raw + "\n" + raw + "\n")[1].prompt == "one\u2028two"
 
 
 def test_from_jsonl_names_the_bad_line():
