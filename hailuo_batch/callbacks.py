@@ -161,8 +161,10 @@ class CallbackStore:
             if existing is not None and (existing[1].is_terminal or not status.is_terminal):
                 return False
             record = {"taskId": task_id, "receivedAt": int(time.time() * 1000), "body": body}
-            data = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
-            self.store.write_bytes_atomic(delivery_key(task_id), data.encode("utf-8"))
+            # escaped: a body may hold a lone surrogate ("\ud800", half a pair cut off), which
+            # JSON parses but UTF-8 cannot hold; the receiver would answer 500 for ever
+            data = json.dumps(record, separators=(",", ":"))
+            self.store.write_bytes_atomic(delivery_key(task_id), data.encode("ascii"))
         return True
 
     def get(self, task_id: str) -> TaskStatus | None:
@@ -230,6 +232,7 @@ class CallbackWaiter:
         self._warn = warn
         self._known: set[str] = set()  # terminal deliveries seen (ids only: small)
         self._events: dict[str, asyncio.Event] = {}
+        self._store_down = False  # the last check could not read the store (warned once)
         self.missed = 0  # tasks the backstop poll found ended long before any delivery
 
     def missing(self, task_id: str, ended_s_ago: float) -> None:
@@ -272,8 +275,14 @@ class CallbackWaiter:
             # `wanted` holds no known id: no copy of the (growing) known set is needed
             new = await self._blocking(self.store.poll_new, set(), wanted)
         except Exception as exc:  # noqa: BLE001 - any store error: the backstop poll goes on
-            self._warn(f"cannot read callback deliveries: {exc}")
+            if not self._store_down:  # once per outage, not every check_s for the whole run
+                self._warn(
+                    f"cannot read callback deliveries: {exc} (items are read on the backstop "
+                    "poll meanwhile; said again only after the store was read in between)"
+                )
+            self._store_down = True
             return
+        self._store_down = False
         self.seen(new)
 
     async def run(self) -> None:

@@ -26,6 +26,9 @@ def bind_tcp(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
     except OSError:
         sock.close()
         raise
+    except (TypeError, UnicodeError) as exc:  # a name IDNA cannot encode ("ä..x")
+        sock.close()
+        raise OSError(f"cannot use host {host!r}: not a valid host name ({exc})") from None
     sock.set_inheritable(True)
     return sock
 

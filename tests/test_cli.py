@@ -395,6 +395,7 @@ def test_a_usage_error_is_exit_2_even_when_stderr_cannot_take_it():
         (["emulator", "--time-scale", "-1"], "--time-scale:"),
         (["emulator", "--fault-rate", "2"], "--fault-rate:"),
         (["emulator", "--host", "host.invalid", "--port", "0"], "cannot serve on host.invalid"),
+        (["emulator", "--host", "\u00e4..x", "--port", "0"], "not a valid host name"),
         (["emulator", "--balance", "1e308"], "--balance: Input should be less than"),
         (["emulator", "--balance", "-1"], "--balance: Input should be greater than"),
         (["emulator", "--files-dir", "/no/such/folder"], "--files-dir: '/no/such/folder' does not"),
@@ -421,6 +422,15 @@ def test_a_server_on_a_port_already_taken_says_so(tmp_path):
     for done in (emulator, receiver):
         assert done.returncode == 2, done.stderr[-2000:]
         assert "Address already in use" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("host", ["\u00e4..x", "\u00e4" * 70, "a" * 64 + ".example"])
+def test_a_receiver_host_no_resolver_could_take_is_one_line(tmp_path, host):
+    env = {**os.environ, "HAILUO_CALLBACK_TOKEN": "t" * 40,
+           "HAILUO_CALLBACK_STORE": str(tmp_path / "callbacks")}  # fmt: skip
+    done = cli("receiver", "--host", host, "--port", "0", env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "cannot" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("suffix", ["\x07", "ok\x00", "x" * 100_001])

@@ -323,6 +323,13 @@ def test_waiter_checks_the_store_and_survives_an_unreadable_one(tmp_path: Path) 
     sick.waiting("t2")  # a check reads the store only for tasks an item waits for
     run(sick.check())
     assert warned and "store down" in warned[0]
+    run(sick.check())  # the same outage, every check_s for the whole run: said once
+    assert len(warned) == 1
+    sick.store.poll_new = lambda *a: {}  # type: ignore[method-assign,assignment]
+    run(sick.check())
+    sick.store.poll_new = broken  # type: ignore[method-assign,assignment]
+    run(sick.check())  # a new outage is said again
+    assert len(warned) == 2
 
 
 # --- learning --------------------------------------------------------------------------------

@@ -214,6 +214,18 @@ def test_a_delivery_is_recorded_and_duplicates_are_harmless(
     assert status is not None and status.result_urls == ["https://r/task_ok.mp4"]
 
 
+def test_a_delivery_holding_half_a_surrogate_pair_is_recorded(
+    http: httpx.Client, receiver: ReceiverHandle
+) -> None:
+    """`"\\ud800"` is valid JSON (a failMsg cut inside a UTF-16 pair) but not UTF-8: recorded
+    escaped, not answered 500 on every retry until the provider gives up delivering."""
+    body = '{"code":200,"data":{"taskId":"task_half","state":"failed","failMsg":"cut \\ud800"}}'
+    resp = http.post(f"/callbacks/{TOKEN}", content=body.encode("ascii"))
+    assert resp.status_code == 200, resp.text
+    status = receiver.store.get("task_half")
+    assert status is not None and status.state == "failed"
+
+
 def test_a_failed_recording_answers_500_so_the_provider_retries(store_dir: Path) -> None:
     store = CountingStore(str(store_dir), fail_first=1)
     with (
