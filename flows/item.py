@@ -26,7 +26,9 @@ from hailuo_batch.ledger import (
     claim_or_wait,
     may_be_behind,
     plan_in_batch,
+    refetch_key,
     stored_intact,
+    stored_key,
     stored_unrecorded,
     task_from_results,
     with_retries,
@@ -278,6 +280,8 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
     ):
         note = "stored video missing or damaged: fetching it again"
         plan = Plan("poll", note=note, attempts=rec.attempts, resubmits=plan.resubmits)
+        taken = await b.rt.blocking(b.rt.store.exists, stored_key(rec))
+        rec = rec.model_copy(update={"video_key": refetch_key(rec, current, taken=taken)})
     elif plan.action in ("poll", "submit") and rec is not None:
         found = await b.rt.blocking(stored_unrecorded, b.rt.store, rec, item.input_hash)
         if found is not None:  # stored before a crash could record it: nothing to pay or fetch

@@ -559,6 +559,17 @@ def stored_intact(store: OutputStore, rec: LedgerRecord) -> bool:
     return rec.sha256 is None or store.sha256(key) == rec.sha256
 
 
+def refetch_key(rec: LedgerRecord, current: LedgerRecord | None, *, taken: bool) -> str | None:
+    """Where `rec`'s stored video, found missing or damaged, is fetched again: its own key,
+    unless `rec` is an earlier record of other inputs than the item's `current` one and that
+    key is now the current record's, or holds other bytes (`taken`: `stored_intact` failed);
+    then None, and a free key is chosen. Its video was deleted, the other inputs stored theirs
+    under the freed name since: fetching it there again would overwrite another paid video."""
+    if current is None or current.input_hash == rec.input_hash:  # its own key: its own copy
+        return rec.video_key
+    return None if taken or stored_key(rec) == stored_key(current) else rec.video_key
+
+
 def may_be_behind(rec: LedgerRecord) -> bool:
     """Whether `rec` may be behind what its run did after the POST: a POST was sent, and no
     task is recorded (`task_from_results` looks in that run's results)."""

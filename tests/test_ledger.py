@@ -21,6 +21,7 @@ from hailuo_batch.ledger import (
     plan_in_batch,
     plan_item,
     planned_costs,
+    refetch_key,
     stored_intact,
     stored_unrecorded,
 )
@@ -692,3 +693,17 @@ def test_force_leaves_content_violations_and_unchanged_bad_input(state, code, fo
     moved = partial(not_forced_again, overrides={code: "transient"}) if code else None
     if moved is not None:
         assert plan_item(rec, "h", force=True, not_forced=moved).action == "submit"
+
+
+def test_a_missing_video_is_fetched_again_into_its_own_key_only_if_no_one_else_has_it():
+    own = rec(LedgerState.STORED, task_id="t", video_key="videos/x.mp4")
+    other_at_same_key = rec(LedgerState.STORED, input_hash="b" * 64, video_key="videos/x.mp4")
+    other_elsewhere = rec(LedgerState.STORED, input_hash="b" * 64, video_key="videos/x-b.mp4")
+    assert refetch_key(own, own, taken=True) == "videos/x.mp4"  # its own damaged copy
+    assert refetch_key(own, None, taken=False) == "videos/x.mp4"
+    assert refetch_key(own, other_at_same_key, taken=False) is None  # reserved by the other
+    assert refetch_key(own, other_elsewhere, taken=True) is None  # a third record's bytes
+    assert refetch_key(own, other_elsewhere, taken=False) == "videos/x.mp4"
+    legacy = rec(LedgerState.STORED, task_id="t")  # no video_key: the plain key
+    legacy_other = rec(LedgerState.STORED, input_hash="b" * 64, video_key="videos/x.mp4")
+    assert refetch_key(legacy, legacy_other, taken=False) is None

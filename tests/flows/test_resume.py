@@ -487,6 +487,34 @@ def test_earlier_inputs_whose_download_failed_never_take_another_prompts_video(
     assert emulator.stats()["submissions_by_prompt"] == {"p0": 1, "prompt B": 1}
 
 
+def test_refetching_a_deleted_video_never_overwrites_the_one_stored_under_its_name_since(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    """Prompt A's video was deleted (a clean-up, a bucket's expiry rule); prompt B then stored
+    its own under the freed name. Going back to A fetches A's video again from its task, into
+    another key: B's paid video is not overwritten, and going back to B finds it intact."""
+    rows = items(images_dir, make_image, emulator, 1)
+    (images_dir / "b.jpg").write_bytes(make_image(720, 480).read_bytes())  # another video
+    a = write_csv(tmp_path / "a.csv", rows)
+    b_row = {**rows[0], "prompt": "prompt B", "image_url": f"{emulator.base_url}/files/b.jpg"}
+    b = write_csv(tmp_path / "b.csv", [b_row])
+    out = tmp_path / "out"
+    first = results_of(generate_videos(manifest=str(a), output=str(out)).result())["i0"]
+    (out / "videos" / "i0.mp4").unlink()
+    second = results_of(generate_videos(manifest=str(b), output=str(out)).result())["i0"]
+    assert second.video == first.video  # the freed name
+    b_bytes = (out / "videos" / "i0.mp4").read_bytes()
+    assert second.sha256 != first.sha256
+    third = results_of(generate_videos(manifest=str(a), output=str(out)).result())["i0"]
+    assert third.status == "succeeded" and "fetching it again" in (third.note or "")
+    assert third.video != second.video
+    assert third.sha256 == served_sha256(emulator.base_url, first.task_id)
+    assert (out / "videos" / "i0.mp4").read_bytes() == b_bytes  # B's video untouched
+    fourth = results_of(generate_videos(manifest=str(b), output=str(out)).result())["i0"]
+    assert fourth.video == second.video and "already stored" in (fourth.note or "")
+    assert emulator.stats()["submissions_by_prompt"] == {"p0": 1, "prompt B": 1}
+
+
 def test_a_video_damaged_after_it_was_stored_is_never_adopted(
     flow_env, emulator, tmp_path, images_dir, make_image
 ):
