@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,8 +15,9 @@ import fsspec
 from hailuo_batch import markdown as md
 from hailuo_batch.ledger import Ledger, LedgerRecord, LedgerState, LedgerUnavailable
 from hailuo_batch.manifest import id_key, is_item_id
+from hailuo_batch.parts import results_folder
 from hailuo_batch.policy import classify_fail_code
-from hailuo_batch.results import ItemResult, ItemStatus, from_jsonl
+from hailuo_batch.results import ItemResult, ItemStatus, from_jsonl, to_jsonl
 from hailuo_batch.secrets import redact_urls
 from hailuo_batch.settings import FailClass
 from hailuo_batch.storage import OutputStore, special_file
@@ -272,6 +274,30 @@ def carry_records(
     return carried
 
 
+#: a run id that can name a folder under `runs/` (a hand-edited row's `../x` cannot)
+_RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def adopt_results(results: list[ItemResult], dest: OutputStore) -> list[str]:
+    """Put results that name tasks their run's ledger could not record (`ledger_behind`)
+    where a run into `dest` looks for them: `runs/{run}/results.jsonl` (`results_folder`),
+    unless a file is there already. A run whose output refused its writes left its results
+    elsewhere (`./hailuo-results/{run}/`); rerun from there, those items' ledger records still
+    say `submitting`, and without the file the rerun would take them for POSTs of unknown
+    outcome and pay again. Returns a line per file put."""
+    behind = {r.run_id for r in results if r.ledger_behind and r.task_id and r.run_id is not None}
+    put = []
+    for run_id in sorted(i for i in behind if _RUN_ID.fullmatch(i)):
+        key = f"runs/{results_folder(run_id)}/results.jsonl"
+        rows = to_jsonl(r for r in results if r.run_id == run_id)
+        if dest.create_exclusive(key, rows.encode("utf-8")):
+            put.append(
+                f"results of run {run_id} put at {dest.url_for(key)}: the tasks its ledger "
+                "could not record are read from there, not paid for again"
+            )
+    return put
+
+
 def _bytes_or_none(store: OutputStore, key: str) -> bytes | None:
     try:
         return store.read_bytes(key)
@@ -362,7 +388,9 @@ def write_selection(
         f"{source.url if source else ''}; not touched" for r in chosen if r.id in busy
     ]  # fmt: skip
     chosen = [r for r in chosen if r.id not in busy]
-    carried = [] if dry_run else carry_records(chosen, store, source)
+    carried = (
+        [] if dry_run else carry_records(chosen, store, source) + adopt_results(previous, store)
+    )
     rows = [rerun_row(r, prompt_suffix=prompt_suffix, **(overrides or {})) for r in chosen]
     key = f"{SELECTIONS}/{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-manifest.jsonl"
     store.write_text_atomic(key, to_manifest_jsonl(rows))

@@ -227,6 +227,35 @@ def test_a_moved_results_file_still_carries_what_its_rows_say_may_have_been_paid
     assert Ledger(dest, "rerun").get("i3") is None and Ledger(dest, "rerun").get("i2") is None
 
 
+def test_results_left_outside_the_output_are_put_where_a_run_reads_the_tasks_they_name(
+    tmp_path,
+):
+    """A run whose output refused its writes left its results in ./hailuo-results/{run}/: a
+    rerun from there puts them under runs/{run}/ (the tasks its ledger could not record are
+    read from them), never over a file already there, nor under a hand-edited run id."""
+    dest = OutputStore(str(tmp_path / "out"))
+    behind = dict(input_hash="h" * 64, task_id="t1", ledger_behind=True)
+    rows = [
+        r(1, "failed", run_id="R1", **behind),
+        r(2, "succeeded", run_id="R1"),
+        r(3, "failed", run_id="R2-part-2", **behind),
+        r(4, "failed", run_id="../../ledger", **behind),
+        r(5, "failed", run_id="R3", input_hash="h" * 64),  # nothing behind: nothing to put
+    ]
+    fallback = tmp_path / "hailuo-results" / "R1" / "results.jsonl"
+    fallback.parent.mkdir(parents=True)
+    fallback.write_text(to_jsonl(rows))
+    dest.write_text_atomic("runs/R2/parts/2/results.jsonl", "what the part wrote\n")
+    sel = write_selection(dest, str(fallback), dry_run=True)
+    assert sel.carried == [] and not dest.exists("runs/R1/results.jsonl")  # a dry run: nothing
+    sel = write_selection(dest, str(fallback))
+    assert len(sel.carried) == 1 and "results of run R1 put at" in sel.carried[0]
+    assert [x.id for x in read_results(dest.url_for("runs/R1/results.jsonl"))] == ["i1", "i2"]
+    assert dest.read_text("runs/R2/parts/2/results.jsonl") == "what the part wrote\n"
+    assert sorted(dest.list("runs")) == ["runs/R1/results.jsonl", "runs/R2/parts/2/results.jsonl"]
+    assert write_selection(dest, str(fallback)).carried == []  # there already
+
+
 @pytest.mark.parametrize("bad_id", ["../escape", "a/b", "..", "", "x" * 200])
 def test_a_hand_edited_id_never_reaches_a_store_path(tmp_path, bad_id):
     from hailuo_batch.rerun import carry_records

@@ -615,3 +615,36 @@ def test_a_task_the_ledger_could_not_record_is_taken_from_the_runs_results(
         assert after["status_reads_total"] == before["status_reads_total"]
     with ApixoClient(API_KEY, emulator.base_url) as c:
         assert c.get_status(done.task_id).task_id == done.task_id
+
+
+def test_a_rerun_of_results_left_outside_the_output_pays_nothing_for_the_tasks_they_name(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    """The output refused the run's writes after the POST: its ledger record stayed
+    `submitting`, its results went to ./hailuo-results/{run}/ naming the task, and the CLI said
+    a rerun fetches the video without paying. `rerun` of that file does just that."""
+    from hailuo_batch.results import ItemResult, to_jsonl
+
+    m = write_csv(tmp_path / "m.csv", items(images_dir, make_image, emulator, 1))
+    item = load_manifest(str(m)).items[0]
+    out = tmp_path / "out"
+    store = OutputStore(str(out))
+    done = results_of(generate_videos(manifest=str(m), output=str(out)).result())["i0"]
+    Ledger(store, "r0").put(LedgerRecord(id="i0", input_hash=item.input_hash,
+                                         state=LedgerState.SUBMITTING, attempts=1))  # fmt: skip
+    (out / "videos" / "i0.mp4").unlink()
+    line = ItemResult(
+        id="i0", row=1, status="failed", fail_code="STORE_FAILED", task_id=done.task_id,
+        input_hash=item.input_hash, image_url=item.image_url, prompt=item.prompt,
+        ledger_behind=True, run_id="r0",
+    )  # fmt: skip
+    fallback = tmp_path / "hailuo-results" / "r0" / "results.jsonl"
+    fallback.parent.mkdir(parents=True)
+    fallback.write_text(to_jsonl([line]))
+    before = emulator.stats()["submissions"]
+    state = run_flow_sync(rerun_failed, results=str(fallback), options=RunOptions(output=str(out)))
+    res = results_of(state.result())["i0"]
+    assert res.status == "succeeded" and res.task_id == done.task_id, res
+    assert "recovered from run r0's results" in (res.note or "")
+    assert emulator.stats()["submissions"] == before  # nothing paid again
+    assert not res.uncertain
