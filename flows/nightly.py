@@ -123,9 +123,10 @@ async def nightly_batch(
     try:
         async with running(keeper):
             report = await _night(box, claim_id, options, lease)
-    finally:
-        with contextlib.suppress(Exception):  # an unended lease simply expires
+    finally:  # each on its own: an unended lease simply expires, a stale record is read once
+        with contextlib.suppress(Exception):
             await blocking(lease.end_lease)
+        with contextlib.suppress(Exception):
             await blocking(box.store.delete, _flow_run_key(claim_id))
     await acreate_markdown_artifact(ib.report_markdown(report), description="nightly-batch report")
     kind, state_name, message = ib.nightly_outcome(report)

@@ -464,6 +464,23 @@ def test_a_cancelled_nightlys_manifest_is_not_resumed_on_its_own(
     assert submissions(emulator) == before
 
 
+def test_a_night_that_cannot_end_its_lease_still_removes_its_flow_run_record(
+    flow_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hailuo_batch.ledger import Ledger
+
+    def refused(self: Ledger) -> None:
+        raise OSError("the store refused the write")
+
+    monkeypatch.setattr(Ledger, "end_lease", refused)
+    out = tmp_path / "out"
+    (out / "inbox").mkdir(parents=True)
+    state = run_nightly(output=str(out))
+    assert state.is_completed(), state.message
+    assert list((out / "inbox" / "leases").glob("*.json"))  # the lease, left to expire
+    assert not list((out / "inbox" / "leases").glob("*.flow_run"))
+
+
 def test_an_s3_inbox_in_a_bucket_that_does_not_exist_is_a_bad_setting(
     flow_env: None, emulator: EmulatorHandle, s3_env: str, tmp_path: Path
 ) -> None:
