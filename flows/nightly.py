@@ -48,10 +48,12 @@ async def check_manifest(inbox: Inbox, claim: Claim, defaults: ItemDefaults) -> 
 @task(task_run_name="{outcome}-{claim.name}", cache_policy=NO_CACHE)
 async def finish_manifest(
     inbox: Inbox, claim: Claim, outcome: Outcome, record: dict[str, Any]
-) -> str:
-    """Move the manifest to done/ or failed/ with its record; returns the record's URL."""
+) -> str | None:
+    """Move the manifest to done/ or failed/ with its record; returns the record's URL (None:
+    another nightly run took the manifest, and finishes it)."""
     url = await blocking(inbox.finish, claim, outcome, record)
-    get_run_logger().info("manifest %s -> %s (%s)", shown(claim.name), outcome, url)
+    if url is not None:
+        get_run_logger().info("manifest %s -> %s (%s)", shown(claim.name), outcome, url)
     return url
 
 
@@ -174,31 +176,26 @@ async def _night(box: Inbox, claim_id: str, options: BatchOptions, lease: Ledger
     recovered: dict[str, str] = {}  # manifest name -> the claim of the run that left it
     for left in await blocking(box.stranded, functools.cache(lease.lease_alive)):
         if await _was_cancelled(box, left.claim_id):  # the user stopped it: never resumed alone
-            record = {
-                **ib.new_record(left, str(flow_run.get_id())),
-                "stage": "cancelled",
-                "error": f"the nightly run of claim {left.claim_id} was cancelled while it ran "
-                "this manifest: it is not run again on its own; drop it in the inbox again to "
-                "run what is left (nothing already paid for is paid again)",
-            }
-            url = await finish_manifest(box, left, "failed", record)
-            report["failed"].append({"manifest": left.name, "record": url, **record})
+            why = (
+                f"the nightly run of claim {left.claim_id} was cancelled while it ran this "
+                "manifest: it is not run again on its own; drop it in the inbox again to run "
+                "what is left (nothing already paid for is paid again)"
+            )
+            await _set_aside(box, left, report, {"stage": "cancelled", "error": why})
             continue
-        stops = [*await blocking(box.recovered_from, left.name), left.claim_id]
-        if ib.stopped_too_often(stops[:-1]):  # it kills its run: it would every night
-            record = {
-                **ib.new_record(left, str(flow_run.get_id())),
-                "stage": "stopped",
-                "stopped_claims": stops,
-                "error": f"the nightly runs of claims {', '.join(stops)} all stopped (killed or "
-                "crashed) while they ran this manifest: it is not run again on its own; look at "
-                "those flow runs for what stopped them (memory, a worker's time limit), then "
-                "drop it in the inbox again to run what is left (nothing already paid for is "
-                "paid again)",
-            }
-            logger.error("manifest %s: %s", shown(left.name), record["error"])
-            url = await finish_manifest(box, left, "failed", record)
-            report["failed"].append({"manifest": left.name, "record": url, **record})
+        earlier = await blocking(box.earlier_stops, left)
+        if ib.stopped_too_often(earlier):  # it kills its run: it would every night
+            stops = [*earlier, left.claim_id]
+            why = (
+                f"the nightly runs of claims {', '.join(stops)} all stopped (killed or crashed) "
+                "while they ran this manifest: it is not run again on its own; look at those "
+                "flow runs for what stopped them (memory, a worker's time limit), then drop it "
+                "in the inbox again to run what is left (nothing already paid for is paid again)"
+            )
+            logger.error("manifest %s: %s", shown(left.name), why)
+            await _set_aside(
+                box, left, report, {"stage": "stopped", "stopped_claims": stops, "error": why}
+            )
             continue
         if await blocking(box.recover, left):
             recovered[left.name] = left.claim_id
@@ -232,5 +229,26 @@ async def _night(box: Inbox, claim_id: str, options: BatchOptions, lease: Ledger
             logger.error("manifest %s %s: %s", shown(name), where, record.get("error"))
             break  # the same setting would stop every other manifest's run too
         record_url = await finish_manifest(box, claim, outcome, record)
+        if record_url is None:
+            logger.warning(
+                "manifest %s was taken from this run by another nightly run before it ended "
+                "(this run's lease lapsed): that run finishes it; this run's record: %s",
+                shown(name), shown(record),
+            )  # fmt: skip
+            report["taken"].append(name)
+            continue
         report[outcome].append({"manifest": name, "record": record_url, **record})
     return report
+
+
+async def _set_aside(
+    box: Inbox, left: Claim, report: dict[str, Any], fields: dict[str, Any]
+) -> None:
+    """Move a stranded manifest to failed/ with why it is not run again (`fields`), unless
+    another nightly run took it first."""
+    record = {**ib.new_record(left, str(flow_run.get_id())), **fields}
+    url = await finish_manifest(box, left, "failed", record)
+    if url is None:
+        report["taken"].append(left.name)
+    else:
+        report["failed"].append({"manifest": left.name, "record": url, **record})

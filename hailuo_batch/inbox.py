@@ -121,31 +121,35 @@ class Inbox:
                 found.append(Claim(name=parts[2], claim_id=parts[1], key=key))
         return found
 
-    def recovered_from(self, name: str) -> list[str]:
-        """The claims of the nightly runs that stopped while running `name` and whose manifest
-        was put back since it last finished (oldest first)."""
+    def earlier_stops(self, claim: Claim) -> list[str]:
+        """The claims of the other nightly runs that stopped while running this very manifest
+        (its bytes: a new file dropped under the name starts afresh) since it last finished,
+        oldest first; `claim`'s own stop is never counted here, however often it is read."""
         try:
-            found = json.loads(self.store.read_text(_recoveries_key(name)))
+            found = json.loads(self.store.read_text(_recoveries_key(claim.name)))
+            digest = self.store.sha256(claim.key)
         except FileNotFoundError:
             return []
         except ValueError:  # a torn or hand-edited record: still counts as one stop
             return ["?"]
-        return [str(c) for c in found] if isinstance(found, list) else ["?"]
+        if not isinstance(found, dict) or not isinstance(found.get("claims"), list):
+            return ["?"]
+        if found.get("sha256") != digest:
+            return []
+        return [str(c) for c in found["claims"] if str(c) != claim.claim_id]
 
     def recover(self, claim: Claim) -> bool:
         """Put a stranded manifest back in the inbox, to be claimed again like a new one, and
-        count the stop (`recovered_from`); False (it stays where it is) while a manifest of the
+        count the stop (`earlier_stops`); False (it stays where it is) while a manifest of the
         same name waits in the inbox. One another nightly run put back first is left to it."""
         if not self.store.exists(claim.key):
             return True
         if self.store.exists(claim.name):
             return False
-        before = self.recovered_from(claim.name)
-        if claim.claim_id not in before:  # counted before the move: a kill between over-counts
-            self.store.write_text_atomic(
-                _recoveries_key(claim.name), json.dumps([*before, claim.claim_id])
-            )
-        try:
+        try:  # counted before the move, so a stop in between is not lost
+            stops = [*self.earlier_stops(claim), claim.claim_id]
+            record = {"sha256": self.store.sha256(claim.key), "claims": stops}
+            self.store.write_text_atomic(_recoveries_key(claim.name), json.dumps(record))
             self.release(claim)
         except FileNotFoundError:  # another nightly run put it back first
             pass
@@ -170,13 +174,18 @@ class Inbox:
         self.store.move(claim.key, claim.name)
         self.store.prune(f"processing/{claim.claim_id}")
 
-    def finish(self, claim: Claim, outcome: Outcome, record: dict[str, Any]) -> str:
+    def finish(self, claim: Claim, outcome: Outcome, record: dict[str, Any]) -> str | None:
         """Move the manifest to `done/` or `failed/` and write its record beside it.
 
-        Returns the URL of the record (`{name}.run.json` when done, `{name}.report.json` else).
+        Returns the URL of the record (`{name}.run.json` when done, `{name}.report.json` else),
+        or None when the manifest is no longer where this run claimed it: another nightly run
+        took it (this run's lease lapsed, or both found it stranded), and that run finishes it.
         """
         folder = f"{outcome}/{claim.claim_id}"
-        self.store.move(claim.key, f"{folder}/{claim.name}")
+        try:
+            self.store.move(claim.key, f"{folder}/{claim.name}")
+        except FileNotFoundError:
+            return None
         suffix = "run.json" if outcome == "done" else "report.json"
         record_key = f"{folder}/{claim.name}.{suffix}"
         self.store.write_text_atomic(record_key, json.dumps(record, indent=2, default=str) + "\n")
@@ -190,11 +199,11 @@ def _recoveries_key(name: str) -> str:
     return f"processing/{name}.recovered"
 
 
-def stopped_too_often(recovered_from: list[str]) -> bool:
+def stopped_too_often(earlier_stops: list[str]) -> bool:
     """Whether a stranded manifest has stopped its nightly run once more than may be put back
     (`MAX_RECOVERIES`): something in it kills the process (memory, a worker's time limit), and
     running it every night would hold up every manifest behind it, night after night."""
-    return len(recovered_from) >= MAX_RECOVERIES
+    return len(earlier_stops) >= MAX_RECOVERIES
 
 
 def check_manifest(

@@ -144,7 +144,8 @@ class ScheduleTicker:
     """Reads on a fixed `PollSchedule`. With a `waiter` (callback mode) a delivery for
     `task_id` wakes it early; after an unconfirmed callback it drops the waiter and reads on
     `fallback` for the time that is left. With a `board`, each success's generation time is
-    learned, as `LearnedTicker` does (the next run's give-up time comes from it)."""
+    learned, as `LearnedTicker` does, and the wait lasts as long as the board's give-up time,
+    which grows while this run learns that generations take longer."""
 
     def __init__(
         self,
@@ -164,18 +165,30 @@ class ScheduleTicker:
         self.clock = clock
         self.started = clock()
         self._delays: Iterator[float] = schedule.delays()
+        self._reading_on = schedule  # what later reads follow: the fallback once unconfirmed
         self._wake = waiter.waiting(task_id) if waiter is not None else None
         self._woken = False  # the last read was woken by a delivery
         self._waited = False  # the last read came after a wait (not a resumed task's first)
 
     @property
     def timeout_s(self) -> float:
-        return self.schedule.timeout_s
+        if self.board is None:
+            return self.schedule.timeout_s
+        return max(self.schedule.timeout_s, self.board.plan.give_up_s(self.board.stats))
 
     async def next_read(self) -> bool | None:
         delay = next(self._delays, None)
-        if delay is None:
-            return None
+        if delay is None:  # the schedule is over; the give-up time may have grown since
+            left = self.timeout_s - (self.clock() - self.started)
+            if left <= 0:
+                return None
+            more = self._reading_on
+            self._delays = dataclasses.replace(
+                more, initial_s=min(more.interval_s, left), timeout_s=left
+            ).delays()
+            delay = next(self._delays, None)
+            if delay is None:
+                return None
         if self._wake is None:
             await asyncio.sleep(delay)
             return False
@@ -190,12 +203,14 @@ class ScheduleTicker:
         # a forged or early callback: the genuine one may now be dropped as a duplicate
         self.close()
         self._wake = None
-        remaining = self.schedule.timeout_s - (self.clock() - self.started)
+        remaining = self.timeout_s - (self.clock() - self.started)
+        self._reading_on = self.fallback
         self._delays = dataclasses.replace(self.fallback, timeout_s=max(0.0, remaining)).delays()
 
     def ended(self, status: TaskStatus) -> None:
-        """A backstop read (not a delivery) that finds the task ended well before it: its
-        callback is missing, and the waiter says so (`CallbackWaiter.missing`)."""
+        """The task ended: a success's generation time goes to the board (however the read
+        was woken). A backstop read (not a delivery) that finds the task ended well before it:
+        its callback is missing, and the waiter says so (`CallbackWaiter.missing`)."""
         if self.board is not None and status.state == TaskState.SUCCESS:
             self.board.observe(
                 generation_seconds(status.create_time, status.complete_time, status.cost_time_ms)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -84,15 +85,19 @@ class ItemResult(BaseModel):
 _RAW_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
 def to_jsonl(results: Iterable[ItemResult]) -> str:
     """One JSON line per result; every line break inside a value is escaped."""
     return "".join(r.model_dump_json().translate(_RAW_BREAKS) + "\n" for r in results)
 
 
 def jsonl_lines(text: str) -> list[str]:
-    """The lines of a JSONL text: only "\n" ends one (a file written before the escapes may
-    hold a raw U+2028 inside a string, which `str.splitlines()` would cut)."""
-    return text.split("\n")
+    """The lines of a JSONL text, ended by "\n", "\r\n" or "\r" (which JSON always escapes
+    inside a string) and nothing else: a file written before the escapes may hold a raw U+2028
+    inside a string, which `str.splitlines()` would cut."""
+    return _LINE_END.split(text)
 
 
 def from_jsonl(text: str) -> list[ItemResult]:

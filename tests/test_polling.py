@@ -424,6 +424,34 @@ def test_callback_mode_waits_as_long_as_polling_for_a_slow_days_tasks(tmp_path: 
     woken.close()
 
 
+def test_an_item_waiting_for_its_callback_waits_longer_as_the_run_learns_slow_generations() -> None:
+    """On a new output nothing is known at first; tasks that turn out to take ~10x the
+    guidance's give-up time are waited for as long as the polling items wait, by the items that
+    were already waiting when it was learned too."""
+    now = [0.0]
+    schedule = PollSchedule(
+        initial_s=0.001, interval_s=0.001, backoff=1.0, max_interval_s=0.001, timeout_s=0.003
+    )
+
+    async def reads_until_given_up(learn: bool) -> tuple[int, float]:
+        board = stats_board(None, schedule)
+        ticker = ScheduleTicker(schedule, board=board, clock=lambda: now[0])
+        now[0], reads = 0.0, 0
+        if learn:  # while the item waits, other items' successes say generations take ~0.01
+            for i in range(200):
+                board.observe(0.01 + 1e-5 * i)
+        while await ticker.next_read() is not None:
+            reads += 1
+            now[0] += 0.001
+        assert ticker.timeout_s == board.plan.give_up_s(board.stats)
+        return reads, ticker.timeout_s
+
+    assert run(reads_until_given_up(learn=False)) == (3, 0.003)  # the guidance's give-up
+    reads, give_up = run(reads_until_given_up(learn=True))
+    assert give_up >= 0.03  # at least 3x the learned p99
+    assert give_up / 0.001 - 1 <= reads <= give_up / 0.001 + 5  # read on until then
+
+
 def test_callback_mode_learns_generation_times_for_the_next_run(tmp_path: Path) -> None:
     board = stats_board(None, FAST)
     waiter = CallbackWaiter(CallbackStore(str(tmp_path / "cb")), 0.01)

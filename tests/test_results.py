@@ -66,6 +66,8 @@ def test_a_results_file_with_a_raw_line_separator_inside_a_value_still_reads():
     """Files written before the escapes hold U+2028 raw inside a string: only \\n ends a line."""
     raw = _r(1, ItemStatus.FAILED, prompt="one\u2028two", task_id="task_1").model_dump_json()
     assert from_jsonl(raw + "\n" + raw + "\n")[1].prompt == "one\u2028two"
+    for end in ("\r\n", "\r"):  # saved by an editor on Windows, or an old Mac one
+        assert len(from_jsonl(raw + end + raw + end)) == 2
 
 
 def test_from_jsonl_names_the_bad_line():

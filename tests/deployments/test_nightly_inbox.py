@@ -314,15 +314,57 @@ def test_each_stop_of_a_manifest_is_counted_until_it_finishes(inbox_url: str) ->
     for claim_id in ("C1", "C2", "C3"):
         claim = box.claim("m.csv", claim_id)
         assert claim is not None
-        stops.append(stopped_too_often(box.recovered_from("m.csv")))
+        stops.append(stopped_too_often(box.earlier_stops(claim)))
         if not stops[-1]:
             assert box.recover(claim)
             assert box.recover(claim)  # put back twice (two nights at once): counted once
     assert stops == [False, False, True]
-    assert box.recovered_from("m.csv") == ["C1", "C2"]
-    box.finish(claim, "failed", {})
-    assert box.recovered_from("m.csv") == []
-    assert box.pending() == [] and box.stranded(lambda _: False) == []
+    assert box.earlier_stops(claim) == ["C1", "C2"]
+    assert box.finish(claim, "failed", {}) is not None
+    assert box.finish(claim, "failed", {}) is None  # gone: another run finished it
+    box.store.write_text_atomic("m.csv", "image_url,prompt\n")  # dropped again
+    again = box.claim("m.csv", "C4")
+    assert again is not None and box.earlier_stops(again) == []
+    assert box.stranded(lambda _: False) == [again]
+
+
+def test_two_nights_that_find_one_stranded_manifest_count_its_stop_once(inbox_url: str) -> None:
+    """Nights X and Y both list the manifest C2 left; X counts the stop, then Y reads the count
+    before X has moved the file: C2's stop is not counted again, and a third night sees two
+    earlier stops, not three."""
+    from hailuo_batch.inbox import stopped_too_often
+
+    box = Inbox(OutputStore(inbox_url))
+    box.store.write_text_atomic("m.csv", "image_url,prompt\n")
+    first = box.claim("m.csv", "C1")
+    assert first is not None and box.recover(first)
+    left = box.claim("m.csv", "C2")
+    assert left is not None
+    [seen_by_y] = box.stranded(lambda _: False)
+    night_x = Inbox(box.store)
+    night_x.release = lambda claim: None  # type: ignore[method-assign] # X stops after counting
+    assert night_x.recover(left)
+    assert box.earlier_stops(seen_by_y) == ["C1"]  # night Y: C2's stop is not an earlier one
+    assert not stopped_too_often(box.earlier_stops(seen_by_y))
+    assert box.recover(seen_by_y)
+    assert box.recover(left)  # Y put it back first: nothing to do
+    third = box.claim("m.csv", "C3")
+    assert third is not None and box.earlier_stops(third) == ["C1", "C2"]
+
+
+def test_a_new_file_dropped_under_a_stopped_manifests_name_starts_afresh(inbox_url: str) -> None:
+    from hailuo_batch.inbox import stopped_too_often
+
+    box = Inbox(OutputStore(inbox_url))
+    box.store.write_text_atomic("batch.csv", "image_url,prompt\nhttps://x/1.jpg,a\n")
+    for claim_id in ("C1", "C2"):
+        claim = box.claim("batch.csv", claim_id)
+        assert claim is not None and box.recover(claim)
+    box.store.delete("batch.csv")  # taken out by hand; next week a new batch.csv
+    box.store.write_text_atomic("batch.csv", "image_url,prompt\nhttps://x/2.jpg,b\n")
+    claim = box.claim("batch.csv", "C3")
+    assert claim is not None and box.earlier_stops(claim) == []
+    assert not stopped_too_often(box.earlier_stops(claim))
 
 
 def test_a_manifest_that_stopped_its_nightly_run_three_times_is_moved_aside(
