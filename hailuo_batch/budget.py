@@ -96,19 +96,28 @@ def cap_for_balance(
 ) -> float | None:
     """The balance policy, before the first payment: the run's spending cap.
 
-    An unknown balance changes nothing (`max_cost_usd`). A batch that costs more than the
-    balance raises `InsufficientBalance` (with what to do next) unless `fit_to_balance` asks to
-    submit what fits: then the cap is the balance (or `max_cost_usd` if lower).
+    An unknown balance changes nothing (`max_cost_usd`), nor does one that pays for what the
+    run may spend: the estimate, or `max_cost_usd` if lower (the cap already keeps the run
+    within the balance). Otherwise `InsufficientBalance` (with what to do next), unless
+    `fit_to_balance` asks to submit what fits: then the cap is the balance.
     """
-    if balance_usd is None or estimate_usd <= balance_usd + _EPS:
+    may_spend = estimate_usd if max_cost_usd is None else min(estimate_usd, max_cost_usd)
+    if balance_usd is None or may_spend <= balance_usd + _EPS:
         return max_cost_usd
     if not fit_to_balance:
+        if max_cost_usd is not None:
+            raise InsufficientBalance(
+                f"the max cost of ${max_cost_usd:.2f} is more than the balance of "
+                f"${balance_usd:.2f} (the batch needs about ${estimate_usd:.2f}): top up, lower "
+                "max_cost_usd (--max-cost), or run with fit_to_balance (--fit-to-balance) to "
+                "submit what the balance pays for"
+            )
         raise InsufficientBalance(
             f"the batch needs about ${estimate_usd:.2f} but the balance is ${balance_usd:.2f}: "
             "top up, or run with fit_to_balance (--fit-to-balance) or max_cost_usd (--max-cost) "
             "to submit what fits"
         )
-    return balance_usd if max_cost_usd is None else min(max_cost_usd, balance_usd)
+    return balance_usd
 
 
 def apply_balance(

@@ -46,6 +46,7 @@ class RunOptions(BaseModel):
         None,
         ge=0,
         allow_inf_nan=False,
+        strict=True,  # `true` from a form's JSON is not a cap of $1.00
         description="Stop submitting once this run's estimated spend (USD) would pass it.",
     )
     fit_to_balance: bool = Field(

@@ -268,9 +268,12 @@ class Settings(BaseSettings):
     )
 
     # --- money --------------------------------------------------------------------------------
-    price_standard_6s_usd: float = Field(0.19, ge=0, description="Price of a 6 s 768p clip.")
-    price_standard_10s_usd: float = Field(0.32, ge=0, description="Price of a 10 s 768p clip.")
-    price_pro_usd: float = Field(0.33, ge=0, description="Price of a 1080p pro clip (per task).")
+    # at least a tenth of a cent: at a price of 0 (or 1e-300) the cap would hold nothing back
+    price_standard_6s_usd: float = Field(0.19, ge=0.001, description="Price of a 6 s 768p clip.")
+    price_standard_10s_usd: float = Field(0.32, ge=0.001, description="Price of a 10 s 768p clip.")
+    price_pro_usd: float = Field(
+        0.33, ge=0.001, description="Price of a 1080p pro clip (per task)."
+    )
 
     # --- output -------------------------------------------------------------------------------
     output: str = Field("./output", description="Default output location (path or fsspec URL).")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hailuo_batch.apixo import ApixoError, AuthenticationError
 from hailuo_batch.budget import Budget, InsufficientBalance, Stop, apply_balance
@@ -29,6 +31,39 @@ def test_too_expensive_fails_before_spending_unless_fit_to_balance():
     capped = Budget(cap_usd=2.0)  # a lower max_cost_usd stays the cap
     assert apply_balance(capped, 20.0, 5.0, fit_to_balance=True, api_url="u") is None
     assert capped.cap_usd == 2.0
+
+
+def test_a_max_cost_the_balance_pays_for_lets_a_larger_batch_start():
+    """The cap keeps the run within the balance: the batch's whole estimate does not matter."""
+    b = Budget(cap_usd=3.0)
+    assert apply_balance(b, 9.5, 5.0, fit_to_balance=False, api_url="u") is None
+    assert b.cap_usd == 3.0
+    with pytest.raises(InsufficientBalance, match=r"max cost of \$6.00 is more than the bal"):
+        apply_balance(Budget(cap_usd=6.0), 9.5, 5.0, fit_to_balance=False, api_url="u")
+
+
+_USD = st.floats(min_value=0, max_value=1e6, allow_nan=False)
+
+
+@given(estimate=_USD, balance=st.none() | _USD, max_cost=st.none() | _USD, fit=st.booleans())
+def test_a_run_allowed_to_start_can_never_spend_past_the_balance_or_its_max_cost(
+    estimate, balance, max_cost, fit
+):
+    """Whatever the numbers: a run either does not start (nothing paid), or what it may spend
+    (its estimate, bounded by the cap it is given) fits the balance and the user's max cost; a
+    run whose max cost the balance pays for always starts."""
+    from hailuo_batch.budget import cap_for_balance
+
+    eps = 1e-6
+    try:
+        cap = cap_for_balance(estimate, balance, fit_to_balance=fit, max_cost_usd=max_cost)
+    except InsufficientBalance:
+        assert balance is not None and not fit
+        assert min(estimate, max_cost if max_cost is not None else estimate) > balance
+        return
+    may_spend = estimate if cap is None else min(estimate, cap)
+    assert balance is None or may_spend <= balance + eps
+    assert max_cost is None or may_spend <= max_cost + eps
 
 
 def test_401_and_no_answer_stop_the_run():

@@ -23,7 +23,8 @@ def test_defaults_and_short_mode_names():
     "bad",
     [{"concurrency": 0}, {"duration": 7}, {"max_cost_usd": -1}, {"max_failure_share": 2},
      {"mode": "ultra"}, {"max_cost_usd": float("nan")}, {"unknown": 1}, {"concurrency": True},
-     {"concurrency": 2.5}, {"max_failure_share": float("nan")}],
+     {"concurrency": 2.5}, {"max_failure_share": float("nan")}, {"max_cost_usd": True},
+     {"max_cost_usd": "2"}],
 )  # fmt: skip
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValidationError):

@@ -265,6 +265,19 @@ def test_balance_too_low_fails_before_spending(
     assert emulator.stats()["submissions"] == 0
 
 
+def test_a_max_cost_the_balance_pays_for_starts_the_run(
+    flow_env, emulator, tmp_path, images_dir, make_image
+):
+    """The batch needs $1.14, the balance holds $0.40, the user capped the run at $0.38: the
+    cap already keeps it within the balance, so it runs to the cap (it was refused, and told
+    to use the --max-cost it had used)."""
+    m = _six_items(tmp_path, images_dir, make_image, emulator)
+    emulator.set_balance(0.40)
+    state = generate_videos(manifest=str(m), output=str(tmp_path / "o"), max_cost_usd=0.38)
+    assert state.name == "CostCapReached", state.message
+    assert emulator.stats()["submissions"] == 2
+
+
 def test_fit_to_balance_submits_what_fits(flow_env, emulator, tmp_path, images_dir, make_image):
     m = _six_items(tmp_path, images_dir, make_image, emulator)
     emulator.set_balance(0.60)  # three clips at 0.19
