@@ -35,7 +35,7 @@ from hailuo_batch.ledger import (
 )
 from hailuo_batch.lifecycle import LifePolicy, live_item
 from hailuo_batch.manifest import ManifestItem
-from hailuo_batch.pacing import AdaptiveSlots, Slot
+from hailuo_batch.pacing import AdaptiveSlots, RefusalWatch, Slot
 from hailuo_batch.parts import results_folder
 from hailuo_batch.policy import Prices, estimate_cost, not_forced_again
 from hailuo_batch.results import ItemResult, from_jsonl, jsonl_lines
@@ -79,6 +79,7 @@ class RunState:
     prices: Prices
     slots: AdaptiveSlots  # --concurrency is the ceiling; 429s bring the in-flight target down
     budget: Budget = field(default_factory=Budget)
+    refusals: RefusalWatch = field(default_factory=RefusalWatch)  # 429s with none accepted
     force: bool = False
     # a rerun that chose its items itself (`rerun-failed`): force resubmits all it was given;
     # else force leaves content violations and unchanged bad input (`policy.not_forced_again`)
@@ -321,9 +322,11 @@ async def _plan_and_live(b: RunState, v: Preflight, started: Callable[[], None])
             policy=LifePolicy(
                 failcode_overrides=dict(b.rt.settings.failcode_policy),
                 max_resubmits=b.rt.settings.transient_max_resubmits,
+                rate_limit_patience_s=b.rt.settings.rate_limit_patience_s,
             ),
             resumed=plan.action == "poll",
             sweep=plan.action == "poll",
+            refusals=b.refusals,
         )
     result = outcomes.from_outcome(item, out, plan, unit_cost, b.run_id, b.rt.scrub)
     return outcomes.with_spend(result, parts_usd)

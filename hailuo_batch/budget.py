@@ -22,6 +22,7 @@ class Stop(StrEnum):
     LEASE = "LeaseLost"  # this run could not renew its lease: another run may take its items
     UNREACHABLE = "ApiUnreachable"  # the API did not answer the run's first call
     ENDPOINT = "ApiEndpointNotFound"  # the submit endpoint answered 404: a wrong base URL
+    RATE_LIMITED = "RateLimited"  # every POST refused with 429 for the whole patience
 
 
 @dataclass

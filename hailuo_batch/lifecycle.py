@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hailuo_batch.apixo import GenerateRequest, TaskStatus
-from hailuo_batch.budget import Budget
+from hailuo_batch.budget import Budget, Stop
 from hailuo_batch.ledger import LedgerRecord, LedgerState, LedgerUnavailable
+from hailuo_batch.pacing import RefusalWatch
 from hailuo_batch.results import ItemStatus
 from hailuo_batch.settings import FailClass
 from hailuo_batch.steps import (
@@ -106,14 +107,17 @@ async def live_item(
     resumed: bool = False,
     sweep: bool = False,
     clock: Callable[[], float] = time.monotonic,
+    refusals: RefusalWatch | None = None,
 ) -> Outcome:
     """Drive one item from `rec` (its ledger record as planned) to the end of its life here.
 
     A plan that resubmits an item of unknown outcome passes `rec.state == UNCERTAIN`; that
     state is kept in the ledger until a POST is accepted, so a refusal in between never hides
-    the earlier possible charge from the next run.
+    the earlier possible charge from the next run. `refusals`: the run's (`RefusalWatch`),
+    which stops the run when every POST was refused for the patience; without it only the
+    item gives up.
     """
-    life = _Life(rec, request, unit_cost, budget, fx, policy, sweep, clock)
+    life = _Life(rec, request, unit_cost, budget, fx, policy, sweep, clock, refusals)
     out = await life.run(resumed)
     if life.stale and await life.save():  # one more try, so a resumed run knows the task
         life.notes.append("ledger caught up")
@@ -134,10 +138,11 @@ class _Life:
         policy: LifePolicy,
         sweep: bool,
         clock: Callable[[], float],
+        refusals: RefusalWatch | None,
     ) -> None:
         self.rec, self.request, self.unit = rec, request, unit_cost
         self.budget, self.fx, self.policy, self.sweep = budget, fx, policy, sweep
-        self.clock = clock
+        self.clock, self.refusals = clock, refusals
         self.run_posts = 0
         self.refused_since: float | None = None  # the first 429 since the last accepted POST
         self.notes: list[str] = []
@@ -261,6 +266,15 @@ class _Life:
                 now = self.clock()
                 self.refused_since = now if self.refused_since is None else self.refused_since
                 waited = now - self.refused_since
+                everything_refused_for = self.refusals.refused(now) if self.refusals else 0.0
+                if everything_refused_for > self.policy.rate_limit_patience_s:
+                    self.budget.stop(
+                        Stop.RATE_LIMITED,
+                        f"the provider refused every submission with 429 for "
+                        f"{everything_refused_for:.0f} s (HAILUO_RATE_LIMIT_PATIENCE_S): stopped "
+                        "submitting; run again later (nothing not submitted was paid for)",
+                    )
+                    waited = max(waited, everything_refused_for)
                 if waited > self.policy.rate_limit_patience_s:
                     return self.end(
                         ItemStatus.NOT_SUBMITTED if before.attempts == 0 else ItemStatus.FAILED,
@@ -270,6 +284,8 @@ class _Life:
                 await self.fx.rate_limited(step.wait_s or 0.0)
                 continue
             self.refused_since = None  # accepted: a later 429 starts a new wait
+            if self.refusals is not None:
+                self.refusals.accepted()
             await self.save(
                 state=LedgerState.SUBMITTED,
                 task_id=task_id,

@@ -567,6 +567,25 @@ class Dispatcher:
 Clock = Callable[[], float]
 
 
+@dataclass
+class RefusalWatch:
+    """How long every submission of the run has been refused with 429, none accepted since
+    (one per run, shared by its items). A provider that refuses everything for the patience
+    stops the run once, rather than each item waiting out its own patience after the other
+    (items retry one at a time at the lowest target: N items took N patiences)."""
+
+    since: float | None = None
+
+    def refused(self, now: float) -> float:
+        """A 429 at `now`: seconds since the first one with no accepted POST since."""
+        if self.since is None:
+            self.since = now
+        return now - self.since
+
+    def accepted(self) -> None:
+        self.since = None
+
+
 class AdaptiveSlots:
     """Asyncio slots for submissions, sized by an `AdaptiveLimit` (Prefect-free).
 

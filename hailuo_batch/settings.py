@@ -232,6 +232,12 @@ class Settings(BaseSettings):
         description="Resubmissions of an item after a transient failCode (POSTs of unknown "
         "outcome do not count: they are reported uncertain; a rerun starts the count again).",
     )
+    rate_limit_patience_s: float = Field(
+        1800.0,
+        gt=0,
+        description="How long submissions refused with 429 are tried again: an item refused "
+        "this long gives up; a run whose every submission was refused this long stops.",
+    )
     failcode_policy: dict[str, FailClass] = Field(
         default_factory=dict,
         description='Overrides of the failCode table, JSON: {"GENERATION_FAILED": "bad_input"}.',

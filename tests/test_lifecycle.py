@@ -46,7 +46,7 @@ from hailuo_batch.apixo.errors import (
     ServerError,
     UnexpectedResponseError,
 )
-from hailuo_batch.budget import Budget
+from hailuo_batch.budget import Budget, Stop
 from hailuo_batch.ledger import (
     TERMINAL,
     LedgerRecord,
@@ -58,6 +58,7 @@ from hailuo_batch.ledger import (
 from hailuo_batch.lifecycle import LifePolicy, Outcome, live_item
 from hailuo_batch.manifest import ManifestItem
 from hailuo_batch.outcomes import start_record
+from hailuo_batch.pacing import RefusalWatch
 from hailuo_batch.results import ItemStatus
 from hailuo_batch.steps import TaskLost
 from hailuo_batch.storage import StoredObject
@@ -289,6 +290,7 @@ async def one_run(
 ) -> tuple[dict[str, tuple[ItemStatus, bool]], Budget, list[str]]:
     """A run over every item, items one after another; stops at a kill. `force`: a rerun."""
     budget = Budget(cap_usd=cap)
+    refusals = RefusalWatch()  # one per run, as the flow's
     created: list[str] = []
     fates: dict[str, tuple[ItemStatus, bool]] = {}
     for item in items:
@@ -309,6 +311,7 @@ async def one_run(
             policy=LifePolicy(max_resubmits=MAX_RESUBMITS, rate_limit_patience_s=PATIENCE),
             resumed=plan.action == "poll",
             clock=lambda: world.now,
+            refusals=refusals,
         )
         fates[item] = (out.status, plan.uncertain or out.uncertain)
         world.ends.append((run, item, out.status, out.fail_code))
@@ -439,6 +442,26 @@ def test_rate_limit_patience_counts_the_time_waited(retry_after: str) -> None:
     assert world.ends[-1][3] == "RATE_LIMITED" and created == [] and budget.spent_usd == 0
     posts = len(world.posts["a"])
     assert 1 < posts < 1000 and world.now >= PATIENCE
+
+
+def test_a_provider_that_refuses_everything_for_the_patience_stops_the_run_once() -> None:
+    """Every POST refused with 429 for the whole patience: the run stops submitting (its state
+    says RateLimited), and the items after it end not submitted without a POST each waiting out
+    a patience of its own (1,000 items took ~1,000 patiences)."""
+    world = World(["429"] * 10_000, [], [], [], set())
+    fates, budget, created = asyncio.run(one_run(world, ["a", "b", "c"], "run0", None, False))
+    assert [fates[i][0] for i in "abc"] == [ItemStatus.NOT_SUBMITTED] * 3
+    assert budget.stopped is not None and budget.stopped[0] == Stop.RATE_LIMITED
+    assert "HAILUO_RATE_LIMIT_PATIENCE_S" in budget.stopped[1]
+    assert world.posts["a"] and not world.posts.get("b") and not world.posts.get("c")
+    assert created == [] and budget.spent_usd == 0
+
+
+def test_refusals_between_accepted_posts_never_stop_the_run() -> None:
+    world = World((["429"] * 3 + ["accept"]) * 4, [], [], [], set())
+    fates, budget, created = asyncio.run(one_run(world, list("abcd"), "run0", None, False))
+    assert [fates[i][0] for i in "abcd"] == [ItemStatus.SUCCEEDED] * 4
+    assert budget.stopped is None and len(created) == 4
 
 
 def test_one_long_retry_after_does_not_drop_the_item() -> None:

@@ -58,6 +58,30 @@ def test_rate_limiting_above_the_real_limit_never_drops_an_item(
     assert learned["learned_limit"] <= 3  # found near the provider's real limit of 2
 
 
+def test_a_provider_that_refuses_every_submission_stops_the_run_after_one_patience(
+    flow_env, emulator, images_dir, make_image, tmp_path, monkeypatch
+):
+    """Every POST answered 429 (an account suspended, a provider outage): the run stops once
+    the patience has passed with nothing accepted, and every item still waiting ends then,
+    not each after a patience of its own, one after another."""
+    monkeypatch.setenv("HAILUO_RETRY_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("HAILUO_RATE_LIMIT_PATIENCE_S", "2")
+    get_settings.cache_clear()
+    emulator.script_faults("submit", "429", count=10_000)
+    rows = items(images_dir, make_image, emulator, 6)
+    state = generate_videos(
+        manifest=str(write_csv(tmp_path / "m.csv", rows)), output=str(tmp_path / "out"),
+        concurrency=6, return_state=True,
+    )  # fmt: skip
+    assert state.is_failed() and state.name == "RateLimited", (state.name, state.message)
+    assert "HAILUO_RATE_LIMIT_PATIENCE_S" in (state.message or "")
+    res = results_of(state.result(raise_on_failure=False))
+    assert {r.status for r in res.values()} == {"not_submitted"}
+    assert emulator.stats()["submissions"] == 0
+    # one patience in all: the refusals the run saw fit in ~2 s of cool-downs, not 6 x 2 s
+    assert emulator.stats()["rejected_429"] < 6 * 4
+
+
 def test_an_unreachable_api_stops_the_run_before_anything_is_paid(
     flow_env, emulator, images_dir, make_image, tmp_path, monkeypatch
 ):
