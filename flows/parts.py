@@ -194,13 +194,18 @@ async def _parts_on_workers(
     each, at_once = part_concurrency(job.options.concurrency, n)
     gate = asyncio.Semaphore(at_once)  # FIFO: the parts start in manifest order
 
+    costs = [sum(run.planned_costs.get(i.row, run.unit_cost(i)) for i in p) for p in parts.parts]
+
     async def one_part(k: int) -> None:
         rows = parts.parts[k]
         part_name = _part_name(k, n)
         entry: dict[str, Any] = {"flow_run": part_name}
         async with gate:
-            cost = sum(run.planned_costs.get(i.row, run.unit_cost(i)) for i in rows)
-            share = part_share(cost, _cap_free(run))
+            cost = costs[k]
+            share = part_share(
+                cost, _cap_free(run), later_cost=sum(costs[k + 1 :]),
+                resubmits=run.rt.settings.transient_max_resubmits,
+            )  # fmt: skip
             run.budget.spent_usd += share or 0.0  # handed to the child, no await in between
             try:
                 options = job.options.model_copy(

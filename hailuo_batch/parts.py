@@ -187,12 +187,19 @@ def place_parts(
     return Placement(True, f"{n_parts} parts on the workers of {deployment!r}")
 
 
-def part_share(cost: float, free: float | None) -> float | None:
-    """A part's spending cap when it starts: what is free of the run's cap, at most the part's
-    estimated cost (None: no cap). Parts start in manifest order, so the cap goes to them as an
-    unsplit run spends it on its items; what a child did not spend comes back before later
-    parts start."""
-    return None if free is None else max(0.0, min(cost, free))
+def part_share(
+    cost: float, free: float | None, *, later_cost: float = 0.0, resubmits: int = 0
+) -> float | None:
+    """A part's spending cap when it starts (None: no cap): what is free of the run's cap, up
+    to the part's estimated cost; and beyond it, room for the transient resubmissions an
+    unsplit run may pay from its cap (`resubmits` more POSTs per item), out of what the later
+    parts' own estimates (`later_cost`) leave free. Parts start in manifest order, so the cap
+    goes to them as an unsplit run spends it on its items; what a child did not spend comes
+    back before later parts start."""
+    if free is None:
+        return None
+    base = max(0.0, min(cost, free))
+    return max(base, min(cost * (1 + resubmits), free - later_cost))
 
 
 def cap_left(share: float | None, spent_at_most: float) -> float | None:

@@ -140,6 +140,32 @@ def test_a_part_gets_what_is_free_of_the_cap_up_to_its_cost() -> None:
     assert part_share(3.0, None) is None and part_share(1.0, -0.5) == 0.0
 
 
+def test_a_part_has_room_for_resubmissions_that_leaves_the_later_parts_their_cost() -> None:
+    """A $100 cap over a $0.19 part: the part may resubmit its item twice, as an unsplit run
+    would (its share was $0.19: one POST, and a transient failure ended the item failed). A
+    tight cap still gives every later part its own cost first."""
+    assert part_share(0.19, 100.0, later_cost=5.0, resubmits=2) == pytest.approx(0.57)
+    assert part_share(1.0, 3.0, later_cost=2.0, resubmits=2) == 1.0  # tight: its cost only
+    assert part_share(1.0, 3.5, later_cost=2.0, resubmits=2) == 1.5  # what the others leave
+    assert part_share(1.0, 0.5, later_cost=2.0, resubmits=2) == 0.5
+
+
+@given(
+    cost=st.floats(0, 50, allow_nan=False), free=st.floats(-5, 200, allow_nan=False),
+    later=st.floats(0, 100, allow_nan=False), resubmits=st.integers(0, 10),
+)  # fmt: skip
+def test_a_share_never_passes_what_is_free_nor_falls_below_what_the_part_costs(
+    cost: float, free: float, later: float, resubmits: int
+) -> None:
+    share = part_share(cost, free, later_cost=later, resubmits=resubmits)
+    assert share is not None
+    assert share <= max(0.0, free) + 1e-9
+    assert share >= min(cost, max(0.0, free)) - 1e-9
+    assert share <= cost * (1 + resubmits) + 1e-9
+    if free - later >= cost:  # the later parts' costs are still free after this one
+        assert free - share >= later - 1e-9
+
+
 @given(concurrency=st.integers(1, 500), n=st.integers(1, 60))
 def test_child_runs_together_never_have_more_in_flight_than_the_run(
     concurrency: int, n: int
@@ -182,9 +208,11 @@ def test_children_and_the_parent_finishing_their_parts_never_spend_past_the_cap(
     unit = st.sampled_from([0.19, 0.32, 0.45])
     parent = Budget(cap_usd=cap)
     total = 0.0
-    for k in range(n):
-        cost = sum(data.draw(st.lists(unit, min_size=1, max_size=8)))
-        share = part_share(cost, parent.cap_usd - parent.spent_usd)
+    costs = [sum(data.draw(st.lists(unit, min_size=1, max_size=8))) for _ in range(n)]
+    resubmits = data.draw(st.integers(0, 3))
+    for k, cost in enumerate(costs):
+        free = parent.cap_usd - parent.spent_usd
+        share = part_share(cost, free, later_cost=sum(costs[k + 1 :]), resubmits=resubmits)
         parent.spent_usd += share or 0.0
         child = Budget(cap_usd=share)
         records = []
