@@ -19,8 +19,15 @@ from flows.run import RunNotStarted, new_run_id, not_started, opened_run
 from flows.runtime import WARNING_MARK, end_state
 from flows.tasks import read_balance, read_manifest
 from hailuo_batch import outcomes
+from hailuo_batch.apixo import AuthenticationError
 from hailuo_batch.artifacts import keeps_run_name
-from hailuo_batch.budget import InsufficientBalance, Stop, apply_balance, overspend_warning
+from hailuo_batch.budget import (
+    InsufficientBalance,
+    Stop,
+    apply_balance,
+    dry_run_money,
+    overspend_warning,
+)
 from hailuo_batch.ledger import planned_costs
 from hailuo_batch.manifest import Manifest, ManifestError, ManifestItem
 from hailuo_batch.options import BatchOptions, flow_parameters
@@ -161,9 +168,10 @@ async def _guard_money(
     estimate = sum(run.planned_costs.values())
     msg = "%d rows to check, %d invalid; estimated cost of what is left to submit $%.2f"
     get_run_logger().info(msg, len(parsed.items), invalid, estimate)
-    if options.dry_run:
-        return estimate, None
     read = await read_balance()
+    if options.dry_run:  # said in its verdict (`dry_run_money`), applied to nothing
+        run.dry_check = (estimate, read)
+        return estimate, read.usd
     warning = apply_balance(
         run.budget, estimate, read.usd, read.error,
         fit_to_balance=options.fit_to_balance, api_url=run.rt.client.base_url,
@@ -203,6 +211,7 @@ def final_state(run: RunState, summary: dict[str, Any], options: BatchOptions) -
         dry_run=options.dry_run,
         would_cost_usd=summary["estimated_batch_cost_usd"],
         would_submit=run.would_submit,
+        money_note=_dry_money_note(run, summary, options),
         not_as_ordered=summary["not_as_ordered"],
         ledger_behind=summary["ledger_behind"],
     )
@@ -210,6 +219,19 @@ def final_state(run: RunState, summary: dict[str, Any], options: BatchOptions) -
         f"{WARNING_MARK}{summary['spend_warning']}" if "spend_warning" in summary else ""
     )
     return end_state(v.kind == "completed", v.name, message, summary)
+
+
+def _dry_money_note(run: RunState, summary: dict[str, Any], options: BatchOptions) -> str:
+    """A dry run's word on what the balance and the cap would do to the real run."""
+    if not options.dry_run or run.dry_check is None:
+        return ""
+    estimate, read = run.dry_check
+    if isinstance(read.error, AuthenticationError):
+        return f"; a real run would not start: the API key was refused ({read.error})"
+    return dry_run_money(
+        summary["estimated_batch_cost_usd"], estimate, read.usd,
+        fit_to_balance=options.fit_to_balance, max_cost_usd=options.max_cost_usd,
+    )  # fmt: skip
 
 
 def run_flow_sync(flow_fn: Any, **params: Any) -> State[Any]:

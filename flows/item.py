@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from prefect.concurrency.asyncio import concurrency as global_concurrency
 
 from flows.runtime import Runtime
-from flows.tasks import poll_item, store_video, submit_item
+from flows.tasks import Balance, poll_item, store_video, submit_item
 from hailuo_batch import outcomes
 from hailuo_batch.apixo import GenerateRequest, TaskStatus
 from hailuo_batch.apixo.client import retried_refusal
@@ -93,6 +93,8 @@ class RunState:
     ahead: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     would_cost_usd: float = 0.0  # a dry run: what submitting its valid items would cost
     would_submit: int = 0  # a dry run: the valid items a real run would still pay for
+    # a dry run: the estimate and the balance a real run's money guards would check
+    dry_check: tuple[float, Balance] | None = None
     # what each row still costs to submit (resume-aware), by row: the estimate, and a part's
     # share of the cap
     planned_costs: dict[int, float] = field(default_factory=dict)

@@ -121,6 +121,39 @@ def cap_for_balance(
     return balance_usd
 
 
+def dry_run_money(
+    would_cost_usd: float,
+    estimate_usd: float,
+    balance_usd: float | None,
+    *,
+    fit_to_balance: bool,
+    max_cost_usd: float | None,
+) -> str:
+    """What a dry run says of the money guards a real run would apply now, as a clause to
+    append to its verdict ("" when they change nothing). The balance policy is the real run's
+    (`cap_for_balance`, on the same `estimate_usd`: every row not yet paid for, counted before
+    the images are checked); `would_cost_usd` is what the items that passed the checks would
+    cost, which a cap below it holds back."""
+    try:
+        cap = cap_for_balance(
+            estimate_usd, balance_usd, fit_to_balance=fit_to_balance, max_cost_usd=max_cost_usd
+        )
+    except InsufficientBalance as exc:
+        counted = ""
+        if estimate_usd > would_cost_usd + _EPS:
+            counted = (
+                f" (the check counts every row before its image is checked: ${estimate_usd:.2f};"
+                " fix or remove the invalid rows to bring it down)"
+            )
+        return f"; a real run would not start now: {exc}{counted}"
+    if cap is not None and would_cost_usd > cap + _EPS:
+        what = "max cost" if cap == max_cost_usd else "balance"
+        return (
+            f"; a real run would stop at the {what} of ${cap:.2f}, holding back the items past it"
+        )
+    return ""
+
+
 def apply_balance(
     budget: Budget,
     estimate_usd: float,

@@ -40,11 +40,13 @@ def run_verdict(
     dry_run: bool = False,
     would_cost_usd: float = 0.0,
     would_submit: int | None = None,
+    money_note: str = "",
     not_as_ordered: int = 0,
     ledger_behind: int = 0,
 ) -> Verdict:
     """The final state of a run with these counts by item status. `users_cap`: the cap that
-    held items back is the user's `max_cost_usd`, not the balance `fit_to_balance` fitted to."""
+    held items back is the user's `max_cost_usd`, not the balance `fit_to_balance` fitted to.
+    `money_note`: a dry run's word on the money guards (`budget.dry_run_money`)."""
     total = sum(by_status.values())
     problems = {s: by_status.get(s, 0) for s in PROBLEM_STATUSES if by_status.get(s, 0)}
     said = [f"{n} {s}" for s, n in problems.items()]
@@ -73,7 +75,8 @@ def run_verdict(
             "completed",
             "DryRun",
             f"dry run {run_id}: nothing submitted; {left} of the {valid} valid items still need "
-            f"paying for{done}: submitting them would cost about ${would_cost_usd:,.2f}",
+            f"paying for{done}: submitting them would cost about ${would_cost_usd:,.2f}"
+            f"{money_note}",
         )
     succeeded = by_status.get("succeeded", 0)
     if users_cap and capped and capped == total - by_status.get("invalid", 0):

@@ -118,3 +118,18 @@ def test_each_kind_of_cap_names_itself_when_it_holds_an_item_back():
     nothing_left = Budget(cap_usd=0.0, cap_is_share=True).reserve(0.19)
     assert nothing_left is not None and "$0.00 of $0.00" not in nothing_left
     assert "nothing of the run's spending cap was left for this part" in nothing_left
+
+
+def test_a_dry_run_says_what_the_money_guards_would_do_to_the_real_run():
+    from hailuo_batch.budget import dry_run_money
+
+    ok = dry_run_money(0.57, 0.57, 10.0, fit_to_balance=False, max_cost_usd=None)
+    assert ok == ""  # nothing to say: the balance pays, no cap
+    refused = dry_run_money(0.57, 1.14, 0.60, fit_to_balance=False, max_cost_usd=None)
+    assert "a real run would not start now" in refused and "balance is $0.60" in refused
+    assert "every row before its image is checked: $1.14" in refused
+    capped = dry_run_money(1.14, 1.14, None, fit_to_balance=False, max_cost_usd=0.40)
+    assert "would stop at the max cost of $0.40" in capped
+    fitted = dry_run_money(1.14, 1.14, 0.60, fit_to_balance=True, max_cost_usd=None)
+    assert "would stop at the balance of $0.60" in fitted
+    assert dry_run_money(0.3, 1.0, None, fit_to_balance=False, max_cost_usd=None) == ""

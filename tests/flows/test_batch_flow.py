@@ -379,6 +379,31 @@ def test_dry_run_submits_nothing(flow_env, emulator, mixed_manifest, tmp_path):
     assert not (tmp_path / "o" / "inputs").exists()  # a dry run uploads nothing
 
 
+def test_a_dry_run_says_when_the_balance_or_the_cap_would_stop_the_real_run(
+    flow_env, emulator, images_dir, make_image, tmp_path
+):
+    """Six rows, three of them with an image that is not there, a balance of $0.60: the dry
+    run's three valid items fit, but the real run's balance check (before the images are
+    checked) counts all six and refuses; the dry run says so, and what to do. A cap below the
+    valid items' cost is said too."""
+    rows = items(images_dir, make_image, emulator, 6)
+    for r in rows[3:]:
+        r["image_url"] = f"{emulator.base_url}/files/missing.jpg"
+    m = write_csv(tmp_path / "m.csv", rows)
+    emulator.set_balance(0.60)
+    dry = generate_videos(manifest=str(m), output=str(tmp_path / "o"), dry_run=True)
+    assert dry.name == "DryRun" and "would cost about $0.57" in dry.message, dry.message
+    assert "a real run would not start now" in dry.message and "$1.14" in dry.message
+    real = generate_videos(manifest=str(m), output=str(tmp_path / "o"))
+    assert real.name == "InsufficientBalance"  # as the dry run said
+    emulator.set_balance(10.0)
+    capped = generate_videos(
+        manifest=str(m), output=str(tmp_path / "o"), dry_run=True, max_cost_usd=0.40
+    )
+    assert "would stop at the max cost of $0.40" in capped.message, capped.message
+    assert emulator.stats()["submissions"] == 0
+
+
 def test_empty_manifest_fails_before_paying(flow_env, emulator, tmp_path):
     m = tmp_path / "empty.csv"
     m.write_text("image_url,prompt\n")
