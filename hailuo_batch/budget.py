@@ -103,7 +103,8 @@ def cap_for_balance(
     `fit_to_balance` asks to submit what fits: then the cap is the balance.
     """
     may_spend = estimate_usd if max_cost_usd is None else min(estimate_usd, max_cost_usd)
-    if balance_usd is None or may_spend <= balance_usd + _EPS:
+    # nothing left to pay (videos to fetch, tasks to read) needs no balance, even a negative one
+    if balance_usd is None or may_spend <= max(balance_usd, 0.0) + _EPS:
         return max_cost_usd
     if not fit_to_balance:
         if max_cost_usd is not None:

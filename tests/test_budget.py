@@ -33,6 +33,13 @@ def test_too_expensive_fails_before_spending_unless_fit_to_balance():
     assert capped.cap_usd == 2.0
 
 
+def test_a_run_with_nothing_left_to_pay_starts_on_a_negative_balance():
+    """Its items were paid for by an earlier run: the videos are fetched, nothing is spent."""
+    b = Budget()
+    assert apply_balance(b, 0.0, -3.5, fit_to_balance=False, api_url="u") is None
+    assert b.stopped is None
+
+
 def test_a_max_cost_the_balance_pays_for_lets_a_larger_batch_start():
     """The cap keeps the run within the balance: the batch's whole estimate does not matter."""
     b = Budget(cap_usd=3.0)
@@ -45,7 +52,10 @@ def test_a_max_cost_the_balance_pays_for_lets_a_larger_batch_start():
 _USD = st.floats(min_value=0, max_value=1e6, allow_nan=False)
 
 
-@given(estimate=_USD, balance=st.none() | _USD, max_cost=st.none() | _USD, fit=st.booleans())
+@given(
+    estimate=_USD, balance=st.none() | _USD | st.floats(-100, 0), max_cost=st.none() | _USD,
+    fit=st.booleans(),
+)  # fmt: skip
 def test_a_run_allowed_to_start_can_never_spend_past_the_balance_or_its_max_cost(
     estimate, balance, max_cost, fit
 ):
@@ -62,7 +72,7 @@ def test_a_run_allowed_to_start_can_never_spend_past_the_balance_or_its_max_cost
         assert min(estimate, max_cost if max_cost is not None else estimate) > balance
         return
     may_spend = estimate if cap is None else min(estimate, cap)
-    assert balance is None or may_spend <= balance + eps
+    assert balance is None or may_spend <= max(balance, 0) + eps
     assert max_cost is None or may_spend <= max_cost + eps
 
 
