@@ -30,7 +30,11 @@ from hailuo_batch.apixo import (
     TaskState,
     TaskStatus,
 )
-from hailuo_batch.apixo.errors import NotAnEnvelopeError, UnexpectedResponseError
+from hailuo_batch.apixo.errors import (
+    ClientClosedError,
+    NotAnEnvelopeError,
+    UnexpectedResponseError,
+)
 from hailuo_batch.callbacks import CallbackWaiter
 from hailuo_batch.pacing import (
     GenerationStats,
@@ -62,14 +66,14 @@ def read_error_end(
 ) -> Exception | None:
     """The error that ends the wait for a failed status read, or None to read again later.
 
-    - 401: ends it (the run stops: no other read will work);
+    - 401, or a client the stopping run closed: ends it (no other read will work);
     - 404: read again within `not_found_grace_s` of the first read (a new task may not be
       visible yet), then the task is lost (TASK_NOT_FOUND);
     - a page that is not an apixo answer (a proxy's error page): likely transient, read again;
     - a malformed or foreign answer: ends it (the item fails; its ledger keeps the taskId);
     - any other API error (already retried by the client): read again at the next tick.
     """
-    if isinstance(exc, AuthenticationError):
+    if isinstance(exc, AuthenticationError | ClientClosedError):  # no other read will work
         return exc
     if isinstance(exc, NotFoundError):
         if since_first_read_s < not_found_grace_s:

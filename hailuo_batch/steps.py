@@ -25,7 +25,7 @@ from hailuo_batch.apixo import (
     TaskState,
     TaskStatus,
 )
-from hailuo_batch.apixo.errors import RateLimitedError
+from hailuo_batch.apixo.errors import ClientClosedError, RateLimitedError
 from hailuo_batch.budget import Stop
 from hailuo_batch.ledger import LedgerState
 from hailuo_batch.policy import after_failure, classify_fail_code
@@ -256,6 +256,11 @@ def on_poll_error(err: Exception) -> Step:
             fail_msg=f"{err.message}; a rerun polls it again, `--resubmit-lost` pays for a new "
             "task (possible duplicate charge)",
         )
+    if isinstance(err, ClientClosedError):  # the run is stopping: the ledger keeps the task
+        return Step(
+            "end", status=ItemStatus.FAILED, fail_code=NOT_SUBMITTED_STOP,
+            fail_msg=f"{err}; the next run reads the task again (it is not paid for again)",
+        )  # fmt: skip
     code = getattr(err, "fail_code", None) or BAD_ANSWER
     return Step(
         "end",

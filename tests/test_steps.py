@@ -275,3 +275,12 @@ def test_a_submit_answered_404_stops_the_run_with_a_hint_at_the_base_url() -> No
     assert (
         step.refund and step.fail_code == "HTTP_404" and "APIXO_BASE_URL" in (step.fail_msg or "")
     )
+
+
+def test_a_poll_ended_by_a_stopping_run_keeps_the_task_for_the_next_run():
+    from hailuo_batch.apixo.errors import ClientClosedError
+    from hailuo_batch.steps import on_poll_error
+
+    step = on_poll_error(ClientClosedError("GET /status: not sent: the client is closed"))
+    assert step.ledger is None  # the record keeps its taskId: read again, never paid again
+    assert step.fail_code == "RUN_STOPPED" and "reads the task again" in (step.fail_msg or "")

@@ -65,6 +65,7 @@ from hailuo_batch.apixo.errors import (
     AmbiguousSubmitError,
     ApixoError,
     ApixoTransportError,
+    ClientClosedError,
     DownloadTooLargeError,
     MalformedAnswerError,
     NotAnEnvelopeError,
@@ -548,12 +549,20 @@ class ApixoClient:
         self, http: httpx.Client, method: str, url: str, path: str, **kwargs: Any
     ) -> httpx.Response:
         """One streamed HTTP exchange; httpx failures become ApixoError (no headers, no key)."""
+        closed = ClientClosedError(f"{method} {path}: not sent: the client is closed (the run "
+                                   "is stopping)")  # fmt: skip
+        if http.is_closed:  # a worker thread's call (a retry, a poll) after the run closed it
+            raise closed
         try:
             request = http.build_request(method, url, **kwargs)
         except (httpx.InvalidURL, UnicodeError, IndexError) as exc:  # never sent: nothing made
             raise ApixoTransportError(f"{method} {path}: invalid URL", request_sent=False) from exc
         try:
             return http.send(request, stream=True)
+        except RuntimeError as exc:  # httpx: "the client has been closed", since the check
+            if http.is_closed:
+                raise closed from exc
+            raise
         except _NOT_SENT as exc:
             raise ApixoTransportError(
                 f"{method} {path}: {type(exc).__name__}: {exc}", request_sent=False

@@ -172,6 +172,11 @@ class ApixoTransportError(ApixoError):
         self.request_sent = request_sent
 
 
+class ClientClosedError(ApixoError):
+    """The client was closed before this call (the run is stopping): nothing was sent. Never
+    retried; a poll that meets it ends instead of reading on."""
+
+
 class AmbiguousSubmitError(ApixoError):
     """A submit whose outcome is unknown: the task may or may not have been created.
 

@@ -105,6 +105,24 @@ def test_submit_poll_download_and_balance(emu: Any, client: ApixoClient) -> None
     assert before - after == pytest.approx(0.19)
 
 
+def test_a_closed_clients_calls_send_nothing_and_end_a_poll(emu: Any) -> None:
+    """A stopping run closes its client while a worker thread may still read or retry: those
+    calls say the run is stopping (no httpx RuntimeError, whose traceback Prefect prints), are
+    never retried, and end the wait for a task instead of reading on."""
+    from hailuo_batch.apixo.errors import ClientClosedError
+    from hailuo_batch.polling import read_error_end
+
+    c = ApixoClient(KEY, emu.base_url, retry=FAST)
+    before = emu.stats()["submissions"]
+    c.close()
+    for call in (lambda: c.get_status("task_x"), lambda: c.submit(request(emu, "closed"))):
+        with pytest.raises(ClientClosedError, match="the run is stopping") as err:
+            call()
+        assert err.value.attempts == 1
+    assert emu.stats()["submissions"] == before
+    assert read_error_end(err.value, 0.0, 60.0, str) is err.value
+
+
 def test_failed_task_reports_fail_code(emu: Any, client: ApixoClient) -> None:
     task_id = client.submit(request(emu, "doomed [fail:NSFW_DETECTED]"))
     status = wait_terminal(client, task_id)
