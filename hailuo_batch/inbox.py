@@ -288,11 +288,19 @@ def nightly_outcome(report: dict[str, Any]) -> tuple[Literal["completed", "faile
             f"claimed: the next run takes them once the setting is fixed ({processed})",
         )
     stuck = [r["key"] for r in report.get("stranded", [])]
-    if not failed and not stuck:
+    partly = [
+        f"{r['manifest']} ({run_outcome(r)})"
+        for r in done
+        if r.get("state_name", "Completed") != "Completed"
+    ]
+    if not failed and not stuck and not partly:
         return "completed", "Completed", processed
     bad = "; ".join(
         ([f"{len(failed)} manifest(s) failed: {', '.join(r['manifest'] for r in failed)}"]
          if failed else [])
+        + ([f"{len(partly)} manifest(s) ran with items that did not make it: "
+            f"{', '.join(partly)}"]
+           if partly else [])
         + ([f"{len(stuck)} manifest(s) left by a run that did not finish could not be put "
             f"back, a manifest of the same name waits in the inbox: {', '.join(stuck)}"]
            if stuck else [])
@@ -300,6 +308,13 @@ def nightly_outcome(report: dict[str, Any]) -> tuple[Literal["completed", "faile
     if done or not failed:
         return "completed", "CompletedWithFailures", f"{processed}; {bad}"
     return "failed", "Failed", bad
+
+
+def run_outcome(record: dict[str, Any]) -> str:
+    """A manifest's run as a person reads it: its state's name and its items by status."""
+    counts = ", ".join(f"{n} {k}" for k, n in (record.get("by_status") or {}).items() if n)
+    name = record.get("state_name") or "?"
+    return f"{name}: {counts}" if counts else name
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -310,7 +325,9 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines += ["| manifest | outcome | run | record |", "|---|---|---|---|"]
     for outcome in ("done", "failed"):
         for r in report[outcome]:
-            detail = r.get("flow_run_name") or r.get("error") or ""
+            detail = r.get("error") or ""
+            if r.get("flow_run_name"):
+                detail = f"{r['flow_run_name']} ({run_outcome(r)})" + (f": {detail}" * bool(detail))
             cells = (md.text(r["manifest"]), outcome, md.text(detail), md.code(r["record"]))
             lines.append("| " + " | ".join(cells) + " |")
     lines += [f"| {md.text(name)} | taken by another run | | |" for name in report["taken"]]
