@@ -228,6 +228,13 @@ def _dry_money_note(run: RunState, summary: dict[str, Any], options: BatchOption
     estimate, read = run.dry_check
     if isinstance(read.error, AuthenticationError):
         return f"; a real run would not start: the API key was refused ({read.error})"
+    if read.error is not None:  # as `apply_balance` stops the real run: ApiUnreachable
+        return (
+            f"; a real run would not start now: the apixo API at {run.rt.client.base_url} did "
+            f"not answer ({read.error})"
+        )
+    if read.usd is None:
+        return "; the balance could not be read, so a real run would not check it"
     return dry_run_money(
         summary["estimated_batch_cost_usd"], estimate, read.usd,
         fit_to_balance=options.fit_to_balance, max_cost_usd=options.max_cost_usd,

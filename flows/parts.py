@@ -201,6 +201,16 @@ async def _parts_on_workers(
         part_name = _part_name(k, n)
         entry: dict[str, Any] = {"flow_run": part_name}
         async with gate:
+            if (stopped := run.budget.stopped) is not None:  # no child once the run stopped
+                why = f"not submitted: the run stopped submitting before part {k + 1} started"
+                taken = parts.take(k, [outcomes.not_submitted(i, run.run_id, f"{why} "
+                                                              f"({stopped[1]})")
+                                       for i in parts.left(k)])  # fmt: skip
+                for r in taken:
+                    await published(r)
+                entry.update(state="not started", results=True)
+                run.parts.on_workers.append(entry)
+                return
             cost = costs[k]
             share = part_share(
                 cost, _cap_free(run), later_cost=sum(costs[k + 1 :]),
@@ -252,7 +262,7 @@ async def _take(
     """A child's results and summary into the parent's: each row once, published once."""
     taken = parts.take(k, got[0])
     if taken:
-        _merge_budget(run, got[1])
+        _merge_budget(run, got[1], f"part {k + 1}")
     for r in taken:
         await published(r)
 
@@ -412,14 +422,16 @@ def _read_part_results(run: RunState, k: int) -> tuple[list[ItemResult], dict[st
         return None
 
 
-def _merge_budget(run: RunState, summary: dict[str, Any]) -> None:
+def _merge_budget(run: RunState, summary: dict[str, Any], part_name: str) -> None:
     """A child's cap refusals and stop reasons become the parent's (its verdict names them);
     not a lost lease: that was the child's, not the parent's. Bad values are left out."""
     run.budget.capped += int(_number(summary.get("capped"), default=0))
     stops = summary.get("stops")
     for why, message in stops.items() if isinstance(stops, dict) else []:
         if why in {s.value for s in Stop} and why != Stop.LEASE:
-            run.budget.stop(Stop(why), str(message))
+            # every POST of that part was refused: said of the part (its siblings' may not be)
+            said = f"{part_name}: {message}" if why == Stop.RATE_LIMITED else str(message)
+            run.budget.stop(Stop(why), said)
 
 
 def _spent_at_most(run: RunState, items: list[ManifestItem], child_id: str) -> float:

@@ -147,6 +147,8 @@ def dry_run_money(
                 " fix or remove the invalid rows to bring it down)"
             )
         return f"; a real run would not start now: {exc}{counted}"
+    if cap is not None and cap <= 0 < would_cost_usd:
+        return f"; a real run would submit nothing: its cap is ${cap:.2f}"
     if cap is not None and would_cost_usd > cap + _EPS:
         what = "max cost" if cap == max_cost_usd else "balance"
         return (

@@ -197,6 +197,13 @@ class _Life:
 
     async def submit(self) -> Outcome | None:
         """Reserve, re-check ownership, record `submitting`, POST. None once a task exists."""
+        try:
+            return await self._submit()
+        finally:
+            if self.refused_since is not None and self.refusals is not None:
+                self.refusals.left()  # no longer waits on a 429, however it ended
+
+    async def _submit(self) -> Outcome | None:
         while True:
             why_not = self.budget.reserve(self.unit)
             if why_not:
@@ -264,28 +271,32 @@ class _Life:
                 # patience counts the time that passed, not what the provider asked for: a
                 # Retry-After of 0 (or 3600) says nothing of how long the item has waited
                 now = self.clock()
-                self.refused_since = now if self.refused_since is None else self.refused_since
-                waited = now - self.refused_since
-                everything_refused_for = self.refusals.refused(now) if self.refusals else 0.0
-                if everything_refused_for > self.policy.rate_limit_patience_s:
+                first = self.refused_since is None
+                self.refused_since = now if first else self.refused_since
+                waited = now - (self.refused_since or now)
+                patience = self.policy.rate_limit_patience_s
+                everything = self.refusals.refused(now, first=first) if self.refusals else 0.0
+                if everything > patience:
                     self.budget.stop(
                         Stop.RATE_LIMITED,
-                        f"the provider refused every submission with 429 for "
-                        f"{everything_refused_for:.0f} s (HAILUO_RATE_LIMIT_PATIENCE_S): stopped "
-                        "submitting; run again later (nothing not submitted was paid for)",
+                        f"the provider refused every submission with 429 for {everything:.0f} s "
+                        "(HAILUO_RATE_LIMIT_PATIENCE_S): stopped submitting; run again later "
+                        "(nothing not submitted was paid for)",
                     )
-                    waited = max(waited, everything_refused_for)
-                if waited > self.policy.rate_limit_patience_s:
+                if waited > patience or everything > patience:
                     return self.end(
                         ItemStatus.NOT_SUBMITTED if before.attempts == 0 else ItemStatus.FAILED,
                         fail_code=RATE_LIMITED,
-                        fail_msg=f"refused by rate limiting for {waited:.0f} s: {err}",
+                        fail_msg=f"refused by rate limiting for {waited:.0f} s: {err}"
+                        + ("" if waited > patience else "; the run stopped submitting"),
                     )
                 await self.fx.rate_limited(step.wait_s or 0.0)
                 continue
-            self.refused_since = None  # accepted: a later 429 starts a new wait
             if self.refusals is not None:
                 self.refusals.accepted()
+                if self.refused_since is not None:
+                    self.refusals.left()
+            self.refused_since = None  # accepted: a later 429 starts a new wait
             await self.save(
                 state=LedgerState.SUBMITTED,
                 task_id=task_id,

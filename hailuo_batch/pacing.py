@@ -569,20 +569,33 @@ Clock = Callable[[], float]
 
 @dataclass
 class RefusalWatch:
-    """How long every submission of the run has been refused with 429, none accepted since
-    (one per run, shared by its items). A provider that refuses everything for the patience
-    stops the run once, rather than each item waiting out its own patience after the other
-    (items retry one at a time at the lowest target: N items took N patiences)."""
+    """How long every submission of the run has been refused with 429 (one per run, shared by
+    its items): since the first 429 while items have waited on 429s without a POST accepted
+    in between. A provider that refuses everything for the patience stops the run once, rather
+    than each item waiting out its own patience after the other (items retry one at a time at
+    the lowest target: N items took N patiences). The watch starts again when a POST is
+    accepted, and when no item waits on a 429 any more (the last one that did ended otherwise:
+    a 403, the cap), so an old refusal never counts against a later one."""
 
     since: float | None = None
+    waiting: int = 0  # items between a 429 and the end of their submission
 
-    def refused(self, now: float) -> float:
-        """A 429 at `now`: seconds since the first one with no accepted POST since."""
+    def refused(self, now: float, *, first: bool) -> float:
+        """A 429 at `now` (`first`: the item's first since its submission began): seconds
+        since the watch's first refusal."""
+        self.waiting += first
         if self.since is None:
             self.since = now
         return now - self.since
 
+    def left(self) -> None:
+        """An item that met a 429 no longer waits (its submission ended, or was accepted)."""
+        self.waiting = max(0, self.waiting - 1)
+        if self.waiting == 0:
+            self.since = None
+
     def accepted(self) -> None:
+        """A POST was accepted: the provider takes submissions."""
         self.since = None
 
 

@@ -143,3 +143,5 @@ def test_a_dry_run_says_what_the_money_guards_would_do_to_the_real_run():
     fitted = dry_run_money(1.14, 1.14, 0.60, fit_to_balance=True, max_cost_usd=None)
     assert "would stop at the balance of $0.60" in fitted
     assert dry_run_money(0.3, 1.0, None, fit_to_balance=False, max_cost_usd=None) == ""
+    broke = dry_run_money(0.57, 0.57, -3.0, fit_to_balance=True, max_cost_usd=None)
+    assert broke == "; a real run would submit nothing: its cap is $-3.00"

@@ -457,6 +457,27 @@ def test_a_provider_that_refuses_everything_for_the_patience_stops_the_run_once(
     assert created == [] and budget.spent_usd == 0
 
 
+def test_an_old_refusal_never_counts_against_a_later_one() -> None:
+    """Item a met a 429, then its retry was refused with 403 (it ended failed); a patience
+    later item b meets one 429: b waits for its slot and is accepted, the run goes on."""
+    world = World(["429", "403", "429", "accept"], [], [], [], set())
+    budget, refusals = Budget(), RefusalWatch()
+
+    async def life(item: str) -> Outcome:
+        return await live_item(
+            start_record(manifest_item(item), None, Plan("submit")), REQUEST, unit_cost=UNIT,
+            budget=budget, fx=Effects(world, item, "run0", []), clock=lambda: world.now,
+            policy=LifePolicy(max_resubmits=MAX_RESUBMITS, rate_limit_patience_s=PATIENCE),
+            refusals=refusals,
+        )  # fmt: skip
+
+    assert asyncio.run(life("a")).fail_code == "HTTP_403"
+    world.now += 2 * PATIENCE
+    b = asyncio.run(life("b"))
+    assert b.status == ItemStatus.SUCCEEDED, (b.fail_code, b.fail_msg)
+    assert budget.stopped is None and refusals.since is None and refusals.waiting == 0
+
+
 def test_refusals_between_accepted_posts_never_stop_the_run() -> None:
     world = World((["429"] * 3 + ["accept"]) * 4, [], [], [], set())
     fates, budget, created = asyncio.run(one_run(world, list("abcd"), "run0", None, False))

@@ -401,6 +401,9 @@ def test_a_dry_run_says_when_the_balance_or_the_cap_would_stop_the_real_run(
         manifest=str(m), output=str(tmp_path / "o"), dry_run=True, max_cost_usd=0.40
     )
     assert "would stop at the max cost of $0.40" in capped.message, capped.message
+    emulator.script_faults("balance", "503", count=100)  # the balance cannot be read
+    unknown = generate_videos(manifest=str(m), output=str(tmp_path / "o"), dry_run=True)
+    assert "the balance could not be read" in unknown.message, unknown.message
     assert emulator.stats()["submissions"] == 0
 
 
