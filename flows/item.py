@@ -38,7 +38,7 @@ from hailuo_batch.manifest import ManifestItem
 from hailuo_batch.pacing import AdaptiveSlots, RefusalWatch, Slot
 from hailuo_batch.parts import results_folder
 from hailuo_batch.policy import Prices, estimate_cost, not_forced_again
-from hailuo_batch.results import ItemResult, from_jsonl, jsonl_lines
+from hailuo_batch.results import DRY_RUN_REASON, ItemResult, from_jsonl, jsonl_lines
 from hailuo_batch.steps import (
     LeaseLapsed,
     ResultOfAnotherItem,
@@ -219,7 +219,7 @@ async def _check_and_run(
         cost = b.planned_costs.get(item.row, b.unit_cost(item))
         b.would_cost_usd += cost
         b.would_submit += cost > 0
-        return outcomes.not_submitted(item, b.run_id, "dry run")
+        return outcomes.not_submitted(item, b.run_id, DRY_RUN_REASON)
     return await run_item(b, v, started)
 
 

@@ -435,7 +435,11 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
         print(f"videos:   {str(summary.get('output', '')).rstrip('/')}/videos/")
         if summary.get("review_page"):
             print(f"review:   {summary['review_page']}")
-        print(f"estimated cost: ${summary['estimated_cost_usd']:,.2f} (this run)")
+        if summary.get("dry_run"):
+            print(f"would cost: ${summary.get('estimated_batch_cost_usd', 0.0):,.2f} (a dry run: "
+                  "nothing was submitted)")  # fmt: skip
+        else:
+            print(f"estimated cost: ${summary['estimated_cost_usd']:,.2f} (this run)")
         if twice := summary.get("possible_duplicate_charges"):
             print(f"check:    {twice} items may have been paid for twice (uncertain in the "
                   "results): see the provider's dashboard")  # fmt: skip
@@ -444,7 +448,8 @@ def _run_with_progress(flow_fn: Any, quiet: bool, **params: Any) -> int:
             print(f"  {p['status']:<13} row {p['row']} ({p['id']}): {p['reason']}")
         more = summary.get("problems_total", len(problems)) - len(problems)
         if more > 0:
-            print(f"  ... and {more} more (see the results file)")
+            kinds = ", ".join(f"{n} {k}" for k, n in (summary.get("problems_more") or {}).items())
+            print(f"  ... and {more} more{f' ({kinds})' if kinds else ''}: see the results file")
     elif summary and summary.get("selected") == 0:  # a rerun that found nothing to do
         print("nothing to rerun: no item of the results file matches the filters")
         for why in summary.get("left_out") or []:

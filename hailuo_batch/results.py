@@ -118,7 +118,11 @@ def from_jsonl(text: str) -> list[ItemResult]:
 
 #: the order a person reads problems in: what may have cost money twice, what was paid for and
 #: has no video, what was paid for and is not as ordered, then what cost nothing
-_PROBLEM_ORDER = {"uncertain": 0, "failed": 1, "skipped": 2, "succeeded": 3, "not_submitted": 4}
+_PROBLEM_ORDER = {
+    "uncertain": 0, "failed": 1, "skipped": 2, "invalid": 3, "succeeded": 4, "not_submitted": 5,
+}  # fmt: skip
+#: why a dry run leaves a valid item unsubmitted: what it would do, not a problem
+DRY_RUN_REASON = "dry run"
 
 
 def summarize(
@@ -137,7 +141,8 @@ def summarize(
         (
             r
             for r in results
-            if r.status != ItemStatus.SUCCEEDED or r.uncertain or r.warning or r.ledger_behind
+            if (r.status != ItemStatus.SUCCEEDED or r.uncertain or r.warning or r.ledger_behind)
+            and not (r.status == ItemStatus.NOT_SUBMITTED and r.fail_msg == DRY_RUN_REASON)
         ),
         key=lambda r: (0 if r.uncertain else _PROBLEM_ORDER.get(str(r.status), 9), r.row),
     )
@@ -176,6 +181,8 @@ def summarize(
         # what a person must look at: every item that did not succeed, first 20, with why
         "problems": [_problem(r) for r in problems[:20]],
         "problems_total": len(problems),
+        # the kinds of those past the first 20: none hidden without a word
+        "problems_more": dict(Counter(str(r.status) for r in problems[20:])),
         "wall_time_s": round(wall_time_s, 3),
     }
 
@@ -190,7 +197,14 @@ def _fmt(v: Any, unit: str = "") -> str:
 
 def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
     """The run's markdown artifact: counts, cost, balance, processing and wall time."""
-    lines = [f"# hailuo-batch run `{summary['run_id']}`", ""]
+    dry = bool(summary.get("dry_run"))
+    lines = [f"# hailuo-batch {'dry run' if dry else 'run'} `{summary['run_id']}`", ""]
+    if dry:
+        lines += [
+            f"**A dry run: nothing was submitted.** Submitting the valid items would cost about "
+            f"**${summary.get('estimated_batch_cost_usd', 0.0):,.2f}**.",
+            "",
+        ]
     lines += ["| status | items |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in summary["by_status"].items() if v]
     lines += [f"| **total** | **{summary['items']}** |", ""]
@@ -199,6 +213,8 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
         lines += [f"| {md.code(k)} | {v} |" for k, v in summary["by_fail_code"].items()]
         lines.append("")
     ct = {k: (None if v is None else v / 1000) for k, v in summary["cost_time_ms"].items()}
+    if summary.get("stopped"):
+        lines += [f"- **stopped submitting: {md.text(summary['stopped'])}**"]
     lines += [
         f"- estimated cost of this run: **${summary['estimated_cost_usd']:,.2f}** "
         f"(these items over all runs: ${summary.get('lifetime_estimated_cost_usd', 0.0):,.2f})",

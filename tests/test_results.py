@@ -222,9 +222,10 @@ def test_problems_that_cost_money_come_before_free_ones():
     ]
     s = summarize(rs, run_id="r", wall_time_s=1)
     order = [p["status"] for p in s["problems"]]
-    assert order[:4] == ["uncertain", "failed", "skipped", "not_submitted"]
+    assert order[:4] == ["uncertain", "failed", "skipped", "invalid"]
+    assert s["problems_more"] == {"invalid": 3, "not_submitted": 1}  # past the first 20
     assert order[4:] == ["invalid"] * 16 and s["problems_total"] == 24
-    assert [p["row"] for p in s["problems"][4:6]] == [1, 2]  # by row within a status
+    assert [p["row"] for p in s["problems"][3:5]] == [1, 2]  # by row within a status
 
 
 def test_a_reason_names_its_field_once():
@@ -251,3 +252,36 @@ def test_an_item_the_ledger_could_not_record_is_counted_and_named():
     s = summarize(rs, run_id="r", wall_time_s=1)
     assert s["ledger_behind"] == 1 and [p["row"] for p in s["problems"]] == [1]
     assert "1 items' ledger records could not be written" in summary_markdown(s, results_url="x")
+
+
+def test_a_dry_runs_problems_are_the_rows_to_fix_not_the_items_it_would_submit():
+    """25 valid rows a dry run would submit and one invalid row: the invalid row leads the
+    list a person reads (the CLI shows 20), the would-be submissions are not problems."""
+    from hailuo_batch.results import DRY_RUN_REASON
+
+    rs = [_r(i, ItemStatus.NOT_SUBMITTED, fail_msg=DRY_RUN_REASON) for i in range(1, 26)]
+    rs.append(_r(26, ItemStatus.INVALID, field="image_url", errors=["not found (404)"]))
+    rs.append(_r(27, ItemStatus.NOT_SUBMITTED, fail_msg="being processed by concurrent run r9"))
+    s = summarize(rs, run_id="r", wall_time_s=1.0)
+    assert [p["row"] for p in s["problems"]] == [26, 27] and s["problems_total"] == 2
+    capped = [_r(i, ItemStatus.NOT_SUBMITTED, fail_msg="max cost reached") for i in range(30)]
+    s = summarize([*capped, _r(99, ItemStatus.INVALID, errors=["x"])], run_id="r", wall_time_s=1)
+    assert s["problems"][0]["row"] == 99  # before the items the cap held back
+
+
+def test_a_dry_runs_summary_says_it_is_one_and_what_submitting_would_cost():
+    rs = [_r(i, ItemStatus.NOT_SUBMITTED, fail_msg="dry run") for i in range(4)]
+    s = run_summary(
+        rs, run_id="r", wall_time_s=1.0, balance_before=None, balance_after=None,
+        budget=Budget(), estimate_usd=0.76, dry_run=True,
+    )  # fmt: skip
+    text = summary_markdown(s, results_url="file:///r/results.jsonl")
+    assert text.startswith("# hailuo-batch dry run `r`")
+    assert "nothing was submitted" in text and "**$0.76**" in text
+    stopped = Budget()
+    stopped.stop(Stop.BALANCE, "HTTP 402: top up")
+    s = run_summary(
+        rs, run_id="r", wall_time_s=1.0, balance_before=None, balance_after=None,
+        budget=stopped, estimate_usd=0.76,
+    )  # fmt: skip
+    assert "stopped submitting: HTTP 402" in summary_markdown(s, results_url="u")
