@@ -79,13 +79,23 @@ def run_verdict(
             f"{money_note}",
         )
     succeeded = by_status.get("succeeded", 0)
-    if users_cap and capped and capped == total - by_status.get("invalid", 0):
-        # nothing submitted only because the user's cap held every valid item back: it did its job
-        return _cost_cap_reached(capped, cap_usd, users_cap)
+    invalid = by_status.get("invalid", 0)
+    if users_cap and capped and capped == total - invalid:
+        # nothing submitted only because the user's cap held every valid item back: it did its
+        # job; invalid rows beside it are still to be fixed, and said
+        if not invalid:
+            return _cost_cap_reached(capped, cap_usd, users_cap)
+        return Verdict(
+            "completed",
+            "CompletedWithFailures",
+            f"run {run_id}: 0 of {total} items succeeded; {listed}; "
+            f"{_cost_cap_reached(capped, cap_usd, users_cap).message}",
+        )
     if total and not succeeded:
         every = ", ".join(f"{n} {s}" for s, n in by_status.items() if n)
         return Verdict("failed", "NothingSucceeded", f"run {run_id}: no item succeeded ({every})")
-    share = sum(problems.values()) / total if total else 0.0
+    # items the user's cap held back did not fail: they are not counted against the share
+    share = (sum(problems.values()) - (capped if users_cap else 0)) / total if total else 0.0
     if max_failure_share is not None and share > max_failure_share:
         return Verdict(
             "failed",

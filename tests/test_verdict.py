@@ -81,9 +81,13 @@ def test_a_dry_run_completes():
 def test_a_cap_too_small_for_one_item_is_cost_cap_reached_not_a_failure(cap: float) -> None:
     """`--max-cost 0`: every valid item held back by the cap, nothing paid. The run did what
     it was told: CostCapReached (Completed), as for any cap, not NothingSucceeded."""
-    v = run_verdict(counts(not_submitted=3, invalid=1), run_id="r", capped=3, cap_usd=cap)
+    v = run_verdict(counts(not_submitted=3), run_id="r", capped=3, cap_usd=cap)
     assert (v.kind, v.name) == ("completed", "CostCapReached")
     assert "$0.00" in v.message or "$0.10" in v.message
+    # a bad row beside it is still to be fixed: said, not hidden behind a green cap
+    v = run_verdict(counts(not_submitted=3, invalid=1), run_id="r", capped=3, cap_usd=cap)
+    assert (v.kind, v.name) == ("completed", "CompletedWithFailures")
+    assert "1 invalid" in v.message and "reached: 3 items not submitted" in v.message
     # an item that failed for another reason is still a run where nothing succeeded
     v = run_verdict(counts(not_submitted=2, failed=1), run_id="r", capped=2, cap_usd=cap)
     assert (v.kind, v.name) == ("failed", "NothingSucceeded")
@@ -95,6 +99,21 @@ def test_a_cap_fitted_to_a_balance_below_one_item_is_no_success() -> None:
     cap the user chose."""
     v = run_verdict(counts(not_submitted=3), run_id="r", capped=3, cap_usd=0.05, users_cap=False)
     assert (v.kind, v.name) == ("failed", "NothingSucceeded")
+
+
+def test_items_the_users_cap_held_back_are_not_counted_as_failures() -> None:
+    """Half the items held back by the cap, the rest succeeded: the cap did its job, and the
+    failure share (of items that failed) is 0, not 50%."""
+    v = run_verdict(
+        counts(succeeded=5, not_submitted=5), run_id="r", capped=5, cap_usd=1.0,
+        max_failure_share=0.2,
+    )  # fmt: skip
+    assert (v.kind, v.name) == ("completed", "CostCapReached")
+    v = run_verdict(
+        counts(succeeded=5, not_submitted=3, failed=2), run_id="r", capped=3, cap_usd=1.0,
+        max_failure_share=0.1,
+    )  # fmt: skip
+    assert v.name == "TooManyFailures" and "20% of items" in v.message
 
 
 def test_the_users_cap_holding_back_everything_is_not_too_many_failures() -> None:
