@@ -8,6 +8,7 @@ Exit codes:
   2  bad usage or a bad setting (option, HAILUO_* / APIXO_* variable, --output, a malformed or
      unreachable PREFECT_API_URL): reported in one line before anything is paid
   130  interrupted (Ctrl-C)
+  143  stopped by SIGTERM (a scheduler, `kill`, a container stopping)
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ examples:
   hailuo-batch validate manifest.csv
   hailuo-batch run manifest.csv --output s3://my-bucket/videos --concurrency 20
 
-exit codes: 0 success, 1 invalid rows (validate) or a failed run, 2 bad usage or setting
+exit codes: 0 success, 1 invalid rows (validate) or a failed run, 2 bad usage or setting,
+  130 interrupted (Ctrl-C), 143 stopped (SIGTERM): run the same command again to resume
 """
 
 

@@ -41,6 +41,8 @@ def test_top_level_help_lists_commands_and_settings(capsys):
     out = capsys.readouterr().out
     for word in ("run", "rerun", "validate", "emulator", "receiver", "APIXO_API_KEY"):
         assert word in out
+    for code in ("130 interrupted", "143 stopped (SIGTERM)"):  # every exit a run can end with
+        assert code in out
 
 
 def test_run_defaults_match_the_flow():
