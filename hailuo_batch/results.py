@@ -270,9 +270,19 @@ def _problem(r: ItemResult) -> dict[str, Any]:
     return {"id": r.id, "row": r.row, "status": str(r.status), "reason": why}
 
 
+#: what an item whose ledger record could not be written needs from the person
+LEDGER_BEHIND_REASON = (
+    "the ledger could not record this item's last step: keep this run's results file, the "
+    "next run takes its task from it (without it, that run would pay again)"
+)
+
+
 def reason(r: ItemResult) -> str:
-    """Why an item did not succeed, whole: the code and message, or every rule it broke."""
+    """Why an item did not succeed, whole: the code and message, or every rule it broke (or
+    what to look at in one that did: not the clip paid for, a ledger behind)."""
     parts = [p for p in (r.fail_code, r.fail_msg) if p] or ([r.warning] if r.warning else [])
+    if r.ledger_behind and not parts:
+        parts = [LEDGER_BEHIND_REASON]
     if r.errors and (not r.fail_msg or len(r.errors) > 1):
         parts.append("; ".join(r.errors))
     said = " ".join(parts)

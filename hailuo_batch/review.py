@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from hailuo_batch import markdown as md
 from hailuo_batch.apixo.models import provider_text
-from hailuo_batch.results import ItemResult, ItemStatus
+from hailuo_batch.results import LEDGER_BEHIND_REASON, ItemResult, ItemStatus
 from hailuo_batch.storage import OutputStore, PresignUnsupported, run_key
 from hailuo_batch.video import (
     OPEN_OPTIONS,
@@ -280,8 +280,16 @@ def _status_rank(status: str) -> int:
 
 def review_order(results: Iterable[ItemResult]) -> list[ItemResult]:
     """Problem items first (uncertain, failed, invalid, skipped, not submitted, succeeded),
-    manifest order within each status."""
-    return sorted(results, key=lambda r: (_status_rank(r.status), r.row))
+    within a status those with something to look at (a possible duplicate charge, not the
+    clip paid for, a ledger behind) first, then manifest order."""
+    return sorted(
+        results,
+        key=lambda r: (_status_rank(r.status), not _flagged(r), r.row),
+    )
+
+
+def _flagged(r: ItemResult) -> bool:
+    return bool(r.uncertain or r.warning or r.ledger_behind)
 
 
 def _e(value: object) -> str:
@@ -316,6 +324,10 @@ def _reason_html(r: ItemResult) -> str:
         parts.append(f'<span class="field">field <code>{_e(r.field)}</code>:</span>')
     if r.fail_msg:
         parts.append(f'<span class="msg">{_e(r.fail_msg)}</span>')
+    if r.warning:  # stored, but not the clip paid for (its length or resolution)
+        parts.append(f'<span class="msg">warning: {_e(r.warning)}</span>')
+    if r.ledger_behind:
+        parts.append(f'<span class="msg">{_e(LEDGER_BEHIND_REASON)}</span>')
     rules = [e for e in r.errors if e and e != r.fail_msg]
     body = " ".join(parts)
     if rules:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from hailuo_batch import review
 from hailuo_batch.emulator.video import encode_pan_zoom
-from hailuo_batch.results import ItemResult, ItemStatus
+from hailuo_batch.results import ItemResult, ItemStatus, reason
 from hailuo_batch.review import (
     PosterError,
     ReviewOutputs,
@@ -428,6 +428,22 @@ def test_page_shows_one_card_per_item_problems_first() -> None:
     for label in ("uncertain 1", "failed 1", "invalid 1", "skipped 1", "succeeded 2", "6 items"):
         assert label in header
     assert "over all runs: $0.76" in header and "2 videos" in header
+
+
+def test_a_stored_video_to_look_at_says_why_and_comes_before_clean_ones() -> None:
+    """A clip shorter than paid for, and one whose ledger record could not be written, are
+    'succeeded' but not fine: their cards say why and lead the successes."""
+    results = [
+        result("ok-0", 0, ItemStatus.SUCCEEDED, video="v"),
+        result("short-1", 1, ItemStatus.SUCCEEDED, video="v",
+               warning="the clip is 3.0 s long, 6 s paid for"),
+        result("behind-2", 2, ItemStatus.SUCCEEDED, video="v", ledger_behind=True),
+    ]  # fmt: skip
+    page = Page(render(results))
+    assert [page.card_part(i, "id") for i in range(3)] == ["short-1", "behind-2", "ok-0"]
+    assert "warning: the clip is 3.0 s long, 6 s paid for" in page.card_text(0)
+    assert "keep this run's results file" in page.card_text(1)
+    assert "keep this run's results file" in reason(results[2])
 
 
 def test_the_header_says_what_this_run_cost_apart_from_earlier_runs() -> None:
