@@ -32,11 +32,17 @@ def manifest_stem(manifest: str) -> str:
     return stem if dot and stem else name
 
 
+#: the stem of the manifest a rerun writes for its selection (`rerun.write_selection`)
+_SELECTION_STEM = re.compile(r"\d{8}T\d{6,}Z-manifest")
+
+
 def report_slug(deployment: str | None, manifest: str) -> str:
-    """The deployment's name when the run has one, else the manifest file's stem, slugified."""
+    """The deployment's name when the run has one, else the manifest file's stem, slugified;
+    `rerun` for a rerun's selection (its file name is new each time: so would the keys be)."""
     if deployment and slugify(deployment, fallback=""):
         return slugify(deployment)
-    return slugify(manifest_stem(manifest))
+    stem = manifest_stem(manifest)
+    return "rerun" if _SELECTION_STEM.fullmatch(stem) else slugify(stem)
 
 
 def report_keys(deployment: str | None, manifest: str) -> tuple[str, str]:

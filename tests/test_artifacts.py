@@ -58,6 +58,12 @@ def test_without_a_deployment_the_manifest_names_the_key():
     assert report_keys(None, "/data/Orders_Q4.csv") == ("items-orders-q4", "summary-orders-q4")
     assert report_keys("", "/data/orders.csv") == ("items-orders", "summary-orders")
     assert report_keys("☃", "/data/orders.csv")[0] == "items-orders"  # nothing usable left
+    # every rerun's selection has a new file name: its keys must not be new each time
+    for ts in ("20261125T155825079000Z", "20261126T010203000001Z"):
+        assert report_keys(None, f"/o/reruns/{ts}-manifest.jsonl") == (
+            "items-rerun",
+            "summary-rerun",
+        )
 
 
 def test_a_name_a_person_gave_is_kept_a_generated_one_is_replaced():
