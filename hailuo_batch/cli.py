@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import enum
 import json
+import logging
 import os
 import signal
 import sys
@@ -541,6 +542,8 @@ def _prepare_prefect(quiet: bool) -> None:
     """
     if quiet:
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(_StopNoise())
     if sys.stderr is None or not sys.stderr.isatty():  # no colours: no highlighting to pay for
         os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")
     from prefect.settings import get_current_settings
@@ -740,6 +743,21 @@ def _usable_streams() -> None:
 
 class _Stopped(BaseException):
     """SIGTERM reached the CLI's own handler (outside a flow run, or re-sent by Prefect)."""
+
+
+class _StopNoise(logging.Filter):
+    """`--quiet`: Prefect logs "Crash detected!" and "Finished in state Crashed" for every
+    task a stop (Ctrl-C, SIGTERM) cuts short, a hundred red lines at a high concurrency above
+    the one line that says how to resume; those records are dropped (the run's state in the
+    UI still says it crashed)."""
+
+    SIGNS = ("termination signal", "cancelled by the runtime environment", "KeyboardInterrupt")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage()
+        return not ("Crash" in text and any(sign in text for sign in self.SIGNS))
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:

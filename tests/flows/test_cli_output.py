@@ -141,3 +141,5 @@ def test_a_stopped_run_exits_with_a_line_that_says_how_to_resume(
     assert proc.returncode == code, (out + err)[-3000:]
     assert "Traceback" not in out + err, (out + err)[-3000:]
     assert says in err and "run the same command again to resume" in err
+    # --quiet: the one line, not a "Crash detected!" per task the stop cut short above it
+    assert "Crash detected" not in err and "Crashed" not in err, err[-3000:]
