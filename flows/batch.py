@@ -233,9 +233,11 @@ def _dry_money_note(run: RunState, summary: dict[str, Any], options: BatchOption
             f"; a real run would not start now: the apixo API at {run.rt.client.base_url} did "
             f"not answer ({read.error})"
         )
-    if read.usd is None:
-        return "; the balance could not be read, so a real run would not check it"
-    return dry_run_money(
+    unknown = (
+        "" if read.usd is not None
+        else "; the balance could not be read (a real run would not check it)"
+    )  # fmt: skip
+    return unknown + dry_run_money(
         summary["estimated_batch_cost_usd"], estimate, read.usd,
         fit_to_balance=options.fit_to_balance, max_cost_usd=options.max_cost_usd,
     )  # fmt: skip

@@ -56,6 +56,7 @@ from hailuo_batch.parts import (
 )
 from hailuo_batch.polling import load_stats, save_stats
 from hailuo_batch.results import ItemResult, from_jsonl, write_results
+from hailuo_batch.steps import NOT_SUBMITTED_STOP
 from hailuo_batch.storage import run_key
 
 T = TypeVar("T")
@@ -203,9 +204,12 @@ async def _parts_on_workers(
         async with gate:
             if (stopped := run.budget.stopped) is not None:  # no child once the run stopped
                 why = f"not submitted: the run stopped submitting before part {k + 1} started"
-                taken = parts.take(k, [outcomes.not_submitted(i, run.run_id, f"{why} "
-                                                              f"({stopped[1]})")
-                                       for i in parts.left(k)])  # fmt: skip
+                taken = parts.take(k, [
+                    outcomes.not_submitted(i, run.run_id, f"{why} ({stopped[1]})").model_copy(
+                        update={"fail_code": NOT_SUBMITTED_STOP}
+                    )
+                    for i in parts.left(k)
+                ])  # fmt: skip
                 for r in taken:
                     await published(r)
                 entry.update(state="not started", results=True)

@@ -751,7 +751,7 @@ class _StopNoise(logging.Filter):
     the one line that says how to resume; those records are dropped (the run's state in the
     UI still says it crashed)."""
 
-    SIGNS = ("termination signal", "cancelled by the runtime environment", "KeyboardInterrupt")
+    SIGNS = ("termination signal", "interrupt signal", "cancelled by the runtime environment")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:

@@ -288,17 +288,17 @@ def nightly_outcome(report: dict[str, Any]) -> tuple[Literal["completed", "faile
             f"claimed: the next run takes them once the setting is fixed ({processed})",
         )
     stuck = [r["key"] for r in report.get("stranded", [])]
-    partly = [
+    partly = [  # a dry run, or a cap that held items back, is what was asked for
         f"{r['manifest']} ({run_outcome(r)})"
         for r in done
-        if r.get("state_name", "Completed") != "Completed"
+        if r.get("state_name", "Completed") not in ("Completed", "DryRun", "CostCapReached")
     ]
     if not failed and not stuck and not partly:
         return "completed", "Completed", processed
     bad = "; ".join(
         ([f"{len(failed)} manifest(s) failed: {', '.join(r['manifest'] for r in failed)}"]
          if failed else [])
-        + ([f"{len(partly)} manifest(s) ran with items that did not make it: "
+        + ([f"{len(partly)} manifest(s) ran with problems: "
             f"{', '.join(partly)}"]
            if partly else [])
         + ([f"{len(stuck)} manifest(s) left by a run that did not finish could not be put "

@@ -272,8 +272,9 @@ class _Life:
                 # Retry-After of 0 (or 3600) says nothing of how long the item has waited
                 now = self.clock()
                 first = self.refused_since is None
-                self.refused_since = now if first else self.refused_since
-                waited = now - (self.refused_since or now)
+                if self.refused_since is None:
+                    self.refused_since = now
+                waited = now - self.refused_since  # a clock that starts at 0.0 too
                 patience = self.policy.rate_limit_patience_s
                 everything = self.refusals.refused(now, first=first) if self.refusals else 0.0
                 if everything > patience:

@@ -117,7 +117,8 @@ def from_jsonl(text: str) -> list[ItemResult]:
 
 
 #: the order a person reads problems in: what may have cost money twice, what was paid for and
-#: has no video, what was paid for and is not as ordered, then what cost nothing
+#: has no video (failed, skipped), rows to fix, stored videos to look at (not as ordered, a
+#: ledger behind), and last what was not submitted (a rerun sends it)
 _PROBLEM_ORDER = {
     "uncertain": 0, "failed": 1, "skipped": 2, "invalid": 3, "succeeded": 4, "not_submitted": 5,
 }  # fmt: skip
@@ -201,7 +202,8 @@ def summary_markdown(summary: dict[str, Any], *, results_url: str) -> str:
     lines = [f"# hailuo-batch {'dry run' if dry else 'run'} `{summary['run_id']}`", ""]
     if dry:
         lines += [
-            f"**A dry run: nothing was submitted.** Submitting the valid items would cost about "
+            "**A dry run: nothing was submitted.** Submitting the valid items that still need "
+            "paying for would cost about "
             f"**${summary.get('estimated_batch_cost_usd', 0.0):,.2f}**.",
             "",
         ]
@@ -281,8 +283,8 @@ def reason(r: ItemResult) -> str:
     """Why an item did not succeed, whole: the code and message, or every rule it broke (or
     what to look at in one that did: not the clip paid for, a ledger behind)."""
     parts = [p for p in (r.fail_code, r.fail_msg) if p] or ([r.warning] if r.warning else [])
-    if r.ledger_behind and not parts:
-        parts = [LEDGER_BEHIND_REASON]
+    if r.ledger_behind:
+        parts.append(LEDGER_BEHIND_REASON)
     if r.errors and (not r.fail_msg or len(r.errors) > 1):
         parts.append("; ".join(r.errors))
     said = " ".join(parts)

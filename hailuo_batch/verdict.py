@@ -80,6 +80,17 @@ def run_verdict(
         )
     succeeded = by_status.get("succeeded", 0)
     invalid = by_status.get("invalid", 0)
+    # items the user's cap held back did not fail: they are not counted against the share
+    held = capped if users_cap else 0
+    share = (sum(problems.values()) - held) / total if total else 0.0
+    if max_failure_share is not None and share > max_failure_share:
+        beyond = f" beyond the {held} the cap held back" if held else ""
+        return Verdict(
+            "failed",
+            "TooManyFailures",
+            f"run {run_id}: {share:.0%} of items did not succeed{beyond} ({listed}), more than "
+            f"the {max_failure_share:.0%} allowed",
+        )
     if users_cap and capped and capped == total - invalid:
         # nothing submitted only because the user's cap held every valid item back: it did its
         # job; invalid rows beside it are still to be fixed, and said
@@ -94,15 +105,6 @@ def run_verdict(
     if total and not succeeded:
         every = ", ".join(f"{n} {s}" for s, n in by_status.items() if n)
         return Verdict("failed", "NothingSucceeded", f"run {run_id}: no item succeeded ({every})")
-    # items the user's cap held back did not fail: they are not counted against the share
-    share = (sum(problems.values()) - (capped if users_cap else 0)) / total if total else 0.0
-    if max_failure_share is not None and share > max_failure_share:
-        return Verdict(
-            "failed",
-            "TooManyFailures",
-            f"run {run_id}: {share:.0%} of items did not succeed ({listed}), more than the "
-            f"{max_failure_share:.0%} allowed",
-        )
     beyond_cap = sum(problems.values()) - capped + extra  # what the cap does not explain
     if capped and not beyond_cap:
         return _cost_cap_reached(capped, cap_usd, users_cap)

@@ -485,6 +485,19 @@ def test_refusals_between_accepted_posts_never_stop_the_run() -> None:
     assert budget.stopped is None and len(created) == 4
 
 
+def test_an_items_own_patience_holds_on_a_clock_that_starts_at_zero() -> None:
+    """Without the run's watch: the item's first 429 at t=0.0 was taken for none at all, and
+    it was refused for ever."""
+    world = World(["429"] * 1000, [], [], [], set())
+    assert world.now == 0.0
+    out = live_new(
+        Effects(world, "a", "run0", []),
+        policy=LifePolicy(max_resubmits=MAX_RESUBMITS, rate_limit_patience_s=PATIENCE),
+        clock=lambda: world.now,
+    )
+    assert out.fail_code == "RATE_LIMITED" and len(world.posts["a"]) < 20
+
+
 def test_one_long_retry_after_does_not_drop_the_item() -> None:
     world = World(["429_hour"], [], [], [], set())
     fates, _, created = asyncio.run(one_run(world, ["a"], "run0", None, False))

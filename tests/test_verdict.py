@@ -114,6 +114,13 @@ def test_items_the_users_cap_held_back_are_not_counted_as_failures() -> None:
         max_failure_share=0.1,
     )  # fmt: skip
     assert v.name == "TooManyFailures" and "20% of items" in v.message
+    assert "beyond the 3 the cap held back" in v.message
+    # bad rows beside a cap that held back every valid item still count against the share
+    v = run_verdict(
+        counts(invalid=6, not_submitted=4), run_id="r", capped=4, cap_usd=0.0,
+        max_failure_share=0.5,
+    )  # fmt: skip
+    assert v.name == "TooManyFailures"
 
 
 def test_the_users_cap_holding_back_everything_is_not_too_many_failures() -> None:
