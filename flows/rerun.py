@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
+from prefect.runtime import flow_run
 
 from blocks.apixo import open_store
 from flows.batch import generate_videos
@@ -15,6 +16,7 @@ from flows.runtime import end_state
 from hailuo_batch import rerun as reruns
 from hailuo_batch.apixo import Mode, Provider
 from hailuo_batch.apixo.models import shown
+from hailuo_batch.artifacts import keeps_run_name
 from hailuo_batch.jobs import blocking
 from hailuo_batch.options import BatchOptions, RunOptions
 from hailuo_batch.results import ItemStatus
@@ -25,7 +27,16 @@ from hailuo_batch.storage import OutputStore
 ABOUT = "Which items this rerun takes from the previous run, and what happened"
 
 
-@flow(name="rerun-failed", log_prints=True)
+def rerun_name() -> str:
+    """Flow run name after the run it reruns (`rerun-of-{run id}`), so the run the CLI links to
+    is found in the UI; a name a person gave the run is kept."""
+    current = flow_run.get_name()
+    if keeps_run_name(current):
+        return str(current)
+    return f"rerun-of-{reruns.run_id_of_results(str(flow_run.parameters.get('results', '')))}"
+
+
+@flow(name="rerun-failed", flow_run_name=rerun_name, log_prints=True)
 async def rerun_failed(
     results: str,
     statuses: list[ItemStatus] = list(reruns.DEFAULT_RERUN_STATUSES),  # noqa: B006

@@ -247,6 +247,12 @@ def test_rerun_failed_items_only(flow_env, emulator, tmp_path, images_dir, make_
     state = run_flow_sync(rerun_failed, results=results_url, fail_codes=["GENERATION_FAILED"])
     assert state.is_completed(), state.message
     summary = state.result()
+
+    async def name_of_run() -> str:  # the run the CLI links to is found by the run it reruns
+        async with get_client() as client:
+            return (await client.read_flow_run(state.state_details.flow_run_id)).name
+
+    assert asyncio.run(name_of_run()) == f"rerun-of-{first.result()['run_id']}"
     assert summary["rerun_of"] == results_url
     again = results_of(summary)
     assert set(again) == {"flaky"} and again["flaky"].status == "succeeded"
