@@ -19,7 +19,6 @@ from flows.run import RunNotStarted, new_run_id, not_started, opened_run
 from flows.runtime import WARNING_MARK, end_state
 from flows.tasks import read_balance, read_manifest
 from hailuo_batch import outcomes
-from hailuo_batch.apixo import AuthenticationError
 from hailuo_batch.artifacts import keeps_run_name
 from hailuo_batch.budget import (
     InsufficientBalance,
@@ -226,20 +225,14 @@ def _dry_money_note(run: RunState, summary: dict[str, Any], options: BatchOption
     if not options.dry_run or run.dry_check is None:
         return ""
     estimate, read = run.dry_check
-    if isinstance(read.error, AuthenticationError):
-        return f"; a real run would not start: the API key was refused ({read.error})"
-    if read.error is not None:  # as `apply_balance` stops the real run: ApiUnreachable
-        return (
-            f"; a real run would not start now: the apixo API at {run.rt.client.base_url} did "
-            f"not answer ({read.error})"
-        )
     unknown = (
-        "" if read.usd is not None
+        "" if read.usd is not None or read.error is not None
         else "; the balance could not be read (a real run would not check it)"
     )  # fmt: skip
     return unknown + dry_run_money(
-        summary["estimated_batch_cost_usd"], estimate, read.usd,
+        summary["estimated_batch_cost_usd"], estimate, read.usd, read.error,
         fit_to_balance=options.fit_to_balance, max_cost_usd=options.max_cost_usd,
+        api_url=run.rt.client.base_url,
     )  # fmt: skip
 
 

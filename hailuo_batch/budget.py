@@ -126,18 +126,22 @@ def dry_run_money(
     would_cost_usd: float,
     estimate_usd: float,
     balance_usd: float | None,
+    error: Exception | None = None,
     *,
     fit_to_balance: bool,
     max_cost_usd: float | None,
+    api_url: str = "",
 ) -> str:
     """What a dry run says of the money guards a real run would apply now, as a clause to
-    append to its verdict ("" when they change nothing). The balance policy is the real run's
-    (`cap_for_balance`, on the same `estimate_usd`: every row not yet paid for, counted before
-    the images are checked); `would_cost_usd` is what the items that passed the checks would
-    cost, which a cap below it holds back."""
+    append to its verdict ("" when they change nothing). The real run's own policy decides,
+    `apply_balance` on the budget it would start with, on the same `estimate_usd` (every row
+    not yet paid for, counted before the images are checked) and balance read (`error`: what
+    reading it raised); `would_cost_usd` is what the items that passed the checks would cost,
+    which a cap below it holds back."""
+    trial = Budget(cap_usd=max_cost_usd)
     try:
-        cap = cap_for_balance(
-            estimate_usd, balance_usd, fit_to_balance=fit_to_balance, max_cost_usd=max_cost_usd
+        apply_balance(
+            trial, estimate_usd, balance_usd, error, fit_to_balance=fit_to_balance, api_url=api_url
         )
     except InsufficientBalance as exc:
         counted = ""
@@ -147,10 +151,13 @@ def dry_run_money(
                 " fix or remove the invalid rows to bring it down)"
             )
         return f"; a real run would not start now: {exc}{counted}"
+    if (stopped := trial.stopped) is not None:  # a key refused, an API that did not answer
+        return f"; a real run would not start now: {stopped[1]}"
+    cap = trial.cap_usd
     if cap is not None and cap <= 0 < would_cost_usd:
         return f"; a real run would submit nothing: its cap is ${cap:.2f}"
     if cap is not None and would_cost_usd > cap + _EPS:
-        what = "max cost" if cap == max_cost_usd else "balance"
+        what = "balance" if trial.cap_is_balance else "max cost"
         return (
             f"; a real run would stop at the {what} of ${cap:.2f}, holding back the items past it"
         )

@@ -145,3 +145,14 @@ def test_a_dry_run_says_what_the_money_guards_would_do_to_the_real_run():
     assert dry_run_money(0.3, 1.0, None, fit_to_balance=False, max_cost_usd=None) == ""
     broke = dry_run_money(0.57, 0.57, -3.0, fit_to_balance=True, max_cost_usd=None)
     assert broke == "; a real run would submit nothing: its cap is $-3.00"
+    # the real run's own policy: a refused key, an API that does not answer
+    refused = dry_run_money(
+        0.57, 0.57, None, AuthenticationError("bad key"), fit_to_balance=False,
+        max_cost_usd=None, api_url="u",
+    )  # fmt: skip
+    assert refused.startswith("; a real run would not start now: AUTH_FAILED")
+    silent = dry_run_money(
+        0.57, 0.57, None, ApixoError("down"), fit_to_balance=False, max_cost_usd=1.0,
+        api_url="http://x",
+    )  # fmt: skip
+    assert "would not start now: the apixo API at http://x did not answer" in silent
