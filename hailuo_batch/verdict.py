@@ -91,18 +91,12 @@ def run_verdict(
             f"run {run_id}: {share:.0%} of items did not succeed{beyond} ({listed}), more than "
             f"the {max_failure_share:.0%} allowed",
         )
-    if users_cap and capped and capped == total - invalid:
-        # nothing submitted only because the user's cap held every valid item back: it did its
-        # job; invalid rows beside it are still to be fixed, and said
-        if not invalid:
-            return _cost_cap_reached(capped, cap_usd, users_cap)
-        return Verdict(
-            "completed",
-            "CompletedWithFailures",
-            f"run {run_id}: 0 of {total} items succeeded; {listed}; "
-            f"{_cost_cap_reached(capped, cap_usd, users_cap).message}",
-        )
-    if total and not succeeded:
+    # nothing submitted only because the user's cap held every valid item back: it did its
+    # job (invalid rows beside it are still to be fixed: CompletedWithFailures, below)
+    all_held = bool(users_cap and capped and capped == total - invalid)
+    if all_held and not invalid:
+        return _cost_cap_reached(capped, cap_usd, users_cap)
+    if total and not succeeded and not all_held:
         every = ", ".join(f"{n} {s}" for s, n in by_status.items() if n)
         return Verdict("failed", "NothingSucceeded", f"run {run_id}: no item succeeded ({every})")
     beyond_cap = sum(problems.values()) - capped + extra  # what the cap does not explain
