@@ -125,18 +125,26 @@ class Inbox:
         """The claims of the other nightly runs that stopped while running this very manifest
         (its bytes: a new file dropped under the name starts afresh) since it last finished,
         oldest first; `claim`'s own stop is never counted here, however often it is read."""
+        return self._stops(claim)[1]
+
+    def _stops(self, claim: Claim) -> tuple[str | None, list[str]]:
+        """The manifest's digest (None: it is gone from where `claim` left it) and
+        `earlier_stops`."""
         try:
-            found = json.loads(self.store.read_text(_recoveries_key(claim.name)))
             digest = self.store.sha256(claim.key)
         except FileNotFoundError:
-            return []
+            return None, []
+        try:
+            found = json.loads(self.store.read_text(_recoveries_key(claim.name)))
+        except FileNotFoundError:
+            return digest, []
         except ValueError:  # a torn or hand-edited record: still counts as one stop
-            return ["?"]
+            return digest, ["?"]
         if not isinstance(found, dict) or not isinstance(found.get("claims"), list):
-            return ["?"]
+            return digest, ["?"]
         if found.get("sha256") != digest:
-            return []
-        return [str(c) for c in found["claims"] if str(c) != claim.claim_id]
+            return digest, []
+        return digest, [str(c) for c in found["claims"] if str(c) != claim.claim_id]
 
     def recover(self, claim: Claim) -> bool:
         """Put a stranded manifest back in the inbox, to be claimed again like a new one, and
@@ -146,9 +154,11 @@ class Inbox:
             return True
         if self.store.exists(claim.name):
             return False
+        digest, earlier = self._stops(claim)
+        if digest is None:  # another nightly run put it back first
+            return True
         try:  # counted before the move, so a stop in between is not lost
-            stops = [*self.earlier_stops(claim), claim.claim_id]
-            record = {"sha256": self.store.sha256(claim.key), "claims": stops}
+            record = {"sha256": digest, "claims": [*earlier, claim.claim_id]}
             self.store.write_text_atomic(_recoveries_key(claim.name), json.dumps(record))
             self.release(claim)
         except FileNotFoundError:  # another nightly run put it back first
@@ -327,7 +337,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         for r in report[outcome]:
             detail = r.get("error") or ""
             if r.get("flow_run_name"):
-                detail = f"{r['flow_run_name']} ({run_outcome(r)})" + (f": {detail}" * bool(detail))
+                ran = f"{r['flow_run_name']} ({run_outcome(r)})"
+                detail = f"{ran}: {detail}" if detail else ran
             cells = (md.text(r["manifest"]), outcome, md.text(detail), md.code(r["record"]))
             lines.append("| " + " | ".join(cells) + " |")
     lines += [f"| {md.text(name)} | taken by another run | | |" for name in report["taken"]]
