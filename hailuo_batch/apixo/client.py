@@ -109,6 +109,13 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 Retry = Callable[[ApixoError], bool]
 
+
+def _closed(method: str, path: str) -> ClientClosedError:
+    return ClientClosedError(
+        f"{method} {path}: not sent: the client is closed (the run is stopping)"
+    )
+
+
 # httpx logs every request line with its full URL (a signed result URL's query included),
 # httpcore logs response headers at DEBUG, and fsspec logs the URLs it reads (a presigned
 # manifest link's, with any password in it) at DEBUG: their records go through every live
@@ -549,10 +556,8 @@ class ApixoClient:
         self, http: httpx.Client, method: str, url: str, path: str, **kwargs: Any
     ) -> httpx.Response:
         """One streamed HTTP exchange; httpx failures become ApixoError (no headers, no key)."""
-        closed = ClientClosedError(f"{method} {path}: not sent: the client is closed (the run "
-                                   "is stopping)")  # fmt: skip
         if http.is_closed:  # a worker thread's call (a retry, a poll) after the run closed it
-            raise closed
+            raise _closed(method, path)
         try:
             request = http.build_request(method, url, **kwargs)
         except (httpx.InvalidURL, UnicodeError, IndexError) as exc:  # never sent: nothing made
@@ -561,7 +566,7 @@ class ApixoClient:
             return http.send(request, stream=True)
         except RuntimeError as exc:  # httpx: "the client has been closed", since the check
             if http.is_closed:
-                raise closed from exc
+                raise _closed(method, path) from exc
             raise
         except _NOT_SENT as exc:
             raise ApixoTransportError(
