@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -274,10 +273,6 @@ def carry_records(
     return carried
 
 
-#: a run id that can name a folder under `runs/` (a hand-edited row's `../x` cannot)
-_RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-
-
 def adopt_results(results: list[ItemResult], dest: OutputStore) -> list[str]:
     """Put results that name tasks their run's ledger could not record (`ledger_behind`)
     where a run into `dest` looks for them: `runs/{run}/results.jsonl` (`results_folder`),
@@ -287,7 +282,8 @@ def adopt_results(results: list[ItemResult], dest: OutputStore) -> list[str]:
     outcome and pay again. Returns a line per file put."""
     behind = {r.run_id for r in results if r.ledger_behind and r.task_id and r.run_id is not None}
     put = []
-    for run_id in sorted(i for i in behind if _RUN_ID.fullmatch(i)):
+    # a run id is an id (`is_item_id`): it names a folder under runs/, never a path (`../x`)
+    for run_id in sorted(i for i in behind if is_item_id(i)):
         key = f"runs/{results_folder(run_id)}/results.jsonl"
         rows = to_jsonl(r for r in results if r.run_id == run_id)
         if dest.create_exclusive(key, rows.encode("utf-8")):
