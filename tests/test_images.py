@@ -290,6 +290,15 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
 
+    def _partial(self, data: bytes, start: int, end: int, total: str | None = None) -> None:
+        """A 206 with bytes `start`-`end` of `data` (`total`: the Content-Range's size)."""
+        self._head(
+            206,
+            {"Content-Length": str(end + 1 - start),
+             "Content-Range": f"bytes {start}-{end}/{total or len(data)}"},
+        )  # fmt: skip
+        self.wfile.write(data[start : end + 1])
+
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
         route, _, name = parts.path.strip("/").partition("/")
@@ -305,15 +314,7 @@ class Handler(BaseHTTPRequestHandler):
             elif route in ("ranged", "star") and name in self.files:  # honours Range
                 # "star" does not say the total: `bytes 0-N/*` (legal HTTP)
                 start, end = byte_range(self.headers["Range"], len(data))
-                total = "*" if route == "star" else str(len(data))
-                self._head(
-                    206,
-                    {
-                        "Content-Length": str(end + 1 - start),
-                        "Content-Range": f"bytes {start}-{end}/{total}",
-                    },
-                )
-                self.wfile.write(data[start : end + 1])
+                self._partial(data, start, end, "*" if route == "star" else None)
             elif route == "headonly" and name in self.files and not self.headers["Range"]:
                 self._head(200, {"Content-Length": str(len(data))})
                 self.wfile.write(data)
@@ -323,22 +324,11 @@ class Handler(BaseHTTPRequestHandler):
                     self._head(416, {"Content-Range": f"bytes */{len(data)}",
                                      "Content-Length": "0"})  # fmt: skip
                     return
-                self._head(
-                    206,
-                    {"Content-Length": str(end + 1 - start),
-                     "Content-Range": f"bytes {start}-{end}/{len(data)}"},
-                )  # fmt: skip
-                self.wfile.write(data[start : end + 1])
+                self._partial(data, start, end)
             elif route == "changing" and name in self.files:  # another file after the head
                 rng = self.headers["Range"] or ""
                 if rng.startswith("bytes=0-"):
-                    start, end = byte_range(rng, len(data))
-                    self._head(
-                        206,
-                        {"Content-Length": str(end + 1 - start),
-                         "Content-Range": f"bytes {start}-{end}/{len(data)}"},
-                    )  # fmt: skip
-                    self.wfile.write(data[start : end + 1])
+                    self._partial(data, *byte_range(rng, len(data)))
                     return
                 other = self.files["shot.png"]  # a complete PNG of another size
                 self._head(200, {"Content-Length": str(len(other))})
